@@ -1,0 +1,167 @@
+"""Engine configuration: one frozen dataclass per subsystem, composed into `EngineConfig`.
+
+Each field carries its documentation in `metadata["help"]`; the CLI builds its `--help` from it.
+Validation happens once, in `__post_init__`, with errors that say what to do. This module imports
+no torch: sizes that depend on the device (the KV budget on CUDA) are resolved by the runner.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def _help(text: str, **kw: Any) -> Any:
+    return field(metadata={"help": text}, **kw)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """What to load and how."""
+
+    model: str = _help(
+        "A local Hugging Face folder, a .gguf file, or 'default' for the bundled SmolLM2-135M-Instruct.",
+        default="default",
+    )
+    dtype: str = _help(
+        "Weight and activation dtype: auto (checkpoint dtype on CUDA, float32 on CPU), float32, bfloat16, float16.",
+        default="auto",
+    )
+    max_model_len: int | None = _help(
+        "Longest prompt + completion in tokens; default: the model's max_position_embeddings.",
+        default=None,
+    )
+    seed: int = _help("Seed of the engine's random generator (unseeded sampling).", default=0)
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+        if self.max_model_len is not None and self.max_model_len < 1:
+            raise ValueError(f"max_model_len must be >= 1, got {self.max_model_len}")
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    """The paged KV cache."""
+
+    block_size: int = _help("Tokens per KV block.", default=16)
+    kv_cache_memory: int | None = _help(
+        "Bytes for the KV cache; default: on CUDA, gpu_memory_utilization of the device less "
+        "the weights; on CPU, enough for max_num_seqs full-length sequences, at most 4 GiB.",
+        default=None,
+    )
+    gpu_memory_utilization: float = _help(
+        "Fraction of CUDA device memory that weights + KV cache may take.", default=0.9
+    )
+    enable_prefix_caching: bool = _help(
+        "Reuse KV blocks of identical prompt prefixes across requests.", default=True
+    )
+
+    def __post_init__(self) -> None:
+        if self.block_size < 1 or self.block_size & (self.block_size - 1):
+            raise ValueError(f"block_size must be a power of two >= 1, got {self.block_size}")
+        if self.kv_cache_memory is not None and self.kv_cache_memory <= 0:
+            raise ValueError(f"kv_cache_memory must be > 0 bytes, got {self.kv_cache_memory}")
+        if not 0.0 < self.gpu_memory_utilization <= 1.0:
+            raise ValueError(
+                f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}"
+            )
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """Continuous batching limits."""
+
+    max_num_seqs: int = _help("Most sequences running in one step.", default=64)
+    max_num_batched_tokens: int = _help("Most tokens computed in one step.", default=2048)
+    enable_chunked_prefill: bool = _help(
+        "Split long prompts over several steps, mixed with decodes.", default=True
+    )
+    max_model_len: int = _help("Set from the model config by the engine.", default=2048)
+    max_waiting: int | None = _help(
+        "Most requests waiting for admission; beyond it new requests are refused (HTTP 429).",
+        default=None,
+    )
+
+    def __post_init__(self) -> None:
+        if self.max_num_seqs < 1:
+            raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
+        if self.max_num_batched_tokens < 1:
+            raise ValueError(
+                f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}"
+            )
+        if not self.enable_chunked_prefill and self.max_num_batched_tokens < self.max_model_len:
+            raise ValueError(
+                "without chunked prefill, max_num_batched_tokens "
+                f"({self.max_num_batched_tokens}) must be >= max_model_len ({self.max_model_len}); "
+                "raise it or enable chunked prefill"
+            )
+
+
+@dataclass(frozen=True)
+class DeviceConfig:
+    """Where the model runs."""
+
+    device: str = _help("cpu, cuda, or auto (cuda when available).", default="auto")
+    num_threads: int | None = _help("CPU threads for torch; default: all cores.", default=None)
+
+    def __post_init__(self) -> None:
+        if self.device not in DEVICES and not self.device.startswith("cuda:"):
+            raise ValueError(f"device must be one of {DEVICES} or cuda:N, got {self.device!r}")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Everything the engine needs, one sub-config per subsystem."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    device: DeviceConfig = field(default_factory=DeviceConfig)
+
+    @classmethod
+    def from_kwargs(cls, **kwargs: Any) -> EngineConfig:
+        """Route flat keyword arguments (as `LLM(...)` and the CLI take them) to sub-configs.
+
+        An unknown keyword is an error, never silently dropped.
+        """
+        parts: dict[str, dict[str, Any]] = {"model": {}, "cache": {}, "scheduler": {}, "device": {}}
+        owners = {
+            f.name: part
+            for part, sub in (
+                ("model", ModelConfig),
+                ("cache", CacheConfig),
+                ("scheduler", SchedulerConfig),
+                ("device", DeviceConfig),
+            )
+            for f in fields(sub)
+        }
+        for key, value in kwargs.items():
+            if key not in owners:
+                raise TypeError(f"unknown engine option {key!r}; known: {sorted(owners)}")
+            if key == "max_model_len":
+                parts["model"][key] = value
+                continue
+            parts[owners[key]][key] = value
+        return cls(
+            model=ModelConfig(**parts["model"]),
+            cache=CacheConfig(**parts["cache"]),
+            scheduler=SchedulerConfig(**parts["scheduler"]),
+            device=DeviceConfig(**parts["device"]),
+        )
+
+
+def option_help() -> dict[str, tuple[str, Any, Any]]:
+    """Flat option name -> (help, default, type) for the CLI."""
+    out: dict[str, tuple[str, Any, Any]] = {}
+    for sub in (ModelConfig, CacheConfig, SchedulerConfig, DeviceConfig):
+        for f in fields(sub):
+            if f.name in out:
+                continue
+            if sub is SchedulerConfig and f.name == "max_model_len":
+                continue
+            out[f.name] = (f.metadata.get("help", ""), f.default, f.type)
+    return out

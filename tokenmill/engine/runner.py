@@ -1,0 +1,105 @@
+"""ModelRunner: owns the model, the KV tensors and the sampler; runs one scheduled step.
+
+It flattens a `SchedulerOutput` into one packed batch (`engine/batch.py`), runs the model once,
+computes logits only where they are needed (the last token of requests that sample, every
+prompt position of requests asking for prompt logprobs), and samples.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+
+from tokenmill.config import CacheConfig
+from tokenmill.engine.batch import build_model_input, build_sampling_batch
+from tokenmill.engine.scheduler import RunnerOutput, SampledToken, SchedulerOutput
+from tokenmill.layers.sampler import Sampler, token_logprobs
+from tokenmill.models.loader import LoadedModel
+
+log = logging.getLogger(__name__)
+
+CPU_DEFAULT_KV_BYTES = 4 << 30
+
+
+def kv_bytes_per_token(loaded: LoadedModel) -> int:
+    a = loaded.arch
+    return 2 * a.num_layers * a.num_kv_heads * a.head_dim * loaded.dtype.itemsize
+
+
+def default_kv_cache_memory(loaded: LoadedModel, cache: CacheConfig, max_tokens: int) -> int:
+    """The KV budget when none is given: see CacheConfig.kv_cache_memory."""
+    needed = max_tokens * kv_bytes_per_token(loaded)
+    if loaded.device.type == "cuda":
+        _, total = torch.cuda.mem_get_info(loaded.device)
+        used = torch.cuda.memory_allocated(loaded.device)
+        headroom = 1 << 30  # activations and the sampler's temporaries
+        return max(int(total * cache.gpu_memory_utilization) - used - headroom, 0)
+    available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    return min(needed, CPU_DEFAULT_KV_BYTES, available // 4)
+
+
+class ModelRunner:
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        cache: CacheConfig,
+        num_blocks: int,
+        seed: int,
+        num_threads: int | None = None,
+    ) -> None:
+        if num_threads:
+            torch.set_num_threads(num_threads)
+        self.loaded = loaded
+        self.model = loaded.model
+        self.device = loaded.device
+        self.block_size = cache.block_size
+        self.num_blocks = num_blocks
+        a = loaded.arch
+        shape = (2, num_blocks * cache.block_size, a.num_kv_heads, a.head_dim)
+        self.kv_caches = [
+            torch.zeros(shape, dtype=loaded.dtype, device=self.device) for _ in range(a.num_layers)
+        ]
+        gen = torch.Generator(device=self.device)
+        gen.manual_seed(seed)
+        self.sampler = Sampler(gen)
+        self.generators: dict[str, torch.Generator] = {}  # seeded requests' own generators
+
+    def release(self, request_ids: list[str]) -> None:
+        """Forget per-request state of finished requests."""
+        for request_id in request_ids:
+            self.generators.pop(request_id, None)
+
+    @torch.inference_mode()
+    def execute(self, out: SchedulerOutput) -> RunnerOutput:
+        self._copy_blocks(out.block_copies)
+        inp = build_model_input(out, self.block_size, self.device)
+        hidden = self.model(inp.input_ids, inp.positions, self.kv_caches, inp.attn)
+        sampled: dict[str, SampledToken] = {}
+        if inp.sample_requests:
+            logits = self.model.compute_logits(hidden[inp.logits_indices])
+            batch = build_sampling_batch(inp.sample_requests, self.generators, self.device)
+            result = self.sampler(logits, batch)
+            for req, token, lps in zip(inp.sample_requests, result.token_ids, result.logprobs):
+                sampled[req.request_id] = SampledToken(token, lps)
+        return RunnerOutput(sampled, self._prompt_logprobs(hidden, inp.prompt_logprob_spans))
+
+    def _prompt_logprobs(self, hidden, spans):
+        out = {}
+        for req, start, end, first_pos in spans:
+            logits = self.model.compute_logits(hidden[start:end])  # [n, vocab]
+            entries: list[dict[int, float] | None] = [None] if first_pos == 0 else []
+            k = req.params.prompt_logprobs
+            for i in range(end - start):
+                pos = first_pos + i
+                if pos + 1 < req.num_prompt_tokens:
+                    entries.append(token_logprobs(logits[i], req.all_token_ids[pos + 1], k))
+            out[req.request_id] = entries
+        return out
+
+    def _copy_blocks(self, copies: list[tuple[int, int]]) -> None:
+        bs = self.block_size
+        for src, dst in copies:
+            for cache in self.kv_caches:
+                cache[:, dst * bs : (dst + 1) * bs] = cache[:, src * bs : (src + 1) * bs]

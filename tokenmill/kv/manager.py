@@ -1,0 +1,136 @@
+"""KVCacheManager: per-request block tables on top of the BlockPool.
+
+It hands out the blocks a request needs for the tokens it is about to compute, finds the
+longest cached prefix of a new prompt, forks a sequence for n > 1 sampling (sharing every block),
+and makes a private copy of a shared block before anyone writes into it (copy-on-write). The
+copies it decides on are collected for the runner, which moves the K/V data.
+Pure Python; no torch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from array import array
+from collections.abc import Sequence
+
+from tokenmill.kv.block_pool import BlockPool
+
+
+def hash_block(parent: bytes, tokens: Sequence[int]) -> bytes:
+    """Chained hash: a block's identity is its tokens and everything before them."""
+    return hashlib.blake2b(parent + array("q", tokens).tobytes(), digest_size=16).digest()
+
+
+class KVCacheManager:
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
+        self.block_size = block_size
+        self.enable_prefix_caching = enable_prefix_caching
+        self.pool = BlockPool(num_blocks, enable_prefix_caching)
+        self.block_tables: dict[str, list[int]] = {}
+        self._hashes: dict[str, list[bytes]] = {}  # chained hashes of the request's full blocks
+        self._num_cached: dict[str, int] = {}  # leading blocks already registered in the cache
+        self._copies: list[tuple[int, int]] = []  # (src, dst) block copies the runner must do
+
+    # ---- queries -------------------------------------------------------------------------
+    def num_blocks_for(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_size)
+
+    def get_computed_blocks(self, req_id: str, token_ids: Sequence[int]) -> tuple[list[int], int]:
+        """Longest cached prefix of `token_ids`: (block ids, tokens covered).
+
+        At least one token is always left to compute, since its logits are needed.
+        """
+        if not self.enable_prefix_caching:
+            return [], 0
+        max_blocks = (len(token_ids) - 1) // self.block_size
+        hashes = self._block_hashes(req_id, token_ids, max_blocks * self.block_size)
+        hits: list[int] = []
+        for block_hash in hashes[:max_blocks]:
+            block_id = self.pool.lookup(block_hash)
+            if block_id is None:
+                break
+            hits.append(block_id)
+        return hits, len(hits) * self.block_size
+
+    # ---- allocation ----------------------------------------------------------------------
+    def allocate_slots(
+        self,
+        req_id: str,
+        token_ids: Sequence[int],
+        num_computed_tokens: int,
+        num_new_tokens: int,
+        computed_blocks: Sequence[int] = (),
+    ) -> bool:
+        """Make room for tokens [num_computed_tokens, +num_new_tokens); False if blocks run out.
+
+        `computed_blocks` (from get_computed_blocks) are prefix hits adopted by a new request.
+        On False nothing changed.
+        """
+        table = self.block_tables.setdefault(req_id, [])
+        total_tokens = num_computed_tokens + num_new_tokens
+        num_new_blocks = self.num_blocks_for(total_tokens) - len(table) - len(computed_blocks)
+        write_block = num_computed_tokens // self.block_size
+        needs_copy = write_block < len(table) and self.pool.is_shared(table[write_block])
+        num_hits_in_free_queue = sum(1 for b in computed_blocks if self.pool.is_free(b))
+        wanted = max(num_new_blocks, 0) + int(needs_copy)
+        if wanted > self.pool.num_free_blocks - num_hits_in_free_queue:
+            if not table:
+                del self.block_tables[req_id]
+            return False
+        for block_id in computed_blocks:
+            self.pool.share(block_id)
+        table.extend(computed_blocks)
+        if needs_copy:
+            (private,) = self.pool.allocate(1)
+            self._copies.append((table[write_block], private))
+            self.pool.free([table[write_block]])
+            table[write_block] = private
+            self._num_cached[req_id] = min(self._num_cached.get(req_id, 0), write_block)
+        if num_new_blocks > 0:
+            table.extend(self.pool.allocate(num_new_blocks))
+        self._cache_full_blocks(req_id, token_ids, total_tokens)
+        return True
+
+    def fork(self, parent_id: str, child_id: str, num_tokens: int) -> None:
+        """Give `child_id` the parent's blocks for its first `num_tokens` tokens, shared."""
+        blocks = self.block_tables[parent_id][: self.num_blocks_for(num_tokens)]
+        for block_id in blocks:
+            self.pool.share(block_id)
+        self.block_tables[child_id] = list(blocks)
+        full = num_tokens // self.block_size
+        self._hashes[child_id] = self._hashes.get(parent_id, [])[:full]
+        self._num_cached[child_id] = min(self._num_cached.get(parent_id, 0), full)
+
+    def free(self, req_id: str) -> None:
+        """Return a finished, aborted or preempted request's blocks, tail first."""
+        table = self.block_tables.pop(req_id, [])
+        self.pool.free(table[::-1])
+        self._num_cached.pop(req_id, None)
+        self._hashes.pop(req_id, None)
+
+    def take_copies(self) -> list[tuple[int, int]]:
+        copies, self._copies = self._copies, []
+        return copies
+
+    # ---- prefix hashing ------------------------------------------------------------------
+    def _block_hashes(self, req_id: str, token_ids: Sequence[int], num_tokens: int) -> list[bytes]:
+        hashes = self._hashes.setdefault(req_id, [])
+        bs = self.block_size
+        for i in range(len(hashes), num_tokens // bs):
+            parent = hashes[i - 1] if i else b""
+            hashes.append(hash_block(parent, token_ids[i * bs : (i + 1) * bs]))
+        return hashes
+
+    def _cache_full_blocks(self, req_id: str, token_ids: Sequence[int], num_tokens: int) -> None:
+        """Register blocks that this step fills completely, so later requests can reuse them."""
+        if not self.enable_prefix_caching:
+            return
+        num_full = num_tokens // self.block_size
+        start = self._num_cached.get(req_id, 0)
+        if num_full <= start:
+            return
+        hashes = self._block_hashes(req_id, token_ids, num_full * self.block_size)
+        table = self.block_tables[req_id]
+        for i in range(start, num_full):
+            self.pool.cache(table[i], hashes[i])
+        self._num_cached[req_id] = num_full

@@ -1,0 +1,101 @@
+"""Paged attention over a packed (varlen) batch, behind one backend interface.
+
+The KV cache of one layer is a tensor [2, num_slots, num_kv_heads, head_dim] where
+num_slots = num_blocks * block_size: slot `block_id * block_size + offset` holds one token's K
+and V. The runner builds `AttentionMetadata` once per step; every layer reads it.
+
+Batch layout (the runner's promise): the first `num_decode_tokens` tokens belong to requests
+computing exactly one token (decodes); then come prefill spans, one per request, each computing
+`end - start` tokens after `num_context` cached ones.
+
+`TorchAttention` is the reference backend: it runs on every device with torch's
+scaled_dot_product_attention. Faster kernels become other backends; this one stays the reference.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class PrefillSpan:
+    start: int  # first token of the span in the packed batch
+    end: int  # one past its last token
+    num_context: int  # tokens of this request already cached before this step
+    context_slots: torch.Tensor | None  # [num_context + n] slots of every key, None if no context
+    mask: torch.Tensor | None  # [n, num_context + n] True = may attend; None = plain causal
+
+
+@dataclass(frozen=True)
+class AttentionMetadata:
+    slot_mapping: torch.Tensor  # [num_tokens] cache slot each new K/V is written to
+    num_decode_tokens: int  # leading tokens that are single-token decodes
+    decode_slots: torch.Tensor | None  # [num_decodes, max_len] slots of every key, padded
+    decode_mask: torch.Tensor | None  # [num_decodes, 1, 1, max_len] True = real key
+    prefills: list[PrefillSpan] = field(default_factory=list)
+
+
+class AttentionBackend:
+    """Interface: write the new K/V into the cache, then attend over cached keys."""
+
+    def forward(
+        self,
+        q: torch.Tensor,  # [num_tokens, num_heads, head_dim]
+        k: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
+        v: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
+        kv_cache: torch.Tensor,  # [2, num_slots, num_kv_heads, head_dim]
+        meta: AttentionMetadata,
+    ) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
+        raise NotImplementedError
+
+
+class TorchAttention(AttentionBackend):
+    def __init__(self, scale: float) -> None:
+        self.scale = scale
+
+    def forward(self, q, k, v, kv_cache, meta):
+        kv_cache[0].index_copy_(0, meta.slot_mapping, k)
+        kv_cache[1].index_copy_(0, meta.slot_mapping, v)
+        out = torch.empty_like(q)
+        nd = meta.num_decode_tokens
+        if nd:
+            out[:nd] = self._decode(q[:nd], kv_cache, meta)
+        for span in meta.prefills:
+            s, e = span.start, span.end
+            out[s:e] = self._prefill(q[s:e], k[s:e], v[s:e], kv_cache, span)
+        return out
+
+    def _decode(self, q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata):
+        num_seqs, num_heads, head_dim = q.shape
+        num_kv_heads = kv_cache.shape[2]
+        group = num_heads // num_kv_heads
+        # GQA without repeating K/V: the heads of one group act as `group` queries of one head.
+        qg = q.view(num_seqs, num_kv_heads, group, head_dim)
+        keys = kv_cache[0][meta.decode_slots].transpose(1, 2)  # [seqs, kv_heads, len, dim]
+        values = kv_cache[1][meta.decode_slots].transpose(1, 2)
+        o = F.scaled_dot_product_attention(
+            qg, keys, values, attn_mask=meta.decode_mask, scale=self.scale
+        )  # [seqs, kv_heads, group, dim]
+        return o.reshape(num_seqs, num_heads, head_dim)
+
+    def _prefill(self, q, k, v, kv_cache, span: PrefillSpan):
+        n, num_heads, head_dim = q.shape
+        if span.context_slots is not None:
+            k = kv_cache[0][span.context_slots]
+            v = kv_cache[1][span.context_slots]
+        group = num_heads // k.shape[1]
+        if group > 1:
+            k = k.repeat_interleave(group, dim=1)
+            v = v.repeat_interleave(group, dim=1)
+        o = F.scaled_dot_product_attention(
+            q.transpose(0, 1).unsqueeze(0),  # [1, heads, n, dim]
+            k.transpose(0, 1).unsqueeze(0),  # [1, heads, keys, dim]
+            v.transpose(0, 1).unsqueeze(0),
+            attn_mask=span.mask,
+            is_causal=span.mask is None,
+            scale=self.scale,
+        )
+        return o[0].transpose(0, 1)  # [n, heads, dim]

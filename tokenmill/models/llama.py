@@ -1,0 +1,167 @@
+"""The Llama family: Llama, Mistral, Qwen2 (q/k/v bias), Qwen3 (q/k RMSNorm).
+
+A thin composition of shared layers over a packed batch of tokens (no batch dimension: the
+attention metadata says which tokens belong to which request). Parameter names follow Hugging
+Face; q/k/v and gate/up are merged on load (`stacked_params`) so each is one matmul.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from tokenmill.layers.activation import SiluAndMul
+from tokenmill.layers.attention import AttentionBackend, AttentionMetadata, TorchAttention
+from tokenmill.layers.linear import Linear
+from tokenmill.layers.norm import RMSNorm
+from tokenmill.layers.rotary import RotaryEmbedding
+from tokenmill.models.arch import ModelArch
+
+# checkpoint name part -> (merged module name part, shard index)
+STACKED_PARAMS = {
+    ".q_proj.": (".qkv_proj.", 0),
+    ".k_proj.": (".qkv_proj.", 1),
+    ".v_proj.": (".qkv_proj.", 2),
+    ".gate_proj.": (".gate_up_proj.", 0),
+    ".up_proj.": (".gate_up_proj.", 1),
+}
+
+
+class Attention(nn.Module):
+    def __init__(self, arch: ModelArch, rotary: RotaryEmbedding, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.num_heads, self.num_kv_heads = arch.num_heads, arch.num_kv_heads
+        self.head_dim = d = arch.head_dim
+        sizes = [self.num_heads * d, self.num_kv_heads * d, self.num_kv_heads * d]
+        self.qkv_proj = Linear(arch.hidden_size, sizes, arch.attention_bias, dtype)
+        self.o_proj = Linear(self.num_heads * d, [arch.hidden_size], arch.o_proj_bias, dtype)
+        self.q_norm = RMSNorm(d, arch.rms_norm_eps) if arch.qk_norm else None
+        self.k_norm = RMSNorm(d, arch.rms_norm_eps) if arch.qk_norm else None
+        self.rotary = rotary
+        self.sizes = sizes
+        self.backend: AttentionBackend = TorchAttention(scale=d**-0.5)
+
+    def forward(self, positions, x, kv_cache, meta: AttentionMetadata):
+        q, k, v = self.qkv_proj(x).split(self.sizes, dim=-1)
+        q = q.view(-1, self.num_heads, self.head_dim)  # [tokens, heads, dim]
+        k = k.view(-1, self.num_kv_heads, self.head_dim)  # [tokens, kv_heads, dim]
+        v = v.view(-1, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None and self.k_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = self.rotary(positions, q, k)
+        o = self.backend.forward(q, k, v, kv_cache, meta)
+        return self.o_proj(o.reshape(o.shape[0], -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, arch: ModelArch, dtype: torch.dtype) -> None:
+        super().__init__()
+        h, i = arch.hidden_size, arch.intermediate_size
+        self.gate_up_proj = Linear(h, [i, i], arch.mlp_bias, dtype)
+        self.down_proj = Linear(i, [h], arch.mlp_bias, dtype)
+        self.act = SiluAndMul()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act(self.gate_up_proj(x)))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, arch: ModelArch, rotary: RotaryEmbedding, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.self_attn = Attention(arch, rotary, dtype)
+        self.mlp = MLP(arch, dtype)
+        self.input_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
+
+    def forward(self, positions, x, residual, kv_cache, meta):
+        if residual is None:
+            residual, x = x, self.input_layernorm(x)
+        else:
+            x, residual = self.input_layernorm(x, residual)
+        x = self.self_attn(positions, x, kv_cache, meta)
+        x, residual = self.post_attention_layernorm(x, residual)
+        return self.mlp(x), residual
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, arch: ModelArch, dtype: torch.dtype, max_positions: int) -> None:
+        super().__init__()
+        rotary = RotaryEmbedding(arch.head_dim, max_positions, arch.rope_theta, arch.rope_scaling)
+        self.embed_tokens = nn.Embedding(arch.vocab_size, arch.hidden_size, dtype=dtype)
+        self.layers = nn.ModuleList(DecoderLayer(arch, rotary, dtype) for _ in range(arch.num_layers))
+        self.norm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
+
+
+class LlamaForCausalLM(nn.Module):
+    def __init__(self, arch: ModelArch, dtype: torch.dtype, max_positions: int) -> None:
+        super().__init__()
+        self.arch = arch
+        self.model = LlamaModel(arch, dtype, max_positions)
+        if arch.tie_word_embeddings:
+            self.lm_head = None
+        else:
+            self.lm_head = Linear(arch.hidden_size, [arch.vocab_size], False, dtype)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,  # [num_tokens]
+        positions: torch.Tensor,  # [num_tokens]
+        kv_caches: list[torch.Tensor],  # per layer [2, num_slots, kv_heads, head_dim]
+        meta: AttentionMetadata,
+    ) -> torch.Tensor:  # [num_tokens, hidden]
+        x = self.model.embed_tokens(input_ids)
+        residual = None
+        for layer, kv_cache in zip(self.model.layers, kv_caches):
+            x, residual = layer(positions, x, residual, kv_cache, meta)
+        x, _ = self.model.norm(x, residual)
+        return x
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:  # [n, vocab]
+        if self.lm_head is None:
+            return torch.nn.functional.linear(hidden, self.model.embed_tokens.weight)
+        return self.lm_head(hidden)
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        """Copy checkpoint tensors in; returns the parameter names that were filled.
+
+        An unexpected tensor name is an error naming it; the loader checks for missing ones.
+        """
+        params = dict(self.named_parameters())
+        loaded: set[str] = set()
+        for name, tensor in weights:
+            if "rotary_emb.inv_freq" in name:
+                continue
+            if name == "lm_head.weight" and self.lm_head is None:
+                continue  # tied: some checkpoints still carry a copy
+            target, shard = name, None
+            for part, (merged, index) in STACKED_PARAMS.items():
+                if part in name:
+                    target, shard = name.replace(part, merged), index
+                    break
+            param = params.get(target)
+            if param is None:
+                raise ValueError(f"checkpoint tensor {name!r} has no place in {self.arch.architecture}")
+            module = self.get_submodule(target.rsplit(".", 1)[0])
+            if isinstance(module, Linear):
+                module.weight_loader(param, tensor, shard)
+            else:
+                if param.shape != tensor.shape:
+                    raise ValueError(
+                        f"{name}: expected shape {tuple(param.shape)}, got {tuple(tensor.shape)}"
+                    )
+                param.data.copy_(tensor)
+            loaded.add(name if shard is None else f"{target}#{shard}")
+        return loaded
+
+    def expected_weights(self) -> set[str]:
+        """Names that `load_weights` must have filled (merged shards as `name#i`)."""
+        out = set()
+        for name, _ in self.named_parameters():
+            module = self.get_submodule(name.rsplit(".", 1)[0])
+            if isinstance(module, Linear) and len(module.output_sizes) > 1:
+                out.update(f"{name}#{i}" for i in range(len(module.output_sizes)))
+            else:
+                out.add(name)
+        return out

@@ -1,0 +1,155 @@
+"""Loads a model for serving: an HF folder (safetensors only) or a GGUF file, onto one device.
+
+This is the one place where checkpoint tensors meet model parameters; later, tensor-parallel
+sharding and load-time quantization hook in here. Weights are read only from safetensors (or
+GGUF, which is a plain tensor container), never from pickles.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from tqdm.auto import tqdm
+
+from tokenmill.models.arch import ModelArch, arch_from_hf_config
+from tokenmill.models.registry import model_class
+from tokenmill.models.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
+
+TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module
+    arch: ModelArch
+    tokenizer: Tokenizer
+    eos_token_ids: frozenset[int]
+    dtype: torch.dtype
+    device: torch.device
+    name: str  # what /v1/models calls it by default
+    max_model_len: int  # longest sequence served: the user's limit, the model's, the window's
+    load_s: float = 0.0
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' was asked for, but torch sees no CUDA device; use --device cpu")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str, arch: ModelArch, device: torch.device) -> torch.dtype:
+    if dtype != "auto":
+        return TORCH_DTYPES[dtype]
+    if device.type == "cpu":
+        return torch.float32  # this CPU has no fast bf16 matmul; fp32 is the fast path
+    ckpt = TORCH_DTYPES.get(arch.torch_dtype, torch.bfloat16)
+    return torch.bfloat16 if ckpt == torch.float32 else ckpt
+
+
+def resolve_max_model_len(arch: ModelArch, wanted: int | None) -> int:
+    limit = arch.max_position_embeddings
+    if arch.sliding_window is not None and arch.sliding_window < limit:
+        limit = arch.sliding_window  # no sliding-window attention yet: stay inside the window
+    if wanted is not None and wanted > limit:
+        raise ValueError(
+            f"max_model_len {wanted} exceeds what this model supports ({limit}); lower it"
+        )
+    return wanted or limit
+
+
+def load_model(
+    model: str, dtype: str = "auto", device: str = "auto", max_model_len: int | None = None
+) -> LoadedModel:
+    """Resolve `model` ('default', a .gguf file or an HF folder) and load it."""
+    from tokenmill.models.gguf import is_gguf, load_gguf, resolve_default_model
+
+    start = time.perf_counter()
+    path = Path(resolve_default_model() if model == "default" else model)
+    dev = resolve_device(device)
+    if is_gguf(path):
+        loaded = load_gguf(path, dtype, dev, max_model_len)
+    else:
+        loaded = _load_hf_folder(path, dtype, dev, max_model_len)
+    loaded.load_s = time.perf_counter() - start
+    log.info(
+        "loaded %s (%s, %.1fM params, %s on %s) in %.2f s",
+        loaded.name,
+        loaded.arch.architecture,
+        loaded.arch.num_params / 1e6,
+        str(loaded.dtype).removeprefix("torch."),
+        loaded.device,
+        loaded.load_s,
+    )
+    return loaded
+
+
+def _load_hf_folder(
+    folder: Path, dtype: str, device: torch.device, max_model_len: int | None
+) -> LoadedModel:
+    if not (folder / "config.json").exists():
+        raise FileNotFoundError(
+            f"{folder} is not a Hugging Face model folder (no config.json); pass a folder saved "
+            "with save_pretrained, a .gguf file, or 'default'"
+        )
+    arch = arch_from_hf_config(json.loads((folder / "config.json").read_text()))
+    torch_dtype = resolve_dtype(dtype, arch, device)
+    max_len = resolve_max_model_len(arch, max_model_len)
+    model = build_model(arch, torch_dtype, device, max_len)
+    fill_weights(model, _safetensors(folder, device, f"loading {folder.name}"))
+    eos = set(arch.eos_token_ids)
+    gen = folder / "generation_config.json"
+    if gen.exists():
+        value = json.loads(gen.read_text()).get("eos_token_id")
+        eos.update(value if isinstance(value, list) else [] if value is None else [value])
+    tokenizer = Tokenizer.from_folder(folder)
+    if not eos and tokenizer.token_id("eos_token") is not None:
+        eos.add(tokenizer.token_id("eos_token"))  # type: ignore[arg-type]
+    return LoadedModel(
+        model, arch, tokenizer, frozenset(eos), torch_dtype, device, folder.name, max_len
+    )
+
+
+def build_model(
+    arch: ModelArch, dtype: torch.dtype, device: torch.device, max_positions: int
+) -> torch.nn.Module:
+    cls = model_class(arch.architecture)
+    with torch.device(device):
+        model = cls(arch, dtype, max_positions)
+    return model.eval().requires_grad_(False)
+
+
+def fill_weights(model, weights: Iterator[tuple[str, torch.Tensor]]) -> None:
+    """Load every tensor, then check that no parameter was left unfilled."""
+    loaded = model.load_weights(weights)
+    missing = model.expected_weights() - loaded
+    if model.arch.tie_word_embeddings:
+        missing.discard("lm_head.weight")
+    if missing:
+        raise ValueError(f"checkpoint lacks tensors: {sorted(missing)[:8]} ({len(missing)} in all)")
+
+
+def _safetensors(folder: Path, device: torch.device, desc: str) -> Iterator[tuple[str, torch.Tensor]]:
+    index = folder / "model.safetensors.index.json"
+    if index.exists():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    elif (folder / "model.safetensors").exists():
+        files = ["model.safetensors"]
+    else:
+        bins = list(folder.glob("*.bin")) + list(folder.glob("*.pt"))
+        hint = " (found pickle checkpoints, which are not loaded for safety)" if bins else ""
+        raise FileNotFoundError(f"{folder} has no model.safetensors{hint}; convert it to safetensors")
+    handles = [safe_open(str(folder / f), framework="pt", device="cpu") for f in files]
+    names = [(h, k) for h in handles for k in h.keys()]  # noqa: SIM118 (safe_open has no iterator)
+    for handle, name in tqdm(names, desc=desc, unit="tensor", leave=False, disable=len(names) < 100):
+        yield name, handle.get_tensor(name).to(device)

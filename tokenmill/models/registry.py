@@ -1,0 +1,21 @@
+"""Maps a checkpoint's `architectures` name to the class that implements it."""
+
+from __future__ import annotations
+
+from tokenmill.models.llama import LlamaForCausalLM
+
+MODEL_CLASSES: dict[str, type] = {
+    "LlamaForCausalLM": LlamaForCausalLM,
+    "MistralForCausalLM": LlamaForCausalLM,
+    "Qwen2ForCausalLM": LlamaForCausalLM,
+    "Qwen3ForCausalLM": LlamaForCausalLM,
+}
+
+
+def model_class(architecture: str) -> type:
+    try:
+        return MODEL_CLASSES[architecture]
+    except KeyError:
+        raise ValueError(
+            f"architecture {architecture!r} is not supported; supported: {sorted(MODEL_CLASSES)}"
+        ) from None

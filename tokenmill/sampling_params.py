@@ -1,0 +1,131 @@
+"""SamplingParams: how one request's tokens are chosen, vLLM-compatible, validated on creation.
+
+Invalid values raise `ValueError` naming the field and its allowed range, so the server can turn
+them into a 400 that names the parameter. No torch here; the sampler reads these fields.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class SamplingParams:
+    n: int = 1  # completions per prompt; they share the prompt's KV blocks
+    temperature: float = 1.0  # 0 means greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0 or -1: off
+    min_p: float = 0.0
+    seed: int | None = None  # same seed, same tokens, whatever else is in the batch
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    stop: list[str] | str | None = None  # never emitted, even when split across tokens
+    stop_token_ids: list[int] | None = None
+    ignore_eos: bool = False
+    max_tokens: int | None = 16  # None: up to max_model_len
+    min_tokens: int = 0
+    logprobs: int | None = None  # top-k logprobs per generated token (plus the sampled one)
+    prompt_logprobs: int | None = None
+    skip_special_tokens: bool = True
+    include_stop_str_in_output: bool = False
+    stop_strings: list[str] = field(init=False, repr=False)  # normalized `stop`
+
+    def __post_init__(self) -> None:
+        if self.top_k == -1:
+            self.top_k = 0
+        self.stop_strings = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        self.stop_token_ids = list(self.stop_token_ids or [])
+        self._validate()
+
+    def _validate(self) -> None:
+        checks = [
+            (self.n >= 1, "n", "must be >= 1", self.n),
+            (self.temperature >= 0.0, "temperature", "must be >= 0", self.temperature),
+            (0.0 < self.top_p <= 1.0, "top_p", "must be in (0, 1]", self.top_p),
+            (self.top_k >= 0, "top_k", "must be -1, 0 (off) or >= 1", self.top_k),
+            (0.0 <= self.min_p <= 1.0, "min_p", "must be in [0, 1]", self.min_p),
+            (
+                -2.0 <= self.presence_penalty <= 2.0,
+                "presence_penalty",
+                "must be in [-2, 2]",
+                self.presence_penalty,
+            ),
+            (
+                -2.0 <= self.frequency_penalty <= 2.0,
+                "frequency_penalty",
+                "must be in [-2, 2]",
+                self.frequency_penalty,
+            ),
+            (
+                0.0 < self.repetition_penalty <= 10.0,
+                "repetition_penalty",
+                "must be in (0, 10]",
+                self.repetition_penalty,
+            ),
+            (
+                self.max_tokens is None or self.max_tokens >= 1,
+                "max_tokens",
+                "must be >= 1",
+                self.max_tokens,
+            ),
+            (self.min_tokens >= 0, "min_tokens", "must be >= 0", self.min_tokens),
+            (
+                self.max_tokens is None or self.min_tokens <= self.max_tokens,
+                "min_tokens",
+                "must be <= max_tokens",
+                self.min_tokens,
+            ),
+            (
+                self.logprobs is None or 0 <= self.logprobs <= 20,
+                "logprobs",
+                "must be in [0, 20]",
+                self.logprobs,
+            ),
+            (
+                self.prompt_logprobs is None or 0 <= self.prompt_logprobs <= 20,
+                "prompt_logprobs",
+                "must be in [0, 20]",
+                self.prompt_logprobs,
+            ),
+            (
+                all(isinstance(s, str) and s for s in self.stop_strings),
+                "stop",
+                "must be non-empty strings",
+                self.stop,
+            ),
+            (
+                all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids or []),
+                "stop_token_ids",
+                "must be token ids >= 0",
+                self.stop_token_ids,
+            ),
+        ]
+        for ok, name, rule, value in checks:
+            if not ok:
+                raise ValueError(f"{name} {rule}, got {value!r}")
+
+    @property
+    def is_greedy(self) -> bool:
+        return self.temperature == 0.0
+
+    @property
+    def has_penalties(self) -> bool:
+        return (
+            self.presence_penalty != 0.0
+            or self.frequency_penalty != 0.0
+            or self.repetition_penalty != 1.0
+        )
+
+    def for_child(self, index: int) -> SamplingParams:
+        """Params of the index-th of n completions: n=1, and a distinct derived seed."""
+        seed = None if self.seed is None else self.seed + index
+        return SamplingParams(
+            **{
+                k: getattr(self, k)
+                for k in self.__dataclass_fields__
+                if k not in ("n", "seed", "stop_strings")
+            },
+            n=1,
+            seed=seed,
+        )
