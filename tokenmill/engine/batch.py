@@ -36,7 +36,9 @@ def _slots(table: list[int], start: int, end: int, block_size: int) -> np.ndarra
     return np.asarray(table, dtype=np.int64)[pos // block_size] * block_size + pos % block_size
 
 
-def build_model_input(out: SchedulerOutput, block_size: int, device: torch.device) -> ModelInput:
+def build_model_input(
+    out: SchedulerOutput, block_size: int, pad_slot: int, device: torch.device
+) -> ModelInput:
     decodes = [s for s in out.scheduled if s.num_new_tokens == 1]
     chunks = [s for s in out.scheduled if s.num_new_tokens > 1]
     ordered = decodes + chunks
@@ -52,7 +54,7 @@ def build_model_input(out: SchedulerOutput, block_size: int, device: torch.devic
     def tensor(a: np.ndarray | list[int]) -> torch.Tensor:
         return torch.as_tensor(np.asarray(a, dtype=np.int64)).to(device)
 
-    decode_slots, decode_mask = _decode_keys(decodes, block_size, device)
+    decode_slots, decode_mask = _decode_keys(decodes, block_size, pad_slot, device)
     spans, sample_idx, sample_reqs, lp_spans = [], [], [], []
     start = 0
     for i, s in enumerate(ordered):
@@ -83,12 +85,14 @@ def build_model_input(out: SchedulerOutput, block_size: int, device: torch.devic
     )
 
 
-def _decode_keys(decodes: list[ScheduledRequest], block_size: int, device: torch.device):
+def _decode_keys(
+    decodes: list[ScheduledRequest], block_size: int, pad_slot: int, device: torch.device
+):
     if not decodes:
         return None, None
     lens = [s.num_computed_tokens + 1 for s in decodes]
     max_len = max(lens)
-    slots = np.zeros((len(decodes), max_len), dtype=np.int64)
+    slots = np.full((len(decodes), max_len), pad_slot, dtype=np.int64)
     for row, (s, n) in enumerate(zip(decodes, lens)):
         slots[row, :n] = _slots(s.block_table, 0, n, block_size)
     mask = np.arange(max_len)[None, :] < np.asarray(lens)[:, None]  # [decodes, max_len]

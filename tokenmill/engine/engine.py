@@ -103,7 +103,7 @@ class LLMEngine:
         if request_id in self.groups:
             raise ValueError(f"request_id {request_id!r} is already in use")
         text, ids = self.tokenize(prompt)
-        self._validate(ids, params)
+        self._validate(ids if text != "" else [], params)
         arrival = time.monotonic() if arrival is None else arrival
         children = []
         for i in range(params.n):

@@ -57,10 +57,16 @@ class ModelRunner:
         self.block_size = cache.block_size
         self.num_blocks = num_blocks
         a = loaded.arch
-        shape = (2, num_blocks * cache.block_size, a.num_kv_heads, a.head_dim)
-        self.kv_caches = [
-            torch.zeros(shape, dtype=loaded.dtype, device=self.device) for _ in range(a.num_layers)
-        ]
+        # One extra, zeroed block at the end: padded key positions of a decode batch point at it,
+        # so masked-out reads are finite. Real slots are always written before they are read, so
+        # the rest needs no zeroing (which would cost seconds of start-up for gigabytes).
+        self.pad_slot = num_blocks * cache.block_size
+        shape = (2, (num_blocks + 1) * cache.block_size, a.num_kv_heads, a.head_dim)
+        self.kv_caches = []
+        for _ in range(a.num_layers):
+            kv = torch.empty(shape, dtype=loaded.dtype, device=self.device)
+            kv[:, self.pad_slot :].zero_()
+            self.kv_caches.append(kv)
         gen = torch.Generator(device=self.device)
         gen.manual_seed(seed)
         self.sampler = Sampler(gen)
@@ -74,7 +80,7 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> RunnerOutput:
         self._copy_blocks(out.block_copies)
-        inp = build_model_input(out, self.block_size, self.device)
+        inp = build_model_input(out, self.block_size, self.pad_slot, self.device)
         hidden = self.model(inp.input_ids, inp.positions, self.kv_caches, inp.attn)
         sampled: dict[str, SampledToken] = {}
         if inp.sample_requests:
