@@ -51,6 +51,11 @@ class ModelRunner:
     ) -> None:
         if num_threads:
             torch.set_num_threads(num_threads)
+        elif loaded.device.type == "cpu" and loaded.dtype == torch.float32:
+            # float32 GEMMs run on OpenBLAS's own threads (layers/linear.py); torch's OpenMP
+            # threads spinning beside them cost more than they give: 1.10x offline throughput
+            # and 1.39x batch-1 decode with torch at 1 thread (BENCHMARKS.md).
+            torch.set_num_threads(1)
         self.loaded = loaded
         self.model = loaded.model
         self.device = loaded.device

@@ -74,8 +74,10 @@ class TorchAttention(AttentionBackend):
         group = num_heads // num_kv_heads
         # GQA without repeating K/V: the heads of one group act as `group` queries of one head.
         qg = q.view(num_seqs, num_kv_heads, group, head_dim)
-        keys = kv_cache[0][meta.decode_slots].transpose(1, 2)  # [seqs, kv_heads, len, dim]
-        values = kv_cache[1][meta.decode_slots].transpose(1, 2)
+        slots = meta.decode_slots.view(-1)  # index_select: ~3x faster than advanced indexing
+        shape = (num_seqs, -1, num_kv_heads, head_dim)
+        keys = kv_cache[0].index_select(0, slots).view(shape).transpose(1, 2)  # [seqs, kv_heads, len, dim]
+        values = kv_cache[1].index_select(0, slots).view(shape).transpose(1, 2)
         o = F.scaled_dot_product_attention(
             qg, keys, values, attn_mask=meta.decode_mask, scale=self.scale
         )  # [seqs, kv_heads, group, dim]
@@ -84,8 +86,8 @@ class TorchAttention(AttentionBackend):
     def _prefill(self, q, k, v, kv_cache, span: PrefillSpan):
         n, num_heads, head_dim = q.shape
         if span.context_slots is not None:
-            k = kv_cache[0][span.context_slots]
-            v = kv_cache[1][span.context_slots]
+            k = kv_cache[0].index_select(0, span.context_slots)
+            v = kv_cache[1].index_select(0, span.context_slots)
         group = num_heads // k.shape[1]
         if group > 1:
             k = k.repeat_interleave(group, dim=1)

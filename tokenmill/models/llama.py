@@ -14,7 +14,7 @@ from torch import nn
 
 from tokenmill.layers.activation import SiluAndMul
 from tokenmill.layers.attention import AttentionBackend, AttentionMetadata, TorchAttention
-from tokenmill.layers.linear import Linear
+from tokenmill.layers.linear import Linear, matmul
 from tokenmill.layers.norm import RMSNorm
 from tokenmill.layers.rotary import RotaryEmbedding
 from tokenmill.models.arch import ModelArch
@@ -99,6 +99,7 @@ class LlamaForCausalLM(nn.Module):
         super().__init__()
         self.arch = arch
         self.model = LlamaModel(arch, dtype, max_positions)
+        self.tied_head_t: torch.Tensor | None = None
         if arch.tie_word_embeddings:
             self.lm_head = None
         else:
@@ -120,8 +121,20 @@ class LlamaForCausalLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:  # [n, vocab]
         if self.lm_head is None:
+            if self.tied_head_t is not None:
+                return matmul(hidden, self.tied_head_t)
             return torch.nn.functional.linear(hidden, self.model.embed_tokens.weight)
         return self.lm_head(hidden)
+
+    def process_weights_after_loading(self) -> None:
+        """Let each linear layer's quant method repack its weights, once, after loading."""
+        for module in self.modules():
+            if isinstance(module, Linear):
+                module.quant_method.process_weights_after_loading(module)
+        if self.lm_head is None:
+            # Tied head: a transposed copy for the fast x @ W layout (see UnquantizedMethod);
+            # the embedding keeps its [vocab, hidden] rows for lookups.
+            self.tied_head_t = self.model.embed_tokens.weight.data.t().contiguous()
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         """Copy checkpoint tensors in; returns the parameter names that were filled.

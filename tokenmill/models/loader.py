@@ -137,6 +137,7 @@ def fill_weights(model, weights: Iterator[tuple[str, torch.Tensor]]) -> None:
         missing.discard("lm_head.weight")
     if missing:
         raise ValueError(f"checkpoint lacks tensors: {sorted(missing)[:8]} ({len(missing)} in all)")
+    model.process_weights_after_loading()
 
 
 def _safetensors(folder: Path, device: torch.device, desc: str) -> Iterator[tuple[str, torch.Tensor]]:
