@@ -1,0 +1,184 @@
+"""The FastAPI app: OpenAI routes, NIM-style health, Prometheus metrics, OpenAI-shaped errors.
+
+Every error leaves as `{"error": {"message", "type", "param", "code"}}` with a 4xx status that
+says whose fault it is; nothing a client sends can crash the server or leak a stack trace.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import re
+from dataclasses import dataclass, field
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+import tokenmill
+from tokenmill.engine.async_engine import AsyncEngine, QueueFullError
+from tokenmill.serve import handlers
+from tokenmill.serve import protocol as P
+from tokenmill.serve.metrics import ServingMetrics
+
+log = logging.getLogger(__name__)
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error",
+                 param: str | None = None, code: str | None = None,
+                 headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
+        self.headers = headers
+
+
+@dataclass
+class ServerState:
+    model_name: str
+    api_key: str | None = None
+    max_body_bytes: int = 4 << 20
+    engine: AsyncEngine | None = None  # None while the model loads
+    max_model_len: int | None = None
+    draining: bool = False
+    metrics: ServingMetrics = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.metrics = ServingMetrics(lambda: self.engine, self.model_name)
+
+    def attach(self, engine: AsyncEngine) -> None:
+        """The model is loaded: start serving it."""
+        engine.on_output = self.metrics.observe
+        self.max_model_len = engine.engine.max_model_len
+        self.engine = engine
+
+    @property
+    def ready(self) -> bool:
+        return self.engine is not None and not self.draining
+
+
+def error_response(e: APIError) -> JSONResponse:
+    body = P.ErrorResponse(error=P.ErrorDetail(message=e.message, type=e.type, param=e.param,
+                                               code=e.code))
+    return JSONResponse(body.model_dump(), status_code=e.status, headers=e.headers)
+
+
+def value_error(exc: ValueError) -> APIError:
+    text = str(exc)
+    param = re.match(r"^([a-z_]+) ", text)
+    code = "context_length_exceeded" if "context_length_exceeded" in text else None
+    return APIError(400, text, param=param.group(1) if param else None, code=code)
+
+
+def build_app(state: ServerState) -> FastAPI:
+    app = FastAPI(title="tokenmill", version=tokenmill.__version__,
+                  description="OpenAI-compatible LLM inference microservice")
+    app.state.tm = state
+
+    @app.exception_handler(APIError)
+    async def _api_error(_: Request, e: APIError):
+        return error_response(e)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_: Request, e: RequestValidationError):
+        first = e.errors()[0] if e.errors() else {}
+        loc = [str(x) for x in first.get("loc", ()) if x != "body"]
+        if first.get("type") == "json_invalid":
+            return error_response(APIError(400, "request body is not valid JSON"))
+        msg = f"{'.'.join(loc) or 'body'}: {first.get('msg', 'invalid value')}"
+        return error_response(APIError(400, msg, param=loc[0] if loc else None))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, e: StarletteHTTPException):
+        kind = "not_found_error" if e.status_code == 404 else "invalid_request_error"
+        return error_response(APIError(e.status_code, str(e.detail), kind))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_: Request, e: Exception):
+        log.exception("unhandled error")
+        return error_response(APIError(500, "internal server error", "server_error"))
+
+    @app.middleware("http")
+    async def _guard(request: Request, call_next):
+        if request.url.path.startswith("/v1/") and not request.url.path.startswith("/v1/health"):
+            if state.api_key is not None:
+                auth = request.headers.get("authorization", "")
+                given = auth[7:] if auth.lower().startswith("bearer ") else ""
+                if not hmac.compare_digest(given.encode(), state.api_key.encode()):
+                    return error_response(APIError(401, "missing or invalid API key; send "
+                                                   "'Authorization: Bearer <key>'",
+                                                   "authentication_error", code="invalid_api_key"))
+            size = request.headers.get("content-length")
+            if size is not None and size.isdigit() and int(size) > state.max_body_bytes:
+                return error_response(APIError(
+                    413, f"request body of {size} bytes exceeds the limit of "
+                    f"{state.max_body_bytes} bytes", code="request_too_large"))
+        return await call_next(request)
+
+    def check_model(name: str | None) -> None:
+        if name is not None and name != state.model_name:
+            raise APIError(404, f"model {name!r} does not exist; this server serves "
+                           f"{state.model_name!r}", "not_found_error", "model", "model_not_found")
+        if not state.ready:
+            raise APIError(503, "the server is not ready (loading or draining); retry later",
+                           "service_unavailable", headers={"Retry-After": "1"})
+
+    async def run(coro):
+        try:
+            result = await coro
+        except ValueError as e:
+            raise value_error(e) from None
+        except QueueFullError as e:
+            raise APIError(429, f"too many requests waiting ({e}); retry later",
+                           "rate_limit_error", headers={"Retry-After": "1"}) from None
+        if isinstance(result, P.BaseModel):
+            return result
+        return StreamingResponse(result, media_type="text/event-stream")
+
+    @app.post("/v1/completions", response_model=P.CompletionResponse)
+    async def completions(req: P.CompletionRequest):
+        check_model(req.model)
+        return await run(handlers.completions(engine(), tokenizer(), state.model_name, req))
+
+    @app.post("/v1/chat/completions", response_model=P.ChatCompletionResponse)
+    async def chat(req: P.ChatCompletionRequest):
+        check_model(req.model)
+        return await run(handlers.chat(engine(), tokenizer(), state.model_name, req))
+
+    def engine() -> AsyncEngine:
+        assert state.engine is not None
+        return state.engine
+
+    def tokenizer():
+        assert state.engine is not None
+        return state.engine.engine.tokenizer
+
+    @app.get("/v1/models", response_model=P.ModelList)
+    async def models():
+        return P.ModelList(data=[P.ModelCard(id=state.model_name, max_model_len=state.max_model_len)])
+
+    @app.get("/v1/health/live")
+    async def live():
+        return {"status": "live"}
+
+    @app.get("/v1/health/ready")
+    async def ready():
+        if not state.ready:
+            raise APIError(503, "not ready", "service_unavailable", headers={"Retry-After": "1"})
+        return {"status": "ready"}
+
+    @app.get("/health")
+    async def health():
+        return await ready()
+
+    @app.get("/version")
+    async def version():
+        return {"version": tokenmill.__version__}
+
+    @app.get("/metrics")
+    async def metrics():
+        return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    return app

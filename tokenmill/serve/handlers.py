@@ -1,0 +1,251 @@
+"""Completions and chat completions: OpenAI requests -> engine requests -> responses or SSE.
+
+Every engine request of an HTTP request is added (validated) before any byte is sent, so bad
+input is a 400, never a broken stream. A stream that ends early (client gone) closes its request
+streams, which aborts them and frees their KV blocks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+from tokenmill.engine.async_engine import AsyncEngine, RequestStream
+from tokenmill.engine.outputs import CompletionOutput, RequestOutput
+from tokenmill.models.tokenizer import Tokenizer
+from tokenmill.sampling_params import SamplingParams
+from tokenmill.serve import protocol as P
+
+
+def sampling_params(req: P.SamplingFields, max_tokens: int | None, logprobs: int | None,
+                    prompt_logprobs: int | None = None) -> SamplingParams:
+    return SamplingParams(
+        n=req.n,
+        temperature=1.0 if req.temperature is None else req.temperature,
+        top_p=1.0 if req.top_p is None else req.top_p,
+        top_k=req.top_k or 0,
+        min_p=req.min_p or 0.0,
+        seed=req.seed,
+        presence_penalty=req.presence_penalty,
+        frequency_penalty=req.frequency_penalty,
+        repetition_penalty=req.repetition_penalty or 1.0,
+        stop=req.stop,
+        stop_token_ids=req.stop_token_ids,
+        ignore_eos=req.ignore_eos,
+        max_tokens=max_tokens,
+        min_tokens=req.min_tokens,
+        logprobs=logprobs,
+        prompt_logprobs=prompt_logprobs,
+        skip_special_tokens=req.skip_special_tokens,
+        include_stop_str_in_output=req.include_stop_str_in_output,
+    )
+
+
+def sse(data: Any) -> str:
+    body = data.model_dump_json(exclude_none=False) if hasattr(data, "model_dump_json") else data
+    return f"data: {body}\n\n"
+
+
+async def add_all(engine: AsyncEngine, rid: str, prompts: list, params: SamplingParams
+                  ) -> list[RequestStream]:
+    streams: list[RequestStream] = []
+    try:
+        for i, prompt in enumerate(prompts):
+            streams.append(await engine.add(f"{rid}-{i}", prompt, params))
+    except BaseException:
+        for s in streams:
+            s.close()
+        raise
+    return streams
+
+
+async def merged(streams: list[RequestStream]) -> AsyncIterator[tuple[int, RequestOutput]]:
+    """(prompt index, output) from several streams as they arrive."""
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(i: int, s: RequestStream) -> None:
+        try:
+            async for out in s:
+                await queue.put((i, out))
+        except BaseException as exc:  # noqa: BLE001 (re-raised by the consumer)
+            await queue.put((i, exc))
+        finally:
+            await queue.put((i, None))
+
+    tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
+    remaining = len(tasks)
+    try:
+        while remaining:
+            i, item = await queue.get()
+            if item is None:
+                remaining -= 1
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                yield i, item
+    finally:
+        for t in tasks:
+            t.cancel()
+        for s in streams:
+            s.close()
+
+
+def usage(outs: list[RequestOutput]) -> P.Usage:
+    prompt = sum(len(o.prompt_token_ids) for o in outs)
+    completion = sum(len(c.token_ids) for o in outs for c in o.outputs)
+    return P.Usage(prompt_tokens=prompt, completion_tokens=completion,
+                   total_tokens=prompt + completion)
+
+
+# ---- completions --------------------------------------------------------------------------
+def completion_prompts(prompt: Any) -> list:
+    if isinstance(prompt, str):
+        return [prompt]
+    if prompt and all(isinstance(p, int) for p in prompt):
+        return [{"prompt_token_ids": prompt}]
+    return [p if isinstance(p, str) else {"prompt_token_ids": p} for p in prompt]
+
+
+def completion_logprobs(tok: Tokenizer, c: CompletionOutput, start: int, offset: int):
+    lp = P.CompletionLogprobs()
+    for token_id, entry in zip(c.token_ids[start:], (c.logprobs or [])[start:]):
+        text = tok.decode([token_id], skip_special_tokens=False)
+        lp.tokens.append(text)
+        lp.token_logprobs.append(entry[token_id])
+        lp.top_logprobs.append({tok.decode([t], skip_special_tokens=False): v
+                                for t, v in entry.items()})
+        lp.text_offset.append(offset)
+        offset += len(text)
+    return lp
+
+
+async def completions(engine: AsyncEngine, tok: Tokenizer, model: str,
+                      req: P.CompletionRequest):
+    params = sampling_params(req, req.max_tokens, req.logprobs)
+    prompts = completion_prompts(req.prompt)
+    rid = f"cmpl-{uuid.uuid4().hex}"
+    streams = await add_all(engine, rid, prompts, params)
+    if req.stream:
+        return _stream_completions(tok, model, req, rid, streams)
+    outs = [await s.final() for s in streams]
+    choices = []
+    for i, out in enumerate(outs):
+        prefix = (out.prompt or tok.decode(out.prompt_token_ids)) if req.echo else ""
+        for c in out.outputs:
+            lps = completion_logprobs(tok, c, 0, len(prefix)) if req.logprobs is not None else None
+            choices.append(P.CompletionChoice(
+                index=i * req.n + c.index, text=prefix + c.text, logprobs=lps,
+                finish_reason=c.finish_reason, stop_reason=c.stop_reason))
+    return P.CompletionResponse(id=rid, model=model, choices=choices, usage=usage(outs))
+
+
+async def _stream_completions(tok, model, req, rid, streams) -> AsyncIterator[str]:
+    sent_text: dict[int, int] = {}
+    sent_tokens: dict[int, int] = {}
+    finals: dict[int, RequestOutput] = {}
+    done: set[int] = set()
+    async for i, out in merged(streams):
+        for c in out.outputs:
+            index = i * req.n + c.index
+            if index in done:
+                continue
+            if c.finish_reason is not None:
+                done.add(index)
+            if index not in sent_text and req.echo:
+                prefix = out.prompt or tok.decode(out.prompt_token_ids)
+                yield sse(P.CompletionResponse(id=rid, model=model, choices=[
+                    P.CompletionChoice(index=index, text=prefix)]))
+            start_text, start_tok = sent_text.get(index, 0), sent_tokens.get(index, 0)
+            delta = c.text[start_text:]
+            if not delta and c.finish_reason is None:
+                continue
+            lps = (completion_logprobs(tok, c, start_tok, start_text)
+                   if req.logprobs is not None else None)
+            sent_text[index], sent_tokens[index] = len(c.text), len(c.token_ids)
+            yield sse(P.CompletionResponse(id=rid, model=model, choices=[P.CompletionChoice(
+                index=index, text=delta, logprobs=lps, finish_reason=c.finish_reason,
+                stop_reason=c.stop_reason)]))
+        if out.finished:
+            finals[i] = out
+    if req.stream_options and req.stream_options.include_usage:
+        yield sse(P.CompletionResponse(id=rid, model=model, choices=[],
+                                       usage=usage(list(finals.values()))))
+    yield "data: [DONE]\n\n"
+
+
+# ---- chat ---------------------------------------------------------------------------------
+def render_chat(tok: Tokenizer, req: P.ChatCompletionRequest) -> dict:
+    messages = []
+    for m in req.messages:
+        content = m.content
+        if isinstance(content, list):
+            parts = [p.get("text", "") for p in content if p.get("type") == "text"]
+            if len(parts) != len(content):
+                raise ValueError("messages: only content parts of type 'text' are supported")
+            content = "".join(parts)
+        messages.append({**m.model_dump(exclude_none=True), "content": content or ""})
+    text = tok.apply_chat_template(messages, req.add_generation_prompt,
+                                   **(req.chat_template_kwargs or {}))
+    return {"prompt": text, "prompt_token_ids": tok.encode(text, add_special_tokens=False)}
+
+
+def chat_logprobs(tok: Tokenizer, c: CompletionOutput, start: int) -> P.ChatLogprobs:
+    content = []
+    for token_id, entry in zip(c.token_ids[start:], (c.logprobs or [])[start:]):
+        text = tok.decode([token_id], skip_special_tokens=False)
+        tops = [P.TopLogprob(token=tok.decode([t], skip_special_tokens=False), logprob=v,
+                             bytes=list(tok.decode([t], skip_special_tokens=False).encode()))
+                for t, v in list(entry.items())[1:]] if len(entry) > 1 else []
+        content.append(P.TokenLogprob(token=text, logprob=entry[token_id],
+                                      bytes=list(text.encode()), top_logprobs=tops))
+    return P.ChatLogprobs(content=content)
+
+
+async def chat(engine: AsyncEngine, tok: Tokenizer, model: str, req: P.ChatCompletionRequest):
+    max_tokens = req.max_completion_tokens or req.max_tokens
+    k = (req.top_logprobs or 0) if req.logprobs else None
+    params = sampling_params(req, max_tokens, k)
+    prompt = render_chat(tok, req)
+    rid = f"chatcmpl-{uuid.uuid4().hex}"
+    streams = await add_all(engine, rid, [prompt], params)
+    if req.stream:
+        return _stream_chat(tok, model, req, rid, streams)
+    out = await streams[0].final()
+    choices = [P.ChatChoice(
+        index=c.index, message=P.AssistantMessage(content=c.text),
+        logprobs=chat_logprobs(tok, c, 0) if req.logprobs else None,
+        finish_reason=c.finish_reason, stop_reason=c.stop_reason) for c in out.outputs]
+    return P.ChatCompletionResponse(id=rid, model=model, choices=choices, usage=usage([out]))
+
+
+async def _stream_chat(tok, model, req, rid, streams) -> AsyncIterator[str]:
+    sent_text: dict[int, int] = {}
+    sent_tokens: dict[int, int] = {}
+    done: set[int] = set()
+    final = None
+    for i in range(req.n):
+        yield sse(P.ChatCompletionChunk(id=rid, model=model, choices=[P.ChatChunkChoice(
+            index=i, delta=P.DeltaMessage(role="assistant", content=""))]))
+    async for _, out in merged(streams):
+        for c in out.outputs:
+            if c.index in done:
+                continue
+            if c.finish_reason is not None:
+                done.add(c.index)
+            start_text, start_tok = sent_text.get(c.index, 0), sent_tokens.get(c.index, 0)
+            delta = c.text[start_text:]
+            if not delta and c.finish_reason is None:
+                continue
+            sent_text[c.index], sent_tokens[c.index] = len(c.text), len(c.token_ids)
+            yield sse(P.ChatCompletionChunk(id=rid, model=model, choices=[P.ChatChunkChoice(
+                index=c.index, delta=P.DeltaMessage(content=delta),
+                logprobs=chat_logprobs(tok, c, start_tok) if req.logprobs else None,
+                finish_reason=c.finish_reason)]))
+        if out.finished:
+            final = out
+    if req.stream_options and req.stream_options.include_usage and final is not None:
+        yield sse(P.ChatCompletionChunk(id=rid, model=model, choices=[], usage=usage([final])))
+    yield "data: [DONE]\n\n"
+

@@ -1,0 +1,89 @@
+"""Running the service: uvicorn, the model loaded in the background, a graceful drain on SIGTERM.
+
+The HTTP port is up at once (live = 200, ready = 503) while the model loads. On SIGTERM (or
+Ctrl-C) the server stops admitting work (ready -> 503), lets in-flight requests finish within a
+grace period, then exits with status 0. A second signal stops it at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+import time
+from pathlib import Path
+
+import uvicorn
+
+from tokenmill.config import EngineConfig
+from tokenmill.engine.async_engine import AsyncEngine
+from tokenmill.serve.app import ServerState, build_app
+
+log = logging.getLogger(__name__)
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+
+
+def default_model_name(model: str) -> str:
+    if model == "default":
+        return DEFAULT_MODEL_NAME
+    path = Path(model)
+    return path.stem if path.suffix == ".gguf" else path.name
+
+
+class DrainingServer(uvicorn.Server):
+    def __init__(self, config: uvicorn.Config, state: ServerState, grace_s: float) -> None:
+        super().__init__(config)
+        self.state = state
+        self.grace_s = grace_s
+
+    def handle_exit(self, sig, frame) -> None:  # not re-raised: a drained exit is a clean exit
+        if self.state.draining:
+            self.should_exit = self.force_exit = True
+            return
+        log.info("signal %s: draining (grace %.0f s)", sig, self.grace_s)
+        self.state.draining = True
+        threading.Thread(target=self._drain, daemon=True).start()
+
+    def _drain(self) -> None:
+        deadline = time.monotonic() + self.grace_s
+        engine = self.state.engine
+        while engine is not None and engine.num_in_flight and time.monotonic() < deadline:
+            time.sleep(0.05)
+        self.should_exit = True
+
+
+def serve(config: EngineConfig, host: str, port: int, served_model_name: str | None = None,
+          api_key: str | None = None, max_waiting: int | None = None, grace_s: float = 30.0,
+          max_body_bytes: int = 4 << 20) -> None:
+    from tokenmill.engine.engine import LLMEngine
+
+    state = ServerState(served_model_name or default_model_name(config.model.model), api_key,
+                        max_body_bytes)
+    app = build_app(state)
+    holder: dict[str, AsyncEngine] = {}
+
+    def load() -> None:
+        try:
+            engine = AsyncEngine(LLMEngine(config), max_waiting)
+        except Exception:
+            log.exception("could not load the model; the server stays up but not ready")
+            return
+        engine.start()
+        holder["engine"] = engine
+        state.attach(engine)
+        log.info("ready: serving %r on http://%s:%d/v1", state.model_name, host, port)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_):
+        loader = threading.Thread(target=load, name="tokenmill-load", daemon=True)
+        loader.start()
+        yield
+        if "engine" in holder:
+            holder["engine"].shutdown()
+
+    app.router.lifespan_context = lifespan
+    cfg = uvicorn.Config(app, host=host, port=port, log_level="info",
+                         timeout_graceful_shutdown=5, access_log=False)
+    server = DrainingServer(cfg, state, grace_s)
+    asyncio.run(server.serve())
