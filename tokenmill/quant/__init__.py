@@ -1,0 +1,1 @@
+"""Precision: quantized formats and methods (to come), and quality evaluation (eval.py)."""
