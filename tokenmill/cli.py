@@ -30,8 +30,12 @@ def add_engine_options(p: argparse.ArgumentParser) -> None:
         if name == "model":
             continue
         if kind is bool:
-            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None,
-                               help=f"{text} (default: {default})")
+            group.add_argument(
+                flag,
+                action=argparse.BooleanOptionalAction,
+                default=None,
+                help=f"{text} (default: {default})",
+            )
         else:
             group.add_argument(flag, type=kind, default=None, help=f"{text} (default: {default})")
 
@@ -43,22 +47,35 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="tokenmill", description="An inference-optimized LLM "
-                                "microservice: OpenAI-compatible serving, paged attention, "
-                                "continuous batching.")
+    p = argparse.ArgumentParser(
+        prog="tokenmill",
+        description="An inference-optimized LLM "
+        "microservice: OpenAI-compatible serving, paged attention, "
+        "continuous batching.",
+    )
     sub = p.add_subparsers(dest="command", required=True)
 
-    s = sub.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API",
-                       description="Serve a model over an OpenAI-compatible HTTP API "
-                       "(/v1/completions, /v1/chat/completions, /v1/models, /metrics).")
-    s.add_argument("--model", default="default", help="HF folder, .gguf file, or 'default' "
-                   "(the bundled SmolLM2-135M-Instruct)")
+    s = sub.add_parser(
+        "serve",
+        help="serve a model over an OpenAI-compatible HTTP API",
+        description="Serve a model over an OpenAI-compatible HTTP API "
+        "(/v1/completions, /v1/chat/completions, /v1/models, /metrics).",
+    )
+    s.add_argument(
+        "--model",
+        default="default",
+        help="HF folder, .gguf file, or 'default' (the bundled SmolLM2-135M-Instruct)",
+    )
     s.add_argument("--served-model-name", default=None, help="name clients use in 'model'")
     s.add_argument("--host", default="127.0.0.1", help="address to bind (loopback by default)")
     s.add_argument("--port", type=int, default=8000)
     s.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY'")
-    s.add_argument("--grace-period", type=float, default=30.0,
-                   help="seconds in-flight requests get to finish on SIGTERM")
+    s.add_argument(
+        "--grace-period",
+        type=float,
+        default=30.0,
+        help="seconds in-flight requests get to finish on SIGTERM",
+    )
     s.add_argument("--max-body-bytes", type=int, default=4 << 20, help="largest request body")
     add_engine_options(s)
 
@@ -78,8 +95,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from tokenmill.sampling_params import SamplingParams
 
     engine = LLMEngine(engine_config(args))
-    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature,
-                            top_p=args.top_p)
+    params = SamplingParams(
+        max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p
+    )
     prompt: Any = args.prompt
     if args.chat:
         text = engine.tokenizer.apply_chat_template([{"role": "user", "content": args.prompt}])
@@ -98,14 +116,24 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     try:
         if args.command == "generate":
             return cmd_generate(args)
         from tokenmill.serve.server import serve
 
-        serve(engine_config(args), args.host, args.port, args.served_model_name, args.api_key,
-              args.max_waiting, args.grace_period, args.max_body_bytes)
+        serve(
+            engine_config(args),
+            args.host,
+            args.port,
+            args.served_model_name,
+            args.api_key,
+            args.max_waiting,
+            args.grace_period,
+            args.max_body_bytes,
+        )
         return 0
     except (ValueError, FileNotFoundError) as e:
         print(f"tokenmill: error: {e}", file=sys.stderr)

@@ -25,10 +25,27 @@ class Server:
     def __init__(self, model: str, *extra: str) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        cmd = [sys.executable, "-m", "tokenmill.cli", "serve", "--model", model, "--port",
-               str(self.port), "--served-model-name", "tiny", "--dtype", "float32",
-               "--kv-cache-memory", str(8 << 20), "--block-size", "4", "--grace-period", "20",
-               *extra]
+        cmd = [
+            sys.executable,
+            "-m",
+            "tokenmill.cli",
+            "serve",
+            "--model",
+            model,
+            "--port",
+            str(self.port),
+            "--served-model-name",
+            "tiny",
+            "--dtype",
+            "float32",
+            "--kv-cache-memory",
+            str(8 << 20),
+            "--block-size",
+            "4",
+            "--grace-period",
+            "20",
+            *extra,
+        ]
         self.log = open(os.devnull, "w")  # noqa: SIM115
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 120

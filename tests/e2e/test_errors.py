@@ -25,16 +25,19 @@ def assert_error(r, status, param=None, code=None):
     return err
 
 
-@pytest.mark.parametrize("body, param", [
-    ({"prompt": "hi", "temperature": -1}, "temperature"),
-    ({"prompt": "hi", "top_p": 0}, "top_p"),
-    ({"prompt": "hi", "max_tokens": 0}, "max_tokens"),
-    ({"prompt": "hi", "n": 0}, "n"),
-    ({"prompt": ""}, "prompt"),
-    ({"prompt": [1, 999999]}, "prompt"),
-    ({"prompt": 5}, "prompt"),
-    ({}, "prompt"),
-])
+@pytest.mark.parametrize(
+    "body, param",
+    [
+        ({"prompt": "hi", "temperature": -1}, "temperature"),
+        ({"prompt": "hi", "top_p": 0}, "top_p"),
+        ({"prompt": "hi", "max_tokens": 0}, "max_tokens"),
+        ({"prompt": "hi", "n": 0}, "n"),
+        ({"prompt": ""}, "prompt"),
+        ({"prompt": [1, 999999]}, "prompt"),
+        ({"prompt": 5}, "prompt"),
+        ({}, "prompt"),
+    ],
+)
 def test_invalid_values_are_400_naming_the_parameter(server, body, param):
     assert_error(post(server, "/v1/completions", {"model": "tiny", **body}), 400, param)
 
@@ -42,7 +45,9 @@ def test_invalid_values_are_400_naming_the_parameter(server, body, param):
 def test_context_length_exceeded(server):
     r = post(server, "/v1/completions", {"prompt": "hi " * 100, "max_tokens": 500})
     assert_error(r, 400, code="context_length_exceeded")
-    r = post(server, "/v1/chat/completions", {"messages": [{"role": "user", "content": "x " * 600}]})
+    r = post(
+        server, "/v1/chat/completions", {"messages": [{"role": "user", "content": "x " * 600}]}
+    )
     assert_error(r, 400, code="context_length_exceeded")
 
 
@@ -50,16 +55,29 @@ def test_auth_model_body_json(server):
     assert_error(post(server, "/v1/completions", {"prompt": "hi"}, headers={}), 401)
     bad = {"Authorization": "Bearer nope"}
     assert_error(post(server, "/v1/chat/completions", {"messages": []}, headers=bad), 401)
-    assert_error(post(server, "/v1/completions", {"model": "gpt-9", "prompt": "hi"}), 404,
-                 "model", "model_not_found")
+    assert_error(
+        post(server, "/v1/completions", {"model": "gpt-9", "prompt": "hi"}),
+        404,
+        "model",
+        "model_not_found",
+    )
     big = {"prompt": "x" * (5 << 20)}
     assert_error(post(server, "/v1/completions", big), 413)
-    r = httpx.post(f"{server.url}/v1/completions", content=b"{not json",
-                   headers={**AUTH, "content-type": "application/json"})
+    r = httpx.post(
+        f"{server.url}/v1/completions",
+        content=b"{not json",
+        headers={**AUTH, "content-type": "application/json"},
+    )
     assert_error(r, 400)
     assert_error(post(server, "/v1/chat/completions", {"messages": []}), 400, "messages")
-    assert_error(post(server, "/v1/chat/completions",
-                      {"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}), 400)
+    assert_error(
+        post(
+            server,
+            "/v1/chat/completions",
+            {"messages": [{"role": "user", "content": [{"type": "image_url"}]}]},
+        ),
+        400,
+    )
     assert httpx.get(f"{server.url}/nope").json()["error"]["type"] == "not_found_error"
     # still serving
     ok = post(server, "/v1/completions", {"prompt": "hi", "max_tokens": 2})

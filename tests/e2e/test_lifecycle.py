@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import random
 import signal
 import threading
 import time
@@ -26,8 +25,13 @@ def wait_until(fn, timeout=10.0):
 def test_disconnect_mid_stream_frees_blocks_and_load_test(tiny_model_dir):
     s = Server(str(tiny_model_dir("llama")), "--max-num-seqs", "16")
     try:
-        body = {"prompt": "Hello world", "max_tokens": 200, "stream": True, "ignore_eos": True,
-                "temperature": 0}
+        body = {
+            "prompt": "Hello world",
+            "max_tokens": 200,
+            "stream": True,
+            "ignore_eos": True,
+            "temperature": 0,
+        }
         with httpx.stream("POST", f"{s.url}/v1/completions", json=body, timeout=30) as r:
             for i, _ in enumerate(r.iter_lines()):
                 if i > 3:
@@ -43,20 +47,31 @@ def test_disconnect_mid_stream_frees_blocks_and_load_test(tiny_model_dir):
 
 async def load(url: str, total: int, concurrency: int, cancel_every: int) -> None:
     """Every completed request is correct and answered once; no 5xx; cancelled ones vanish."""
-    rng = random.Random(0)
     sem = asyncio.Semaphore(concurrency)
     expected: dict[int, str] = {}
     results: dict[int, str] = {}
     async with httpx.AsyncClient(base_url=url, timeout=60) as client:
         for n in (3, 5):  # reference greedy outputs, one per prompt shape
-            r = await client.post("/v1/completions", json={
-                "prompt": f"Hello {n}", "max_tokens": n, "temperature": 0, "ignore_eos": True})
+            r = await client.post(
+                "/v1/completions",
+                json={
+                    "prompt": f"Hello {n}",
+                    "max_tokens": n,
+                    "temperature": 0,
+                    "ignore_eos": True,
+                },
+            )
             expected[n] = r.json()["choices"][0]["text"]
 
         async def one(i: int) -> None:
             n = 3 if i % 2 else 5
-            body = {"prompt": f"Hello {n}", "max_tokens": n, "temperature": 0,
-                    "ignore_eos": True, "stream": i % 3 == 0}
+            body = {
+                "prompt": f"Hello {n}",
+                "max_tokens": n,
+                "temperature": 0,
+                "ignore_eos": True,
+                "stream": i % 3 == 0,
+            }
             async with sem:
                 if i % cancel_every == 0:
                     body.update(stream=True, max_tokens=50)
@@ -92,8 +107,11 @@ def test_sigterm_drains_in_flight_then_exits_zero(tiny_model_dir):
     result = {}
 
     def long_request():
-        r = httpx.post(f"{s.url}/v1/completions", timeout=60, json={
-            "prompt": "Hello", "max_tokens": 400, "ignore_eos": True, "temperature": 0})
+        r = httpx.post(
+            f"{s.url}/v1/completions",
+            timeout=60,
+            json={"prompt": "Hello", "max_tokens": 400, "ignore_eos": True, "temperature": 0},
+        )
         result["status"] = r.status_code
         result["tokens"] = r.json()["usage"]["completion_tokens"]
 

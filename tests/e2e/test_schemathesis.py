@@ -15,9 +15,21 @@ from tests.e2e.conftest import API_KEY
 
 def test_no_server_errors(server):
     st = shutil.which("schemathesis") or str(Path(sys.executable).parent / "schemathesis")
-    cmd = [st, "run", f"{server.url}/openapi.json", "--checks", "not_a_server_error",
-           "--max-examples", "25", "-H", f"Authorization: Bearer {API_KEY}",
-           "--request-timeout", "120", "--seed", "1"]
+    cmd = [
+        st,
+        "run",
+        f"{server.url}/openapi.json",
+        "--checks",
+        "not_a_server_error",
+        "--max-examples",
+        "25",
+        "-H",
+        f"Authorization: Bearer {API_KEY}",
+        "--request-timeout",
+        "120",
+        "--seed",
+        "1",
+    ]
     run = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
     assert "No issues found" in run.stdout and " passed" in run.stdout

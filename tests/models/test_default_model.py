@@ -23,7 +23,8 @@ def llm():
 @pytest.fixture(scope="module")
 def ref():
     model = transformers.AutoModelForCausalLM.from_pretrained(
-        str(PATH.parent), gguf_file=DEFAULT_FILE, dtype=torch.float32).eval()
+        str(PATH.parent), gguf_file=DEFAULT_FILE, dtype=torch.float32
+    ).eval()
     tok = transformers.AutoTokenizer.from_pretrained(str(PATH.parent), gguf_file=DEFAULT_FILE)
     return model, tok
 
@@ -32,9 +33,11 @@ def test_logits_and_greedy_equal_transformers(llm, ref):
     model, tok = ref
     ids = tok("The capital of France is")["input_ids"]
     assert llm.get_tokenizer().encode("The capital of France is") == ids
-    out = llm.generate([{"prompt_token_ids": ids}], SamplingParams(
-        max_tokens=4, temperature=0, ignore_eos=True, logprobs=0, prompt_logprobs=0),
-        use_tqdm=False)[0]
+    out = llm.generate(
+        [{"prompt_token_ids": ids}],
+        SamplingParams(max_tokens=4, temperature=0, ignore_eos=True, logprobs=0, prompt_logprobs=0),
+        use_tqdm=False,
+    )[0]
     full = ids + out.outputs[0].token_ids
     with torch.no_grad():
         lp = model(torch.tensor([full])).logits[0].log_softmax(-1)
@@ -46,8 +49,13 @@ def test_logits_and_greedy_equal_transformers(llm, ref):
     for prompt in PROMPTS:
         ids = tok(prompt)["input_ids"]
         ours = llm.generate([{"prompt_token_ids": ids}], GREEDY, use_tqdm=False)[0]
-        theirs = model.generate(torch.tensor([ids]), max_new_tokens=16, min_new_tokens=16,
-                                do_sample=False, pad_token_id=2)[0, len(ids):].tolist()
+        theirs = model.generate(
+            torch.tensor([ids]),
+            max_new_tokens=16,
+            min_new_tokens=16,
+            do_sample=False,
+            pad_token_id=2,
+        )[0, len(ids) :].tolist()
         assert ours.outputs[0].token_ids == theirs, prompt
 
 
@@ -58,8 +66,9 @@ def test_chat_template_and_greedy_chat(llm, ref):
     assert llm.get_tokenizer().apply_chat_template(msgs) == want
     out = llm.chat(msgs, SamplingParams(max_tokens=12, temperature=0), use_tqdm=False)[0]
     ids = tok(want, add_special_tokens=False)["input_ids"]
-    theirs = model.generate(torch.tensor([ids]), max_new_tokens=12, do_sample=False,
-                            pad_token_id=2)[0, len(ids):].tolist()
+    theirs = model.generate(
+        torch.tensor([ids]), max_new_tokens=12, do_sample=False, pad_token_id=2
+    )[0, len(ids) :].tolist()
     assert out.outputs[0].token_ids == [t for t in theirs][: len(out.outputs[0].token_ids)]
     assert "Paris" in out.outputs[0].text
 
@@ -67,8 +76,10 @@ def test_chat_template_and_greedy_chat(llm, ref):
 def test_tokenizer_roundtrip_multilingual(llm, ref):
     _, tok = ref
     ours = llm.get_tokenizer()
-    text = ("Hello, world! Grüße aus Köln. Ça va? ¿Dónde está la biblioteca? Привет, мир. "
-            "日本語のテキスト。 Ελληνικά. العربية <|im_start|>user\n  tabs\tand  spaces")
+    text = (
+        "Hello, world! Grüße aus Köln. Ça va? ¿Dónde está la biblioteca? Привет, мир. "
+        "日本語のテキスト。 Ελληνικά. العربية <|im_start|>user\n  tabs\tand  spaces"
+    )
     assert ours.encode(text) == tok(text)["input_ids"]
     assert ours.decode(ours.encode(text), skip_special_tokens=False) == text
     # smollm pre-tokenizer: digits one by one (as llama.cpp and the original tokenizer.json)

@@ -28,10 +28,14 @@ def hf_model(folder):
 
 def hf_greedy(model, ids: list[int], n: int) -> list[int]:
     out = model.generate(
-        torch.tensor([ids]), max_new_tokens=n, do_sample=False, min_new_tokens=n,
-        pad_token_id=0, attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+        torch.tensor([ids]),
+        max_new_tokens=n,
+        do_sample=False,
+        min_new_tokens=n,
+        pad_token_id=0,
+        attention_mask=torch.ones(1, len(ids), dtype=torch.long),
     )
-    return out[0, len(ids):].tolist()
+    return out[0, len(ids) :].tolist()
 
 
 def block_bytes(folder, block_size: int) -> int:
@@ -82,9 +86,15 @@ def test_greedy_under_preemption_and_chunked_prefill(tiny_model_dir, kind):
     ref = hf_model(folder)
     # 28 blocks of 4 tokens: 4 prompts of ~10-20 tokens + 24 new tokens cannot all fit at once,
     # and a 5-token budget forces every prompt across several steps.
-    llm = LLM(model=str(folder), dtype="float32", block_size=4, max_model_len=112,
-              kv_cache_memory=28 * block_bytes(folder, 4), max_num_batched_tokens=5,
-              enable_prefix_caching=False)
+    llm = LLM(
+        model=str(folder),
+        dtype="float32",
+        block_size=4,
+        max_model_len=112,
+        kv_cache_memory=28 * block_bytes(folder, 4),
+        max_num_batched_tokens=5,
+        enable_prefix_caching=False,
+    )
     params = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
     outs = llm.generate(PROMPTS, params, use_tqdm=False)
     assert llm.engine.scheduler.num_preemptions > 0
@@ -99,8 +109,9 @@ def test_logprobs_equal_log_softmax_of_reference(tiny_model_dir):
     llm = LLM(model=str(folder), dtype="float32", kv_cache_memory=4 << 20)
     ref = hf_model(folder)
     ids = llm.get_tokenizer().encode(PROMPTS[1])
-    params = SamplingParams(max_tokens=5, temperature=0.0, ignore_eos=True, logprobs=3,
-                            prompt_logprobs=2)
+    params = SamplingParams(
+        max_tokens=5, temperature=0.0, ignore_eos=True, logprobs=3, prompt_logprobs=2
+    )
     out = llm.generate([{"prompt_token_ids": ids}], params, use_tqdm=False)[0]
     full = ids + out.outputs[0].token_ids
     with torch.no_grad():

@@ -78,8 +78,10 @@ def test_parser_matches_gguf_reader_on_default_model():
     assert ours.metadata["tokenizer.ggml.tokens"] == ref.fields["tokenizer.ggml.tokens"].contents()
 
 
-@pytest.mark.parametrize("name", ["token_embd.weight", "blk.0.attn_q.weight", "blk.3.ffn_down.weight",
-                                  "blk.0.attn_norm.weight"])
+@pytest.mark.parametrize(
+    "name",
+    ["token_embd.weight", "blk.0.attn_q.weight", "blk.3.ffn_down.weight", "blk.0.attn_norm.weight"],
+)
 def test_dequantization_of_real_tensors_bit_exact(name):
     ours = GGUFFile(DEFAULT)
     ref = {t.name: t for t in GGUFReader(DEFAULT).tensors}[name]

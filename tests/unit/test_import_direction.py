@@ -15,8 +15,12 @@ PURE = [
 
 
 def test_pure_modules_import_no_torch_or_fastapi():
-    code = "import sys\n" + "".join(f"import {m}\n" for m in PURE) + (
-        "bad = [m for m in ('torch', 'fastapi', 'numpy') if m in sys.modules]\n"
-        "assert not bad, bad\n"
+    code = (
+        "import sys\n"
+        + "".join(f"import {m}\n" for m in PURE)
+        + (
+            "bad = [m for m in ('torch', 'fastapi', 'numpy') if m in sys.modules]\n"
+            "assert not bad, bad\n"
+        )
     )
     subprocess.run([sys.executable, "-c", code], check=True)

@@ -9,7 +9,9 @@ from tokenmill.sampling_params import SamplingParams
 
 def make(num_blocks=64, block_size=4, **cfg):
     kv = KVCacheManager(num_blocks, block_size, enable_prefix_caching=True)
-    config = SchedulerConfig(**{"max_num_seqs": 8, "max_num_batched_tokens": 32, "max_model_len": 64, **cfg})
+    config = SchedulerConfig(
+        **{"max_num_seqs": 8, "max_num_batched_tokens": 32, "max_model_len": 64, **cfg}
+    )
     return Scheduler(config, kv)
 
 

@@ -60,7 +60,9 @@ class AsyncEngine:
         return self._stats
 
     # ---- caller side (event loop) ------------------------------------------------------
-    async def add(self, request_id: str, prompt: PromptType, params: SamplingParams) -> RequestStream:
+    async def add(
+        self, request_id: str, prompt: PromptType, params: SamplingParams
+    ) -> RequestStream:
         """Queue a request; raises ValueError for invalid input, QueueFullError when full."""
         loop = asyncio.get_running_loop()
         stream = _Stream(loop, asyncio.Queue())
@@ -113,7 +115,10 @@ class AsyncEngine:
 
     def _add(self, request_id, prompt, params, stream: _Stream, done: Future) -> None:
         try:
-            if self.max_waiting is not None and self.engine.scheduler.num_waiting >= self.max_waiting:
+            if (
+                self.max_waiting is not None
+                and self.engine.scheduler.num_waiting >= self.max_waiting
+            ):
                 raise QueueFullError(f"{self.engine.scheduler.num_waiting} requests are waiting")
             self.engine.add_request(request_id, prompt, params)
         except Exception as exc:  # validation errors go back to the caller

@@ -79,7 +79,10 @@ class LLMEngine:
         self._child_group: dict[str, str] = {}
         log.info(
             "KV cache: %d blocks of %d tokens (%.1f MiB), max_model_len %d",
-            num_blocks, cache.block_size, num_blocks * per_block / 2**20, self.max_model_len,
+            num_blocks,
+            cache.block_size,
+            num_blocks * per_block / 2**20,
+            self.max_model_len,
         )
 
     # ---- requests in -----------------------------------------------------------------
@@ -110,13 +113,22 @@ class LLMEngine:
             child_params = params if params.n == 1 else params.for_child(i)
             child_id = request_id if params.n == 1 else f"{request_id}#{i}"
             children.append(
-                Request(child_id, ids, child_params, self.loaded.eos_token_ids,
-                        self.max_model_len, arrival)
+                Request(
+                    child_id,
+                    ids,
+                    child_params,
+                    self.loaded.eos_token_ids,
+                    self.max_model_len,
+                    arrival,
+                )
             )
             self._child_group[child_id] = request_id
         detoks = [
             IncrementalDetokenizer(
-                self.tokenizer, ids, params.stop_strings, params.skip_special_tokens,
+                self.tokenizer,
+                ids,
+                params.stop_strings,
+                params.skip_special_tokens,
                 params.include_stop_str_in_output,
             )
             for _ in children
@@ -196,9 +208,7 @@ class LLMEngine:
         outputs = []
         for i, (req, detok) in enumerate(zip(group.children, group.detoks)):
             lps = req.logprobs if req.params.logprobs is not None else None
-            cumulative = (
-                sum(lp[t] for lp, t in zip(lps, req.output_token_ids)) if lps else None
-            )
+            cumulative = sum(lp[t] for lp, t in zip(lps, req.output_token_ids)) if lps else None
             outputs.append(
                 CompletionOutput(
                     index=i,
@@ -218,7 +228,9 @@ class LLMEngine:
             request_id=group.request_id,
             prompt=group.prompt,
             prompt_token_ids=first.prompt_token_ids,
-            prompt_logprobs=first.prompt_logprobs if first.params.prompt_logprobs is not None else None,
+            prompt_logprobs=first.prompt_logprobs
+            if first.params.prompt_logprobs is not None
+            else None,
             outputs=outputs,
             finished=finished,
             metrics=RequestMetrics.of(first),

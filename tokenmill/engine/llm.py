@@ -67,9 +67,13 @@ class LLM:
         prompts: list[PromptType] = []
         for conv in conversations:
             text = tok.apply_chat_template(
-                list(conv), add_generation_prompt, **(chat_template_kwargs or {})  # type: ignore[arg-type]
+                list(conv),
+                add_generation_prompt,
+                **(chat_template_kwargs or {}),  # type: ignore[arg-type]
             )
-            prompts.append({"prompt": text, "prompt_token_ids": tok.encode(text, add_special_tokens=False)})
+            prompts.append(
+                {"prompt": text, "prompt_token_ids": tok.encode(text, add_special_tokens=False)}
+            )
         return self.generate(prompts, sampling_params, use_tqdm)
 
     def _next_id(self) -> str:
@@ -79,7 +83,9 @@ class LLM:
     def _run(self, ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
         wanted = set(ids)
         done: dict[str, RequestOutput] = {}
-        bar = tqdm(total=len(ids), desc="generating", unit="req", disable=not use_tqdm or len(ids) < 2)
+        bar = tqdm(
+            total=len(ids), desc="generating", unit="req", disable=not use_tqdm or len(ids) < 2
+        )
         while len(done) < len(ids):
             for out in self.engine.step():
                 if out.finished and out.request_id in wanted:

@@ -43,7 +43,11 @@ class RequestMetrics:
     def of(cls, req: Request) -> RequestMetrics:
         t = req.times
         return cls(
-            t.arrival, t.first_scheduled, t.first_token, t.last_token, t.finished,
+            t.arrival,
+            t.first_scheduled,
+            t.first_token,
+            t.last_token,
+            t.finished,
             req.num_output_tokens,
         )
 

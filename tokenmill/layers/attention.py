@@ -76,7 +76,9 @@ class TorchAttention(AttentionBackend):
         qg = q.view(num_seqs, num_kv_heads, group, head_dim)
         slots = meta.decode_slots.view(-1)  # index_select: ~3x faster than advanced indexing
         shape = (num_seqs, -1, num_kv_heads, head_dim)
-        keys = kv_cache[0].index_select(0, slots).view(shape).transpose(1, 2)  # [seqs, kv_heads, len, dim]
+        keys = (
+            kv_cache[0].index_select(0, slots).view(shape).transpose(1, 2)
+        )  # [seqs, kv_heads, len, dim]
         values = kv_cache[1].index_select(0, slots).view(shape).transpose(1, 2)
         o = F.scaled_dot_product_attention(
             qg, keys, values, attn_mask=meta.decode_mask, scale=self.scale

@@ -86,7 +86,9 @@ class Linear(nn.Module):
             start = sum(self.output_sizes[:shard_id])
             target = target.narrow(0, start, self.output_sizes[shard_id])
         if tuple(target.shape) != tuple(loaded.shape):
-            raise ValueError(f"shape mismatch: expected {tuple(target.shape)}, got {tuple(loaded.shape)}")
+            raise ValueError(
+                f"shape mismatch: expected {tuple(target.shape)}, got {tuple(loaded.shape)}"
+            )
         target.copy_(loaded)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

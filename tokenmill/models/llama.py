@@ -90,7 +90,9 @@ class LlamaModel(nn.Module):
         super().__init__()
         rotary = RotaryEmbedding(arch.head_dim, max_positions, arch.rope_theta, arch.rope_scaling)
         self.embed_tokens = nn.Embedding(arch.vocab_size, arch.hidden_size, dtype=dtype)
-        self.layers = nn.ModuleList(DecoderLayer(arch, rotary, dtype) for _ in range(arch.num_layers))
+        self.layers = nn.ModuleList(
+            DecoderLayer(arch, rotary, dtype) for _ in range(arch.num_layers)
+        )
         self.norm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
 
 
@@ -155,7 +157,9 @@ class LlamaForCausalLM(nn.Module):
                     break
             param = params.get(target)
             if param is None:
-                raise ValueError(f"checkpoint tensor {name!r} has no place in {self.arch.architecture}")
+                raise ValueError(
+                    f"checkpoint tensor {name!r} has no place in {self.arch.architecture}"
+                )
             module = self.get_submodule(target.rsplit(".", 1)[0])
             if isinstance(module, Linear):
                 module.weight_loader(param, tensor, shard)

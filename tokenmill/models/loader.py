@@ -44,7 +44,9 @@ def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError("device 'cuda' was asked for, but torch sees no CUDA device; use --device cpu")
+        raise ValueError(
+            "device 'cuda' was asked for, but torch sees no CUDA device; use --device cpu"
+        )
     return torch.device(device)
 
 
@@ -140,7 +142,9 @@ def fill_weights(model, weights: Iterator[tuple[str, torch.Tensor]]) -> None:
     model.process_weights_after_loading()
 
 
-def _safetensors(folder: Path, device: torch.device, desc: str) -> Iterator[tuple[str, torch.Tensor]]:
+def _safetensors(
+    folder: Path, device: torch.device, desc: str
+) -> Iterator[tuple[str, torch.Tensor]]:
     index = folder / "model.safetensors.index.json"
     if index.exists():
         files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
@@ -149,8 +153,12 @@ def _safetensors(folder: Path, device: torch.device, desc: str) -> Iterator[tupl
     else:
         bins = list(folder.glob("*.bin")) + list(folder.glob("*.pt"))
         hint = " (found pickle checkpoints, which are not loaded for safety)" if bins else ""
-        raise FileNotFoundError(f"{folder} has no model.safetensors{hint}; convert it to safetensors")
+        raise FileNotFoundError(
+            f"{folder} has no model.safetensors{hint}; convert it to safetensors"
+        )
     handles = [safe_open(str(folder / f), framework="pt", device="cpu") for f in files]
     names = [(h, k) for h in handles for k in h.keys()]  # noqa: SIM118 (safe_open has no iterator)
-    for handle, name in tqdm(names, desc=desc, unit="tensor", leave=False, disable=len(names) < 100):
+    for handle, name in tqdm(
+        names, desc=desc, unit="tensor", leave=False, disable=len(names) < 100
+    ):
         yield name, handle.get_tensor(name).to(device)

@@ -56,14 +56,17 @@ class Tokenizer:
         if isinstance(template, list):  # named templates: take the default one
             template = next((t["template"] for t in template if t.get("name") == "default"), None)
         special = {
-            k: _token_text(config.get(k)) for k in ("bos_token", "eos_token", "pad_token", "unk_token")
+            k: _token_text(config.get(k))
+            for k in ("bos_token", "eos_token", "pad_token", "unk_token")
         }
         return cls(RustTokenizer.from_file(str(file)), special, template)
 
     @classmethod
     def from_transformers(cls, tok: Any) -> Tokenizer:
         """Wrap a transformers fast tokenizer (e.g. one converted from GGUF metadata)."""
-        special = {k: getattr(tok, k, None) for k in ("bos_token", "eos_token", "pad_token", "unk_token")}
+        special = {
+            k: getattr(tok, k, None) for k in ("bos_token", "eos_token", "pad_token", "unk_token")
+        }
         special = {k: (str(v) if v is not None else None) for k, v in special.items()}
         return cls(tok.backend_tokenizer, special, getattr(tok, "chat_template", None))
 

@@ -30,8 +30,9 @@ def default_text(play: str = "comedies/a-midsummer-night-s-dream.md") -> str:
     return (Path(next(iter(spec.submodule_search_locations))) / "plays" / play).read_text()
 
 
-def perplexity(llm, token_ids: list[int], window: int = 512, max_windows: int | None = None
-               ) -> PerplexityResult:
+def perplexity(
+    llm, token_ids: list[int], window: int = 512, max_windows: int | None = None
+) -> PerplexityResult:
     chunks = [token_ids[i : i + window] for i in range(0, len(token_ids) - 1, window)]
     chunks = [c for c in chunks if len(c) > 1][:max_windows]
     params = SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=0, ignore_eos=True)

@@ -27,11 +27,23 @@ log = logging.getLogger(__name__)
 
 
 class APIError(Exception):
-    def __init__(self, status: int, message: str, type_: str = "invalid_request_error",
-                 param: str | None = None, code: str | None = None,
-                 headers: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        type_: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
         super().__init__(message)
-        self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
+        self.status, self.message, self.type, self.param, self.code = (
+            status,
+            message,
+            type_,
+            param,
+            code,
+        )
         self.headers = headers
 
 
@@ -60,8 +72,9 @@ class ServerState:
 
 
 def error_response(e: APIError) -> JSONResponse:
-    body = P.ErrorResponse(error=P.ErrorDetail(message=e.message, type=e.type, param=e.param,
-                                               code=e.code))
+    body = P.ErrorResponse(
+        error=P.ErrorDetail(message=e.message, type=e.type, param=e.param, code=e.code)
+    )
     return JSONResponse(body.model_dump(), status_code=e.status, headers=e.headers)
 
 
@@ -73,8 +86,11 @@ def value_error(exc: ValueError) -> APIError:
 
 
 def build_app(state: ServerState) -> FastAPI:
-    app = FastAPI(title="tokenmill", version=tokenmill.__version__,
-                  description="OpenAI-compatible LLM inference microservice")
+    app = FastAPI(
+        title="tokenmill",
+        version=tokenmill.__version__,
+        description="OpenAI-compatible LLM inference microservice",
+    )
     app.state.tm = state
 
     @app.exception_handler(APIError)
@@ -107,23 +123,42 @@ def build_app(state: ServerState) -> FastAPI:
                 auth = request.headers.get("authorization", "")
                 given = auth[7:] if auth.lower().startswith("bearer ") else ""
                 if not hmac.compare_digest(given.encode(), state.api_key.encode()):
-                    return error_response(APIError(401, "missing or invalid API key; send "
-                                                   "'Authorization: Bearer <key>'",
-                                                   "authentication_error", code="invalid_api_key"))
+                    return error_response(
+                        APIError(
+                            401,
+                            "missing or invalid API key; send 'Authorization: Bearer <key>'",
+                            "authentication_error",
+                            code="invalid_api_key",
+                        )
+                    )
             size = request.headers.get("content-length")
             if size is not None and size.isdigit() and int(size) > state.max_body_bytes:
-                return error_response(APIError(
-                    413, f"request body of {size} bytes exceeds the limit of "
-                    f"{state.max_body_bytes} bytes", code="request_too_large"))
+                return error_response(
+                    APIError(
+                        413,
+                        f"request body of {size} bytes exceeds the limit of "
+                        f"{state.max_body_bytes} bytes",
+                        code="request_too_large",
+                    )
+                )
         return await call_next(request)
 
     def check_model(name: str | None) -> None:
         if name is not None and name != state.model_name:
-            raise APIError(404, f"model {name!r} does not exist; this server serves "
-                           f"{state.model_name!r}", "not_found_error", "model", "model_not_found")
+            raise APIError(
+                404,
+                f"model {name!r} does not exist; this server serves {state.model_name!r}",
+                "not_found_error",
+                "model",
+                "model_not_found",
+            )
         if not state.ready:
-            raise APIError(503, "the server is not ready (loading or draining); retry later",
-                           "service_unavailable", headers={"Retry-After": "1"})
+            raise APIError(
+                503,
+                "the server is not ready (loading or draining); retry later",
+                "service_unavailable",
+                headers={"Retry-After": "1"},
+            )
 
     async def run(coro):
         try:
@@ -131,8 +166,12 @@ def build_app(state: ServerState) -> FastAPI:
         except ValueError as e:
             raise value_error(e) from None
         except QueueFullError as e:
-            raise APIError(429, f"too many requests waiting ({e}); retry later",
-                           "rate_limit_error", headers={"Retry-After": "1"}) from None
+            raise APIError(
+                429,
+                f"too many requests waiting ({e}); retry later",
+                "rate_limit_error",
+                headers={"Retry-After": "1"},
+            ) from None
         if isinstance(result, P.BaseModel):
             return result
         return StreamingResponse(result, media_type="text/event-stream")
@@ -157,7 +196,9 @@ def build_app(state: ServerState) -> FastAPI:
 
     @app.get("/v1/models", response_model=P.ModelList)
     async def models():
-        return P.ModelList(data=[P.ModelCard(id=state.model_name, max_model_len=state.max_model_len)])
+        return P.ModelList(
+            data=[P.ModelCard(id=state.model_name, max_model_len=state.max_model_len)]
+        )
 
     @app.get("/v1/health/live")
     async def live():

@@ -19,8 +19,12 @@ from tokenmill.sampling_params import SamplingParams
 from tokenmill.serve import protocol as P
 
 
-def sampling_params(req: P.SamplingFields, max_tokens: int | None, logprobs: int | None,
-                    prompt_logprobs: int | None = None) -> SamplingParams:
+def sampling_params(
+    req: P.SamplingFields,
+    max_tokens: int | None,
+    logprobs: int | None,
+    prompt_logprobs: int | None = None,
+) -> SamplingParams:
     return SamplingParams(
         n=req.n,
         temperature=1.0 if req.temperature is None else req.temperature,
@@ -48,8 +52,9 @@ def sse(data: Any) -> str:
     return f"data: {body}\n\n"
 
 
-async def add_all(engine: AsyncEngine, rid: str, prompts: list, params: SamplingParams
-                  ) -> list[RequestStream]:
+async def add_all(
+    engine: AsyncEngine, rid: str, prompts: list, params: SamplingParams
+) -> list[RequestStream]:
     streams: list[RequestStream] = []
     try:
         for i, prompt in enumerate(prompts):
@@ -95,8 +100,9 @@ async def merged(streams: list[RequestStream]) -> AsyncIterator[tuple[int, Reque
 def usage(outs: list[RequestOutput]) -> P.Usage:
     prompt = sum(len(o.prompt_token_ids) for o in outs)
     completion = sum(len(c.token_ids) for o in outs for c in o.outputs)
-    return P.Usage(prompt_tokens=prompt, completion_tokens=completion,
-                   total_tokens=prompt + completion)
+    return P.Usage(
+        prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion
+    )
 
 
 # ---- completions --------------------------------------------------------------------------
@@ -114,15 +120,15 @@ def completion_logprobs(tok: Tokenizer, c: CompletionOutput, start: int, offset:
         text = tok.decode([token_id], skip_special_tokens=False)
         lp.tokens.append(text)
         lp.token_logprobs.append(entry[token_id])
-        lp.top_logprobs.append({tok.decode([t], skip_special_tokens=False): v
-                                for t, v in entry.items()})
+        lp.top_logprobs.append(
+            {tok.decode([t], skip_special_tokens=False): v for t, v in entry.items()}
+        )
         lp.text_offset.append(offset)
         offset += len(text)
     return lp
 
 
-async def completions(engine: AsyncEngine, tok: Tokenizer, model: str,
-                      req: P.CompletionRequest):
+async def completions(engine: AsyncEngine, tok: Tokenizer, model: str, req: P.CompletionRequest):
     params = sampling_params(req, req.max_tokens, req.logprobs)
     prompts = completion_prompts(req.prompt)
     rid = f"cmpl-{uuid.uuid4().hex}"
@@ -135,9 +141,15 @@ async def completions(engine: AsyncEngine, tok: Tokenizer, model: str,
         prefix = (out.prompt or tok.decode(out.prompt_token_ids)) if req.echo else ""
         for c in out.outputs:
             lps = completion_logprobs(tok, c, 0, len(prefix)) if req.logprobs is not None else None
-            choices.append(P.CompletionChoice(
-                index=i * req.n + c.index, text=prefix + c.text, logprobs=lps,
-                finish_reason=c.finish_reason, stop_reason=c.stop_reason))
+            choices.append(
+                P.CompletionChoice(
+                    index=i * req.n + c.index,
+                    text=prefix + c.text,
+                    logprobs=lps,
+                    finish_reason=c.finish_reason,
+                    stop_reason=c.stop_reason,
+                )
+            )
     return P.CompletionResponse(id=rid, model=model, choices=choices, usage=usage(outs))
 
 
@@ -155,23 +167,44 @@ async def _stream_completions(tok, model, req, rid, streams) -> AsyncIterator[st
                 done.add(index)
             if index not in sent_text and req.echo:
                 prefix = out.prompt or tok.decode(out.prompt_token_ids)
-                yield sse(P.CompletionResponse(id=rid, model=model, choices=[
-                    P.CompletionChoice(index=index, text=prefix)]))
+                yield sse(
+                    P.CompletionResponse(
+                        id=rid, model=model, choices=[P.CompletionChoice(index=index, text=prefix)]
+                    )
+                )
             start_text, start_tok = sent_text.get(index, 0), sent_tokens.get(index, 0)
             delta = c.text[start_text:]
             if not delta and c.finish_reason is None:
                 continue
-            lps = (completion_logprobs(tok, c, start_tok, start_text)
-                   if req.logprobs is not None else None)
+            lps = (
+                completion_logprobs(tok, c, start_tok, start_text)
+                if req.logprobs is not None
+                else None
+            )
             sent_text[index], sent_tokens[index] = len(c.text), len(c.token_ids)
-            yield sse(P.CompletionResponse(id=rid, model=model, choices=[P.CompletionChoice(
-                index=index, text=delta, logprobs=lps, finish_reason=c.finish_reason,
-                stop_reason=c.stop_reason)]))
+            yield sse(
+                P.CompletionResponse(
+                    id=rid,
+                    model=model,
+                    choices=[
+                        P.CompletionChoice(
+                            index=index,
+                            text=delta,
+                            logprobs=lps,
+                            finish_reason=c.finish_reason,
+                            stop_reason=c.stop_reason,
+                        )
+                    ],
+                )
+            )
         if out.finished:
             finals[i] = out
     if req.stream_options and req.stream_options.include_usage:
-        yield sse(P.CompletionResponse(id=rid, model=model, choices=[],
-                                       usage=usage(list(finals.values()))))
+        yield sse(
+            P.CompletionResponse(
+                id=rid, model=model, choices=[], usage=usage(list(finals.values()))
+            )
+        )
     yield "data: [DONE]\n\n"
 
 
@@ -186,8 +219,9 @@ def render_chat(tok: Tokenizer, req: P.ChatCompletionRequest) -> dict:
                 raise ValueError("messages: only content parts of type 'text' are supported")
             content = "".join(parts)
         messages.append({**m.model_dump(exclude_none=True), "content": content or ""})
-    text = tok.apply_chat_template(messages, req.add_generation_prompt,
-                                   **(req.chat_template_kwargs or {}))
+    text = tok.apply_chat_template(
+        messages, req.add_generation_prompt, **(req.chat_template_kwargs or {})
+    )
     return {"prompt": text, "prompt_token_ids": tok.encode(text, add_special_tokens=False)}
 
 
@@ -195,11 +229,23 @@ def chat_logprobs(tok: Tokenizer, c: CompletionOutput, start: int) -> P.ChatLogp
     content = []
     for token_id, entry in zip(c.token_ids[start:], (c.logprobs or [])[start:]):
         text = tok.decode([token_id], skip_special_tokens=False)
-        tops = [P.TopLogprob(token=tok.decode([t], skip_special_tokens=False), logprob=v,
-                             bytes=list(tok.decode([t], skip_special_tokens=False).encode()))
-                for t, v in list(entry.items())[1:]] if len(entry) > 1 else []
-        content.append(P.TokenLogprob(token=text, logprob=entry[token_id],
-                                      bytes=list(text.encode()), top_logprobs=tops))
+        tops = (
+            [
+                P.TopLogprob(
+                    token=tok.decode([t], skip_special_tokens=False),
+                    logprob=v,
+                    bytes=list(tok.decode([t], skip_special_tokens=False).encode()),
+                )
+                for t, v in list(entry.items())[1:]
+            ]
+            if len(entry) > 1
+            else []
+        )
+        content.append(
+            P.TokenLogprob(
+                token=text, logprob=entry[token_id], bytes=list(text.encode()), top_logprobs=tops
+            )
+        )
     return P.ChatLogprobs(content=content)
 
 
@@ -213,10 +259,16 @@ async def chat(engine: AsyncEngine, tok: Tokenizer, model: str, req: P.ChatCompl
     if req.stream:
         return _stream_chat(tok, model, req, rid, streams)
     out = await streams[0].final()
-    choices = [P.ChatChoice(
-        index=c.index, message=P.AssistantMessage(content=c.text),
-        logprobs=chat_logprobs(tok, c, 0) if req.logprobs else None,
-        finish_reason=c.finish_reason, stop_reason=c.stop_reason) for c in out.outputs]
+    choices = [
+        P.ChatChoice(
+            index=c.index,
+            message=P.AssistantMessage(content=c.text),
+            logprobs=chat_logprobs(tok, c, 0) if req.logprobs else None,
+            finish_reason=c.finish_reason,
+            stop_reason=c.stop_reason,
+        )
+        for c in out.outputs
+    ]
     return P.ChatCompletionResponse(id=rid, model=model, choices=choices, usage=usage([out]))
 
 
@@ -226,8 +278,15 @@ async def _stream_chat(tok, model, req, rid, streams) -> AsyncIterator[str]:
     done: set[int] = set()
     final = None
     for i in range(req.n):
-        yield sse(P.ChatCompletionChunk(id=rid, model=model, choices=[P.ChatChunkChoice(
-            index=i, delta=P.DeltaMessage(role="assistant", content=""))]))
+        yield sse(
+            P.ChatCompletionChunk(
+                id=rid,
+                model=model,
+                choices=[
+                    P.ChatChunkChoice(index=i, delta=P.DeltaMessage(role="assistant", content=""))
+                ],
+            )
+        )
     async for _, out in merged(streams):
         for c in out.outputs:
             if c.index in done:
@@ -239,13 +298,22 @@ async def _stream_chat(tok, model, req, rid, streams) -> AsyncIterator[str]:
             if not delta and c.finish_reason is None:
                 continue
             sent_text[c.index], sent_tokens[c.index] = len(c.text), len(c.token_ids)
-            yield sse(P.ChatCompletionChunk(id=rid, model=model, choices=[P.ChatChunkChoice(
-                index=c.index, delta=P.DeltaMessage(content=delta),
-                logprobs=chat_logprobs(tok, c, start_tok) if req.logprobs else None,
-                finish_reason=c.finish_reason)]))
+            yield sse(
+                P.ChatCompletionChunk(
+                    id=rid,
+                    model=model,
+                    choices=[
+                        P.ChatChunkChoice(
+                            index=c.index,
+                            delta=P.DeltaMessage(content=delta),
+                            logprobs=chat_logprobs(tok, c, start_tok) if req.logprobs else None,
+                            finish_reason=c.finish_reason,
+                        )
+                    ],
+                )
+            )
         if out.finished:
             final = out
     if req.stream_options and req.stream_options.include_usage and final is not None:
         yield sse(P.ChatCompletionChunk(id=rid, model=model, choices=[], usage=usage([final])))
     yield "data: [DONE]\n\n"
-

@@ -14,8 +14,27 @@ from tokenmill.engine.async_engine import AsyncEngine
 from tokenmill.engine.engine import EngineStats
 from tokenmill.engine.outputs import RequestOutput
 
-LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0,
-                   2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
+LATENCY_BUCKETS = (
+    0.001,
+    0.005,
+    0.01,
+    0.02,
+    0.04,
+    0.06,
+    0.08,
+    0.1,
+    0.25,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+    5.0,
+    7.5,
+    10.0,
+    20.0,
+    40.0,
+    80.0,
+)
 TOKEN_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5)
 
 
@@ -24,32 +43,65 @@ class ServingMetrics:
         self.registry = CollectorRegistry()
         labels = ["model_name"]
         r = self.registry
-        self.ttft = Histogram("tokenmill:time_to_first_token_seconds", "Time to first token.",
-                              labels, buckets=LATENCY_BUCKETS, registry=r)
-        self.tpot = Histogram("tokenmill:time_per_output_token_seconds",
-                              "Mean time per output token after the first, per request.",
-                              labels, buckets=TOKEN_BUCKETS, registry=r)
-        self.itl = Histogram("tokenmill:inter_token_latency_seconds",
-                             "Time between successive token deliveries of a request.",
-                             labels, buckets=TOKEN_BUCKETS, registry=r)
-        self.e2e = Histogram("tokenmill:e2e_request_latency_seconds", "End-to-end request latency.",
-                             labels, buckets=LATENCY_BUCKETS, registry=r)
-        self.queue = Histogram("tokenmill:request_queue_time_seconds",
-                               "Time from arrival to first scheduling.", labels,
-                               buckets=LATENCY_BUCKETS, registry=r)
-        self.prompt_tokens = Counter("tokenmill:prompt_tokens", "Prompt tokens processed.",
-                                     labels, registry=r)
-        self.generation_tokens = Counter("tokenmill:generation_tokens", "Tokens generated.",
-                                         labels, registry=r)
-        self.finished = Counter("tokenmill:request_success", "Finished requests by finish reason.",
-                                labels + ["finished_reason"], registry=r)
+        self.ttft = Histogram(
+            "tokenmill:time_to_first_token_seconds",
+            "Time to first token.",
+            labels,
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.tpot = Histogram(
+            "tokenmill:time_per_output_token_seconds",
+            "Mean time per output token after the first, per request.",
+            labels,
+            buckets=TOKEN_BUCKETS,
+            registry=r,
+        )
+        self.itl = Histogram(
+            "tokenmill:inter_token_latency_seconds",
+            "Time between successive token deliveries of a request.",
+            labels,
+            buckets=TOKEN_BUCKETS,
+            registry=r,
+        )
+        self.e2e = Histogram(
+            "tokenmill:e2e_request_latency_seconds",
+            "End-to-end request latency.",
+            labels,
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.queue = Histogram(
+            "tokenmill:request_queue_time_seconds",
+            "Time from arrival to first scheduling.",
+            labels,
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.prompt_tokens = Counter(
+            "tokenmill:prompt_tokens", "Prompt tokens processed.", labels, registry=r
+        )
+        self.generation_tokens = Counter(
+            "tokenmill:generation_tokens", "Tokens generated.", labels, registry=r
+        )
+        self.finished = Counter(
+            "tokenmill:request_success",
+            "Finished requests by finish reason.",
+            labels + ["finished_reason"],
+            registry=r,
+        )
         gauges = {
             "tokenmill:num_requests_running": ("Requests running.", lambda s: s.num_running),
             "tokenmill:num_requests_waiting": ("Requests waiting.", lambda s: s.num_waiting),
-            "tokenmill:kv_cache_usage_perc": ("Fraction of KV blocks in use.", lambda s: s.kv_usage),
+            "tokenmill:kv_cache_usage_perc": (
+                "Fraction of KV blocks in use.",
+                lambda s: s.kv_usage,
+            ),
             "tokenmill:kv_cache_used_blocks": ("KV blocks in use.", lambda s: s.num_used_blocks),
-            "tokenmill:prefix_cache_hit_rate": ("Prefix cache hits / lookups (blocks).",
-                                                lambda s: s.prefix_cache_hit_rate),
+            "tokenmill:prefix_cache_hit_rate": (
+                "Prefix cache hits / lookups (blocks).",
+                lambda s: s.prefix_cache_hit_rate,
+            ),
             "tokenmill:num_preemptions": ("Preemptions since start.", lambda s: s.num_preemptions),
         }
         for name, (doc, read) in gauges.items():
@@ -79,8 +131,12 @@ class ServingMetrics:
             self._last_token.pop(f"{out.request_id}#{i}", None)
             self.generation_tokens.labels(m).inc(len(c.token_ids))
             self.finished.labels(m, c.finish_reason or "unknown").inc()
-            for hist, value in ((self.ttft, metrics.ttft), (self.tpot, metrics.tpot),
-                                (self.e2e, metrics.e2e), (self.queue, metrics.time_in_queue)):
+            for hist, value in (
+                (self.ttft, metrics.ttft),
+                (self.tpot, metrics.tpot),
+                (self.e2e, metrics.e2e),
+                (self.queue, metrics.time_in_queue),
+            ):
                 if value is not None:
                     hist.labels(m).observe(value)
         self.prompt_tokens.labels(m).inc(len(out.prompt_token_ids))

@@ -53,13 +53,21 @@ class DrainingServer(uvicorn.Server):
         self.should_exit = True
 
 
-def serve(config: EngineConfig, host: str, port: int, served_model_name: str | None = None,
-          api_key: str | None = None, max_waiting: int | None = None, grace_s: float = 30.0,
-          max_body_bytes: int = 4 << 20) -> None:
+def serve(
+    config: EngineConfig,
+    host: str,
+    port: int,
+    served_model_name: str | None = None,
+    api_key: str | None = None,
+    max_waiting: int | None = None,
+    grace_s: float = 30.0,
+    max_body_bytes: int = 4 << 20,
+) -> None:
     from tokenmill.engine.engine import LLMEngine
 
-    state = ServerState(served_model_name or default_model_name(config.model.model), api_key,
-                        max_body_bytes)
+    state = ServerState(
+        served_model_name or default_model_name(config.model.model), api_key, max_body_bytes
+    )
     app = build_app(state)
     holder: dict[str, AsyncEngine] = {}
 
@@ -83,7 +91,8 @@ def serve(config: EngineConfig, host: str, port: int, served_model_name: str | N
             holder["engine"].shutdown()
 
     app.router.lifespan_context = lifespan
-    cfg = uvicorn.Config(app, host=host, port=port, log_level="info",
-                         timeout_graceful_shutdown=5, access_log=False)
+    cfg = uvicorn.Config(
+        app, host=host, port=port, log_level="info", timeout_graceful_shutdown=5, access_log=False
+    )
     server = DrainingServer(cfg, state, grace_s)
     asyncio.run(server.serve())

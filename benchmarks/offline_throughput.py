@@ -1,0 +1,112 @@
+"""tokenmill vs transformers.generate, side by side in one run, on the bundled SmolLM2-135M-Instruct
+(the GGUF dequantized to fp32 by each engine): offline throughput on 64 x (128 -> 128) random
+token prompts, greedy, EOS ignored; batch-1 decode speed; start-up time.
+
+    python benchmarks/offline_throughput.py [--repeats 3] [--num-prompts 64] [--json-out F]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--num-prompts", type=int, default=64)
+    ap.add_argument("--input-len", type=int, default=128)
+    ap.add_argument("--output-len", type=int, default=128)
+    ap.add_argument("--json-out", default=None)
+    args = ap.parse_args()
+
+    from tokenmill.bench.offline import (
+        Workload,
+        commit,
+        hf_decode_tps,
+        machine,
+        memory_bandwidth_gbs,
+        run_hf,
+        run_tokenmill,
+        tokenmill_decode_tps,
+    )
+
+    bw = memory_bandwidth_gbs()
+    t0 = time.perf_counter()
+    from tokenmill import LLM, SamplingParams
+
+    llm = LLM(dtype="float32", max_model_len=1024)
+    llm.generate(["Hello"], SamplingParams(max_tokens=1), use_tqdm=False)
+    startup_s = time.perf_counter() - t0
+    arch = llm.engine.loaded.arch
+    model_bytes = sum(p.numel() * p.element_size() for p in llm.engine.runner.model.parameters())
+    if llm.engine.runner.model.tied_head_t is None:
+        head_bytes = 0
+    else:
+        head_bytes = llm.engine.runner.model.tied_head_t.numel() * 4
+    # bytes one decode step reads: every layer weight once, and the head (not the embedding rows)
+    step_bytes = model_bytes - arch.vocab_size * arch.hidden_size * 4 + head_bytes
+    work = Workload(args.num_prompts, args.input_len, args.output_len)
+    prompts = work.prompts(arch.vocab_size)
+
+    import transformers
+
+    from tokenmill.models.gguf import DEFAULT_FILE, resolve_default_model
+
+    path = resolve_default_model()
+    ref = transformers.AutoModelForCausalLM.from_pretrained(
+        str(path.parent), gguf_file=DEFAULT_FILE, dtype=torch.float32
+    ).eval()
+    torch.set_num_threads(2)
+
+    tm, hf, tm_b1, hf_b1, ttft = [], [], [], [], []
+    for _ in range(args.repeats):  # interleaved, so drift hits both alike
+        torch.set_num_threads(1)  # tokenmill's CPU policy (see engine/runner.py)
+        tm.append(run_tokenmill(llm, prompts, work.output_len).output_tokens_per_s)
+        tps, first = tokenmill_decode_tps(llm, prompts[0], work.output_len)
+        tm_b1.append(tps)
+        ttft.append(first)
+        torch.set_num_threads(2)
+        hf.append(run_hf(ref, prompts, work.output_len, pad_id=2).output_tokens_per_s)
+        hf_b1.append(hf_decode_tps(ref, prompts[0], work.output_len, pad_id=2))
+    med = statistics.median
+    limit_tps = bw["copy"] * 1e9 / step_bytes
+    report = {
+        "machine": machine(),
+        "commit": commit(),
+        "date": time.strftime("%Y-%m-%d"),
+        "workload": vars(work),
+        "repeats": args.repeats,
+        "memory_bandwidth_gbs": bw,
+        "decode_step_bytes": step_bytes,
+        "tokenmill_startup_s": startup_s,
+        "offline_tokens_per_s": {
+            "tokenmill": med(tm),
+            "transformers": med(hf),
+            "ratio": med(tm) / med(hf),
+            "all_tokenmill": tm,
+            "all_hf": hf,
+        },
+        "batch1_decode_tokens_per_s": {
+            "tokenmill": med(tm_b1),
+            "transformers": med(hf_b1),
+            "ratio": med(tm_b1) / med(hf_b1),
+            "bandwidth_limit_copy": limit_tps,
+            "fraction_of_limit": med(tm_b1) / limit_tps,
+        },
+        "tokenmill_batch1_ttft_s": med(ttft),
+    }
+    print(json.dumps(report, indent=2))
+    if args.json_out:
+        with open(args.json_out, "w") as f:
+            json.dump(report, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Reusable benchmark pieces: workloads, timers, machine ceilings. Thin scripts live in benchmarks/."""
