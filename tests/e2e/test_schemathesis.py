@@ -13,7 +13,7 @@ from pathlib import Path
 from tests.e2e.conftest import API_KEY
 
 
-def test_no_server_errors(server):
+def test_no_server_errors(server, tmp_path):
     st = shutil.which("schemathesis") or str(Path(sys.executable).parent / "schemathesis")
     cmd = [
         st,
@@ -30,6 +30,6 @@ def test_no_server_errors(server):
         "--seed",
         "1",
     ]
-    run = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
     assert "No issues found" in run.stdout and " passed" in run.stdout
