@@ -45,13 +45,8 @@ def main() -> None:
     llm.generate(["Hello"], SamplingParams(max_tokens=1), use_tqdm=False)
     startup_s = time.perf_counter() - t0
     arch = llm.engine.loaded.arch
-    model_bytes = sum(p.numel() * p.element_size() for p in llm.engine.runner.model.parameters())
-    if llm.engine.runner.model.tied_head_t is None:
-        head_bytes = 0
-    else:
-        head_bytes = llm.engine.runner.model.tied_head_t.numel() * 4
-    # bytes one decode step reads: every layer weight once, and the head (not the embedding rows)
-    step_bytes = model_bytes - arch.vocab_size * arch.hidden_size * 4 + head_bytes
+    # bytes one decode step reads: every weight once (the tied head counted once, as the head)
+    step_bytes = arch.num_params * 4
     work = Workload(args.num_prompts, args.input_len, args.output_len)
     prompts = work.prompts(arch.vocab_size)
 
@@ -63,16 +58,13 @@ def main() -> None:
     ref = transformers.AutoModelForCausalLM.from_pretrained(
         str(path.parent), gguf_file=DEFAULT_FILE, dtype=torch.float32
     ).eval()
-    torch.set_num_threads(2)
 
     tm, hf, tm_b1, hf_b1, ttft = [], [], [], [], []
     for _ in range(args.repeats):  # interleaved, so drift hits both alike
-        torch.set_num_threads(1)  # tokenmill's CPU policy (see engine/runner.py)
         tm.append(run_tokenmill(llm, prompts, work.output_len).output_tokens_per_s)
         tps, first = tokenmill_decode_tps(llm, prompts[0], work.output_len)
         tm_b1.append(tps)
         ttft.append(first)
-        torch.set_num_threads(2)
         hf.append(run_hf(ref, prompts, work.output_len, pad_id=2).output_tokens_per_s)
         hf_b1.append(hf_decode_tps(ref, prompts[0], work.output_len, pad_id=2))
     med = statistics.median

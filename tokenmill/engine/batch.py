@@ -54,7 +54,7 @@ def build_model_input(
     def tensor(a: np.ndarray | list[int]) -> torch.Tensor:
         return torch.as_tensor(np.asarray(a, dtype=np.int64)).to(device)
 
-    decode_slots, decode_mask = _decode_keys(decodes, block_size, pad_slot, device)
+    decode_tables, decode_mask = _decode_keys(decodes, block_size, pad_slot, device)
     spans, sample_idx, sample_reqs, lp_spans = [], [], [], []
     start = 0
     for i, s in enumerate(ordered):
@@ -71,7 +71,8 @@ def build_model_input(
     attn = AttentionMetadata(
         slot_mapping=tensor(np.concatenate(slot_mapping)),
         num_decode_tokens=len(decodes),
-        decode_slots=decode_slots,
+        block_size=block_size,
+        decode_block_tables=decode_tables,
         decode_mask=decode_mask,
         prefills=spans,
     )
@@ -88,16 +89,18 @@ def build_model_input(
 def _decode_keys(
     decodes: list[ScheduledRequest], block_size: int, pad_slot: int, device: torch.device
 ):
+    """Block tables of the decodes, padded with the zeroed pad block, and the key mask."""
     if not decodes:
         return None, None
     lens = [s.num_computed_tokens + 1 for s in decodes]
-    max_len = max(lens)
-    slots = np.full((len(decodes), max_len), pad_slot, dtype=np.int64)
+    max_blocks = -(-max(lens) // block_size)
+    tables = np.full((len(decodes), max_blocks), pad_slot // block_size, dtype=np.int64)
     for row, (s, n) in enumerate(zip(decodes, lens)):
-        slots[row, :n] = _slots(s.block_table, 0, n, block_size)
-    mask = np.arange(max_len)[None, :] < np.asarray(lens)[:, None]  # [decodes, max_len]
+        used = -(-n // block_size)
+        tables[row, :used] = s.block_table[:used]
+    mask = np.arange(max_blocks * block_size)[None, :] < np.asarray(lens)[:, None]
     return (
-        torch.from_numpy(slots).to(device),
+        torch.from_numpy(tables).to(device),
         torch.from_numpy(mask[:, None, None, :]).to(device),
     )
 

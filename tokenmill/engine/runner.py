@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 
+import numpy as np
 import torch
 
 from tokenmill.config import CacheConfig
@@ -40,6 +41,18 @@ def default_kv_cache_memory(loaded: LoadedModel, cache: CacheConfig, max_tokens:
     return min(needed, CPU_DEFAULT_KV_BYTES, available // 4)
 
 
+def zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A zeroed tensor. On CPU through calloc (numpy), so the kernel maps zero pages lazily:
+    gigabytes of KV cache cost nothing at start-up (torch.zeros writes every page: 2.6 s/4 GiB)."""
+    if device.type != "cpu":
+        return torch.zeros(shape, dtype=dtype, device=device)
+    numel = 1
+    for d in shape:
+        numel *= d
+    raw = torch.from_numpy(np.zeros(numel * dtype.itemsize, dtype=np.uint8))
+    return raw.view(dtype).view(shape)
+
+
 class ModelRunner:
     def __init__(
         self,
@@ -51,27 +64,18 @@ class ModelRunner:
     ) -> None:
         if num_threads:
             torch.set_num_threads(num_threads)
-        elif loaded.device.type == "cpu" and loaded.dtype == torch.float32:
-            # float32 GEMMs run on OpenBLAS's own threads (layers/linear.py); torch's OpenMP
-            # threads spinning beside them cost more than they give: 1.10x offline throughput
-            # and 1.39x batch-1 decode with torch at 1 thread (BENCHMARKS.md).
-            torch.set_num_threads(1)
         self.loaded = loaded
         self.model = loaded.model
         self.device = loaded.device
         self.block_size = cache.block_size
         self.num_blocks = num_blocks
         a = loaded.arch
-        # One extra, zeroed block at the end: padded key positions of a decode batch point at it,
-        # so masked-out reads are finite. Real slots are always written before they are read, so
-        # the rest needs no zeroing (which would cost seconds of start-up for gigabytes).
+        # One extra block at the end: padded key positions of a decode batch point at it. The
+        # cache starts zeroed, so slots not yet written (the tail of a partial block, read whole
+        # and masked) hold finite values: a masked NaN would still poison softmax(..) @ V.
         self.pad_slot = num_blocks * cache.block_size
-        shape = (2, (num_blocks + 1) * cache.block_size, a.num_kv_heads, a.head_dim)
-        self.kv_caches = []
-        for _ in range(a.num_layers):
-            kv = torch.empty(shape, dtype=loaded.dtype, device=self.device)
-            kv[:, self.pad_slot :].zero_()
-            self.kv_caches.append(kv)
+        shape = (2, a.num_kv_heads, (num_blocks + 1) * cache.block_size, a.head_dim)
+        self.kv_caches = [zeros(shape, loaded.dtype, self.device) for _ in range(a.num_layers)]
         gen = torch.Generator(device=self.device)
         gen.manual_seed(seed)
         self.sampler = Sampler(gen)
@@ -113,4 +117,4 @@ class ModelRunner:
         bs = self.block_size
         for src, dst in copies:
             for cache in self.kv_caches:
-                cache[:, dst * bs : (dst + 1) * bs] = cache[:, src * bs : (src + 1) * bs]
+                cache[:, :, dst * bs : (dst + 1) * bs] = cache[:, :, src * bs : (src + 1) * bs]

@@ -1,8 +1,10 @@
 """Paged attention over a packed (varlen) batch, behind one backend interface.
 
-The KV cache of one layer is a tensor [2, num_slots, num_kv_heads, head_dim] where
+The KV cache of one layer is a tensor [2, num_kv_heads, num_slots, head_dim] where
 num_slots = num_blocks * block_size: slot `block_id * block_size + offset` holds one token's K
-and V. The runner builds `AttentionMetadata` once per step; every layer reads it.
+and V. Heads lead, so a gathered sequence is [kv_heads, len, head_dim] with each head's keys
+contiguous, the layout SDPA reads fastest (1.4x over token-major on this CPU). The runner builds
+`AttentionMetadata` once per step; every layer reads it.
 
 Batch layout (the runner's promise): the first `num_decode_tokens` tokens belong to requests
 computing exactly one token (decodes); then come prefill spans, one per request, each computing
@@ -33,8 +35,9 @@ class PrefillSpan:
 class AttentionMetadata:
     slot_mapping: torch.Tensor  # [num_tokens] cache slot each new K/V is written to
     num_decode_tokens: int  # leading tokens that are single-token decodes
-    decode_slots: torch.Tensor | None  # [num_decodes, max_len] slots of every key, padded
-    decode_mask: torch.Tensor | None  # [num_decodes, 1, 1, max_len] True = real key
+    block_size: int  # tokens per KV block
+    decode_block_tables: torch.Tensor | None  # [num_decodes, max_blocks], padded with a zero block
+    decode_mask: torch.Tensor | None  # [num_decodes, 1, 1, max_blocks * block_size] True = real key
     prefills: list[PrefillSpan] = field(default_factory=list)
 
 
@@ -46,7 +49,7 @@ class AttentionBackend:
         q: torch.Tensor,  # [num_tokens, num_heads, head_dim]
         k: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
         v: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
-        kv_cache: torch.Tensor,  # [2, num_slots, num_kv_heads, head_dim]
+        kv_cache: torch.Tensor,  # [2, num_kv_heads, num_slots, head_dim]
         meta: AttentionMetadata,
     ) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
         raise NotImplementedError
@@ -57,8 +60,8 @@ class TorchAttention(AttentionBackend):
         self.scale = scale
 
     def forward(self, q, k, v, kv_cache, meta):
-        kv_cache[0].index_copy_(0, meta.slot_mapping, k)
-        kv_cache[1].index_copy_(0, meta.slot_mapping, v)
+        kv_cache[0].index_copy_(1, meta.slot_mapping, k.transpose(0, 1))
+        kv_cache[1].index_copy_(1, meta.slot_mapping, v.transpose(0, 1))
         out = torch.empty_like(q)
         nd = meta.num_decode_tokens
         if nd:
@@ -70,36 +73,37 @@ class TorchAttention(AttentionBackend):
 
     def _decode(self, q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata):
         num_seqs, num_heads, head_dim = q.shape
-        num_kv_heads = kv_cache.shape[2]
+        num_kv_heads = kv_cache.shape[1]
         group = num_heads // num_kv_heads
         # GQA without repeating K/V: the heads of one group act as `group` queries of one head.
         qg = q.view(num_seqs, num_kv_heads, group, head_dim)
-        slots = meta.decode_slots.view(-1)  # index_select: ~3x faster than advanced indexing
-        shape = (num_seqs, -1, num_kv_heads, head_dim)
+        # Gather whole blocks (rows of block_size * head_dim): 1.7x faster than per-token rows;
+        # index_select is ~3x faster than advanced indexing.
+        blocks = kv_cache.view(2, num_kv_heads, -1, meta.block_size, head_dim)
+        tables = meta.decode_block_tables.view(-1)  # type: ignore[union-attr]
+        shape = (num_kv_heads, num_seqs, -1, head_dim)
         keys = (
-            kv_cache[0].index_select(0, slots).view(shape).transpose(1, 2)
+            blocks[0].index_select(1, tables).view(shape).transpose(0, 1)
         )  # [seqs, kv_heads, len, dim]
-        values = kv_cache[1].index_select(0, slots).view(shape).transpose(1, 2)
+        values = blocks[1].index_select(1, tables).view(shape).transpose(0, 1)
         o = F.scaled_dot_product_attention(
             qg, keys, values, attn_mask=meta.decode_mask, scale=self.scale
         )  # [seqs, kv_heads, group, dim]
         return o.reshape(num_seqs, num_heads, head_dim)
 
     def _prefill(self, q, k, v, kv_cache, span: PrefillSpan):
-        n, num_heads, head_dim = q.shape
         if span.context_slots is not None:
-            k = kv_cache[0].index_select(0, span.context_slots)
-            v = kv_cache[1].index_select(0, span.context_slots)
-        group = num_heads // k.shape[1]
-        if group > 1:
-            k = k.repeat_interleave(group, dim=1)
-            v = v.repeat_interleave(group, dim=1)
+            keys = kv_cache[0].index_select(1, span.context_slots)  # [kv_heads, keys, dim]
+            values = kv_cache[1].index_select(1, span.context_slots)
+        else:
+            keys, values = k.transpose(0, 1), v.transpose(0, 1)
         o = F.scaled_dot_product_attention(
             q.transpose(0, 1).unsqueeze(0),  # [1, heads, n, dim]
-            k.transpose(0, 1).unsqueeze(0),  # [1, heads, keys, dim]
-            v.transpose(0, 1).unsqueeze(0),
+            keys.unsqueeze(0),  # [1, kv_heads, keys, dim]
+            values.unsqueeze(0),
             attn_mask=span.mask,
             is_causal=span.mask is None,
             scale=self.scale,
+            enable_gqa=True,
         )
         return o[0].transpose(0, 1)  # [n, heads, dim]

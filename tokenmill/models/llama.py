@@ -14,7 +14,7 @@ from torch import nn
 
 from tokenmill.layers.activation import SiluAndMul
 from tokenmill.layers.attention import AttentionBackend, AttentionMetadata, TorchAttention
-from tokenmill.layers.linear import Linear, matmul
+from tokenmill.layers.linear import Linear, pack_for_cpu, packed_linear
 from tokenmill.layers.norm import RMSNorm
 from tokenmill.layers.rotary import RotaryEmbedding
 from tokenmill.models.arch import ModelArch
@@ -101,7 +101,7 @@ class LlamaForCausalLM(nn.Module):
         super().__init__()
         self.arch = arch
         self.model = LlamaModel(arch, dtype, max_positions)
-        self.tied_head_t: torch.Tensor | None = None
+        self.tied_head_packed: torch.Tensor | None = None
         if arch.tie_word_embeddings:
             self.lm_head = None
         else:
@@ -111,7 +111,7 @@ class LlamaForCausalLM(nn.Module):
         self,
         input_ids: torch.Tensor,  # [num_tokens]
         positions: torch.Tensor,  # [num_tokens]
-        kv_caches: list[torch.Tensor],  # per layer [2, num_slots, kv_heads, head_dim]
+        kv_caches: list[torch.Tensor],  # per layer [2, kv_heads, num_slots, head_dim]
         meta: AttentionMetadata,
     ) -> torch.Tensor:  # [num_tokens, hidden]
         x = self.model.embed_tokens(input_ids)
@@ -123,8 +123,8 @@ class LlamaForCausalLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:  # [n, vocab]
         if self.lm_head is None:
-            if self.tied_head_t is not None:
-                return matmul(hidden, self.tied_head_t)
+            if self.tied_head_packed is not None:
+                return packed_linear(hidden, self.tied_head_packed)
             return torch.nn.functional.linear(hidden, self.model.embed_tokens.weight)
         return self.lm_head(hidden)
 
@@ -134,9 +134,9 @@ class LlamaForCausalLM(nn.Module):
             if isinstance(module, Linear):
                 module.quant_method.process_weights_after_loading(module)
         if self.lm_head is None:
-            # Tied head: a transposed copy for the fast x @ W layout (see UnquantizedMethod);
-            # the embedding keeps its [vocab, hidden] rows for lookups.
-            self.tied_head_t = self.model.embed_tokens.weight.data.t().contiguous()
+            # Tied head: a packed copy for the fast GEMM (see UnquantizedMethod); the embedding
+            # keeps its plain [vocab, hidden] rows for lookups.
+            self.tied_head_packed = pack_for_cpu(self.model.embed_tokens.weight.data)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         """Copy checkpoint tensors in; returns the parameter names that were filled.
