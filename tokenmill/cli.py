@@ -87,7 +87,85 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--temperature", type=float, default=0.0)
     g.add_argument("--top-p", type=float, default=1.0)
     add_engine_options(g)
+
+    b = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True)
+    bs = b.add_parser(
+        "serve",
+        help="load-test any OpenAI-compatible server",
+        description="Async load generator: Poisson arrivals at --request-rate, or "
+        "as fast as --max-concurrency allows; reports throughput, TTFT, TPOT, ITL, "
+        "end-to-end latency (mean, median, p90, p99) and goodput under SLOs.",
+    )
+    bs.add_argument("--base-url", default="http://127.0.0.1:8000")
+    bs.add_argument("--model", default=None, help="model name to send (default: none)")
+    bs.add_argument("--api-key", default=None)
+    bs.add_argument("--num-prompts", type=int, default=100)
+    rate = bs.add_mutually_exclusive_group()
+    rate.add_argument("--request-rate", type=float, default=None, help="requests/s, Poisson")
+    rate.add_argument("--max-concurrency", type=int, default=None, help="requests in flight")
+    bs.add_argument(
+        "--dataset",
+        default="random",
+        help="random, sharegpt-like (synthetic, log-normal lengths) or a .jsonl file",
+    )
+    bs.add_argument(
+        "--input-len", type=int, default=128, help="prompt tokens (median for sharegpt-like)"
+    )
+    bs.add_argument("--output-len", type=int, default=128, help="output tokens (median likewise)")
+    bs.add_argument(
+        "--vocab-size", type=int, default=32000, help="token id range of random prompts"
+    )
+    bs.add_argument("--slo-ttft-ms", type=float, default=None)
+    bs.add_argument("--slo-tpot-ms", type=float, default=None)
+    bs.add_argument("--seed", type=int, default=0)
+    bs.add_argument("--json-out", default=None)
     return p
+
+
+def cmd_bench_serve(args: argparse.Namespace) -> int:
+    import asyncio
+    import json
+
+    from tokenmill.bench.metrics import report
+    from tokenmill.bench.serve import load_dataset, run_load
+
+    samples = load_dataset(
+        args.dataset, args.num_prompts, args.input_len, args.output_len, args.seed, args.vocab_size
+    )
+    records, duration = asyncio.run(
+        run_load(
+            args.base_url,
+            samples,
+            args.model,
+            args.request_rate,
+            args.max_concurrency,
+            args.api_key,
+            args.seed,
+        )
+    )
+    result = report(records, duration, args.slo_ttft_ms, args.slo_tpot_ms)
+    result["config"] = {k: v for k, v in vars(args).items() if k not in ("api_key",)}
+    errors = [r.error for r in records if not r.ok][:3]
+    for key in (
+        "duration_s",
+        "completed",
+        "failed",
+        "request_throughput",
+        "output_throughput",
+        "total_token_throughput",
+        "goodput",
+    ):
+        value = result[key]
+        print(f"{key:>24}: {value:.2f}" if isinstance(value, float) else f"{key:>24}: {value}")
+    for key in ("ttft_ms", "tpot_ms", "itl_ms", "e2e_ms"):
+        stats = "  ".join(f"{k} {v:8.1f}" for k, v in result[key].items())
+        print(f"{key:>24}: {stats}")
+    if errors:
+        print(f"{'first errors':>24}: {errors}")
+    if args.json_out:
+        with open(args.json_out, "w") as f:
+            json.dump(result, f, indent=2)
+    return 0 if result["completed"] else 1
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -122,6 +200,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "generate":
             return cmd_generate(args)
+        if args.command == "bench":
+            return cmd_bench_serve(args)
         from tokenmill.serve.server import serve
 
         serve(

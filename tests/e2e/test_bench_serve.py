@@ -1,0 +1,47 @@
+"""The load generator against a real server: every request accounted for, metrics sane."""
+
+import json
+import subprocess
+import sys
+
+from tests.e2e.conftest import API_KEY
+
+
+def test_bench_serve_accounts_for_every_request(server, tmp_path):
+    out = tmp_path / "r.json"
+    cmd = [
+        sys.executable,
+        "-m",
+        "tokenmill.cli",
+        "bench",
+        "serve",
+        "--base-url",
+        server.url,
+        "--api-key",
+        API_KEY,
+        "--model",
+        "tiny",
+        "--num-prompts",
+        "20",
+        "--request-rate",
+        "50",
+        "--dataset",
+        "sharegpt-like",
+        "--input-len",
+        "8",
+        "--output-len",
+        "6",
+        "--slo-ttft-ms",
+        "60000",
+        "--json-out",
+        str(out),
+    ]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout + run.stderr
+    r = json.loads(out.read_text())
+    assert r["completed"] + r["failed"] == 20
+    assert r["failed"] == 0, run.stdout
+    assert r["total_output_tokens"] >= 20 * 4
+    assert 0 < r["ttft_ms"]["median"] <= r["e2e_ms"]["median"]
+    assert r["goodput"] == r["request_throughput"]
+    assert "output_throughput" in run.stdout

@@ -1,0 +1,37 @@
+"""Serving metrics against hand-worked cases."""
+
+import math
+
+import pytest
+
+from tokenmill.bench.metrics import RequestRecord, percentile, report, summarize
+
+
+def test_percentile_interpolates_like_numpy():
+    values = [1.0, 2.0, 3.0, 4.0]
+    assert percentile(values, 50) == 2.5
+    assert percentile(values, 90) == pytest.approx(3.7)
+    assert percentile(values, 0) == 1.0 and percentile(values, 100) == 4.0
+    assert math.isnan(percentile([], 50))
+
+
+def test_request_timings():
+    r = RequestRecord(sent=10.0, chunk_times=[10.5, 10.7, 11.0, 11.5], output_tokens=5, ok=True)
+    assert r.ttft == pytest.approx(0.5)
+    assert r.e2e == pytest.approx(1.5)
+    assert r.tpot == pytest.approx(1.0 / 4)  # (11.5 - 10.5) / (5 - 1)
+    assert r.itls == pytest.approx([0.2, 0.3, 0.5])
+
+
+def test_report_throughput_goodput_and_failures():
+    fast = RequestRecord(0.0, [0.1, 0.2, 0.3], prompt_tokens=10, output_tokens=3, ok=True)
+    slow = RequestRecord(0.0, [1.0, 3.0], prompt_tokens=10, output_tokens=2, ok=True)
+    failed = RequestRecord(0.0, [], ok=False, error="HTTP 500")
+    out = report([fast, slow, failed], duration_s=2.0, slo_ttft_ms=500)
+    assert out["completed"] == 2 and out["failed"] == 1
+    assert out["output_throughput"] == pytest.approx(5 / 2.0)
+    assert out["total_token_throughput"] == pytest.approx(25 / 2.0)
+    assert out["goodput"] == pytest.approx(1 / 2.0)  # only `fast` meets TTFT <= 500 ms
+    assert out["ttft_ms"]["median"] == pytest.approx(550.0)
+    assert out["tpot_ms"]["mean"] == pytest.approx((100 + 2000) / 2)
+    assert summarize([0.001, 0.003])["mean"] == pytest.approx(2.0)

@@ -1,0 +1,150 @@
+"""An async load generator for any OpenAI-compatible server (ours or a peer's).
+
+Requests go to /v1/completions with streaming on, so every token's arrival is timed. Arrivals are
+Poisson at --request-rate, or as fast as --max-concurrency allows. Every request is accounted
+for: completed + failed = sent.
+
+Datasets:
+- random: uniform random token ids (like vLLM's `random`), exact input/output lengths;
+- sharegpt-like: synthetic, seeded. Input and output lengths are log-normal with medians 128
+  and 192 tokens and sigma 1.0 and 0.8 (an assumption shaped after ShareGPT conversations'
+  long-tailed lengths, not a fit to the data set, which this machine cannot download), clipped
+  to [4, 4 x median]; the prompt text is random words;
+- a .jsonl file: one {"prompt": text or token ids, "output_len": n} per line (real traces).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+from tqdm.auto import tqdm
+
+from tokenmill.bench.metrics import RequestRecord
+
+WORDS = (
+    "time person year way day thing man world life hand part child eye woman place work week "
+    "case point government company number group problem fact"
+).split()
+
+
+@dataclass(frozen=True)
+class Sample:
+    prompt: str | list[int]
+    output_len: int
+
+
+def load_dataset(
+    name: str, num: int, input_len: int, output_len: int, seed: int, vocab_size: int = 32000
+) -> list[Sample]:
+    rng = random.Random(seed)
+    if name == "random":
+        return [
+            Sample([rng.randrange(100, vocab_size) for _ in range(input_len)], output_len)
+            for _ in range(num)
+        ]
+    if name == "sharegpt-like":
+        out = []
+        for _ in range(num):
+            n_in = _lognormal(rng, input_len, 1.0)
+            n_out = _lognormal(rng, output_len, 0.8)
+            out.append(Sample(" ".join(rng.choice(WORDS) for _ in range(n_in)), n_out))
+        return out
+    path = Path(name)
+    if path.suffix != ".jsonl" or not path.exists():
+        raise ValueError(
+            f"dataset must be random, sharegpt-like or an existing .jsonl file; got {name!r}"
+        )
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [Sample(r["prompt"], int(r.get("output_len", output_len))) for r in rows[:num]]
+
+
+def _lognormal(rng: random.Random, median: int, sigma: float) -> int:
+    return int(min(max(round(rng.lognormvariate(math.log(median), sigma)), 4), 4 * median))
+
+
+async def _one(
+    client: httpx.AsyncClient,
+    model: str | None,
+    s: Sample,
+    rec: RequestRecord,
+    headers: dict[str, str],
+) -> None:
+    body: dict[str, Any] = {
+        "prompt": s.prompt,
+        "max_tokens": s.output_len,
+        "stream": True,
+        "temperature": 0.0,
+        "ignore_eos": True,
+        "stream_options": {"include_usage": True},
+    }
+    if model:
+        body["model"] = model
+    try:
+        async with client.stream("POST", "/v1/completions", json=body, headers=headers) as r:
+            if r.status_code != 200:
+                rec.error = f"HTTP {r.status_code}: {(await r.aread())[:200]!r}"
+                return
+            async for line in r.aiter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                now = time.monotonic()
+                chunk = json.loads(line[6:])
+                choice = (chunk.get("choices") or [{}])[0]
+                if choice.get("text") or (choice.get("finish_reason") and not rec.chunk_times):
+                    rec.chunk_times.append(now)  # text arrived (or only the end, if all hidden)
+                if chunk.get("usage"):
+                    rec.prompt_tokens = chunk["usage"]["prompt_tokens"]
+                    rec.output_tokens = chunk["usage"]["completion_tokens"]
+        rec.ok = bool(rec.chunk_times) and rec.output_tokens > 0
+        if not rec.ok:
+            rec.error = f"no tokens received ({rec.output_tokens} counted)"
+    except (httpx.HTTPError, json.JSONDecodeError) as e:
+        rec.error = f"{type(e).__name__}: {e}"
+
+
+async def run_load(
+    base_url: str,
+    samples: list[Sample],
+    model: str | None = None,
+    request_rate: float | None = None,
+    max_concurrency: int | None = None,
+    api_key: str | None = None,
+    seed: int = 0,
+    progress: bool = True,
+) -> tuple[list[RequestRecord], float]:
+    """Send every sample; returns (records in send order, duration in seconds)."""
+    rng = random.Random(seed)
+    sem = asyncio.Semaphore(max_concurrency or len(samples) or 1)
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    records: list[RequestRecord] = []
+    bar = tqdm(total=len(samples), desc="requests", unit="req", disable=not progress)
+    limits = httpx.Limits(max_connections=max_concurrency or 1000, max_keepalive_connections=None)
+    async with httpx.AsyncClient(
+        base_url=base_url, timeout=httpx.Timeout(600.0), limits=limits
+    ) as client:
+
+        async def go(s: Sample) -> None:
+            async with sem:
+                rec = RequestRecord(sent=time.monotonic())
+                records.append(rec)
+                await _one(client, model, s, rec, headers)
+                bar.update(1)
+
+        start = time.monotonic()
+        tasks = []
+        for s in samples:
+            tasks.append(asyncio.create_task(go(s)))
+            if request_rate and math.isfinite(request_rate):
+                await asyncio.sleep(rng.expovariate(request_rate))
+        await asyncio.gather(*tasks)
+        duration = time.monotonic() - start
+    bar.close()
+    return records, duration
