@@ -43,14 +43,16 @@ class Attention(nn.Module):
         self.sizes = sizes
         self.backend: AttentionBackend = TorchAttention(scale=d**-0.5)
 
-    def forward(self, positions, x, kv_cache, meta: AttentionMetadata):
-        q, k, v = self.qkv_proj(x).split(self.sizes, dim=-1)
-        q = q.view(-1, self.num_heads, self.head_dim)  # [tokens, heads, dim]
-        k = k.view(-1, self.num_kv_heads, self.head_dim)  # [tokens, kv_heads, dim]
-        v = v.view(-1, self.num_kv_heads, self.head_dim)
+    def forward(self, cos_sin, x, kv_cache, meta: AttentionMetadata):
+        h, kvh, d = self.num_heads, self.num_kv_heads, self.head_dim
+        qkv = self.qkv_proj(x).view(-1, h + 2 * kvh, d)  # [tokens, heads + 2 kv_heads, dim]
+        v = qkv[:, h + kvh :]
         if self.q_norm is not None and self.k_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = self.rotary(positions, q, k)
+            q = self.rotary.apply(self.q_norm(qkv[:, :h]), cos_sin)
+            k = self.rotary.apply(self.k_norm(qkv[:, h : h + kvh]), cos_sin)
+        else:  # q and k sit side by side: rotate them in one pass
+            qk = self.rotary.apply(qkv[:, : h + kvh], cos_sin)
+            q, k = qk[:, :h], qk[:, h:]
         o = self.backend.forward(q, k, v, kv_cache, meta)
         return self.o_proj(o.reshape(o.shape[0], -1))
 
@@ -75,12 +77,12 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
 
-    def forward(self, positions, x, residual, kv_cache, meta):
+    def forward(self, cos_sin, x, residual, kv_cache, meta):
         if residual is None:
             residual, x = x, self.input_layernorm(x)
         else:
             x, residual = self.input_layernorm(x, residual)
-        x = self.self_attn(positions, x, kv_cache, meta)
+        x = self.self_attn(cos_sin, x, kv_cache, meta)
         x, residual = self.post_attention_layernorm(x, residual)
         return self.mlp(x), residual
 
@@ -88,7 +90,9 @@ class DecoderLayer(nn.Module):
 class LlamaModel(nn.Module):
     def __init__(self, arch: ModelArch, dtype: torch.dtype, max_positions: int) -> None:
         super().__init__()
-        rotary = RotaryEmbedding(arch.head_dim, max_positions, arch.rope_theta, arch.rope_scaling)
+        self.rotary = rotary = RotaryEmbedding(
+            arch.head_dim, max_positions, arch.rope_theta, arch.rope_scaling
+        )
         self.embed_tokens = nn.Embedding(arch.vocab_size, arch.hidden_size, dtype=dtype)
         self.layers = nn.ModuleList(
             DecoderLayer(arch, rotary, dtype) for _ in range(arch.num_layers)
@@ -115,9 +119,10 @@ class LlamaForCausalLM(nn.Module):
         meta: AttentionMetadata,
     ) -> torch.Tensor:  # [num_tokens, hidden]
         x = self.model.embed_tokens(input_ids)
+        cos_sin = self.model.rotary.lookup(positions, x.dtype)
         residual = None
         for layer, kv_cache in zip(self.model.layers, kv_caches):
-            x, residual = layer(positions, x, residual, kv_cache, meta)
+            x, residual = layer(cos_sin, x, residual, kv_cache, meta)
         x, _ = self.model.norm(x, residual)
         return x
 
