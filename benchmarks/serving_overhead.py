@@ -4,7 +4,8 @@ workload, one after the other in one run (never at once: they would share the co
     python benchmarks/serving_overhead.py [--num-prompts 64] [--input-len 128] [--output-len 128]
 
 The server gets max_concurrency = num_prompts (all requests in flight, as offline has them) over
-loopback, streaming, through `tokenmill.bench.serve`.
+loopback, streaming, through `tokenmill.bench.serve`. Each side runs the workload once to warm up
+before the measured run.
 """
 
 from __future__ import annotations
@@ -61,7 +62,9 @@ def main() -> None:
             except httpx.HTTPError:
                 pass
             time.sleep(0.2)
-        asyncio.run(run_load(url, samples[:4], progress=False))  # warm-up
+        # warm-up with the whole workload: first-touch page faults and oneDNN's kernel creation
+        # for each new batch shape would otherwise land on whichever side runs first
+        asyncio.run(run_load(url, samples, max_concurrency=len(samples), progress=False))
         records, duration = asyncio.run(run_load(url, samples, max_concurrency=len(samples)))
         served = report(records, duration)
     finally:
