@@ -23,6 +23,9 @@ def main() -> None:
     ap.add_argument("--num-prompts", type=int, default=64)
     ap.add_argument("--input-len", type=int, default=128)
     ap.add_argument("--output-len", type=int, default=128)
+    ap.add_argument(
+        "--dtype", default="float32", choices=["float32", "bfloat16"], help="for both engines"
+    )
     ap.add_argument("--json-out", default=None)
     args = ap.parse_args()
 
@@ -41,12 +44,12 @@ def main() -> None:
     t0 = time.perf_counter()
     from tokenmill import LLM, SamplingParams
 
-    llm = LLM(dtype="float32", max_model_len=1024)
+    llm = LLM(dtype=args.dtype, max_model_len=1024)
     llm.generate(["Hello"], SamplingParams(max_tokens=1), use_tqdm=False)
     startup_s = time.perf_counter() - t0
     arch = llm.engine.loaded.arch
     # bytes one decode step reads: every weight once (the tied head counted once, as the head)
-    step_bytes = arch.num_params * 4
+    step_bytes = arch.num_params * getattr(torch, args.dtype).itemsize
     work = Workload(args.num_prompts, args.input_len, args.output_len)
 
     import transformers
@@ -55,7 +58,7 @@ def main() -> None:
 
     path = resolve_default_model()
     ref = transformers.AutoModelForCausalLM.from_pretrained(
-        str(path.parent), gguf_file=DEFAULT_FILE, dtype=torch.float32
+        str(path.parent), gguf_file=DEFAULT_FILE, dtype=getattr(torch, args.dtype)
     ).eval()
 
     # warm-up on other prompts (no prefix-cache hits later): first-touch pages, oneDNN kernels
@@ -81,6 +84,7 @@ def main() -> None:
         "commit": commit(),
         "date": time.strftime("%Y-%m-%d"),
         "workload": vars(work),
+        "dtype": args.dtype,
         "repeats": args.repeats,
         "memory_bandwidth_gbs": bw,
         "decode_step_bytes": step_bytes,

@@ -119,6 +119,27 @@ def build_parser() -> argparse.ArgumentParser:
     bs.add_argument("--slo-tpot-ms", type=float, default=None)
     bs.add_argument("--seed", type=int, default=0)
     bs.add_argument("--json-out", default=None)
+
+    for name, text in (
+        ("offline", "offline engine throughput on random-token prompts"),
+        ("latency", "batch-1 TTFT and decode speed"),
+        (
+            "roofline",
+            "achieved rate / the limit the machine's bandwidth and "
+            "matmul rate impose (ceilings measured once, cached)",
+        ),
+    ):
+        e = b.add_parser(name, help=text, description=text)
+        e.add_argument("--model", default="default")
+        e.add_argument("--dtype", default="auto")
+        e.add_argument("--max-model-len", type=int, default=1024)
+        e.add_argument("--num-prompts", type=int, default=64)
+        e.add_argument("--input-len", type=int, default=128)
+        e.add_argument("--output-len", type=int, default=128)
+        e.add_argument("--repeats", type=int, default=3, help="latency: runs, median reported")
+        e.add_argument("--refresh", action="store_true", help="roofline: re-measure ceilings")
+        e.add_argument("--seed", type=int, default=0)
+        e.add_argument("--json-out", default=None)
     return p
 
 
@@ -201,7 +222,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "generate":
             return cmd_generate(args)
         if args.command == "bench":
-            return cmd_bench_serve(args)
+            if args.bench == "serve":
+                return cmd_bench_serve(args)
+            from tokenmill.bench import commands
+
+            return getattr(commands, args.bench)(args)
         from tokenmill.serve.server import serve
 
         serve(

@@ -27,7 +27,9 @@ class ModelConfig:
         default="default",
     )
     dtype: str = _help(
-        "Weight and activation dtype: auto (checkpoint dtype on CUDA, float32 on CPU), float32, bfloat16, float16.",
+        "Weight and activation dtype: float32, bfloat16, float16, or auto: the checkpoint's "
+        "half type on CUDA; on CPU bfloat16 where it has native bf16 matmuls (AVX512-BF16, AMX), "
+        "else float32.",
         default="auto",
     )
     max_model_len: int | None = _help(

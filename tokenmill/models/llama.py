@@ -37,8 +37,8 @@ class Attention(nn.Module):
         sizes = [self.num_heads * d, self.num_kv_heads * d, self.num_kv_heads * d]
         self.qkv_proj = Linear(arch.hidden_size, sizes, arch.attention_bias, dtype)
         self.o_proj = Linear(self.num_heads * d, [arch.hidden_size], arch.o_proj_bias, dtype)
-        self.q_norm = RMSNorm(d, arch.rms_norm_eps) if arch.qk_norm else None
-        self.k_norm = RMSNorm(d, arch.rms_norm_eps) if arch.qk_norm else None
+        self.q_norm = RMSNorm(d, arch.rms_norm_eps, dtype) if arch.qk_norm else None
+        self.k_norm = RMSNorm(d, arch.rms_norm_eps, dtype) if arch.qk_norm else None
         self.rotary = rotary
         self.sizes = sizes
         self.backend: AttentionBackend = TorchAttention(scale=d**-0.5)
@@ -74,8 +74,8 @@ class DecoderLayer(nn.Module):
         super().__init__()
         self.self_attn = Attention(arch, rotary, dtype)
         self.mlp = MLP(arch, dtype)
-        self.input_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
-        self.post_attention_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
+        self.input_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps, dtype)
+        self.post_attention_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps, dtype)
 
     def forward(self, cos_sin, x, residual, kv_cache, meta):
         if residual is None:
@@ -97,7 +97,7 @@ class LlamaModel(nn.Module):
         self.layers = nn.ModuleList(
             DecoderLayer(arch, rotary, dtype) for _ in range(arch.num_layers)
         )
-        self.norm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
+        self.norm = RMSNorm(arch.hidden_size, arch.rms_norm_eps, dtype)
 
 
 class LlamaForCausalLM(nn.Module):

@@ -50,11 +50,22 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
+def cpu_has_native_bf16() -> bool:
+    """AVX512-BF16 or AMX: bf16 matmuls run at 2x+ the fp32 rate (BENCHMARKS.md, roofline)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith("flags")), "")
+    except OSError:
+        return False
+    return " avx512_bf16" in flags or " amx_bf16" in flags
+
+
 def resolve_dtype(dtype: str, arch: ModelArch, device: torch.device) -> torch.dtype:
+    """'auto': bfloat16 on GPUs and on CPUs with native bf16 matmuls, else float32."""
     if dtype != "auto":
         return TORCH_DTYPES[dtype]
     if device.type == "cpu":
-        return torch.float32  # this CPU has no fast bf16 matmul; fp32 is the fast path
+        return torch.bfloat16 if cpu_has_native_bf16() else torch.float32
     ckpt = TORCH_DTYPES.get(arch.torch_dtype, torch.bfloat16)
     return torch.bfloat16 if ckpt == torch.float32 else ckpt
 
