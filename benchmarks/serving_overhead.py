@@ -17,8 +17,6 @@ import subprocess
 import sys
 import time
 
-import httpx
-
 
 def main() -> None:
     ap = argparse.ArgumentParser(
@@ -28,12 +26,13 @@ def main() -> None:
     ap.add_argument("--input-len", type=int, default=128)
     ap.add_argument("--output-len", type=int, default=128)
     ap.add_argument("--port", type=int, default=8765)
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--json-out", default=None)
     args = ap.parse_args()
 
     from tokenmill.bench.metrics import report
     from tokenmill.bench.offline import Workload, commit, machine
-    from tokenmill.bench.serve import Sample, run_load
+    from tokenmill.bench.serve import Sample, run_load, wait_ready
 
     work = Workload(args.num_prompts, args.input_len, args.output_len)
     prompts = work.prompts(49152)
@@ -51,19 +50,15 @@ def main() -> None:
             str(args.port),
             "--max-model-len",
             "1024",
+            "--dtype",
+            args.dtype,
         ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
     url = f"http://127.0.0.1:{args.port}"
     try:
-        for _ in range(600):
-            try:
-                if httpx.get(f"{url}/v1/health/ready", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
+        wait_ready(url, 120, alive=lambda: server.poll() is None)
         # warm-up with the whole workload: first-touch page faults and oneDNN's kernel creation
         # for each new batch shape would otherwise land on whichever side runs first
         warm_samples = [Sample(p, work.output_len) for p in warm]
@@ -77,7 +72,7 @@ def main() -> None:
     from tokenmill import LLM, SamplingParams
     from tokenmill.bench.offline import run_tokenmill
 
-    llm = LLM(dtype="float32", max_model_len=1024)
+    llm = LLM(dtype=args.dtype, max_model_len=1024)
     llm.generate(
         [{"prompt_token_ids": p} for p in prompts[:4]],
         SamplingParams(max_tokens=work.output_len, ignore_eos=True),

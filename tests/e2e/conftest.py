@@ -7,10 +7,11 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 
 import httpx
 import pytest
+
+from tokenmill.bench.serve import wait_ready
 
 API_KEY = "test-key"
 
@@ -48,16 +49,7 @@ class Server:
         ]
         self.log = open(os.devnull, "w")  # noqa: SIM115
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            assert self.proc.poll() is None, "server exited during start-up"
-            try:
-                if httpx.get(f"{self.url}/v1/health/ready", timeout=1).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        raise TimeoutError("server did not become ready")
+        wait_ready(self.url, 120, alive=lambda: self.proc.poll() is None)
 
     def stop(self) -> int:
         if self.proc.poll() is None:

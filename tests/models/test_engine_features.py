@@ -34,7 +34,7 @@ def test_prefix_caching_computes_shared_prefix_once(llm):
     assert again[0].outputs[0].token_ids == plain.outputs[0].token_ids
     # and against a cache-less engine
     cold = LLM(
-        model=llm.engine.loaded.name and str(llm_folder(llm)),
+        model=llm.engine.config.model.model,
         dtype="float32",
         kv_cache_memory=2 << 20,
         block_size=4,
@@ -43,10 +43,6 @@ def test_prefix_caching_computes_shared_prefix_once(llm):
     cold_out = cold.generate([LONG + " two"], GREEDY, use_tqdm=False)[0]
     assert again[1].outputs[0].token_ids == cold_out.outputs[0].token_ids
     assert cold.engine.kv.pool.num_cache_hits == 0
-
-
-def llm_folder(llm):
-    return llm._folder if hasattr(llm, "_folder") else llm.engine.config.model.model
 
 
 def test_abort_mid_generation_frees_all_blocks(llm):

@@ -66,6 +66,21 @@ def load_dataset(
     return [Sample(r["prompt"], int(r.get("output_len", output_len))) for r in rows[:num]]
 
 
+def wait_ready(base_url: str, timeout_s: float = 120.0, alive=lambda: True) -> None:
+    """Poll /v1/health/ready until 200; `alive()` False (e.g. the process exited) stops early."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if not alive():
+            raise RuntimeError(f"the server at {base_url} exited while starting")
+        try:
+            if httpx.get(f"{base_url}/v1/health/ready", timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise TimeoutError(f"{base_url} did not become ready within {timeout_s:.0f} s")
+
+
 def _lognormal(rng: random.Random, median: int, sigma: float) -> int:
     return int(min(max(round(rng.lognormvariate(math.log(median), sigma)), 4), 4 * median))
 
