@@ -33,8 +33,8 @@ test: install
 	$(PY) -m pytest -q
 
 lint: install
-	$(VENV)/bin/ruff check tokenmill tests benchmarks tools
-	$(VENV)/bin/ruff format --check tokenmill tests benchmarks tools
+	$(VENV)/bin/ruff check tokenmill tests benchmarks
+	$(VENV)/bin/ruff format --check tokenmill tests benchmarks
 	$(VENV)/bin/mypy tokenmill/config.py tokenmill/sampling_params.py tokenmill/kv tokenmill/engine/request.py tokenmill/engine/scheduler.py
 
 clean:

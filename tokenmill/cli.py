@@ -119,6 +119,13 @@ def build_parser() -> argparse.ArgumentParser:
     bs.add_argument("--slo-tpot-ms", type=float, default=None)
     bs.add_argument("--seed", type=int, default=0)
     bs.add_argument("--json-out", default=None)
+    bs.add_argument("--plot-dir", default=None, help="write PNG plots (latency CDFs; sweep curves)")
+    bs.add_argument(
+        "--sweep",
+        default=None,
+        help="comma-separated request rates: one run each, "
+        "then throughput and latency against rate",
+    )
 
     for name, text in (
         ("offline", "offline engine throughput on random-token prompts"),
@@ -147,26 +154,46 @@ def cmd_bench_serve(args: argparse.Namespace) -> int:
     import asyncio
     import json
 
+    from tokenmill.bench import plots
     from tokenmill.bench.metrics import report
     from tokenmill.bench.serve import load_dataset, run_load
 
     samples = load_dataset(
         args.dataset, args.num_prompts, args.input_len, args.output_len, args.seed, args.vocab_size
     )
-    records, duration = asyncio.run(
-        run_load(
-            args.base_url,
-            samples,
-            args.model,
-            args.request_rate,
-            args.max_concurrency,
-            args.api_key,
-            args.seed,
+    rates = [float(r) for r in args.sweep.split(",")] if args.sweep else [args.request_rate]
+    results = []
+    for rate in rates:
+        records, duration = asyncio.run(
+            run_load(
+                args.base_url,
+                samples,
+                args.model,
+                rate,
+                args.max_concurrency,
+                args.api_key,
+                args.seed,
+            )
         )
-    )
-    result = report(records, duration, args.slo_ttft_ms, args.slo_tpot_ms)
-    result["config"] = {k: v for k, v in vars(args).items() if k not in ("api_key",)}
-    errors = [r.error for r in records if not r.ok][:3]
+        result = report(records, duration, args.slo_ttft_ms, args.slo_tpot_ms)
+        result["config"] = {k: v for k, v in vars(args).items() if k != "api_key"}
+        result["config"]["request_rate"] = rate
+        _print_report(result, [r.error for r in records if not r.ok][:3])
+        results.append((rate, result))
+        if args.plot_dir and not args.sweep:
+            print(f"plot: {plots.latency_cdfs(records, args.plot_dir, args.base_url)}")
+    if args.sweep and args.plot_dir:
+        print(f"plot: {plots.sweep(results, args.plot_dir, args.base_url)}")
+    if args.json_out:
+        body = results[0][1] if not args.sweep else [r for _, r in results]
+        with open(args.json_out, "w") as f:
+            json.dump(body, f, indent=2)
+    return 0 if all(r["completed"] for _, r in results) else 1
+
+
+def _print_report(result: dict, errors: list) -> None:
+    rate = result["config"]["request_rate"]
+    print(f"{'request rate':>24}: {'max' if rate is None else rate}")
     for key in (
         "duration_s",
         "completed",
@@ -183,10 +210,6 @@ def cmd_bench_serve(args: argparse.Namespace) -> int:
         print(f"{key:>24}: {stats}")
     if errors:
         print(f"{'first errors':>24}: {errors}")
-    if args.json_out:
-        with open(args.json_out, "w") as f:
-            json.dump(result, f, indent=2)
-    return 0 if result["completed"] else 1
 
 
 def cmd_generate(args: argparse.Namespace) -> int:

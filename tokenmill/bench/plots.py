@@ -1,0 +1,70 @@
+"""PNG plots of serving benchmarks: latency CDFs of one run, and throughput / latency against
+request rate for a sweep. matplotlib is imported here only (headless Agg backend)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from tokenmill.bench.metrics import RequestRecord
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def latency_cdfs(records: list[RequestRecord], out_dir: str | Path, title: str) -> Path:
+    """One figure, four panels: CDFs of TTFT, TPOT, ITL and end-to-end latency (ms)."""
+    plt = _pyplot()
+    done = [r for r in records if r.ok]
+    series = {
+        "TTFT": [r.ttft for r in done if r.ttft is not None],
+        "TPOT": [r.tpot for r in done if r.tpot is not None],
+        "ITL": [g for r in done for g in r.itls],
+        "end-to-end": [r.e2e for r in done if r.e2e is not None],
+    }
+    fig, axes = plt.subplots(2, 2, figsize=(10, 7))
+    for ax, (name, values) in zip(axes.flat, series.items()):
+        ms = sorted(1000 * v for v in values)
+        if ms:
+            ax.plot(ms, [(i + 1) / len(ms) for i in range(len(ms))])
+        ax.set_xlabel(f"{name} (ms)")
+        ax.set_ylabel("fraction of requests" if name != "ITL" else "fraction of gaps")
+        ax.grid(alpha=0.3)
+    fig.suptitle(title)
+    fig.tight_layout()
+    path = Path(out_dir) / "latency_cdf.png"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def sweep(results: list[tuple[float, dict]], out_dir: str | Path, title: str) -> Path:
+    """Output throughput and median/p99 TTFT and TPOT against the offered request rate."""
+    plt = _pyplot()
+    rates = [r for r, _ in results]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    a.plot(rates, [res["output_throughput"] for _, res in results], marker="o")
+    a.set_xlabel("request rate (req/s)")
+    a.set_ylabel("output tokens/s")
+    a.grid(alpha=0.3)
+    for key, label in (("ttft_ms", "TTFT"), ("tpot_ms", "TPOT")):
+        for stat, style in (("median", "-o"), ("p99", "--x")):
+            b.plot(rates, [res[key][stat] for _, res in results], style, label=f"{label} {stat}")
+    b.set_xlabel("request rate (req/s)")
+    b.set_ylabel("ms")
+    b.set_yscale("log")
+    b.legend()
+    b.grid(alpha=0.3)
+    fig.suptitle(title)
+    fig.tight_layout()
+    path = Path(out_dir) / "sweep.png"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
