@@ -16,7 +16,7 @@ import torch
 from tokenmill.config import CacheConfig
 from tokenmill.engine.batch import build_model_input, build_sampling_batch
 from tokenmill.engine.scheduler import RunnerOutput, SampledToken, SchedulerOutput
-from tokenmill.layers.sampler import Sampler, token_logprobs
+from tokenmill.layers.sampler import Sampler
 from tokenmill.models.loader import LoadedModel
 
 log = logging.getLogger(__name__)
@@ -101,15 +101,26 @@ class ModelRunner:
         return RunnerOutput(sampled, self._prompt_logprobs(hidden, inp.prompt_logprob_spans))
 
     def _prompt_logprobs(self, hidden, spans):
+        """Per prompt position p >= 1: {token p: logprob, top-k}, from the logits at p - 1,
+        one batched log_softmax per span."""
         out = {}
         for req, start, end, first_pos in spans:
-            logits = self.model.compute_logits(hidden[start:end])  # [n, vocab]
+            n = min(
+                end - start, req.num_prompt_tokens - 1 - first_pos
+            )  # positions with a next token
             entries: list[dict[int, float] | None] = [None] if first_pos == 0 else []
-            k = req.params.prompt_logprobs
-            for i in range(end - start):
-                pos = first_pos + i
-                if pos + 1 < req.num_prompt_tokens:
-                    entries.append(token_logprobs(logits[i], req.all_token_ids[pos + 1], k))
+            if n > 0:
+                lp = self.model.compute_logits(hidden[start : start + n]).float().log_softmax(-1)
+                targets = req.all_token_ids[first_pos + 1 : first_pos + 1 + n]
+                chosen = lp.gather(1, torch.tensor(targets, device=lp.device)[:, None])[:, 0]
+                k = req.params.prompt_logprobs or 0
+                top = lp.topk(k, dim=-1) if k else None
+                for i, (t, v) in enumerate(zip(targets, chosen.tolist())):
+                    entry = {t: v}
+                    if top is not None:
+                        for tid, val in zip(top.indices[i].tolist(), top.values[i].tolist()):
+                            entry.setdefault(tid, val)
+                    entries.append(entry)
             out[req.request_id] = entries
         return out
 
