@@ -11,6 +11,9 @@ PURE = [
     "tokenmill.engine.request",
     "tokenmill.engine.scheduler",
     "tokenmill.models.arch",
+    "tokenmill.cost.tco",
+    "tokenmill.cost.energy",
+    "tokenmill.bench.metrics",
 ]
 
 

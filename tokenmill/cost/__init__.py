@@ -1,0 +1,1 @@
+"""Cost of a token: power meters (energy.py) and TCO arithmetic (tco.py). Pure Python."""
