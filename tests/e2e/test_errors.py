@@ -92,3 +92,28 @@ def test_queue_full_is_429_with_retry_after(tiny_model_dir):
         assert r.headers["retry-after"] == "1"
     finally:
         assert s.stop() == 0
+
+
+def test_model_that_cannot_load_exits_with_the_reason(tmp_path):
+    import subprocess
+    import sys
+
+    from tests.e2e.conftest import free_port
+
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "tokenmill.cli",
+            "serve",
+            "--model",
+            str(tmp_path / "nope"),
+            "--port",
+            str(free_port()),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert run.returncode == 2
+    assert "not a Hugging Face model folder" in run.stderr

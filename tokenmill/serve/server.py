@@ -1,6 +1,7 @@
 """Running the service: uvicorn, the model loaded in the background, a graceful drain on SIGTERM.
 
-The HTTP port is up at once (live = 200, ready = 503) while the model loads. On SIGTERM (or
+The HTTP port is up at once (live = 200, ready = 503) while the model loads; if loading fails,
+the server exits with the error. On SIGTERM (or
 Ctrl-C) the server stops admitting work (ready -> 503), lets in-flight requests finish within a
 grace period, then exits with status 0. A second signal stops it at once.
 """
@@ -70,12 +71,15 @@ def serve(
     )
     app = build_app(state)
     holder: dict[str, AsyncEngine] = {}
+    failed: list[BaseException] = []
 
     def load() -> None:
         try:
             engine = AsyncEngine(LLMEngine(config), max_waiting)
-        except Exception:
-            log.exception("could not load the model; the server stays up but not ready")
+        except Exception as exc:  # a server that can never be ready should not linger
+            log.error("could not load the model: %s", exc)
+            failed.append(exc)
+            server.should_exit = True
             return
         engine.start()
         holder["engine"] = engine
@@ -96,3 +100,5 @@ def serve(
     )
     server = DrainingServer(cfg, state, grace_s)
     asyncio.run(server.serve())
+    if failed:
+        raise failed[0]
