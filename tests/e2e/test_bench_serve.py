@@ -7,8 +7,7 @@ import sys
 from tests.e2e.conftest import API_KEY
 
 
-def test_bench_serve_accounts_for_every_request(server, tmp_path):
-    out = tmp_path / "r.json"
+def bench_serve(server, *args: str) -> subprocess.CompletedProcess:
     cmd = [
         sys.executable,
         "-m",
@@ -19,14 +18,25 @@ def test_bench_serve_accounts_for_every_request(server, tmp_path):
         server.url,
         "--api-key",
         API_KEY,
+        "--dataset",
+        "sharegpt-like",
+        *args,
+    ]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout + run.stderr
+    return run
+
+
+def test_bench_serve_accounts_for_every_request(server, tmp_path):
+    out = tmp_path / "r.json"
+    run = bench_serve(
+        server,
         "--model",
         "tiny",
         "--num-prompts",
         "20",
         "--request-rate",
         "50",
-        "--dataset",
-        "sharegpt-like",
         "--input-len",
         "8",
         "--output-len",
@@ -35,9 +45,7 @@ def test_bench_serve_accounts_for_every_request(server, tmp_path):
         "60000",
         "--json-out",
         str(out),
-    ]
-    run = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stdout + run.stderr
+    )
     r = json.loads(out.read_text())
     assert r["completed"] + r["failed"] == 20
     assert r["failed"] == 0, run.stdout
@@ -48,22 +56,12 @@ def test_bench_serve_accounts_for_every_request(server, tmp_path):
 
 
 def test_bench_serve_sweep_writes_plots(server, tmp_path):
-    cmd = [
-        sys.executable,
-        "-m",
-        "tokenmill.cli",
-        "bench",
-        "serve",
-        "--base-url",
-        server.url,
-        "--api-key",
-        API_KEY,
+    bench_serve(
+        server,
         "--num-prompts",
         "6",
         "--sweep",
         "20,1000",
-        "--dataset",
-        "sharegpt-like",
         "--input-len",
         "8",
         "--output-len",
@@ -72,9 +70,7 @@ def test_bench_serve_sweep_writes_plots(server, tmp_path):
         str(tmp_path),
         "--json-out",
         str(tmp_path / "s.json"),
-    ]
-    run = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stdout + run.stderr
+    )
     results = json.loads((tmp_path / "s.json").read_text())
     assert [r["config"]["request_rate"] for r in results] == [20.0, 1000.0]
     assert all(r["completed"] == 6 for r in results)

@@ -17,6 +17,15 @@ def _pyplot():
     return plt
 
 
+def _save(plt, fig, title: str, path: Path) -> Path:
+    fig.suptitle(title)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def latency_cdfs(records: list[RequestRecord], out_dir: str | Path, title: str) -> Path:
     """One figure, four panels: CDFs of TTFT, TPOT, ITL and end-to-end latency (ms)."""
     plt = _pyplot()
@@ -35,13 +44,7 @@ def latency_cdfs(records: list[RequestRecord], out_dir: str | Path, title: str) 
         ax.set_xlabel(f"{name} (ms)")
         ax.set_ylabel("fraction of requests" if name != "ITL" else "fraction of gaps")
         ax.grid(alpha=0.3)
-    fig.suptitle(title)
-    fig.tight_layout()
-    path = Path(out_dir) / "latency_cdf.png"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, title, Path(out_dir) / "latency_cdf.png")
 
 
 def sweep(results: list[tuple[float, dict]], out_dir: str | Path, title: str) -> Path:
@@ -61,10 +64,4 @@ def sweep(results: list[tuple[float, dict]], out_dir: str | Path, title: str) ->
     b.set_yscale("log")
     b.legend()
     b.grid(alpha=0.3)
-    fig.suptitle(title)
-    fig.tight_layout()
-    path = Path(out_dir) / "sweep.png"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, title, Path(out_dir) / "sweep.png")
