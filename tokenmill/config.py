@@ -12,6 +12,9 @@ from typing import Any
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 DEVICES = ("auto", "cpu", "cuda")
+FORMATS = ("int8", "int4", "fp8_e4m3", "fp8_e5m2", "fp6_e3m2", "fp6_e2m3", "mxfp4", "nvfp4")
+QUANTIZATIONS = ("w8a8", "fp8", *FORMATS)  # quant/methods.py METHODS; a test keeps them equal
+KV_CACHE_DTYPES = ("auto", "int8", "fp8_e4m3")
 
 
 def _help(text: str, **kw: Any) -> Any:
@@ -61,12 +64,21 @@ class CacheConfig:
     enable_prefix_caching: bool = _help(
         "Reuse KV blocks of identical prompt prefixes across requests.", default=True
     )
+    kv_cache_dtype: str = _help(
+        "KV cache storage: auto (the model dtype), int8 or fp8_e4m3 (one scale per token and "
+        "head; about half the bytes of bf16, so twice the tokens fit). On CPU int8 is the fast one.",
+        default="auto",
+    )
 
     def __post_init__(self) -> None:
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
             raise ValueError(f"block_size must be a power of two >= 1, got {self.block_size}")
         if self.kv_cache_memory is not None and self.kv_cache_memory <= 0:
             raise ValueError(f"kv_cache_memory must be > 0 bytes, got {self.kv_cache_memory}")
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(
+                f"kv_cache_dtype must be one of {KV_CACHE_DTYPES}, got {self.kv_cache_dtype!r}"
+            )
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
             raise ValueError(
                 f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}"
@@ -116,6 +128,53 @@ class DeviceConfig:
 
 
 @dataclass(frozen=True)
+class QuantConfig:
+    """Weight and activation precision, quantized at load time from a 16/32-bit checkpoint."""
+
+    quantization: str | None = _help(
+        "w8a8 (int8 weights x int8 per-token activations), fp8 (E4M3 weights and activations), "
+        "or a format for weight-only: int8, int4, fp8_e4m3, fp8_e5m2, fp6_e3m2, fp6_e2m3, mxfp4, "
+        "nvfp4. Default: none, or what a quantized checkpoint says.",
+        default=None,
+    )
+    activation_scaling: str = _help(
+        "fp8 activation scales: current (each token's amax, every step) or delayed (one scale "
+        "from the amax history of earlier steps, as Transformer Engine does).",
+        default="current",
+    )
+    amax_history_len: int = _help("Steps of amax history for delayed scaling.", default=16)
+    group_size: int | None = _help(
+        "int4 group size (32, 64 or 128); default 128, or the largest that divides the rows.",
+        default=None,
+    )
+
+    def __post_init__(self) -> None:
+        if self.quantization is not None and self.quantization not in QUANTIZATIONS:
+            raise ValueError(
+                f"quantization must be one of {QUANTIZATIONS}, got {self.quantization!r}"
+            )
+        if self.activation_scaling not in ("current", "delayed"):
+            raise ValueError(
+                f"activation_scaling must be current or delayed, got {self.activation_scaling!r}"
+            )
+        if self.amax_history_len < 1:
+            raise ValueError(f"amax_history_len must be >= 1, got {self.amax_history_len}")
+        if self.group_size not in (None, 32, 64, 128):
+            raise ValueError(f"group_size must be 32, 64 or 128, got {self.group_size}")
+
+    def method_options(self) -> dict[str, Any]:
+        """Keyword arguments for quant/methods.make_method."""
+        if self.quantization == "fp8":
+            return {
+                "activation_scaling": self.activation_scaling,
+                "amax_history_len": self.amax_history_len,
+            }
+        if self.quantization == "int4":
+            return {"group_size": self.group_size}
+        return {}
+
+
+@dataclass(frozen=True)
 class EngineConfig:
     """Everything the engine needs, one sub-config per subsystem."""
 
@@ -123,6 +182,7 @@ class EngineConfig:
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     device: DeviceConfig = field(default_factory=DeviceConfig)
+    quant: QuantConfig = field(default_factory=QuantConfig)
 
     @classmethod
     def from_kwargs(cls, **kwargs: Any) -> EngineConfig:
@@ -130,17 +190,8 @@ class EngineConfig:
 
         An unknown keyword is an error, never silently dropped.
         """
-        parts: dict[str, dict[str, Any]] = {"model": {}, "cache": {}, "scheduler": {}, "device": {}}
-        owners = {
-            f.name: part
-            for part, sub in (
-                ("model", ModelConfig),
-                ("cache", CacheConfig),
-                ("scheduler", SchedulerConfig),
-                ("device", DeviceConfig),
-            )
-            for f in fields(sub)
-        }
+        parts: dict[str, dict[str, Any]] = {p: {} for p in PARTS}
+        owners = {f.name: part for part, sub in PARTS.items() for f in fields(sub)}
         for key, value in kwargs.items():
             if key not in owners:
                 raise TypeError(f"unknown engine option {key!r}; known: {sorted(owners)}")
@@ -153,13 +204,23 @@ class EngineConfig:
             cache=CacheConfig(**parts["cache"]),
             scheduler=SchedulerConfig(**parts["scheduler"]),
             device=DeviceConfig(**parts["device"]),
+            quant=QuantConfig(**parts["quant"]),
         )
+
+
+PARTS: dict[str, type] = {
+    "model": ModelConfig,
+    "cache": CacheConfig,
+    "scheduler": SchedulerConfig,
+    "device": DeviceConfig,
+    "quant": QuantConfig,
+}
 
 
 def option_help() -> dict[str, tuple[str, Any, Any]]:
     """Flat option name -> (help, default, type) for the CLI."""
     out: dict[str, tuple[str, Any, Any]] = {}
-    for sub in (ModelConfig, CacheConfig, SchedulerConfig, DeviceConfig):
+    for sub in PARTS.values():
         for f in fields(sub):
             if f.name in out:
                 continue

@@ -26,7 +26,11 @@ def ref_grid(ebits: int, mbits: int, bias: int, max_value: float) -> np.ndarray:
     values = []
     for e in range(2**ebits):
         for f in range(2**mbits):
-            v = (f / 2**mbits) * 2.0 ** (1 - bias) if e == 0 else (1 + f / 2**mbits) * 2.0 ** (e - bias)
+            v = (
+                (f / 2**mbits) * 2.0 ** (1 - bias)
+                if e == 0
+                else (1 + f / 2**mbits) * 2.0 ** (e - bias)
+            )
             if v <= max_value:
                 values.append(v)
     return np.array(values)

@@ -52,7 +52,9 @@ class EngineStats:
 class LLMEngine:
     def __init__(self, config: EngineConfig, loaded: LoadedModel | None = None) -> None:
         m = config.model
-        self.loaded = loaded or load_model(m.model, m.dtype, config.device.device, m.max_model_len)
+        self.loaded = loaded or load_model(
+            m.model, m.dtype, config.device.device, m.max_model_len, config.quant
+        )
         self.tokenizer = self.loaded.tokenizer
         self.max_model_len = self.loaded.max_model_len
         sched = replace(config.scheduler, max_model_len=self.max_model_len)

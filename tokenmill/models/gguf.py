@@ -218,7 +218,7 @@ def gguf_weights(f: GGUFFile, arch: ModelArch, dtype: torch.dtype):
         yield hf_name(t.name), w.to(dtype)
 
 
-def load_gguf(path: Path, dtype: str, device: torch.device, max_model_len: int | None):
+def load_gguf(path: Path, dtype: str, device: torch.device, max_model_len: int | None, quant):
     """A GGUF file -> LoadedModel (weights dequantized to `dtype`)."""
     from tokenmill.models.gguf_tokenizer import tokenizer_from_gguf
     from tokenmill.models.loader import (
@@ -233,7 +233,8 @@ def load_gguf(path: Path, dtype: str, device: torch.device, max_model_len: int |
     arch = arch_from_gguf(f)
     torch_dtype = resolve_dtype(dtype, arch, device)
     max_len = resolve_max_model_len(arch, max_model_len)
-    model = build_model(arch, torch_dtype, device, max_len)
+    method = quant.quantization
+    model = build_model(arch, torch_dtype, device, max_len, method, quant.method_options())
     tensors = tqdm(
         gguf_weights(f, arch, torch_dtype),
         desc=f"loading {path.name}",
@@ -244,4 +245,6 @@ def load_gguf(path: Path, dtype: str, device: torch.device, max_model_len: int |
     fill_weights(model, ((n, w.to(device)) for n, w in tensors))
     tokenizer = tokenizer_from_gguf(f.metadata)
     eos = frozenset(arch.eos_token_ids)
-    return LoadedModel(model, arch, tokenizer, eos, torch_dtype, device, path.stem, max_len)
+    return LoadedModel(
+        model, arch, tokenizer, eos, torch_dtype, device, path.stem, max_len, quantization=method
+    )

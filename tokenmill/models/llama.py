@@ -155,11 +155,7 @@ class LlamaForCausalLM(nn.Module):
                 continue
             if name == "lm_head.weight" and self.lm_head is None:
                 continue  # tied: some checkpoints still carry a copy
-            target, shard = name, None
-            for part, (merged, index) in STACKED_PARAMS.items():
-                if part in name:
-                    target, shard = name.replace(part, merged), index
-                    break
+            target, shard = self.resolve_name(name)
             param = params.get(target)
             if param is None:
                 raise ValueError(
@@ -176,6 +172,14 @@ class LlamaForCausalLM(nn.Module):
                 param.data.copy_(tensor)
             loaded.add(name if shard is None else f"{target}#{shard}")
         return loaded
+
+    @staticmethod
+    def resolve_name(name: str) -> tuple[str, int | None]:
+        """Checkpoint name -> (parameter name, shard index in a merged layer or None)."""
+        for part, (merged, index) in STACKED_PARAMS.items():
+            if part in name:
+                return name.replace(part, merged), index
+        return name, None
 
     def expected_weights(self) -> set[str]:
         """Names that `load_weights` must have filled (merged shards as `name#i`)."""

@@ -18,6 +18,8 @@ import torch
 from safetensors import safe_open
 from tqdm.auto import tqdm
 
+from tokenmill.config import QuantConfig
+from tokenmill.layers.linear import Linear
 from tokenmill.models.arch import ModelArch, arch_from_hf_config
 from tokenmill.models.registry import model_class
 from tokenmill.models.tokenizer import Tokenizer
@@ -38,6 +40,7 @@ class LoadedModel:
     name: str  # what /v1/models calls it by default
     max_model_len: int  # longest sequence served: the user's limit, the model's, the window's
     load_s: float = 0.0
+    quantization: str | None = None  # the quant method of the linear layers, None if none
 
 
 def resolve_device(device: str) -> torch.device:
@@ -82,25 +85,31 @@ def resolve_max_model_len(arch: ModelArch, wanted: int | None) -> int:
 
 
 def load_model(
-    model: str, dtype: str = "auto", device: str = "auto", max_model_len: int | None = None
+    model: str,
+    dtype: str = "auto",
+    device: str = "auto",
+    max_model_len: int | None = None,
+    quant: QuantConfig | None = None,
 ) -> LoadedModel:
-    """Resolve `model` ('default', a .gguf file or an HF folder) and load it."""
+    """Resolve `model` ('default', a .gguf file or an HF folder) and load it, quantized as
+    `quant` (or its checkpoint) says."""
     from tokenmill.models.gguf import is_gguf, load_gguf, resolve_default_model
 
     start = time.perf_counter()
     path = Path(resolve_default_model() if model == "default" else model)
     dev = resolve_device(device)
     if is_gguf(path):
-        loaded = load_gguf(path, dtype, dev, max_model_len)
+        loaded = load_gguf(path, dtype, dev, max_model_len, quant or QuantConfig())
     else:
-        loaded = _load_hf_folder(path, dtype, dev, max_model_len)
+        loaded = _load_hf_folder(path, dtype, dev, max_model_len, quant or QuantConfig())
     loaded.load_s = time.perf_counter() - start
     log.info(
-        "loaded %s (%s, %.1fM params, %s on %s) in %.2f s",
+        "loaded %s (%s, %.1fM params, %s%s on %s) in %.2f s",
         loaded.name,
         loaded.arch.architecture,
         loaded.arch.num_params / 1e6,
         str(loaded.dtype).removeprefix("torch."),
+        f", linear layers {loaded.quantization}" if loaded.quantization else "",
         loaded.device,
         loaded.load_s,
     )
@@ -108,18 +117,32 @@ def load_model(
 
 
 def _load_hf_folder(
-    folder: Path, dtype: str, device: torch.device, max_model_len: int | None
+    folder: Path, dtype: str, device: torch.device, max_model_len: int | None, quant: QuantConfig
 ) -> LoadedModel:
+    from tokenmill.quant.checkpoint import QuantizedWeights, checkpoint_quantization
+
     if not (folder / "config.json").exists():
         raise FileNotFoundError(
             f"{folder} is not a Hugging Face model folder (no config.json); pass a folder saved "
             "with save_pretrained, a .gguf file, or 'default'"
         )
-    arch = arch_from_hf_config(json.loads((folder / "config.json").read_text()))
+    config = json.loads((folder / "config.json").read_text())
+    arch = arch_from_hf_config(config)
     torch_dtype = resolve_dtype(dtype, arch, device)
     max_len = resolve_max_model_len(arch, max_model_len)
-    model = build_model(arch, torch_dtype, device, max_len)
-    fill_weights(model, _safetensors(folder, device, f"loading {folder.name}"))
+    qcfg = checkpoint_quantization(config)
+    method, options = quant.quantization, quant.method_options()
+    if qcfg is not None:
+        if method not in (None, qcfg["method"]):
+            raise ValueError(
+                f"{folder} is quantized with {qcfg['method']}; drop --quantization {method} or "
+                "start from the unquantized checkpoint"
+            )
+        method = qcfg["method"]
+        options = {k: qcfg[k] for k in ("activation_scaling", "amax_history_len") if k in qcfg}
+    model = build_model(arch, torch_dtype, device, max_len, method, options)
+    weights = _safetensors(folder, device, f"loading {folder.name}")
+    fill_weights(model, weights, QuantizedWeights(qcfg) if qcfg else None)
     eos = set(arch.eos_token_ids)
     gen = folder / "generation_config.json"
     if gen.exists():
@@ -129,22 +152,57 @@ def _load_hf_folder(
     if not eos and tokenizer.token_id("eos_token") is not None:
         eos.add(tokenizer.token_id("eos_token"))  # type: ignore[arg-type]
     return LoadedModel(
-        model, arch, tokenizer, frozenset(eos), torch_dtype, device, folder.name, max_len
+        model,
+        arch,
+        tokenizer,
+        frozenset(eos),
+        torch_dtype,
+        device,
+        folder.name,
+        max_len,
+        quantization=method,
     )
 
 
 def build_model(
-    arch: ModelArch, dtype: torch.dtype, device: torch.device, max_positions: int
+    arch: ModelArch,
+    dtype: torch.dtype,
+    device: torch.device,
+    max_positions: int,
+    quantization: str | None = None,
+    options: dict | None = None,
 ) -> torch.nn.Module:
+    """The model with empty weights; with `quantization`, each linear layer but the LM head gets
+    its own quant method (the head and embeddings stay in `dtype`, as vLLM does by default)."""
+    from tokenmill.quant.methods import make_method
+
     cls = model_class(arch.architecture)
     with torch.device(device):
         model = cls(arch, dtype, max_positions)
+        if quantization is not None:
+            for name in linear_layer_names(model):
+                model.get_submodule(name).quant_method = make_method(
+                    quantization, **(options or {})
+                )
     return model.eval().requires_grad_(False)
 
 
-def fill_weights(model, weights: Iterator[tuple[str, torch.Tensor]]) -> None:
-    """Load every tensor, then check that no parameter was left unfilled."""
+def linear_layer_names(model: torch.nn.Module) -> set[str]:
+    """Module names of the linear layers that quantization applies to (all but the LM head)."""
+    return {n for n, m in model.named_modules() if isinstance(m, Linear) and n != "lm_head"}
+
+
+def fill_weights(model, weights: Iterator[tuple[str, torch.Tensor]], quantized=None) -> None:
+    """Load every tensor, then check that no parameter was left unfilled.
+
+    `quantized` (quant/checkpoint.QuantizedWeights) takes a quantized checkpoint's packed
+    tensors out of the stream and installs them in their layers.
+    """
+    if quantized is not None:
+        weights = quantized.filter(weights)
     loaded = model.load_weights(weights)
+    if quantized is not None:
+        loaded |= quantized.install(model)
     missing = model.expected_weights() - loaded
     if model.arch.tie_word_embeddings:
         missing.discard("lm_head.weight")
@@ -153,9 +211,7 @@ def fill_weights(model, weights: Iterator[tuple[str, torch.Tensor]]) -> None:
     model.process_weights_after_loading()
 
 
-def _safetensors(
-    folder: Path, device: torch.device, desc: str
-) -> Iterator[tuple[str, torch.Tensor]]:
+def safetensor_files(folder: Path) -> list[Path]:
     index = folder / "model.safetensors.index.json"
     if index.exists():
         files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
@@ -167,7 +223,13 @@ def _safetensors(
         raise FileNotFoundError(
             f"{folder} has no model.safetensors{hint}; convert it to safetensors"
         )
-    handles = [safe_open(str(folder / f), framework="pt", device="cpu") for f in files]
+    return [folder / f for f in files]
+
+
+def _safetensors(
+    folder: Path, device: torch.device, desc: str
+) -> Iterator[tuple[str, torch.Tensor]]:
+    handles = [safe_open(str(f), framework="pt", device="cpu") for f in safetensor_files(folder)]
     names = [(h, k) for h in handles for k in h.keys()]  # noqa: SIM118 (safe_open has no iterator)
     for handle, name in tqdm(
         names, desc=desc, unit="tensor", leave=False, disable=len(names) < 100

@@ -232,7 +232,11 @@ def cat_rows(parts: list[QuantizedTensor]) -> QuantizedTensor:
     """
     first = parts[0]
     for p in parts:
-        if (p.format, p.group_size, p.shape[1:]) != (first.format, first.group_size, first.shape[1:]):
+        if (p.format, p.group_size, p.shape[1:]) != (
+            first.format,
+            first.group_size,
+            first.shape[1:],
+        ):
             raise ValueError("cat_rows needs parts of one format, group size and row length")
 
     def per_row(t: torch.Tensor | None, rows: int) -> torch.Tensor | None:

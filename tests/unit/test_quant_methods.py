@@ -1,0 +1,112 @@
+"""Quant methods on one linear layer against a float64 reference of what they compute."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tokenmill.config import QUANTIZATIONS
+from tokenmill.layers.linear import Linear
+from tokenmill.quant import elements as el
+from tokenmill.quant import quantize
+from tokenmill.quant.formats import cat_rows
+from tokenmill.quant.methods import METHODS, make_method
+
+WEIGHT_ONLY = [m for m in METHODS if m not in ("w8a8", "fp8")]
+TOL = {torch.float32: 2e-5, torch.bfloat16: 2e-2}  # relative to the output's scale
+
+
+def make_layer(method: str, dtype: torch.dtype, **options) -> tuple[Linear, torch.Tensor]:
+    gen = torch.Generator().manual_seed(0)
+    layer = Linear(256, [96, 160], bias=True, params_dtype=dtype)
+    layer.quant_method = make_method(method, **options)
+    weight = torch.randn(256, 256, generator=gen) * torch.linspace(0.1, 3, 256)[:, None]
+    layer.weight.data.copy_(weight)
+    layer.bias.data.copy_(torch.randn(256, generator=gen))
+    layer.quant_method.process_weights_after_loading(layer)
+    return layer, weight
+
+
+def inputs(dtype: torch.dtype, rows: int = 9) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(rows, 256, generator=gen) * torch.logspace(-2, 1, rows)[:, None]
+    return x.to(dtype)
+
+
+def assert_close(y: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype) -> None:
+    err = (y.double() - ref).abs() / ref.abs().amax(dim=1, keepdim=True)
+    assert err.max() < TOL[dtype], err.max()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("method", WEIGHT_ONLY)
+def test_weight_only_matches_dequantized_float64_matmul(method, dtype):
+    layer, weight = make_layer(method, dtype)
+    q = layer.qweight
+    # each checkpoint shard quantized on its own (q/k/v, gate/up), as `tokenmill quantize` does
+    shards = [
+        quantize(w.to(dtype), method) if method != "int4" else None for w in weight.split([96, 160])
+    ]
+    if method != "int4":
+        assert torch.equal(q.dequantize(), cat_rows(shards).dequantize())
+    x = inputs(dtype)
+    ref = x.double() @ q.dequantize(torch.float64).T + layer.bias.double()
+    assert_close(layer(x), ref, dtype)
+    assert not hasattr(layer, "weight")  # the float weight is gone: memory is really saved
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_w8a8_matches_reference(dtype):
+    layer, _ = make_layer("w8a8", dtype)
+    x = inputs(dtype)
+    x64 = x.double()
+    amax = x64.abs().amax(dim=1, keepdim=True)
+    xq = torch.round(x64 * 127 / amax)  # dynamic per-token int8
+    wq = layer.qweight.data.double()
+    ref = (xq @ wq.T) * (amax / 127) * layer.qweight.scale.double() + layer.bias.double()
+    assert_close(layer(x), ref, dtype)
+    assert layer.weight_t.dtype == torch.int8
+
+
+def fp8_reference(x64: torch.Tensor, scale: torch.Tensor, layer) -> torch.Tensor:
+    """E4M3 activations (RNE, saturating) times E4M3 weights, exact products, float64 sums."""
+    xv = el.decode(el.encode(x64 / scale, el.E4M3), el.E4M3, torch.float64)
+    wv = layer.qweight.data.double()
+    return (xv @ wv.T) * scale * layer.qweight.scale.double() + layer.bias.double()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fp8_current_scaling_matches_reference(dtype):
+    layer, _ = make_layer("fp8", dtype)
+    x = inputs(dtype)
+    scale = x.double().abs().amax(dim=1, keepdim=True) / 448
+    assert_close(layer(x), fp8_reference(x.double(), scale.float().double(), layer), dtype)
+
+
+def test_fp8_delayed_scaling_uses_history_and_saturates():
+    layer, _ = make_layer("fp8", torch.float32, activation_scaling="delayed", amax_history_len=2)
+    x = inputs(torch.float32)
+    layer(x)  # first step: no history, the current amax
+    big = x * 4  # the next step is louder than the history: values past it saturate
+    scale = (x.abs().amax() / 448).double()
+    y = layer(big)
+    assert_close(y, fp8_reference(big.double(), scale, layer), torch.float32)
+    layer(x)  # history now [amax(x), 4 amax(x)]: the scale follows the larger one
+    scale = (big.abs().amax() / 448).double()
+    assert_close(layer(x), fp8_reference(x.double(), scale, layer), torch.float32)
+
+
+def test_names_agree_and_errors():
+    assert QUANTIZATIONS == METHODS
+    with pytest.raises(ValueError, match="unknown quantization"):
+        make_method("int3")
+    with pytest.raises(ValueError, match="activation_scaling"):
+        make_method("fp8", activation_scaling="sometimes")
+
+
+def test_int4_group_follows_the_row_length():
+    layer = Linear(576, [64], params_dtype=torch.bfloat16)
+    layer.quant_method = make_method("int4")
+    layer.weight.data.normal_()
+    layer.quant_method.process_weights_after_loading(layer)
+    assert layer.qweight.group_size == 64  # 128 does not divide 576

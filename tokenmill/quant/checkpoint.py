@@ -1,0 +1,142 @@
+"""Quantized checkpoints: write them (`tokenmill quantize`) and load them without re-quantizing.
+
+Layout, named after compressed-tensors where it fits: each quantized linear `P` (a Hugging Face
+name such as `model.layers.0.self_attn.q_proj`) is stored as `P.weight_packed` (codes: int8,
+float8, or packed uint8), `P.weight_scale`, optionally `P.weight_zero_point` and
+`P.weight_global_scale`, and `P.weight_shape` (int64 [2]). Every other tensor is copied as it is.
+config.json gains `quantization_config = {"quant_method": "tokenmill", "method": ..., "format":
+..., "group_size": ..., ...}`. It is not a compressed-tensors checkpoint: other tools will not
+read it, and this loader reads no other quantized layout.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections import defaultdict
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from tqdm.auto import tqdm
+
+from tokenmill.quant.formats import QuantizedTensor, cat_rows
+from tokenmill.quant.methods import make_method
+
+QUANT_METHOD = "tokenmill"
+PARTS = (
+    "weight_packed",
+    "weight_scale",
+    "weight_zero_point",
+    "weight_global_scale",
+    "weight_shape",
+)
+
+
+def to_state(prefix: str, q: QuantizedTensor) -> dict[str, torch.Tensor]:
+    state = {
+        f"{prefix}.weight_packed": q.data,
+        f"{prefix}.weight_scale": q.scale,
+        f"{prefix}.weight_shape": torch.tensor(q.shape, dtype=torch.int64),
+    }
+    if q.zero_point is not None:
+        state[f"{prefix}.weight_zero_point"] = q.zero_point
+    if q.global_scale is not None:
+        state[f"{prefix}.weight_global_scale"] = q.global_scale
+    return {k: v.contiguous() for k, v in state.items()}
+
+
+def from_state(parts: dict[str, torch.Tensor], config: dict) -> QuantizedTensor:
+    shape = tuple(parts["weight_shape"].tolist())
+    scale = parts["weight_scale"]
+    group_size = shape[1] // scale.shape[1] if scale.dim() == 2 else None  # per-layer for int4
+    return QuantizedTensor(
+        config["format"],
+        shape,
+        parts["weight_packed"],
+        scale,
+        parts.get("weight_zero_point"),
+        parts.get("weight_global_scale"),
+        group_size,
+    )
+
+
+def checkpoint_quantization(config_json: dict) -> dict | None:
+    """The tokenmill quantization_config of a checkpoint, None for a plain one."""
+    qcfg = config_json.get("quantization_config")
+    if qcfg is None:
+        return None
+    if qcfg.get("quant_method") != QUANT_METHOD:
+        raise ValueError(
+            f"this checkpoint is quantized with {qcfg.get('quant_method')!r}, which tokenmill "
+            "does not load; give it the 16/32-bit checkpoint and --quantization instead"
+        )
+    return qcfg
+
+
+class QuantizedWeights:
+    """Collects a checkpoint's quantized parts while the plain tensors stream to the model."""
+
+    def __init__(self, config: dict) -> None:
+        self.config = config
+        self.parts: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
+
+    def filter(self, weights: Iterator[tuple[str, torch.Tensor]]):
+        for name, tensor in weights:
+            prefix, _, part = name.rpartition(".")
+            if part in PARTS:
+                self.parts[prefix][part] = tensor
+            else:
+                yield name, tensor
+
+    def install(self, model) -> set[str]:
+        """Give each linear layer its weight (shards of merged layers stacked); loaded names."""
+        by_module: dict[str, dict[int, QuantizedTensor]] = defaultdict(dict)
+        loaded = set()
+        for prefix, parts in self.parts.items():
+            target, shard = model.resolve_name(f"{prefix}.weight")
+            by_module[target.rsplit(".", 1)[0]][shard or 0] = from_state(parts, self.config)
+            loaded.add(target if shard is None else f"{target}#{shard}")
+        for module_name, shards in by_module.items():
+            layer = model.get_submodule(module_name)
+            parts = [shards[i] for i in sorted(shards)]
+            layer.quant_method.install(layer, cat_rows(parts) if len(parts) > 1 else parts[0])
+            del layer.weight
+        return loaded
+
+
+def quantize_checkpoint(src: Path, dst: Path, method: str, options: dict) -> dict:
+    """Write `src` (an HF folder, 16/32-bit safetensors) quantized with `method` to `dst`."""
+    from tokenmill.models.arch import arch_from_hf_config
+    from tokenmill.models.loader import build_model, linear_layer_names, safetensor_files
+
+    config = json.loads((src / "config.json").read_text())
+    if config.get("quantization_config"):
+        raise ValueError(f"{src} is already quantized")
+    arch = arch_from_hf_config(config)
+    meta_model = build_model(arch, torch.float32, torch.device("meta"), 1)
+    quantizable = linear_layer_names(meta_model)
+    quant = make_method(method, **options)
+    state: dict[str, torch.Tensor] = {}
+    for path in safetensor_files(src):
+        with safe_open(str(path), framework="pt") as f:
+            for name in tqdm(list(f.keys()), desc=f"quantizing {path.name}", leave=False):
+                tensor = f.get_tensor(name)
+                target, _ = meta_model.resolve_name(name)
+                if name.endswith(".weight") and target.rsplit(".", 1)[0] in quantizable:
+                    state.update(
+                        to_state(name.removesuffix(".weight"), quant.quantize_weight(tensor))
+                    )
+                else:
+                    state[name] = tensor.contiguous()
+    dst.mkdir(parents=True, exist_ok=True)
+    save_file(state, str(dst / "model.safetensors"), metadata={"format": "pt"})
+    for item in src.iterdir():
+        if item.is_file() and not item.name.startswith("model") and item.name != "config.json":
+            shutil.copy2(item, dst / item.name)
+    qcfg = {"quant_method": QUANT_METHOD, "method": method, "format": quant.format, **options}
+    config["quantization_config"] = qcfg
+    (dst / "config.json").write_text(json.dumps(config, indent=2))
+    return qcfg

@@ -1,0 +1,271 @@
+"""Quant methods: what a `Linear` does with its weight, behind the quant-method seam.
+
+Every method creates a plain weight for the loader to fill from a 16/32-bit checkpoint and
+quantizes it in `process_weights_after_loading`; `install` takes an already quantized weight
+(a checkpoint written by `tokenmill quantize`), so both paths end in the same state. Methods know
+nothing of models; formats (formats.py) know nothing of layers.
+
+Fast paths, each measured in BENCHMARKS.md, and where none exists the method says so in `kernel`:
+  w8a8        int8 weights per channel x int8 activations per token (dynamic): torch._int_mm
+              (AVX-512 VNNI on CPU, IMMA on CUDA), int32 accumulators, one fp32 rescale
+  fp8         E4M3 weights per channel x E4M3 activations, "current" scaling (each token's amax)
+              or "delayed" (one scale from the amax history of earlier steps, as Transformer Engine
+              does): torch._scaled_mm on CUDA; on CPU, whose _scaled_mm is a slow reference
+              (2.7 ms vs 0.03 ms bf16 for 576x1536), the same FP8 values go through bf16/fp32
+              GEMMs: exact FP8 numerics, fp32 accumulation, no FP8 memory saving
+  weight-only int8: _weight_int8pack_mm (bf16 on CPU); int4: _weight_int4pack_mm_for_cpu (bf16);
+              other formats and dtypes: dequantize on the fly, then the plain GEMM
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tokenmill.quant import elements as el
+from tokenmill.quant.formats import (
+    FORMATS,
+    QuantizedTensor,
+    cat_rows,
+    element_values,
+    expanded_scale,
+    quantize,
+)
+
+METHODS = ("w8a8", "fp8", *FORMATS)  # a bare format name means weight-only in that format
+
+
+def make_method(name: str, **options) -> QuantMethod:
+    """'w8a8' | 'fp8' | a format name (weight-only), with method options."""
+    if name == "w8a8":
+        return W8A8Method()
+    if name == "fp8":
+        return FP8Method(**options)
+    if name in FORMATS:
+        return WeightOnlyMethod(name, **options)
+    raise ValueError(f"unknown quantization {name!r}; known: {METHODS}")
+
+
+class QuantMethod:
+    """Creates a layer's weight for loading, quantizes it once, applies it per call."""
+
+    format: str = ""
+    kernel: str = ""  # the path `apply` takes on this layer's device, for logs and benchmarks
+
+    def create_weights(self, layer) -> None:
+        layer.weight = nn.Parameter(
+            torch.empty(layer.out_features, layer.in_features, dtype=layer.params_dtype),
+            requires_grad=False,
+        )
+
+    def quantize_weight(self, weight: torch.Tensor) -> QuantizedTensor:
+        raise NotImplementedError
+
+    def process_weights_after_loading(self, layer) -> None:
+        if getattr(layer, "qweight", None) is not None:
+            return  # installed from a quantized checkpoint
+        # Each checkpoint tensor of a merged layer (q/k/v, gate/up) is quantized on its own, as
+        # `tokenmill quantize` does, so both paths give bit-identical weights.
+        shards = layer.weight.data.split(layer.output_sizes)
+        parts = [self.quantize_weight(w) for w in shards]
+        del layer.weight
+        self.install(layer, cat_rows(parts) if len(parts) > 1 else parts[0])
+
+    def install(self, layer, qweight: QuantizedTensor) -> None:
+        raise NotImplementedError
+
+    def apply(self, layer, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    return x.reshape(-1, x.shape[-1])
+
+
+def _finish(y: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    y = y.to(x.dtype)
+    if bias is not None:
+        y = y + bias
+    return y.view(*x.shape[:-1], y.shape[-1])
+
+
+class W8A8Method(QuantMethod):
+    format = "int8"
+    kernel = "torch._int_mm"
+
+    def quantize_weight(self, weight):
+        return quantize(weight, "int8", granularity="channel")
+
+    def install(self, layer, qweight):
+        layer.qweight = qweight
+        layer.weight_t = qweight.data.t().contiguous()  # [in, out] int8: _int_mm's right operand
+        layer.weight_scale = qweight.scale.float().expand(qweight.shape[0]).contiguous()  # [out]
+
+    def apply(self, layer, x):
+        x2 = _rows(x).float()
+        # Dynamic per-token scale: |x * 127 / amax| <= 127 up to rounding, so no clamp needed.
+        amax = x2.abs().amax(dim=1, keepdim=True).clamp_(min=1e-12)  # [tokens, 1]
+        xq = torch.round(x2 * (127.0 / amax)).to(torch.int8)
+        m = xq.shape[0]
+        if xq.device.type == "cuda" and m <= 16:  # the CUDA kernel needs more than 16 rows
+            xq = F.pad(xq, (0, 0, 0, 17 - m))
+        acc = torch._int_mm(xq, layer.weight_t)[:m]  # [tokens, out] int32, exact
+        y = acc.float().mul_(amax * (1.0 / 127.0)).mul_(layer.weight_scale)
+        return _finish(y, x, layer.bias)
+
+
+@dataclass
+class AmaxHistory:
+    """Ring buffer of recent activation amaxes; the delayed scale is their maximum."""
+
+    length: int
+    values: torch.Tensor | None = None
+    count: int = 0
+
+    def scale(self, current_amax: torch.Tensor, max_value: float) -> torch.Tensor:
+        if self.values is None:
+            self.values = torch.zeros(self.length, device=current_amax.device)
+        amax = current_amax if self.count == 0 else self.values.max()  # first call: current
+        self.values[self.count % self.length] = current_amax
+        self.count += 1
+        return (amax / max_value).clamp(min=1e-12)
+
+
+class FP8Method(QuantMethod):
+    format = "fp8_e4m3"
+
+    def __init__(self, activation_scaling: str = "current", amax_history_len: int = 16) -> None:
+        if activation_scaling not in ("current", "delayed"):
+            raise ValueError(
+                f"activation_scaling must be 'current' or 'delayed', got {activation_scaling!r}"
+            )
+        if amax_history_len < 1:
+            raise ValueError(f"amax_history_len must be >= 1, got {amax_history_len}")
+        self.activation_scaling = activation_scaling
+        self.amax_history_len = amax_history_len
+
+    def quantize_weight(self, weight):
+        return quantize(weight, "fp8_e4m3", granularity="channel")
+
+    def install(self, layer, qweight):
+        layer.qweight = qweight
+        layer.weight_scale = qweight.scale.float().expand(qweight.shape[0]).contiguous()
+        layer.amax_history = AmaxHistory(self.amax_history_len)
+        dev = qweight.data.device
+        if dev.type == "cuda":
+            self.kernel = "torch._scaled_mm"
+            layer.weight_fp8 = qweight.data
+        else:
+            from tokenmill.layers.linear import pack_for_cpu
+
+            self.kernel = "emulated: FP8 values in bf16/fp32 GEMMs (no fast FP8 GEMM on CPU)"
+            values = qweight.data.to(layer.params_dtype)  # exact: E4M3 fits in bf16 and fp32
+            layer.weight_packed = pack_for_cpu(values)
+            if layer.weight_packed is None:
+                layer.weight_values = values
+
+    def activation_scale(self, layer, x2: torch.Tensor) -> torch.Tensor:  # [tokens, 1] fp32
+        amax = x2.abs().amax(dim=1, keepdim=True).float()
+        if self.activation_scaling == "current":
+            return (amax / el.E4M3.max_value).clamp_(min=1e-12)
+        scale = layer.amax_history.scale(amax.max(), el.E4M3.max_value)
+        return scale.expand(x2.shape[0], 1)
+
+    def apply(self, layer, x):
+        x2 = _rows(x)
+        scale = self.activation_scale(layer, x2)
+        limit = el.E4M3.max_value  # delayed scales can be stale: saturate, as the format does
+        xq = (x2.float() / scale).clamp_(-limit, limit).to(torch.float8_e4m3fn)
+        if hasattr(layer, "weight_fp8"):
+            y = torch._scaled_mm(
+                xq,
+                layer.weight_fp8.t(),
+                scale_a=scale.contiguous(),
+                scale_b=layer.weight_scale[None, :],
+                out_dtype=x.dtype,
+            )
+            return _finish(y, x, layer.bias)
+        from tokenmill.layers.linear import packed_linear
+
+        xv = xq.to(layer.params_dtype)
+        packed = layer.weight_packed
+        acc = packed_linear(xv, packed) if packed is not None else F.linear(xv, layer.weight_values)
+        y = acc.float().mul_(scale).mul_(layer.weight_scale)
+        return _finish(y, x, layer.bias)
+
+
+class WeightOnlyMethod(QuantMethod):
+    def __init__(self, format: str, group_size: int | None = None, symmetric: bool = False):
+        self.format = format
+        self.group_size = group_size
+        self.symmetric = symmetric
+
+    def quantize_weight(self, weight):
+        if self.format != "int4":
+            return quantize(weight, self.format)
+        return quantize(
+            weight,
+            "int4",
+            group_size=self.group_size or int4_group(weight.shape[1]),
+            symmetric=self.symmetric,
+        )
+
+    def install(self, layer, qweight):
+        layer.qweight = qweight
+        on_cpu_bf16 = qweight.data.device.type == "cpu" and layer.params_dtype == torch.bfloat16
+        if on_cpu_bf16 and qweight.format == "int8" and qweight.scale.dim() == 1:
+            self.kernel = "aten._weight_int8pack_mm"
+            layer.int8_scale = qweight.scale.to(torch.bfloat16)
+        elif on_cpu_bf16 and qweight.format == "int4":
+            self.kernel = "aten._weight_int4pack_mm_for_cpu"
+            layer.int4_packed, layer.int4_scales_zeros = int4pack_for_cpu(qweight)
+        else:
+            self.kernel = f"dequantize {qweight.format} on the fly + GEMM (no fused kernel)"
+
+    def apply(self, layer, x):
+        q: QuantizedTensor = layer.qweight
+        x2 = _rows(x)
+        if hasattr(layer, "int8_scale"):
+            y = torch.ops.aten._weight_int8pack_mm(x2, q.data, layer.int8_scale)
+        elif hasattr(layer, "int4_packed"):
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(
+                x2, layer.int4_packed, q.group_size, layer.int4_scales_zeros
+            )
+        else:
+            y = F.linear(x2, dequantize_fast(q, x.dtype))
+        return _finish(y, x, layer.bias)
+
+
+def int4_group(in_features: int) -> int:
+    """The int4 group size: 128 where it divides the row, else the largest of 64/32 that does."""
+    for group in (128, 64, 32):
+        if in_features % group == 0:
+            return group
+    raise ValueError(f"int4 needs in_features divisible by 32, got {in_features}")
+
+
+def int4pack_for_cpu(q: QuantizedTensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Our int4 (w = (c - z) * s) in torch's CPU layout (w = (c - 8) * s + zero)."""
+    codes = el.unpack_4bit(q.data).to(torch.int32)  # [out, in]
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
+    scale = q.scale.float()  # [out, groups]
+    zp = q.zero_point.float() if q.zero_point is not None else torch.full_like(scale, 8.0)
+    zero = (8.0 - zp) * scale
+    scales_zeros = torch.stack([scale.t(), zero.t()], dim=-1)  # [groups, out, 2]
+    return packed, scales_zeros.to(torch.bfloat16).contiguous()
+
+
+def dequantize_fast(q: QuantizedTensor, dtype: torch.dtype) -> torch.Tensor:
+    """The weight in `dtype`, in fp32 arithmetic (formats.py's float64 path is the reference)."""
+    if q.format == "int8" or q.format.startswith("fp8"):
+        values = q.data.to(torch.float32)
+    else:
+        values = element_values(q).float()
+    scale = expanded_scale(q).float()
+    if q.group_size is not None:
+        values = values.view(values.shape[0], -1, q.group_size) * scale
+        return values.flatten(1).to(dtype)
+    return (values * scale).to(dtype)
