@@ -63,7 +63,7 @@ class LLMEngine:
         memory = cache.kv_cache_memory or default_kv_cache_memory(
             self.loaded, cache, sched.max_num_seqs * self.max_model_len
         )
-        per_block = kv_bytes_per_token(self.loaded) * cache.block_size
+        per_block = kv_bytes_per_token(self.loaded, cache.kv_cache_dtype) * cache.block_size
         num_blocks = memory // per_block
         needed = -(-self.max_model_len // cache.block_size)
         if num_blocks < needed:

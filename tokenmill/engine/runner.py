@@ -16,6 +16,13 @@ import torch
 from tokenmill.config import CacheConfig
 from tokenmill.engine.batch import build_model_input, build_sampling_batch
 from tokenmill.engine.scheduler import RunnerOutput, SampledToken, SchedulerOutput
+from tokenmill.layers.attention import TorchAttention
+from tokenmill.layers.kv_quant import (
+    KV_DTYPES,
+    STORAGE,
+    QuantizedKVAttention,
+    kv_bytes_per_element_and_token,
+)
 from tokenmill.layers.sampler import Sampler
 from tokenmill.models.loader import LoadedModel
 
@@ -24,14 +31,15 @@ log = logging.getLogger(__name__)
 CPU_DEFAULT_KV_BYTES = 4 << 30
 
 
-def kv_bytes_per_token(loaded: LoadedModel) -> int:
+def kv_bytes_per_token(loaded: LoadedModel, kv_cache_dtype: str = "auto") -> int:
     a = loaded.arch
-    return 2 * a.num_layers * a.num_kv_heads * a.head_dim * loaded.dtype.itemsize
+    per_head = kv_bytes_per_element_and_token(kv_cache_dtype, loaded.dtype, a.head_dim)
+    return 2 * a.num_layers * a.num_kv_heads * per_head
 
 
 def default_kv_cache_memory(loaded: LoadedModel, cache: CacheConfig, max_tokens: int) -> int:
     """The KV budget when none is given: see CacheConfig.kv_cache_memory."""
-    needed = max_tokens * kv_bytes_per_token(loaded)
+    needed = max_tokens * kv_bytes_per_token(loaded, cache.kv_cache_dtype)
     if loaded.device.type == "cuda":
         _, total = torch.cuda.mem_get_info(loaded.device)
         used = torch.cuda.memory_allocated(loaded.device)
@@ -75,11 +83,26 @@ class ModelRunner:
         # and masked) hold finite values: a masked NaN would still poison softmax(..) @ V.
         self.pad_slot = num_blocks * cache.block_size
         shape = (2, a.num_kv_heads, (num_blocks + 1) * cache.block_size, a.head_dim)
-        self.kv_caches = [zeros(shape, loaded.dtype, self.device) for _ in range(a.num_layers)]
+        self.kv_caches = [self._allocate(shape, cache.kv_cache_dtype) for _ in range(a.num_layers)]
         gen = torch.Generator(device=self.device)
         gen.manual_seed(seed)
         self.sampler = Sampler(gen)
         self.generators: dict[str, torch.Generator] = {}  # seeded requests' own generators
+
+    def _allocate(self, shape: tuple[int, ...], kv_cache_dtype: str):
+        """One layer's KV cache; a quantized one is (codes, scales) and swaps the attention
+        backends of the model to read it."""
+        if kv_cache_dtype == "auto":
+            return zeros(shape, self.loaded.dtype, self.device)
+        kv_dtype = KV_DTYPES[kv_cache_dtype]
+        for module in self.model.modules():
+            backend = getattr(module, "backend", None)
+            if isinstance(backend, TorchAttention) and not isinstance(
+                backend, QuantizedKVAttention
+            ):
+                module.backend = QuantizedKVAttention(backend.scale, kv_dtype, self.loaded.dtype)
+        codes = zeros(shape, STORAGE[kv_dtype], self.device)
+        return codes, zeros((*shape[:-1], 1), torch.float32, self.device)
 
     def release(self, request_ids: list[str]) -> None:
         """Forget per-request state of finished requests."""
@@ -126,6 +149,7 @@ class ModelRunner:
 
     def _copy_blocks(self, copies: list[tuple[int, int]]) -> None:
         bs = self.block_size
+        tensors = [t for c in self.kv_caches for t in (c if isinstance(c, tuple) else (c,))]
         for src, dst in copies:
-            for cache in self.kv_caches:
-                cache[:, :, dst * bs : (dst + 1) * bs] = cache[:, :, src * bs : (src + 1) * bs]
+            for t in tensors:  # slots are dimension 2 of K/V tensors and of their scales
+                t[:, :, dst * bs : (dst + 1) * bs] = t[:, :, src * bs : (src + 1) * bs]

@@ -73,7 +73,7 @@ def encode(x: torch.Tensor, fmt: MiniFloat) -> torch.Tensor:
     step = torch.ldexp(torch.ones_like(a), exp - fmt.mantissa_bits)
     rounded = torch.round(a / step) * step  # torch.round is half-to-even; a / step is exact
     rounded = torch.clamp(torch.nan_to_num(rounded, nan=0.0), max=fmt.max_value)
-    codes = torch.searchsorted(grid, rounded)  # exact hits: `rounded` lies on the grid
+    codes = torch.searchsorted(grid, rounded.contiguous())  # exact hits: `rounded` lies on the grid
     if fmt.nan_code is not None:
         codes = torch.where(nan, fmt.nan_code, codes)
     sign = torch.signbit(x).to(torch.int64) << (fmt.bits - 1)
