@@ -88,6 +88,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--top-p", type=float, default=1.0)
     add_engine_options(g)
 
+    from tokenmill.quant.commands import add_parsers as add_quant_parsers
+
+    add_quant_parsers(sub, add_engine_options)
+
     b = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True)
     bs = b.add_parser(
         "serve",
@@ -244,6 +248,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "generate":
             return cmd_generate(args)
+        if args.command in ("quantize", "eval"):
+            from tokenmill.quant import commands as quant_commands
+
+            return quant_commands.run(args, engine_config)
         if args.command == "bench":
             if args.bench == "serve":
                 return cmd_bench_serve(args)

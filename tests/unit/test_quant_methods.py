@@ -68,32 +68,35 @@ def test_w8a8_matches_reference(dtype):
     assert layer.weight_t.dtype == torch.int8
 
 
-def fp8_reference(x64: torch.Tensor, scale: torch.Tensor, layer) -> torch.Tensor:
+def fp8_reference(x64: torch.Tensor, scale: torch.Tensor, layer, weight) -> torch.Tensor:
     """E4M3 activations (RNE, saturating) times E4M3 weights, exact products, float64 sums."""
     xv = el.decode(el.encode(x64 / scale, el.E4M3), el.E4M3, torch.float64)
-    wv = layer.qweight.data.double()
-    return (xv @ wv.T) * scale * layer.qweight.scale.double() + layer.bias.double()
+    q = quantize(weight.to(layer.params_dtype), "fp8_e4m3")  # per row: shards change nothing
+    assert torch.equal(q.scale, layer.qweight.scale)
+    wv = q.data.double()
+    return (xv @ wv.T) * scale * q.scale.double() + layer.bias.double()
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_fp8_current_scaling_matches_reference(dtype):
-    layer, _ = make_layer("fp8", dtype)
+    layer, weight = make_layer("fp8", dtype)
     x = inputs(dtype)
     scale = x.double().abs().amax(dim=1, keepdim=True) / 448
-    assert_close(layer(x), fp8_reference(x.double(), scale.float().double(), layer), dtype)
+    ref = fp8_reference(x.double(), scale.float().double(), layer, weight)
+    assert_close(layer(x), ref, dtype)
 
 
 def test_fp8_delayed_scaling_uses_history_and_saturates():
-    layer, _ = make_layer("fp8", torch.float32, activation_scaling="delayed", amax_history_len=2)
+    layer, w = make_layer("fp8", torch.float32, activation_scaling="delayed", amax_history_len=2)
     x = inputs(torch.float32)
     layer(x)  # first step: no history, the current amax
     big = x * 4  # the next step is louder than the history: values past it saturate
     scale = (x.abs().amax() / 448).double()
     y = layer(big)
-    assert_close(y, fp8_reference(big.double(), scale, layer), torch.float32)
+    assert_close(y, fp8_reference(big.double(), scale, layer, w), torch.float32)
     layer(x)  # history now [amax(x), 4 amax(x)]: the scale follows the larger one
     scale = (big.abs().amax() / 448).double()
-    assert_close(layer(x), fp8_reference(x.double(), scale, layer), torch.float32)
+    assert_close(layer(x), fp8_reference(x.double(), scale, layer, w), torch.float32)
 
 
 def test_names_agree_and_errors():

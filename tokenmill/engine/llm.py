@@ -18,8 +18,9 @@ Messages = list[dict[str, Any]]
 class LLM:
     """Offline batch inference. Keyword arguments are EngineConfig fields (see `tokenmill serve --help`)."""
 
-    def __init__(self, model: str = "default", **kwargs: Any) -> None:
-        self.engine = LLMEngine(EngineConfig.from_kwargs(model=model, **kwargs))
+    def __init__(self, model: str = "default", config: EngineConfig | None = None, **kwargs: Any):
+        """`LLM(model, **options)`, or `LLM(config=EngineConfig(...))` with every option set."""
+        self.engine = LLMEngine(config or EngineConfig.from_kwargs(model=model, **kwargs))
         self._counter = 0
 
     def get_tokenizer(self):

@@ -16,7 +16,7 @@ import torch
 from tokenmill.config import CacheConfig
 from tokenmill.engine.batch import build_model_input, build_sampling_batch
 from tokenmill.engine.scheduler import RunnerOutput, SampledToken, SchedulerOutput
-from tokenmill.layers.attention import TorchAttention
+from tokenmill.layers.attention import AttentionMetadata, PrefillSpan, TorchAttention
 from tokenmill.layers.kv_quant import (
     KV_DTYPES,
     STORAGE,
@@ -76,6 +76,7 @@ class ModelRunner:
         self.model = loaded.model
         self.device = loaded.device
         self.block_size = cache.block_size
+        self.kv_cache_dtype = cache.kv_cache_dtype
         self.num_blocks = num_blocks
         a = loaded.arch
         # One extra block at the end: padded key positions of a decode batch point at it. The
@@ -122,6 +123,28 @@ class ModelRunner:
             for req, token, lps in zip(inp.sample_requests, result.token_ids, result.logprobs):
                 sampled[req.request_id] = SampledToken(token, lps)
         return RunnerOutput(sampled, self._prompt_logprobs(hidden, inp.prompt_logprob_spans))
+
+    @torch.inference_mode()
+    def score(self, token_ids: list[int]) -> torch.Tensor:  # [n, vocab] fp32
+        """Logits after each token of one sequence, on a scratch KV cache of its own (the
+        engine's blocks are untouched), through the same layers and KV storage as serving.
+        For evaluation with the engine idle."""
+        n = len(token_ids)
+        a = self.loaded.arch
+        padded = -(-n // self.block_size) * self.block_size
+        shape = (2, a.num_kv_heads, padded, a.head_dim)
+        caches = [self._allocate(shape, self.kv_cache_dtype) for _ in range(a.num_layers)]
+        meta = AttentionMetadata(
+            slot_mapping=torch.arange(n, device=self.device),
+            num_decode_tokens=0,
+            block_size=self.block_size,
+            decode_block_tables=None,
+            decode_mask=None,
+            prefills=[PrefillSpan(0, n, 0, None, None)],
+        )
+        ids = torch.tensor(token_ids, device=self.device)
+        hidden = self.model(ids, torch.arange(n, device=self.device), caches, meta)
+        return self.model.compute_logits(hidden).float()
 
     def _prompt_logprobs(self, hidden, spans):
         """Per prompt position p >= 1: {token p: logprob, top-k}, from the logits at p - 1,

@@ -187,19 +187,20 @@ def _nvfp4(rows, shape) -> QuantizedTensor:
     return QuantizedTensor("nvfp4", shape, packed, scale, None, global_scale, NVFP4_BLOCK)
 
 
-def element_values(q: QuantizedTensor) -> torch.Tensor:
-    """[rows, cols] float64 values of the codes before scaling (int4: code minus zero point)."""
+def element_values(q: QuantizedTensor, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """[rows, cols] values of the codes before scaling (int4: code minus zero point); every
+    value is exact in float32 as well."""
     if q.format == "int8":
-        return q.data.double()
+        return q.data.to(dtype)
     if q.format in ("fp8_e4m3", "fp8_e5m2"):
-        return el.decode(q.data.view(torch.uint8), MINIFLOATS[q.format], torch.float64)
+        return el.decode(q.data.view(torch.uint8), MINIFLOATS[q.format], dtype)
     if q.format == "int4":
-        codes = el.unpack_4bit(q.data).double().view(q.data.shape[0], -1, q.group_size)
-        offset = q.zero_point.double()[..., None] if q.zero_point is not None else 8.0
+        codes = el.unpack_4bit(q.data).to(dtype).view(q.data.shape[0], -1, q.group_size)
+        offset = q.zero_point.to(dtype)[..., None] if q.zero_point is not None else 8.0
         return (codes - offset).flatten(1)
     fmt = el.E2M1 if q.format in ("mxfp4", "nvfp4") else MX[q.format]
     codes = el.unpack_4bit(q.data) if fmt.bits == 4 else el.unpack_6bit(q.data)
-    return el.decode(codes, fmt, torch.float64)
+    return el.decode(codes, fmt, dtype)
 
 
 def expanded_scale(q: QuantizedTensor) -> torch.Tensor:

@@ -19,7 +19,7 @@ Fast paths, each measured in BENCHMARKS.md, and where none exists the method say
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -100,8 +100,8 @@ class W8A8Method(QuantMethod):
         return quantize(weight, "int8", granularity="channel")
 
     def install(self, layer, qweight):
-        layer.qweight = qweight
         layer.weight_t = qweight.data.t().contiguous()  # [in, out] int8: _int_mm's right operand
+        layer.qweight = replace(qweight, data=layer.weight_t.t())  # a view: stored once
         layer.weight_scale = qweight.scale.float().expand(qweight.shape[0]).contiguous()  # [out]
 
     def apply(self, layer, x):
@@ -166,6 +166,7 @@ class FP8Method(QuantMethod):
             layer.weight_packed = pack_for_cpu(values)
             if layer.weight_packed is None:
                 layer.weight_values = values
+            layer.qweight = replace(qweight, data=qweight.data[:0])  # codes live on as values
 
     def activation_scale(self, layer, x2: torch.Tensor) -> torch.Tensor:  # [tokens, 1] fp32
         amax = x2.abs().amax(dim=1, keepdim=True).float()
@@ -260,10 +261,7 @@ def int4pack_for_cpu(q: QuantizedTensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def dequantize_fast(q: QuantizedTensor, dtype: torch.dtype) -> torch.Tensor:
     """The weight in `dtype`, in fp32 arithmetic (formats.py's float64 path is the reference)."""
-    if q.format == "int8" or q.format.startswith("fp8"):
-        values = q.data.to(torch.float32)
-    else:
-        values = element_values(q).float()
+    values = element_values(q, torch.float32)
     scale = expanded_scale(q).float()
     if q.group_size is not None:
         values = values.view(values.shape[0], -1, q.group_size) * scale

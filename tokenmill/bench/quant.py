@@ -1,0 +1,113 @@
+"""Quantization methods side by side: weight bytes, decode and prefill speed, quality.
+
+Every configuration is loaded fresh, warmed up, then measured on the same random-token prompts:
+decode tokens/s at batch 1 and at batch 32 (from the engine's per-request TPOT: batch / median
+TPOT), prefill tokens/s (8 prompts x 256 tokens, one output token), and, on a real model, the
+paired comparison of quant/eval.py against the unquantized model in the same dtype.
+"""
+
+from __future__ import annotations
+
+import gc
+import statistics
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+
+from tokenmill.bench.offline import Workload
+from tokenmill.sampling_params import SamplingParams
+
+
+@dataclass
+class Row:
+    name: str  # method (+ kv cache dtype)
+    dtype: str
+    kernel: str  # the path the MLP down projection takes
+    weight_mib: float  # resident bytes of every model tensor
+    decode_b1_tps: float
+    decode_b32_tps: float
+    prefill_tps: float
+    ppl: float | None = None
+    ppl_change_pct: float | None = None
+    ci_low: float | None = None
+    ci_high: float | None = None
+    significant: bool | None = None
+    kl: float | None = None
+    top1: float | None = None
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def model_bytes(model: torch.nn.Module) -> int:
+    """Every tensor the model holds: parameters, packed weights, quantized codes and scales."""
+    seen: set[int] = set()
+    total = 0
+    for module in model.modules():
+        tensors = [t for t in vars(module).values() if isinstance(t, torch.Tensor)]
+        tensors += list(module._parameters.values()) + list(module._buffers.values())
+        q = getattr(module, "qweight", None)
+        if q is not None:
+            tensors += [q.data, q.scale, q.zero_point, q.global_scale]
+        for t in tensors:
+            if t is None or t.numel() == 0:
+                continue
+            try:
+                key = t.untyped_storage().data_ptr()  # views share their storage
+            except RuntimeError:  # opaque (oneDNN) layouts
+                key = id(t)
+            if key not in seen:
+                seen.add(key)
+                total += t.numel() * t.element_size()
+    return total
+
+
+def decode_tps(llm, batch: int, output_len: int, vocab: int) -> float:
+    prompts = Workload(batch, 16, output_len, seed=batch).prompts(vocab)
+    params = SamplingParams(max_tokens=output_len, temperature=0, ignore_eos=True)
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    return batch / statistics.median(o.metrics.tpot for o in outs)
+
+
+def prefill_tps(llm, vocab: int) -> float:
+    prompts = Workload(8, 256, 1, seed=7).prompts(vocab)
+    params = SamplingParams(max_tokens=1, temperature=0, ignore_eos=True)
+    t = time.perf_counter()
+    llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    return 8 * 256 / (time.perf_counter() - t)
+
+
+def measure(model: str, dtype: str, method: str | None, kv: str, output_len: int) -> tuple:
+    from tokenmill import LLM
+
+    llm = LLM(model, dtype=dtype, quantization=method, kv_cache_dtype=kv, max_model_len=2048)
+    loaded = llm.engine.loaded
+    vocab = loaded.arch.vocab_size
+    decode_tps(llm, 2, 4, vocab)  # warm-up
+    layer = loaded.model.model.layers[0].mlp.down_proj
+    kernel = getattr(layer.quant_method, "kernel", "") or "oneDNN packed GEMM"
+    row = Row(
+        name=(method or "none") + ("" if kv == "auto" else f" + kv {kv}"),
+        dtype=dtype,
+        kernel=kernel,
+        weight_mib=model_bytes(loaded.model) / 2**20,
+        decode_b1_tps=decode_tps(llm, 1, output_len, vocab),
+        decode_b32_tps=decode_tps(llm, 32, output_len, vocab),
+        prefill_tps=prefill_tps(llm, vocab),
+    )
+    return llm, row
+
+
+def add_quality(row: Row, reference, candidate, token_ids: list[int], max_windows: int) -> None:
+    from tokenmill.quant.eval import compare
+
+    c = compare(reference, candidate, token_ids, 512, max_windows)
+    row.ppl, row.ppl_change_pct = c.perplexity, c.ppl_change_pct
+    row.ci_low, row.ci_high, row.significant = c.ci_low, c.ci_high, c.significant
+    row.kl, row.top1 = c.kl_divergence, c.top1_agreement
+
+
+def release(llm) -> None:
+    del llm
+    gc.collect()
