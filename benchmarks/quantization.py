@@ -57,7 +57,9 @@ def main() -> None:
     print_table(rows, stamp, args)
     if args.json_out:
         with open(args.json_out, "w") as f:
-            json.dump({**stamp, "args": vars(args), "rows": [r.as_dict() for r in rows]}, f, indent=2)
+            json.dump(
+                {**stamp, "args": vars(args), "rows": [r.as_dict() for r in rows]}, f, indent=2
+            )
 
 
 def print_table(rows, stamp, args) -> None:

@@ -10,7 +10,7 @@ from tokenmill.layers.linear import Linear
 from tokenmill.quant import elements as el
 from tokenmill.quant import quantize
 from tokenmill.quant.formats import cat_rows
-from tokenmill.quant.methods import METHODS, make_method
+from tokenmill.quant.methods import METHODS, int4_group, make_method
 
 WEIGHT_ONLY = [m for m in METHODS if m not in ("w8a8", "fp8")]
 TOL = {torch.float32: 2e-5, torch.bfloat16: 2e-2}  # relative to the output's scale
@@ -42,15 +42,13 @@ def assert_close(y: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype) -> None
 @pytest.mark.parametrize("method", WEIGHT_ONLY)
 def test_weight_only_matches_dequantized_float64_matmul(method, dtype):
     layer, weight = make_layer(method, dtype)
-    q = layer.qweight
     # each checkpoint shard quantized on its own (q/k/v, gate/up), as `tokenmill quantize` does
-    shards = [
-        quantize(w.to(dtype), method) if method != "int4" else None for w in weight.split([96, 160])
-    ]
-    if method != "int4":
-        assert torch.equal(q.dequantize(), cat_rows(shards).dequantize())
+    kw = {"group_size": int4_group(256)} if method == "int4" else {}
+    shards = [quantize(w.to(dtype), method, **kw) for w in weight.split([96, 160])]
+    expected = cat_rows(shards)
+    assert torch.equal(layer.qweight.scale, expected.scale)
     x = inputs(dtype)
-    ref = x.double() @ q.dequantize(torch.float64).T + layer.bias.double()
+    ref = x.double() @ expected.dequantize(torch.float64).T + layer.bias.double()
     assert_close(layer(x), ref, dtype)
     assert not hasattr(layer, "weight")  # the float weight is gone: memory is really saved
 

@@ -74,7 +74,9 @@ def eval_perplexity(args, config) -> int:
     plain = replace(config.quant, quantization=None)
     plain_cache = replace(config.cache, kv_cache_dtype="auto")
     is_quantized = config.quant != plain or config.cache != plain_cache
-    reference = LLM(config=replace(config, quant=plain, cache=plain_cache)) if is_quantized else candidate
+    reference = (
+        LLM(config=replace(config, quant=plain, cache=plain_cache)) if is_quantized else candidate
+    )
     bar = tqdm(desc="scoring windows", unit="window", leave=False)
 
     def progress(done: int, total: int) -> None:
@@ -83,19 +85,29 @@ def eval_perplexity(args, config) -> int:
 
     result = compare(reference, candidate, ids, args.window, args.max_windows, progress=progress)
     bar.close()
-    out = {"model": args.model, "quantization": config.quant.quantization,
-           "kv_cache_dtype": config.cache.kv_cache_dtype, **result.as_dict()}
+    out = {
+        "model": args.model,
+        "quantization": config.quant.quantization,
+        "kv_cache_dtype": config.cache.kv_cache_dtype,
+        **result.as_dict(),
+    }
     if args.json:
         json.dump(out, sys.stdout, indent=2)
         print()
         return 0
-    print(f"perplexity {result.perplexity:.4f} over {result.num_tokens} tokens "
-          f"({result.num_windows} windows of {args.window})")
+    print(
+        f"perplexity {result.perplexity:.4f} over {result.num_tokens} tokens "
+        f"({result.num_windows} windows of {args.window})"
+    )
     if reference is not candidate:
         verdict = "significant" if result.significant else "not significant"
-        print(f"reference (unquantized) {result.reference_perplexity:.4f}; change "
-              f"{result.ppl_change_pct:+.2f}%; delta log-ppl {result.delta_log_ppl:+.5f} "
-              f"[95% CI {result.ci_low:+.5f}, {result.ci_high:+.5f}]: {verdict}")
-        print(f"KL(reference || quantized) {result.kl_divergence:.5f} nats/token; "
-              f"top-1 agreement {100 * result.top1_agreement:.2f}%")
+        print(
+            f"reference (unquantized) {result.reference_perplexity:.4f}; change "
+            f"{result.ppl_change_pct:+.2f}%; delta log-ppl {result.delta_log_ppl:+.5f} "
+            f"[95% CI {result.ci_low:+.5f}, {result.ci_high:+.5f}]: {verdict}"
+        )
+        print(
+            f"KL(reference || quantized) {result.kl_divergence:.5f} nats/token; "
+            f"top-1 agreement {100 * result.top1_agreement:.2f}%"
+        )
     return 0

@@ -105,15 +105,15 @@ class W8A8Method(QuantMethod):
         layer.weight_scale = qweight.scale.float().expand(qweight.shape[0]).contiguous()  # [out]
 
     def apply(self, layer, x):
-        x2 = _rows(x).float()
+        x2 = _rows(x)
         # Dynamic per-token scale: |x * 127 / amax| <= 127 up to rounding, so no clamp needed.
-        amax = x2.abs().amax(dim=1, keepdim=True).clamp_(min=1e-12)  # [tokens, 1]
-        xq = torch.round(x2 * (127.0 / amax)).to(torch.int8)
+        amax = x2.abs().amax(dim=1, keepdim=True).float().clamp_(min=1e-12)  # [tokens, 1]
+        xq = torch.round(x2.float() * (127.0 / amax)).to(torch.int8)
         m = xq.shape[0]
         if xq.device.type == "cuda" and m <= 16:  # the CUDA kernel needs more than 16 rows
             xq = F.pad(xq, (0, 0, 0, 17 - m))
         acc = torch._int_mm(xq, layer.weight_t)[:m]  # [tokens, out] int32, exact
-        y = acc.float().mul_(amax * (1.0 / 127.0)).mul_(layer.weight_scale)
+        y = (acc * layer.weight_scale).mul_(amax * (1.0 / 127.0))  # one pass to fp32, one in place
         return _finish(y, x, layer.bias)
 
 
@@ -223,6 +223,7 @@ class WeightOnlyMethod(QuantMethod):
         elif on_cpu_bf16 and qweight.format == "int4":
             self.kernel = "aten._weight_int4pack_mm_for_cpu"
             layer.int4_packed, layer.int4_scales_zeros = int4pack_for_cpu(qweight)
+            layer.qweight = replace(qweight, data=qweight.data[:0])  # the codes live in int4_packed
         else:
             self.kernel = f"dequantize {qweight.format} on the fly + GEMM (no fused kernel)"
 
