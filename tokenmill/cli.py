@@ -69,7 +69,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--served-model-name", default=None, help="name clients use in 'model'")
     s.add_argument("--host", default="127.0.0.1", help="address to bind (loopback by default)")
     s.add_argument("--port", type=int, default=8000)
-    s.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY'")
+    s.add_argument(
+        "--api-key",
+        action="append",
+        default=None,
+        help="require 'Authorization: Bearer KEY'; KEY or NAME=KEY (NAME is the tenant in usage "
+        "accounting); repeat for several keys",
+    )
     s.add_argument(
         "--grace-period",
         type=float,
@@ -77,6 +83,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="seconds in-flight requests get to finish on SIGTERM",
     )
     s.add_argument("--max-body-bytes", type=int, default=4 << 20, help="largest request body")
+    from tokenmill.cost.commands import add_parsers as add_cost_parsers
+    from tokenmill.cost.commands import add_usage_options
+
+    add_usage_options(s)
     add_engine_options(s)
 
     g = sub.add_parser("generate", help="complete one prompt, streaming to the terminal")
@@ -91,6 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     from tokenmill.quant.commands import add_parsers as add_quant_parsers
 
     add_quant_parsers(sub, add_engine_options)
+    add_cost_parsers(sub)
 
     b = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True)
     bs = b.add_parser(
@@ -248,6 +259,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "generate":
             return cmd_generate(args)
+        if args.command == "tco":
+            from tokenmill.cost import commands as cost_commands
+
+            return cost_commands.run(args)
         if args.command in ("quantize", "eval"):
             from tokenmill.quant import commands as quant_commands
 
@@ -258,6 +273,7 @@ def main(argv: list[str] | None = None) -> int:
             from tokenmill.bench import commands
 
             return getattr(commands, args.bench)(args)
+        from tokenmill.cost.commands import usage_options
         from tokenmill.serve.server import serve
 
         serve(
@@ -269,6 +285,7 @@ def main(argv: list[str] | None = None) -> int:
             args.max_waiting,
             args.grace_period,
             args.max_body_bytes,
+            usage_options(args),
         )
         return 0
     except (ValueError, FileNotFoundError) as e:

@@ -59,7 +59,7 @@ def test_rapl_sums_package_and_dram_and_handles_wrap(tmp_path):
     core = zone(tmp_path, "core", "0:0", 500, 262_143_328_850)
     dram = zone(tmp_path, "dram", "0:1", 262_143_000_000, 262_143_328_850)
     meter = RaplMeter(tmp_path)
-    assert meter.label == "measured" and sorted(meter.zones) == ["dram", "package-0"]
+    assert meter.label == "measured: RAPL" and sorted(meter.zones) == ["dram", "package-0"]
     assert meter.read_joules() == 0.0
     (pkg / "energy_uj").write_text("3000000\n")  # +2 J
     (core / "energy_uj").write_text("900000000\n")  # ignored: inside the package already

@@ -7,6 +7,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 
 import httpx
 import pytest
@@ -25,6 +26,8 @@ def free_port() -> int:
 class Server:
     def __init__(self, model: str, *extra: str) -> None:
         self.port = free_port()
+        if "--usage-db" not in extra and "--no-usage" not in extra:  # keep $HOME clean
+            extra = (*extra, "--usage-db", os.path.join(tempfile.mkdtemp(), "usage.sqlite"))
         self.url = f"http://127.0.0.1:{self.port}"
         cmd = [
             sys.executable,

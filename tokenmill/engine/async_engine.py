@@ -12,6 +12,7 @@ import asyncio
 import logging
 import queue
 import threading
+import time
 from collections.abc import AsyncIterator
 from concurrent.futures import Future
 from dataclasses import dataclass
@@ -43,6 +44,8 @@ class AsyncEngine:
         self._thread = threading.Thread(target=self._loop, name="tokenmill-engine", daemon=True)
         self._stats = engine.stats()
         self.on_output = None  # callable(RequestOutput) run on the engine thread (metrics)
+        self.tenants: dict[str, str] = {}  # request id -> who it is served for (accounting)
+        self.busy_s = 0.0  # seconds spent in engine steps: utilization for modeled power
 
     def start(self) -> None:
         self._thread.start()
@@ -61,9 +64,15 @@ class AsyncEngine:
 
     # ---- caller side (event loop) ------------------------------------------------------
     async def add(
-        self, request_id: str, prompt: PromptType, params: SamplingParams
+        self,
+        request_id: str,
+        prompt: PromptType,
+        params: SamplingParams,
+        tenant: str | None = None,
     ) -> RequestStream:
         """Queue a request; raises ValueError for invalid input, QueueFullError when full."""
+        if tenant is not None:
+            self.tenants[request_id] = tenant
         loop = asyncio.get_running_loop()
         stream = _Stream(loop, asyncio.Queue())
         done: Future = Future()
@@ -89,6 +98,7 @@ class AsyncEngine:
             self._apply_commands(block)
             if self._stop.is_set():
                 break
+            start = time.perf_counter()
             try:
                 outputs = self.engine.step()
             except Exception as exc:  # a bug, not bad input: fail the requests, keep serving
@@ -96,6 +106,7 @@ class AsyncEngine:
                 outputs = self.engine.abort(list(self.engine.groups))
                 for stream in list(self._streams.values()):
                     stream.loop.call_soon_threadsafe(stream.queue.put_nowait, exc)
+            self.busy_s += time.perf_counter() - start
             self._stats = self.engine.stats()
             self._deliver(outputs)
 
@@ -122,6 +133,7 @@ class AsyncEngine:
                 raise QueueFullError(f"{self.engine.scheduler.num_waiting} requests are waiting")
             self.engine.add_request(request_id, prompt, params)
         except Exception as exc:  # validation errors go back to the caller
+            self.tenants.pop(request_id, None)
             done.set_exception(exc)
             return
         self._streams[request_id] = stream
@@ -138,6 +150,8 @@ class AsyncEngine:
                     self.on_output(out)
                 except Exception:
                     log.exception("metrics observer failed")
+            if out.finished:
+                self.tenants.pop(out.request_id, None)
             if stream is not None:
                 stream.loop.call_soon_threadsafe(stream.queue.put_nowait, out)
 

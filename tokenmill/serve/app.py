@@ -22,6 +22,7 @@ from tokenmill.engine.async_engine import AsyncEngine, QueueFullError
 from tokenmill.serve import handlers
 from tokenmill.serve import protocol as P
 from tokenmill.serve.metrics import ServingMetrics
+from tokenmill.serve.usage import UsageTracker
 
 log = logging.getLogger(__name__)
 
@@ -50,19 +51,32 @@ class APIError(Exception):
 @dataclass
 class ServerState:
     model_name: str
-    api_key: str | None = None
+    api_keys: dict[str, str | None] | None = None  # key -> tenant name (None: use `user`)
     max_body_bytes: int = 4 << 20
     engine: AsyncEngine | None = None  # None while the model loads
     max_model_len: int | None = None
     draining: bool = False
+    usage: UsageTracker | None = None  # accounting and energy; None when switched off
     metrics: ServingMetrics = field(init=False)
 
     def __post_init__(self) -> None:
         self.metrics = ServingMetrics(lambda: self.engine, self.model_name)
+        if self.usage is not None:
+            self.metrics.registry.register(self.usage)
 
     def attach(self, engine: AsyncEngine) -> None:
         """The model is loaded: start serving it."""
-        engine.on_output = self.metrics.observe
+        usage = self.usage
+        if usage is not None:
+            usage.start(engine)
+
+            def observe(out) -> None:
+                self.metrics.observe(out)
+                usage.observe(out)
+
+            engine.on_output = observe
+        else:
+            engine.on_output = self.metrics.observe
         self.max_model_len = engine.engine.max_model_len
         self.engine = engine
 
@@ -119,10 +133,14 @@ def build_app(state: ServerState) -> FastAPI:
     @app.middleware("http")
     async def _guard(request: Request, call_next):
         if request.url.path.startswith("/v1/") and not request.url.path.startswith("/v1/health"):
-            if state.api_key is not None:
+            if state.api_keys:
                 auth = request.headers.get("authorization", "")
                 given = auth[7:] if auth.lower().startswith("bearer ") else ""
-                if not hmac.compare_digest(given.encode(), state.api_key.encode()):
+                match = [
+                    k for k in state.api_keys if hmac.compare_digest(given.encode(), k.encode())
+                ]
+                request.state.key_name = state.api_keys[match[0]] if match else None
+                if not match:
                     return error_response(
                         APIError(
                             401,
@@ -176,15 +194,28 @@ def build_app(state: ServerState) -> FastAPI:
             return result
         return StreamingResponse(result, media_type="text/event-stream")
 
+    def tenant(request: Request, user: str | None) -> str:
+        """The API key's name, else the request's `user`, else anonymous."""
+        return getattr(request.state, "key_name", None) or user or "anonymous"
+
     @app.post("/v1/completions", response_model=P.CompletionResponse)
-    async def completions(req: P.CompletionRequest):
+    async def completions(req: P.CompletionRequest, request: Request):
         check_model(req.model)
-        return await run(handlers.completions(engine(), tokenizer(), state.model_name, req))
+        who = tenant(request, req.user)
+        return await run(handlers.completions(engine(), tokenizer(), state.model_name, req, who))
 
     @app.post("/v1/chat/completions", response_model=P.ChatCompletionResponse)
-    async def chat(req: P.ChatCompletionRequest):
+    async def chat(req: P.ChatCompletionRequest, request: Request):
         check_model(req.model)
-        return await run(handlers.chat(engine(), tokenizer(), state.model_name, req))
+        who = tenant(request, req.user)
+        return await run(handlers.chat(engine(), tokenizer(), state.model_name, req, who))
+
+    @app.get("/v1/usage")
+    async def usage():
+        """Tokens, energy and derived cost per model, instance and tenant (persisted)."""
+        if state.usage is None:
+            raise APIError(404, "usage accounting is off on this server", "not_found_error")
+        return state.usage.report()
 
     def engine() -> AsyncEngine:
         assert state.engine is not None

@@ -53,12 +53,12 @@ def sse(data: Any) -> str:
 
 
 async def add_all(
-    engine: AsyncEngine, rid: str, prompts: list, params: SamplingParams
+    engine: AsyncEngine, rid: str, prompts: list, params: SamplingParams, tenant: str | None
 ) -> list[RequestStream]:
     streams: list[RequestStream] = []
     try:
         for i, prompt in enumerate(prompts):
-            streams.append(await engine.add(f"{rid}-{i}", prompt, params))
+            streams.append(await engine.add(f"{rid}-{i}", prompt, params, tenant))
     except BaseException:
         for s in streams:
             s.close()
@@ -128,11 +128,17 @@ def completion_logprobs(tok: Tokenizer, c: CompletionOutput, start: int, offset:
     return lp
 
 
-async def completions(engine: AsyncEngine, tok: Tokenizer, model: str, req: P.CompletionRequest):
+async def completions(
+    engine: AsyncEngine,
+    tok: Tokenizer,
+    model: str,
+    req: P.CompletionRequest,
+    tenant: str | None = None,
+):
     params = sampling_params(req, req.max_tokens, req.logprobs)
     prompts = completion_prompts(req.prompt)
     rid = f"cmpl-{uuid.uuid4().hex}"
-    streams = await add_all(engine, rid, prompts, params)
+    streams = await add_all(engine, rid, prompts, params, tenant)
     if req.stream:
         return _stream_completions(tok, model, req, rid, streams)
     outs = [await s.final() for s in streams]
@@ -249,13 +255,19 @@ def chat_logprobs(tok: Tokenizer, c: CompletionOutput, start: int) -> P.ChatLogp
     return P.ChatLogprobs(content=content)
 
 
-async def chat(engine: AsyncEngine, tok: Tokenizer, model: str, req: P.ChatCompletionRequest):
+async def chat(
+    engine: AsyncEngine,
+    tok: Tokenizer,
+    model: str,
+    req: P.ChatCompletionRequest,
+    tenant: str | None = None,
+):
     max_tokens = req.max_completion_tokens or req.max_tokens
     k = (req.top_logprobs or 0) if req.logprobs else None
     params = sampling_params(req, max_tokens, k)
     prompt = render_chat(tok, req)
     rid = f"chatcmpl-{uuid.uuid4().hex}"
-    streams = await add_all(engine, rid, [prompt], params)
+    streams = await add_all(engine, rid, [prompt], params, tenant)
     if req.stream:
         return _stream_chat(tok, model, req, rid, streams)
     out = await streams[0].final()

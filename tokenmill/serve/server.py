@@ -20,6 +20,7 @@ import uvicorn
 from tokenmill.config import EngineConfig
 from tokenmill.engine.async_engine import AsyncEngine
 from tokenmill.serve.app import ServerState, build_app
+from tokenmill.serve.usage import UsageOptions, UsageTracker
 
 log = logging.getLogger(__name__)
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
@@ -54,21 +55,37 @@ class DrainingServer(uvicorn.Server):
         self.should_exit = True
 
 
+def parse_api_keys(values: list[str] | None) -> dict[str, str | None] | None:
+    """`KEY` or `NAME=KEY` (the name is the tenant in usage accounting) -> {key: name}."""
+    if not values:
+        return None
+    keys: dict[str, str | None] = {}
+    for value in values:
+        name, sep, key = value.partition("=")
+        if not sep:
+            name, key = "", value
+        if not key:
+            raise ValueError(f"empty API key in {value!r}; use KEY or NAME=KEY")
+        keys[key] = name or None
+    return keys
+
+
 def serve(
     config: EngineConfig,
     host: str,
     port: int,
     served_model_name: str | None = None,
-    api_key: str | None = None,
+    api_keys: list[str] | None = None,
     max_waiting: int | None = None,
     grace_s: float = 30.0,
     max_body_bytes: int = 4 << 20,
+    usage: UsageOptions | None = None,
 ) -> None:
     from tokenmill.engine.engine import LLMEngine
 
-    state = ServerState(
-        served_model_name or default_model_name(config.model.model), api_key, max_body_bytes
-    )
+    name = served_model_name or default_model_name(config.model.model)
+    tracker = UsageTracker(usage, name, usage.instance) if usage else None
+    state = ServerState(name, parse_api_keys(api_keys), max_body_bytes, usage=tracker)
     app = build_app(state)
     holder: dict[str, AsyncEngine] = {}
     failed: list[BaseException] = []
@@ -93,6 +110,8 @@ def serve(
         yield
         if "engine" in holder:
             holder["engine"].shutdown()
+        if tracker is not None:
+            tracker.close()  # the last partial interval, then the store
 
     app.router.lifespan_context = lifespan
     cfg = uvicorn.Config(

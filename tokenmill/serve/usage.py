@@ -1,0 +1,165 @@
+"""Usage and cost while serving: tokens per tenant from engine outputs, energy from the meter
+thread, both into one Accountant (cost/accounting.py); exported at /metrics and /v1/usage.
+
+The tenant of a request is the name of the API key it came with, else its `user` field, else
+"anonymous". Cost figures are derived on each read from the TCO catalogue (cost/report.py).
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+from tokenmill.cost.accounting import Accountant, UsageStore
+from tokenmill.cost.energy import choose_meter
+from tokenmill.cost.report import usage_report
+from tokenmill.cost.sampler import PowerSampler
+from tokenmill.cost.tco import load_catalog
+from tokenmill.engine.outputs import RequestOutput
+
+log = logging.getLogger(__name__)
+DEFAULT_DB = Path.home() / ".cache" / "tokenmill" / "usage.sqlite"
+ANONYMOUS = "anonymous"
+
+
+@dataclass(frozen=True)
+class UsageOptions:
+    """How serving is metered and priced (the `tokenmill serve` cost flags)."""
+
+    db_path: Path = DEFAULT_DB  # SQLite file that keeps accounting across restarts
+    hardware: str = "auto"  # catalogue entry; auto: by CUDA device name, else cpu-2core
+    catalog: Path | None = None  # user TOML overriding the shipped catalogue
+    interval_s: float = 1.0  # power sampling period
+    instance: str | None = None  # default: the host name (stable over restarts)
+
+
+def pick_hardware(device_type: str, device_name: str, names: list[str]) -> str:
+    if device_type == "cuda":
+        lowered = device_name.lower()
+        for key in ("h200", "h100", "b200", "l40s"):
+            if key in lowered:
+                return next(n for n in names if n.startswith(key))
+    return "cpu-2core"
+
+
+class UsageTracker:
+    """Attach to an AsyncEngine: counts tokens per tenant and runs the power sampler."""
+
+    def __init__(self, opts: UsageOptions, model: str, instance: str | None) -> None:
+        self.opts = opts
+        self.catalog, self.prices = load_catalog(opts.catalog)
+        self.model, self.instance = model, instance or socket.gethostname()
+        self.store = UsageStore(opts.db_path)
+        self.accountant: Accountant | None = None
+        self.sampler: PowerSampler | None = None
+        self.seen: dict[str, int] = {}  # request id -> tokens already counted
+
+    def start(self, engine) -> None:
+        """The model is loaded: choose hardware and meter, start sampling."""
+        device = engine.engine.loaded.device
+        name = ""
+        if device.type == "cuda":
+            import torch
+
+            name = torch.cuda.get_device_name(device)
+        hw_name = self.opts.hardware
+        if hw_name == "auto":
+            hw_name = pick_hardware(device.type, name, list(self.catalog))
+        if hw_name not in self.catalog:
+            raise ValueError(
+                f"hardware {hw_name!r} is not in the catalogue: {sorted(self.catalog)}"
+            )
+        hw = self.catalog[hw_name]
+        meter = choose_meter(device.type, hw.idle_watts, hw.peak_watts, _utilization(engine))
+        log.info("energy: %s (%s); usage kept in %s", meter.label, hw_name, self.opts.db_path)
+        self.accountant = Accountant(self.model, self.instance, hw_name, meter.label, self.store)
+        self.engine = engine
+        self.sampler = PowerSampler(meter, self.accountant, self.opts.interval_s)
+        self.sampler.start()
+
+    def observe(self, out: RequestOutput) -> None:
+        """Every engine output (engine thread): the tokens it adds, charged to its tenant."""
+        if self.accountant is None:
+            return
+        tenant = self.engine.tenants.get(out.request_id, ANONYMOUS)
+        done = sum(len(c.token_ids) for c in out.outputs)
+        before = self.seen.get(out.request_id)
+        prompt = len(out.prompt_token_ids) if before is None else 0
+        self.accountant.record_tokens(tenant, prompt, done - (before or 0), int(out.finished))
+        if out.finished:
+            self.seen.pop(out.request_id, None)
+        else:
+            self.seen[out.request_id] = done
+
+    def report(self) -> dict:
+        if self.accountant is None:
+            return usage_report({}, {}, self.catalog, self.prices)
+        usage = self.accountant.snapshot()
+        uptime = self.store.uptime()
+        return usage_report(usage, uptime, self.catalog, self.prices)
+
+    def collect(self):
+        """Prometheus collector: read on every scrape, so cost follows the catalogue."""
+        report = self.report()
+        labels = ["model", "instance", "tenant", "energy_source"]
+        energy = CounterMetricFamily(
+            "tokenmill:energy_joules", "Energy drawn, split by tenant", labels=labels
+        )
+        tokens = CounterMetricFamily(
+            "tokenmill:usage_tokens", "Tokens served", labels=[*labels, "kind"]
+        )
+        cost = GaugeMetricFamily("tokenmill:cost_usd", "TCO so far (derived)", labels=labels)
+        for t in report["tenants"]:
+            key = [t["model"], t["instance"], t["tenant"], t["energy_source"]]
+            energy.add_metric(key, t["energy_joules"])
+            tokens.add_metric([*key, "prompt"], t["prompt_tokens"])
+            tokens.add_metric([*key, "completion"], t["completion_tokens"])
+            if t["cost_usd"] is not None:
+                cost.add_metric(key, t["cost_usd"])
+        per_j = GaugeMetricFamily(
+            "tokenmill:tokens_per_joule", "Tokens per joule", labels=labels[:2] + labels[3:]
+        )
+        per_m = GaugeMetricFamily(
+            "tokenmill:cost_per_million_tokens",
+            "USD per million tokens (TCO)",
+            labels=labels[:2] + labels[3:],
+        )
+        watts = GaugeMetricFamily(
+            "tokenmill:power_watts",
+            "Mean power over the last sampling interval",
+            labels=labels[:2] + labels[3:],
+        )
+        for i in report["instances"]:
+            key = [i["model"], i["instance"], i["energy_source"]]
+            if i["tokens_per_joule"] is not None:
+                per_j.add_metric(key, i["tokens_per_joule"])
+            if i["cost_per_million_tokens"] is not None:
+                per_m.add_metric(key, i["cost_per_million_tokens"])
+        if self.accountant is not None:
+            key = [self.model, self.instance, self.accountant.energy_source]
+            watts.add_metric(key, self.accountant.last_watts)
+        return [energy, tokens, cost, per_j, per_m, watts]
+
+    def close(self) -> None:
+        if self.sampler is not None:
+            self.sampler.stop()
+        self.store.close()
+
+
+def _utilization(engine):
+    """Busy fraction of the engine thread since the previous call (the modeled meter's input)."""
+    last = {"busy": engine.busy_s, "t": time.monotonic()}
+
+    def read() -> float:
+        busy, now = engine.busy_s, time.monotonic()
+        dt = now - last["t"]
+        u = (busy - last["busy"]) / dt if dt > 0 else 0.0
+        last.update(busy=busy, t=now)
+        return u
+
+    return read
