@@ -147,6 +147,11 @@ class QuantConfig:
         "int4 group size (32, 64 or 128); default 128, or the largest that divides the rows.",
         default=None,
     )
+    smoothquant_alpha: float = _help(
+        "w8a8 and fp8: SmoothQuant migration strength in [0, 1], calibrated at load on a few "
+        "windows of text; 0 turns smoothing off.",
+        default=0.5,
+    )
 
     def __post_init__(self) -> None:
         if self.quantization is not None and self.quantization not in QUANTIZATIONS:
@@ -159,6 +164,8 @@ class QuantConfig:
             )
         if self.amax_history_len < 1:
             raise ValueError(f"amax_history_len must be >= 1, got {self.amax_history_len}")
+        if not 0.0 <= self.smoothquant_alpha <= 1.0:
+            raise ValueError(f"smoothquant_alpha must be in [0, 1], got {self.smoothquant_alpha}")
         if self.group_size not in (None, 32, 64, 128):
             raise ValueError(f"group_size must be 32, 64 or 128, got {self.group_size}")
 
@@ -168,7 +175,10 @@ class QuantConfig:
             return {
                 "activation_scaling": self.activation_scaling,
                 "amax_history_len": self.amax_history_len,
+                "smoothquant_alpha": self.smoothquant_alpha,
             }
+        if self.quantization == "w8a8":
+            return {"smoothquant_alpha": self.smoothquant_alpha}
         if self.quantization == "int4":
             return {"group_size": self.group_size}
         return {}

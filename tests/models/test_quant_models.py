@@ -102,3 +102,14 @@ def test_quantized_checkpoint_loads_without_requantizing(
     assert prompt_logprobs(again.generate(PROMPTS, SCORE, use_tqdm=False)) == expected
     with pytest.raises(ValueError, match="quantized with"):
         LLM(tmp_path / "q", quantization="int8" if method != "int8" else "int4")
+
+
+def test_w8a8_calibrates_smoothing_at_load(tiny_model_dir):
+    folder = tiny_model_dir("llama")
+    smooth = LLM(folder, dtype="float32", quantization="w8a8", kv_cache_memory=1 << 22)
+    plain = LLM(
+        folder, dtype="float32", quantization="w8a8", smoothquant_alpha=0.0, kv_cache_memory=1 << 22
+    )
+    layer = smooth.engine.loaded.model.model.layers[0].mlp.down_proj
+    assert layer.smooth_inv.shape == (layer.in_features,) and (layer.smooth_inv != 1).any()
+    assert not hasattr(plain.engine.loaded.model.model.layers[0].mlp.down_proj, "smooth_inv")

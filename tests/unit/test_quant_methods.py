@@ -9,6 +9,7 @@ from tokenmill.config import QUANTIZATIONS
 from tokenmill.layers.linear import Linear
 from tokenmill.quant import elements as el
 from tokenmill.quant import quantize
+from tokenmill.quant.calibrate import smoothing_scale
 from tokenmill.quant.formats import cat_rows
 from tokenmill.quant.methods import METHODS, int4_group, make_method
 
@@ -111,3 +112,31 @@ def test_int4_group_follows_the_row_length():
     layer.weight.data.normal_()
     layer.quant_method.process_weights_after_loading(layer)
     assert layer.qweight.group_size == 64  # 128 does not divide 576
+
+
+def test_smoothquant_moves_outliers_and_keeps_the_product():
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(16, 256, generator=gen)
+    x[:, 5] *= 80  # an outlier channel, as LLM activations have
+    weight = torch.randn(96, 256, generator=gen)
+    exact = x.double() @ weight.double().T
+
+    def quantized(with_amax: bool) -> tuple[Linear, torch.Tensor]:
+        layer = Linear(256, [96])
+        layer.quant_method = make_method("w8a8")
+        layer.weight.data.copy_(weight)
+        if with_amax:
+            layer.input_amax = x.abs().amax(dim=0)
+        layer.quant_method.process_weights_after_loading(layer)
+        return layer, layer(x).double()
+
+    smoothed, y = quantized(True)
+    s = smoothing_scale(x.abs().amax(dim=0), weight, 0.5)
+    assert torch.equal(smoothed.smooth_inv, 1 / s)
+    xs = x.double() / s.double()  # the reference: per-token int8 of x / s, per-channel of W * s
+    amax = xs.abs().amax(dim=1, keepdim=True)
+    q = quantize(weight.float() * s, "int8")
+    ref = (torch.round(xs * 127 / amax) @ q.data.double().T) * (amax / 127) * q.scale.double()
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
+    _, plain = quantized(False)
+    assert (y - exact).norm() < 0.5 * (plain - exact).norm()  # the outlier no longer dominates

@@ -16,7 +16,7 @@ import torch
 from tokenmill.config import CacheConfig
 from tokenmill.engine.batch import build_model_input, build_sampling_batch
 from tokenmill.engine.scheduler import RunnerOutput, SampledToken, SchedulerOutput
-from tokenmill.layers.attention import AttentionMetadata, PrefillSpan, TorchAttention
+from tokenmill.layers.attention import TorchAttention
 from tokenmill.layers.kv_quant import (
     KV_DTYPES,
     STORAGE,
@@ -25,6 +25,7 @@ from tokenmill.layers.kv_quant import (
 )
 from tokenmill.layers.sampler import Sampler
 from tokenmill.models.loader import LoadedModel
+from tokenmill.quant.calibrate import single_sequence_metadata
 
 log = logging.getLogger(__name__)
 
@@ -134,14 +135,7 @@ class ModelRunner:
         padded = -(-n // self.block_size) * self.block_size
         shape = (2, a.num_kv_heads, padded, a.head_dim)
         caches = [self._allocate(shape, self.kv_cache_dtype) for _ in range(a.num_layers)]
-        meta = AttentionMetadata(
-            slot_mapping=torch.arange(n, device=self.device),
-            num_decode_tokens=0,
-            block_size=self.block_size,
-            decode_block_tables=None,
-            decode_mask=None,
-            prefills=[PrefillSpan(0, n, 0, None, None)],
-        )
+        meta = single_sequence_metadata(n, self.block_size, self.device)
         ids = torch.tensor(token_ids, device=self.device)
         hidden = self.model(ids, torch.arange(n, device=self.device), caches, meta)
         return self.model.compute_logits(hidden).float()

@@ -224,6 +224,7 @@ def load_gguf(path: Path, dtype: str, device: torch.device, max_model_len: int |
     from tokenmill.models.loader import (
         LoadedModel,
         build_model,
+        calibration_hook,
         fill_weights,
         resolve_dtype,
         resolve_max_model_len,
@@ -242,8 +243,9 @@ def load_gguf(path: Path, dtype: str, device: torch.device, max_model_len: int |
         unit="tensor",
         leave=False,
     )
-    fill_weights(model, ((n, w.to(device)) for n, w in tensors))
     tokenizer = tokenizer_from_gguf(f.metadata)
+    weights = ((n, w.to(device)) for n, w in tensors)
+    fill_weights(model, weights, calibrate=calibration_hook(tokenizer, max_len))
     eos = frozenset(arch.eos_token_ids)
     return LoadedModel(
         model, arch, tokenizer, eos, torch_dtype, device, path.stem, max_len, quantization=method

@@ -141,14 +141,15 @@ def _load_hf_folder(
         method = qcfg["method"]
         options = {k: qcfg[k] for k in ("activation_scaling", "amax_history_len") if k in qcfg}
     model = build_model(arch, torch_dtype, device, max_len, method, options)
+    tokenizer = Tokenizer.from_folder(folder)
     weights = _safetensors(folder, device, f"loading {folder.name}")
-    fill_weights(model, weights, QuantizedWeights(qcfg) if qcfg else None)
+    calibrate = None if qcfg else calibration_hook(tokenizer, max_len)
+    fill_weights(model, weights, QuantizedWeights(qcfg) if qcfg else None, calibrate)
     eos = set(arch.eos_token_ids)
     gen = folder / "generation_config.json"
     if gen.exists():
         value = json.loads(gen.read_text()).get("eos_token_id")
         eos.update(value if isinstance(value, list) else [] if value is None else [value])
-    tokenizer = Tokenizer.from_folder(folder)
     if not eos and tokenizer.token_id("eos_token") is not None:
         eos.add(tokenizer.token_id("eos_token"))  # type: ignore[arg-type]
     return LoadedModel(
@@ -192,11 +193,25 @@ def linear_layer_names(model: torch.nn.Module) -> set[str]:
     return {n for n, m in model.named_modules() if isinstance(m, Linear) and n != "lm_head"}
 
 
-def fill_weights(model, weights: Iterator[tuple[str, torch.Tensor]], quantized=None) -> None:
+def calibration_hook(tokenizer: Tokenizer, max_len: int):
+    """What fill_weights runs between loading and quantizing (quant/calibrate.py)."""
+
+    def run(model) -> None:
+        from tokenmill.quant.calibrate import calibrate
+
+        calibrate(model, tokenizer, max_len)
+
+    return run
+
+
+def fill_weights(
+    model, weights: Iterator[tuple[str, torch.Tensor]], quantized=None, calibrate=None
+) -> None:
     """Load every tensor, then check that no parameter was left unfilled.
 
     `quantized` (quant/checkpoint.QuantizedWeights) takes a quantized checkpoint's packed
-    tensors out of the stream and installs them in their layers.
+    tensors out of the stream and installs them in their layers; `calibrate(model)` runs on the
+    loaded float weights before the quant methods quantize them.
     """
     if quantized is not None:
         weights = quantized.filter(weights)
@@ -208,6 +223,8 @@ def fill_weights(model, weights: Iterator[tuple[str, torch.Tensor]], quantized=N
         missing.discard("lm_head.weight")
     if missing:
         raise ValueError(f"checkpoint lacks tensors: {sorted(missing)[:8]} ({len(missing)} in all)")
+    if calibrate is not None:
+        calibrate(model)
     model.process_weights_after_loading()
 
 

@@ -3,7 +3,8 @@
 Layout, named after compressed-tensors where it fits: each quantized linear `P` (a Hugging Face
 name such as `model.layers.0.self_attn.q_proj`) is stored as `P.weight_packed` (codes: int8,
 float8, or packed uint8), `P.weight_scale`, optionally `P.weight_zero_point` and
-`P.weight_global_scale`, and `P.weight_shape` (int64 [2]). Every other tensor is copied as it is.
+`P.weight_global_scale`, `P.weight_shape` (int64 [2]), and for w8a8/fp8 `P.input_smooth` (the
+SmoothQuant scale of each input channel, calibrated in fp32). Every other tensor is copied as is.
 config.json gains `quantization_config = {"quant_method": "tokenmill", "method": ..., "format":
 ..., "group_size": ..., ...}`. It is not a compressed-tensors checkpoint: other tools will not
 read it, and this loader reads no other quantized layout.
@@ -32,6 +33,7 @@ PARTS = (
     "weight_zero_point",
     "weight_global_scale",
     "weight_shape",
+    "input_smooth",  # SmoothQuant scales of the input channels (w8a8, fp8)
 )
 
 
@@ -97,7 +99,10 @@ class QuantizedWeights:
         loaded = set()
         for prefix, parts in self.parts.items():
             target, shard = model.resolve_name(f"{prefix}.weight")
-            by_module[target.rsplit(".", 1)[0]][shard or 0] = from_state(parts, self.config)
+            module_name = target.rsplit(".", 1)[0]
+            by_module[module_name][shard or 0] = from_state(parts, self.config)
+            if "input_smooth" in parts:  # the same for every shard: they share the input
+                model.get_submodule(module_name).input_smooth = parts["input_smooth"].float()
             loaded.add(target if shard is None else f"{target}#{shard}")
         for module_name, shards in by_module.items():
             layer = model.get_submodule(module_name)
@@ -108,35 +113,59 @@ class QuantizedWeights:
 
 
 def quantize_checkpoint(src: Path, dst: Path, method: str, options: dict) -> dict:
-    """Write `src` (an HF folder, 16/32-bit safetensors) quantized with `method` to `dst`."""
+    """Write `src` (an HF folder, 16/32-bit safetensors) quantized with `method` to `dst`.
+
+    The weights go through the same model and quant methods as quantize-on-load (in float32,
+    with the same calibration), so a checkpoint loads bit-identical to `--quantization`."""
     from tokenmill.models.arch import arch_from_hf_config
-    from tokenmill.models.loader import build_model, linear_layer_names, safetensor_files
+    from tokenmill.models.loader import (
+        build_model,
+        calibration_hook,
+        linear_layer_names,
+        resolve_max_model_len,
+        safetensor_files,
+    )
+    from tokenmill.models.tokenizer import Tokenizer
 
     config = json.loads((src / "config.json").read_text())
     if config.get("quantization_config"):
         raise ValueError(f"{src} is already quantized")
     arch = arch_from_hf_config(config)
-    meta_model = build_model(arch, torch.float32, torch.device("meta"), 1)
-    quantizable = linear_layer_names(meta_model)
-    quant = make_method(method, **options)
+    max_len = resolve_max_model_len(arch, None)
+    model = build_model(arch, torch.float32, torch.device("cpu"), max_len, method, options)
+    files = safetensor_files(src)
+    model.load_weights(_read(files, "reading"))
+    calibration_hook(Tokenizer.from_folder(src), max_len)(model)
+    quantizable = linear_layer_names(model)
+    shards: dict[str, list[QuantizedTensor]] = {}
     state: dict[str, torch.Tensor] = {}
-    for path in safetensor_files(src):
-        with safe_open(str(path), framework="pt") as f:
-            for name in tqdm(list(f.keys()), desc=f"quantizing {path.name}", leave=False):
-                tensor = f.get_tensor(name)
-                target, _ = meta_model.resolve_name(name)
-                if name.endswith(".weight") and target.rsplit(".", 1)[0] in quantizable:
-                    state.update(
-                        to_state(name.removesuffix(".weight"), quant.quantize_weight(tensor))
-                    )
-                else:
-                    state[name] = tensor.contiguous()
+    for name, tensor in _read(files, "quantizing"):
+        target, shard = model.resolve_name(name)
+        module_name = target.rsplit(".", 1)[0]
+        if not (name.endswith(".weight") and module_name in quantizable):
+            state[name] = tensor.contiguous()
+            continue
+        layer = model.get_submodule(module_name)
+        if module_name not in shards:
+            shards[module_name] = layer.quant_method.quantize_shards(layer)
+        prefix = name.removesuffix(".weight")
+        state.update(to_state(prefix, shards[module_name][shard or 0]))
+        if getattr(layer, "input_smooth", None) is not None:
+            state[f"{prefix}.input_smooth"] = layer.input_smooth.clone()  # one copy per name
     dst.mkdir(parents=True, exist_ok=True)
     save_file(state, str(dst / "model.safetensors"), metadata={"format": "pt"})
     for item in src.iterdir():
         if item.is_file() and not item.name.startswith("model") and item.name != "config.json":
             shutil.copy2(item, dst / item.name)
+    quant = make_method(method, **options)
     qcfg = {"quant_method": QUANT_METHOD, "method": method, "format": quant.format, **options}
     config["quantization_config"] = qcfg
     (dst / "config.json").write_text(json.dumps(config, indent=2))
     return qcfg
+
+
+def _read(files: list[Path], desc: str) -> Iterator[tuple[str, torch.Tensor]]:
+    for path in files:
+        with safe_open(str(path), framework="pt") as f:
+            for name in tqdm(list(f.keys()), desc=f"{desc} {path.name}", leave=False):
+                yield name, f.get_tensor(name)

@@ -41,7 +41,7 @@ METHODS = ("w8a8", "fp8", *FORMATS)  # a bare format name means weight-only in t
 def make_method(name: str, **options) -> QuantMethod:
     """'w8a8' | 'fp8' | a format name (weight-only), with method options."""
     if name == "w8a8":
-        return W8A8Method()
+        return W8A8Method(**options)
     if name == "fp8":
         return FP8Method(**options)
     if name in FORMATS:
@@ -67,12 +67,23 @@ class QuantMethod:
     def process_weights_after_loading(self, layer) -> None:
         if getattr(layer, "qweight", None) is not None:
             return  # installed from a quantized checkpoint
-        # Each checkpoint tensor of a merged layer (q/k/v, gate/up) is quantized on its own, as
-        # `tokenmill quantize` does, so both paths give bit-identical weights.
-        shards = layer.weight.data.split(layer.output_sizes)
-        parts = [self.quantize_weight(w) for w in shards]
+        parts = self.quantize_shards(layer)
         del layer.weight
         self.install(layer, cat_rows(parts) if len(parts) > 1 else parts[0])
+
+    def quantize_shards(self, layer) -> list[QuantizedTensor]:
+        """Each checkpoint tensor of a merged layer (q/k/v, gate/up) quantized on its own, as
+        `tokenmill quantize` writes them, so both paths give bit-identical weights. With
+        calibration (`layer.input_amax`), SmoothQuant scales the input channels first."""
+        weight = layer.weight.data
+        smooth = self.smoothing(layer)
+        if smooth is not None:
+            layer.input_smooth = smooth
+            weight = weight.float() * smooth
+        return [self.quantize_weight(w) for w in weight.split(layer.output_sizes)]
+
+    def smoothing(self, layer) -> torch.Tensor | None:
+        return None
 
     def install(self, layer, qweight: QuantizedTensor) -> None:
         raise NotImplementedError
@@ -92,9 +103,38 @@ def _finish(y: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None) -> torc
     return y.view(*x.shape[:-1], y.shape[-1])
 
 
-class W8A8Method(QuantMethod):
+class SmoothQuantMixin:
+    """Input-channel smoothing for methods that quantize activations (calibrate.py)."""
+
+    smoothquant_alpha: float | None = None
+
+    def smoothing(self, layer) -> torch.Tensor | None:
+        from tokenmill.quant.calibrate import smoothing_scale
+
+        amax = getattr(layer, "input_amax", None)
+        if not self.smoothquant_alpha or amax is None:
+            return None
+        return smoothing_scale(amax, layer.weight.data, self.smoothquant_alpha)
+
+
+def _smooth(layer, x2: torch.Tensor) -> torch.Tensor:
+    """x / s in fp32 (identity without smoothing)."""
+    inv = getattr(layer, "smooth_inv", None)
+    return x2.float() if inv is None else x2.float() * inv
+
+
+def _install_smoothing(layer) -> None:
+    s = getattr(layer, "input_smooth", None)
+    if s is not None:
+        layer.smooth_inv = (1.0 / s.float()).contiguous()  # [in_features]
+
+
+class W8A8Method(SmoothQuantMixin, QuantMethod):
     format = "int8"
     kernel = "torch._int_mm"
+
+    def __init__(self, smoothquant_alpha: float | None = 0.5) -> None:
+        self.smoothquant_alpha = smoothquant_alpha
 
     def quantize_weight(self, weight):
         return quantize(weight, "int8", granularity="channel")
@@ -103,12 +143,13 @@ class W8A8Method(QuantMethod):
         layer.weight_t = qweight.data.t().contiguous()  # [in, out] int8: _int_mm's right operand
         layer.qweight = replace(qweight, data=layer.weight_t.t())  # a view: stored once
         layer.weight_scale = qweight.scale.float().expand(qweight.shape[0]).contiguous()  # [out]
+        _install_smoothing(layer)
 
     def apply(self, layer, x):
-        x2 = _rows(x)
+        x2 = _smooth(layer, _rows(x))  # [tokens, in] fp32
         # Dynamic per-token scale: |x * 127 / amax| <= 127 up to rounding, so no clamp needed.
-        amax = x2.abs().amax(dim=1, keepdim=True).float().clamp_(min=1e-12)  # [tokens, 1]
-        xq = torch.round(x2.float() * (127.0 / amax)).to(torch.int8)
+        amax = x2.abs().amax(dim=1, keepdim=True).clamp_(min=1e-12)  # [tokens, 1]
+        xq = torch.round(x2 * (127.0 / amax)).to(torch.int8)
         m = xq.shape[0]
         if xq.device.type == "cuda" and m <= 16:  # the CUDA kernel needs more than 16 rows
             xq = F.pad(xq, (0, 0, 0, 17 - m))
@@ -134,10 +175,15 @@ class AmaxHistory:
         return (amax / max_value).clamp(min=1e-12)
 
 
-class FP8Method(QuantMethod):
+class FP8Method(SmoothQuantMixin, QuantMethod):
     format = "fp8_e4m3"
 
-    def __init__(self, activation_scaling: str = "current", amax_history_len: int = 16) -> None:
+    def __init__(
+        self,
+        activation_scaling: str = "current",
+        amax_history_len: int = 16,
+        smoothquant_alpha: float | None = 0.5,
+    ) -> None:
         if activation_scaling not in ("current", "delayed"):
             raise ValueError(
                 f"activation_scaling must be 'current' or 'delayed', got {activation_scaling!r}"
@@ -146,6 +192,7 @@ class FP8Method(QuantMethod):
             raise ValueError(f"amax_history_len must be >= 1, got {amax_history_len}")
         self.activation_scaling = activation_scaling
         self.amax_history_len = amax_history_len
+        self.smoothquant_alpha = smoothquant_alpha
 
     def quantize_weight(self, weight):
         return quantize(weight, "fp8_e4m3", granularity="channel")
@@ -154,6 +201,7 @@ class FP8Method(QuantMethod):
         layer.qweight = qweight
         layer.weight_scale = qweight.scale.float().expand(qweight.shape[0]).contiguous()
         layer.amax_history = AmaxHistory(self.amax_history_len)
+        _install_smoothing(layer)
         dev = qweight.data.device
         if dev.type == "cuda":
             self.kernel = "torch._scaled_mm"
@@ -176,10 +224,10 @@ class FP8Method(QuantMethod):
         return scale.expand(x2.shape[0], 1)
 
     def apply(self, layer, x):
-        x2 = _rows(x)
+        x2 = _smooth(layer, _rows(x))  # [tokens, in] fp32
         scale = self.activation_scale(layer, x2)
         limit = el.E4M3.max_value  # delayed scales can be stale: saturate, as the format does
-        xq = (x2.float() / scale).clamp_(-limit, limit).to(torch.float8_e4m3fn)
+        xq = (x2 / scale).clamp_(-limit, limit).to(torch.float8_e4m3fn)
         if hasattr(layer, "weight_fp8"):
             y = torch._scaled_mm(
                 xq,
