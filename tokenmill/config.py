@@ -147,6 +147,12 @@ class QuantConfig:
         "int4 group size (32, 64 or 128); default 128, or the largest that divides the rows.",
         default=None,
     )
+    gptq: bool = _help(
+        "Choose weight codes with GPTQ (error-compensating, from the Hessian of each layer's "
+        "inputs on a few windows of held-out text) instead of round-to-nearest; same format and "
+        "kernels, a slower load.",
+        default=False,
+    )
     smoothquant_alpha: float = _help(
         "w8a8 and fp8: SmoothQuant migration strength in [0, 1], calibrated at load on a few "
         "windows of text; 0 turns smoothing off.",
@@ -171,17 +177,19 @@ class QuantConfig:
 
     def method_options(self) -> dict[str, Any]:
         """Keyword arguments for quant/methods.make_method."""
+        gptq = {"gptq": True} if self.gptq else {}
         if self.quantization == "fp8":
             return {
                 "activation_scaling": self.activation_scaling,
                 "amax_history_len": self.amax_history_len,
                 "smoothquant_alpha": self.smoothquant_alpha,
+                **gptq,
             }
         if self.quantization == "w8a8":
-            return {"smoothquant_alpha": self.smoothquant_alpha}
+            return {"smoothquant_alpha": self.smoothquant_alpha, **gptq}
         if self.quantization == "int4":
-            return {"group_size": self.group_size}
-        return {}
+            return {"group_size": self.group_size, **gptq}
+        return gptq
 
 
 @dataclass(frozen=True)

@@ -113,3 +113,16 @@ def test_w8a8_calibrates_smoothing_at_load(tiny_model_dir):
     layer = smooth.engine.loaded.model.model.layers[0].mlp.down_proj
     assert layer.smooth_inv.shape == (layer.in_features,) and (layer.smooth_inv != 1).any()
     assert not hasattr(plain.engine.loaded.model.model.layers[0].mlp.down_proj, "smooth_inv")
+
+
+def test_gptq_checkpoint_equals_gptq_on_load(tiny_model_dir, tmp_path):
+    folder = tiny_model_dir("llama")
+    on_load = LLM(folder, dtype="float32", quantization="nvfp4", gptq=True, kv_cache_memory=1 << 22)
+    layer = on_load.engine.loaded.model.model.layers[0].self_attn.qkv_proj
+    assert layer.input_hessian.shape == (layer.in_features, layer.in_features)
+    rtn = LLM(folder, dtype="float32", quantization="nvfp4", kv_cache_memory=1 << 22)
+    expected = prompt_logprobs(on_load.generate(PROMPTS, SCORE, use_tqdm=False))
+    assert expected != prompt_logprobs(rtn.generate(PROMPTS, SCORE, use_tqdm=False))
+    quantize_checkpoint(folder, tmp_path / "q", "nvfp4", {"gptq": True})
+    again = LLM(tmp_path / "q", dtype="float32", kv_cache_memory=1 << 22)
+    assert prompt_logprobs(again.generate(PROMPTS, SCORE, use_tqdm=False)) == expected

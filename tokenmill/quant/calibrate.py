@@ -20,15 +20,26 @@ CALIBRATION_PLAY = "tragedies/hamlet.md"
 
 
 class _Recorder:
-    """Stands in for a layer's quant method during calibration: float matmul + amax."""
+    """Stands in for a layer's quant method during calibration: float matmul, and the input
+    statistics: amax per channel, and X^T X when GPTQ wants the Hessian."""
 
-    def __init__(self) -> None:
+    def __init__(self, hessian: bool) -> None:
         self.amax: torch.Tensor | None = None
+        self.xtx: torch.Tensor | None = None if not hessian else torch.zeros(0)
+        self.num_tokens = 0
 
     def apply(self, layer, x: torch.Tensor) -> torch.Tensor:
-        a = x.reshape(-1, x.shape[-1]).abs().amax(dim=0).float()  # [in_features]
+        x2 = x.reshape(-1, x.shape[-1]).float()  # [tokens, in_features]
+        a = x2.abs().amax(dim=0)
         self.amax = a if self.amax is None else torch.maximum(self.amax, a)
+        if self.xtx is not None:
+            self.xtx = x2.T @ x2 if self.xtx.numel() == 0 else self.xtx + x2.T @ x2
+            self.num_tokens += x2.shape[0]
         return F.linear(x, layer.weight, layer.bias)
+
+    @property
+    def hessian(self) -> torch.Tensor | None:  # [in, in]: 2 X^T X / tokens, GPTQ's H
+        return None if not self.num_tokens else 2 * self.xtx / self.num_tokens  # type: ignore[operator]
 
 
 def single_sequence_metadata(n: int, block_size: int, device) -> AttentionMetadata:
@@ -44,13 +55,13 @@ def single_sequence_metadata(n: int, block_size: int, device) -> AttentionMetada
 
 
 @torch.inference_mode()
-def input_amax(model, windows: list[list[int]], names: set[str]) -> dict[str, torch.Tensor]:
+def input_stats(model, windows: list[list[int]], names: dict[str, bool]) -> dict[str, _Recorder]:
     """Run `windows` through `model` (weights loaded, not yet quantized); module name ->
-    max |input| per channel, for the linear layers in `names`."""
+    its recorder, for the linear layers in `names` (name -> whether to keep the Hessian)."""
     arch = model.arch
     device = model.model.embed_tokens.weight.device
     dtype = model.model.embed_tokens.weight.dtype
-    recorders = {n: _Recorder() for n in names}
+    recorders = {n: _Recorder(hessian) for n, hessian in names.items()}
     saved = {}
     for n, rec in recorders.items():
         layer = model.get_submodule(n)
@@ -68,7 +79,7 @@ def input_amax(model, windows: list[list[int]], names: set[str]) -> dict[str, to
     finally:
         for n, method in saved.items():
             model.get_submodule(n).quant_method = method
-    return {n: rec.amax for n, rec in recorders.items() if rec.amax is not None}
+    return recorders
 
 
 def calibration_windows(tokenizer, window: int, num_windows: int = 4) -> list[list[int]]:
@@ -79,18 +90,22 @@ def calibration_windows(tokenizer, window: int, num_windows: int = 4) -> list[li
 
 
 def calibrate(model, tokenizer, max_len: int) -> None:
-    """Give every linear layer whose quant method wants it (`smoothquant_alpha`) its
-    `input_amax`, before `process_weights_after_loading` quantizes it."""
-    names = {
-        n
-        for n, m in model.named_modules()
-        if isinstance(m, Linear) and getattr(m.quant_method, "smoothquant_alpha", None)
-    }
+    """Give every linear layer whose quant method wants them (`smoothquant_alpha`, `gptq`) its
+    `input_amax` and `input_hessian`, before `process_weights_after_loading` quantizes it."""
+    names = {}
+    for n, m in model.named_modules():
+        method = getattr(m, "quant_method", None)
+        wants_hessian = bool(getattr(method, "gptq", False))
+        if isinstance(m, Linear) and (getattr(method, "smoothquant_alpha", None) or wants_hessian):
+            names[n] = wants_hessian
     if not names:
         return
-    amax = input_amax(model, calibration_windows(tokenizer, min(512, max_len)), names)
-    for n, a in amax.items():
-        model.get_submodule(n).input_amax = a
+    stats = input_stats(model, calibration_windows(tokenizer, min(512, max_len)), names)
+    for n, rec in stats.items():
+        layer = model.get_submodule(n)
+        layer.input_amax = rec.amax
+        if rec.hessian is not None:
+            layer.input_hessian = rec.hessian
 
 
 def smoothing_scale(input_amax: torch.Tensor, weight: torch.Tensor, alpha: float) -> torch.Tensor:

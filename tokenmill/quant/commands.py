@@ -21,6 +21,9 @@ def add_parsers(sub, add_engine_options) -> None:
     q.add_argument("--method", required=True, choices=QUANTIZATIONS)
     q.add_argument("--out", required=True, help="folder to write")
     q.add_argument("--group-size", type=int, default=None, help="int4 group size (32/64/128)")
+    q.add_argument(
+        "--gptq", action="store_true", help="GPTQ codes from calibration (else round to nearest)"
+    )
 
     e = sub.add_parser("eval", help="quality evaluation").add_subparsers(dest="eval", required=True)
     p = e.add_parser(
@@ -53,6 +56,8 @@ def quantize(args) -> int:
     if not (src / "config.json").exists():
         raise ValueError(f"{src} is not a Hugging Face folder; quantize reads safetensors folders")
     options = {"group_size": args.group_size} if args.group_size else {}
+    if args.gptq:
+        options["gptq"] = True
     qcfg = quantize_checkpoint(src, Path(args.out), args.method, options)
     size = sum(f.stat().st_size for f in Path(args.out).glob("*.safetensors"))
     before = sum(f.stat().st_size for f in src.glob("*.safetensors"))

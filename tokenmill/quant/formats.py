@@ -256,3 +256,25 @@ def cat_rows(parts: list[QuantizedTensor]) -> QuantizedTensor:
         cat([per_row(p.global_scale, r) for p, r in zip(parts, rows)]),
         first.group_size,
     )
+
+
+def encode_with(q: QuantizedTensor, x: torch.Tensor) -> QuantizedTensor:
+    """`x` [rows, cols] coded on the scales (and zero points) of `q`: same layout, new codes.
+    Values beyond a scale's range saturate, as the format does."""
+    rows = x.detach().double().reshape(q.data.shape[0], -1)
+    scale = expanded_scale(q)
+    if q.group_size is not None:
+        rows = rows.view(rows.shape[0], -1, q.group_size)
+    y = torch.where(scale > 0, rows / torch.where(scale > 0, scale, 1.0), 0.0)
+    if q.format == "int8":
+        return replace(q, data=torch.round(y).clamp(-127, 127).to(torch.int8).view(q.data.shape))
+    if q.format == "int4":
+        zero = q.zero_point.double()[..., None] if q.zero_point is not None else 8.0
+        codes = (torch.round(y) + zero).clamp(0, 15).to(torch.uint8).flatten(1)
+        return replace(q, data=el.pack_4bit(codes))
+    if q.format in MINIFLOATS and q.format not in MX:
+        codes = el.encode(y, MINIFLOATS[q.format])
+        return replace(q, data=codes.view(q.data.dtype).view(q.data.shape))
+    fmt = MX.get(q.format, el.E2M1)
+    codes = el.encode(torch.nan_to_num(y, nan=0.0), fmt).flatten(1)
+    return replace(q, data=el.pack_4bit(codes) if fmt.bits == 4 else el.pack_6bit(codes))

@@ -54,6 +54,7 @@ class QuantMethod:
 
     format: str = ""
     kernel: str = ""  # the path `apply` takes on this layer's device, for logs and benchmarks
+    gptq: bool = False  # choose codes with GPTQ from calibration (gptq.py), else round to nearest
 
     def create_weights(self, layer) -> None:
         layer.weight = nn.Parameter(
@@ -76,11 +77,19 @@ class QuantMethod:
         `tokenmill quantize` writes them, so both paths give bit-identical weights. With
         calibration (`layer.input_amax`), SmoothQuant scales the input channels first."""
         weight = layer.weight.data
+        hessian = getattr(layer, "input_hessian", None) if self.gptq else None
         smooth = self.smoothing(layer)
         if smooth is not None:
             layer.input_smooth = smooth
             weight = weight.float() * smooth
-        return [self.quantize_weight(w) for w in weight.split(layer.output_sizes)]
+            if hessian is not None:  # the inputs become x / s
+                hessian = hessian / smooth[:, None] / smooth[None, :]
+        parts = [self.quantize_weight(w) for w in weight.split(layer.output_sizes)]
+        if hessian is not None:
+            from tokenmill.quant.gptq import gptq
+
+            parts = [gptq(w, hessian, q) for w, q in zip(weight.split(layer.output_sizes), parts)]
+        return parts
 
     def smoothing(self, layer) -> torch.Tensor | None:
         return None
@@ -120,7 +129,7 @@ class SmoothQuantMixin:
 def _smooth(layer, x2: torch.Tensor) -> torch.Tensor:
     """x / s in fp32 (identity without smoothing)."""
     inv = getattr(layer, "smooth_inv", None)
-    return x2.float() if inv is None else x2.float() * inv
+    return x2.float() if inv is None else x2 * inv  # promotes to fp32 in the same pass
 
 
 def _install_smoothing(layer) -> None:
@@ -133,8 +142,9 @@ class W8A8Method(SmoothQuantMixin, QuantMethod):
     format = "int8"
     kernel = "torch._int_mm"
 
-    def __init__(self, smoothquant_alpha: float | None = 0.5) -> None:
+    def __init__(self, smoothquant_alpha: float | None = 0.5, gptq: bool = False) -> None:
         self.smoothquant_alpha = smoothquant_alpha
+        self.gptq = gptq
 
     def quantize_weight(self, weight):
         return quantize(weight, "int8", granularity="channel")
@@ -183,6 +193,7 @@ class FP8Method(SmoothQuantMixin, QuantMethod):
         activation_scaling: str = "current",
         amax_history_len: int = 16,
         smoothquant_alpha: float | None = 0.5,
+        gptq: bool = False,
     ) -> None:
         if activation_scaling not in ("current", "delayed"):
             raise ValueError(
@@ -193,6 +204,7 @@ class FP8Method(SmoothQuantMixin, QuantMethod):
         self.activation_scaling = activation_scaling
         self.amax_history_len = amax_history_len
         self.smoothquant_alpha = smoothquant_alpha
+        self.gptq = gptq
 
     def quantize_weight(self, weight):
         return quantize(weight, "fp8_e4m3", granularity="channel")
@@ -247,10 +259,17 @@ class FP8Method(SmoothQuantMixin, QuantMethod):
 
 
 class WeightOnlyMethod(QuantMethod):
-    def __init__(self, format: str, group_size: int | None = None, symmetric: bool = False):
+    def __init__(
+        self,
+        format: str,
+        group_size: int | None = None,
+        symmetric: bool = False,
+        gptq: bool = False,
+    ):
         self.format = format
         self.group_size = group_size
         self.symmetric = symmetric
+        self.gptq = gptq
 
     def quantize_weight(self, weight):
         if self.format != "int4":
