@@ -1,0 +1,148 @@
+"""tokenmill and its peers on the same model and the same tokens, one engine at a time, in one run:
+offline throughput (64 x 128 -> 128 by default), batch-1 TTFT and decode speed, start-up time.
+
+    python benchmarks/peers/export_default.py /tmp/smollm2-hf       # the same weights for all
+    bash benchmarks/peers/setup_<peer>.sh                           # each peer in its own venv
+    python benchmarks/peers/compare.py --hf /tmp/smollm2-hf [--json-out F]
+
+An engine whose venv is missing is reported as such, not skipped silently. llama.cpp reads the
+GGUF directly (the bundled Q4_1 file, as shipped, and an F32 copy of the same values).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent.parent
+
+
+def venv_python(name: str | None) -> Path:
+    return Path(sys.executable) if name is None else HERE / f".venv-{name}" / "bin" / "python"
+
+
+def engines(
+    hf: str, gguf: str, gguf_f32: str | None
+) -> list[tuple[str, str | None, str, str, str]]:
+    """(label, venv, driver, model, variant)."""
+    rows = [
+        ("tokenmill fp32", None, "tokenmill_driver.py", hf, "float32"),
+        ("tokenmill bf16", None, "tokenmill_driver.py", hf, "bfloat16"),
+        ("transformers fp32", None, "transformers_driver.py", hf, "float32"),
+        ("vLLM fp32", "vllm", "vllm_driver.py", hf, "float32"),
+        ("vLLM bf16", "vllm", "vllm_driver.py", hf, "bfloat16"),
+        ("llama.cpp Q4_1 (as shipped)", "llamacpp", "llamacpp_driver.py", gguf, "q4_1"),
+        ("CTranslate2 fp32", "ctranslate2", "ctranslate2_driver.py", hf, "float32"),
+        ("CTranslate2 int8", "ctranslate2", "ctranslate2_driver.py", hf, "int8"),
+    ]
+    if gguf_f32:
+        rows.insert(5, ("llama.cpp F32", "llamacpp", "llamacpp_driver.py", gguf_f32, "f32"))
+    return rows
+
+
+def workload(vocab: int, num: int, input_len: int, output_len: int, seed: int) -> dict:
+    rng = random.Random(seed)
+    draw = lambda k: [[rng.randrange(100, vocab) for _ in range(input_len)] for _ in range(k)]  # noqa: E731
+    return {
+        "offline": draw(num),
+        "output_len": output_len,
+        "latency": draw(3),
+        "latency_output_len": output_len,
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--hf", required=True, help="HF folder (export_default.py)")
+    ap.add_argument("--gguf", default=None, help="GGUF for llama.cpp (default: the bundled file)")
+    ap.add_argument("--gguf-f32", default=None, help="an F32 GGUF of the same weights")
+    ap.add_argument("--num-prompts", type=int, default=64)
+    ap.add_argument("--input-len", type=int, default=128)
+    ap.add_argument("--output-len", type=int, default=128)
+    ap.add_argument("--only", default=None, help="comma-separated labels to run")
+    ap.add_argument("--json-out", default=None)
+    args = ap.parse_args()
+    sys.path.insert(0, str(ROOT))
+    from tokenmill.bench.offline import commit, machine
+    from tokenmill.models.gguf import resolve_default_model
+
+    gguf = args.gguf or str(resolve_default_model())
+    vocab = json.loads((Path(args.hf) / "config.json").read_text())["vocab_size"]
+    work_dir = Path(tempfile.mkdtemp(prefix="peers-"))
+    work = work_dir / "workload.json"
+    work.write_text(
+        json.dumps(workload(vocab, args.num_prompts, args.input_len, args.output_len, 0))
+    )
+    results = []
+    for label, venv, driver, model, variant in engines(args.hf, gguf, args.gguf_f32):
+        if args.only and label not in args.only.split(","):
+            continue
+        python = venv_python(venv)
+        if not python.exists():
+            results.append({"label": label, "error": f"not installed: run setup_{venv}.sh"})
+            print(f"{label}: not installed (setup_{venv}.sh)", flush=True)
+            continue
+        out = work_dir / f"{label.replace(' ', '_')}.json"
+        cmd = [
+            str(python),
+            str(HERE / "drivers" / driver),
+            "--model",
+            model,
+            "--workload",
+            str(work),
+            "--out",
+            str(out),
+            "--variant",
+            variant,
+        ]
+        t = time.perf_counter()
+        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=HERE / "drivers")
+        if proc.returncode != 0:
+            tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+            results.append({"label": label, "error": " | ".join(tail)})
+            print(f"{label}: failed: {tail}", flush=True)
+            continue
+        row = {"label": label, **json.loads(out.read_text()), "wall_s": time.perf_counter() - t}
+        results.append(row)
+        print(json.dumps(row), flush=True)
+    stamp = {
+        "machine": machine(),
+        "commit": commit(),
+        "date": time.strftime("%Y-%m-%d"),
+        "workload": f"{args.num_prompts} x ({args.input_len} -> {args.output_len}), greedy",
+    }
+    table(results, stamp)
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps({**stamp, "results": results}, indent=2))
+
+
+def table(results: list[dict], stamp: dict) -> None:
+    base = next((r for r in results if r["label"] == "tokenmill fp32" and "error" not in r), None)
+    print(f"\n{stamp['machine']}, commit {stamp['commit']}, {stamp['date']}, {stamp['workload']}")
+    print(
+        "| engine | version | offline out tok/s | vs tokenmill fp32 | batch-1 decode tok/s "
+        "| batch-1 TTFT ms | start-up s |"
+    )
+    print("|---|---|---:|---:|---:|---:|---:|")
+    for r in results:
+        if "error" in r:
+            print(f"| {r['label']} | - | {r['error']} | | | | |")
+            continue
+        ratio = r["offline_output_tps"] / base["offline_output_tps"] if base else float("nan")
+        print(
+            f"| {r['label']} | {r['version']} | {r['offline_output_tps']:.1f} | {ratio:.2f}x | "
+            f"{r['decode_b1_tps']:.1f} | {1000 * r['ttft_b1_s']:.0f} | {r['startup_s']:.1f} |"
+        )
+
+
+if __name__ == "__main__":
+    main()
