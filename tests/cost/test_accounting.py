@@ -149,3 +149,43 @@ def test_since_parsing():
     assert since_hour(None) == 0
     with pytest.raises(ValueError, match="24h"):
         since_hour("yesterday")
+
+
+def test_tco_commands_end_to_end(tmp_path, capsys):
+    from tokenmill.cli import main
+
+    (tmp_path / "a.json").write_text(json.dumps({"output_throughput": 50.0}))
+    (tmp_path / "b.json").write_text(json.dumps({"output_tokens_per_s": 500.0}))
+    plot = tmp_path / "plan.png"
+    assert (
+        main(
+            [
+                "tco",
+                "plan",
+                "--profile",
+                f"{tmp_path}/a.json:cpu-2core:cpu",
+                "--profile",
+                f"{tmp_path}/b.json:l40s:gpu",
+                "--tokens-per-day",
+                "1e7",
+                "--plot",
+                str(plot),
+                "--json",
+            ]
+        )
+        == 0
+    )
+    out = capsys.readouterr().out
+    rows = json.loads(out[out.index("[") :])
+    costs = [r["usd_per_million_tokens"] for r in rows]
+    assert costs == sorted(costs) and {r["option"] for r in rows} == {"cpu", "gpu"}
+    assert plot.stat().st_size > 1000 and plot.read_bytes()[:4] == b"\x89PNG"
+    db = tmp_path / "u.sqlite"
+    acc = Accountant("m", "i", "cpu-2core", "modeled", UsageStore(db))
+    acc.record_tokens("alice", 10, 20, requests=1)
+    acc.record_energy(50.0, 2.0)
+    assert main(["tco", "report", "--db", str(db), "--since", "24h", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["tenants"][0]["tenant"] == "alice" and report["total"]["tokens"] == 30
+    assert report["tenants"][0]["energy_source"] == "modeled"
+    assert main(["tco", "report", "--db", str(tmp_path / "missing.sqlite")]) == 2

@@ -35,3 +35,29 @@ def test_report_throughput_goodput_and_failures():
     assert out["ttft_ms"]["median"] == pytest.approx(550.0)
     assert out["tpot_ms"]["mean"] == pytest.approx((100 + 2000) / 2)
     assert summarize([0.001, 0.003])["mean"] == pytest.approx(2.0)
+
+
+def test_streams_without_usage_count_chunks_as_tokens():
+    """llama.cpp's server streams no usage: each text chunk is one token."""
+    import asyncio
+    import json as _json
+
+    import httpx
+
+    from tokenmill.bench.metrics import RequestRecord
+    from tokenmill.bench.serve import Sample, _one
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        chunks = [{"choices": [{"text": t, "finish_reason": None}]} for t in ("a", "b", "c")]
+        body = "".join(f"data: {_json.dumps(c)}\n\n" for c in chunks) + "data: [DONE]\n\n"
+        return httpx.Response(200, text=body, headers={"content-type": "text/event-stream"})
+
+    async def go() -> RequestRecord:
+        rec = RequestRecord(sent=0.0)
+        transport = httpx.MockTransport(handler)
+        async with httpx.AsyncClient(transport=transport, base_url="http://x") as client:
+            await _one(client, None, Sample("hi", 3), rec, {})
+        return rec
+
+    rec = asyncio.run(go())
+    assert rec.ok and rec.output_tokens == 3 and len(rec.chunk_times) == 3

@@ -67,14 +67,18 @@ def load_dataset(
 
 
 def wait_ready(base_url: str, timeout_s: float = 120.0, alive=lambda: True) -> None:
-    """Poll /v1/health/ready until 200; `alive()` False (e.g. the process exited) stops early."""
+    """Poll /v1/health/ready until 200 (or, on servers without it, /v1/models); `alive()` False
+    (e.g. the process exited) stops early."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if not alive():
             raise RuntimeError(f"the server at {base_url} exited while starting")
         try:
-            if httpx.get(f"{base_url}/v1/health/ready", timeout=1).status_code == 200:
+            status = httpx.get(f"{base_url}/v1/health/ready", timeout=1).status_code
+            if status == 200:
                 return
+            if status == 404 and httpx.get(f"{base_url}/v1/models", timeout=1).status_code == 200:
+                return  # a peer without NIM-style health routes (llama.cpp's server)
         except httpx.HTTPError:
             pass
         time.sleep(0.2)
@@ -118,6 +122,9 @@ async def _one(
                 if chunk.get("usage"):
                     rec.prompt_tokens = chunk["usage"]["prompt_tokens"]
                     rec.output_tokens = chunk["usage"]["completion_tokens"]
+        if not rec.output_tokens and rec.chunk_times:
+            # A server that streams no usage (llama.cpp's): one chunk per token, as it streams.
+            rec.output_tokens = len(rec.chunk_times)
         rec.ok = bool(rec.chunk_times) and rec.output_tokens > 0
         if not rec.ok:
             rec.error = f"no tokens received ({rec.output_tokens} counted)"
