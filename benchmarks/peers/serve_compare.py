@@ -26,44 +26,18 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent.parent
 
 
+def tokenmill_cmd(hf: str, dtype: str, port: int) -> list[str]:
+    return [sys.executable, "-m", "tokenmill.cli", "serve", "--model", hf, "--dtype", dtype,
+            "--port", str(port), "--max-model-len", "1024", "--served-model-name", "smollm2",
+            "--no-usage"]  # fmt: skip
+
+
 def servers(hf: str, gguf_f32: str, port: int) -> dict[str, list[str]]:
     vllm = HERE / ".venv-vllm" / "bin" / "python"
     llamacpp = HERE / ".venv-llamacpp" / "bin" / "python"
     return {
-        "tokenmill fp32": [
-            sys.executable,
-            "-m",
-            "tokenmill.cli",
-            "serve",
-            "--model",
-            hf,
-            "--dtype",
-            "float32",
-            "--port",
-            str(port),
-            "--max-model-len",
-            "1024",
-            "--served-model-name",
-            "smollm2",
-            "--no-usage",
-        ],
-        "tokenmill bf16": [
-            sys.executable,
-            "-m",
-            "tokenmill.cli",
-            "serve",
-            "--model",
-            hf,
-            "--dtype",
-            "bfloat16",
-            "--port",
-            str(port),
-            "--max-model-len",
-            "1024",
-            "--served-model-name",
-            "smollm2",
-            "--no-usage",
-        ],
+        "tokenmill fp32": tokenmill_cmd(hf, "float32", port),
+        "tokenmill bf16": tokenmill_cmd(hf, "bfloat16", port),
         # one request at a time, queued; its default lets each new request interrupt the running one
         "llama.cpp F32": [
             str(llamacpp),

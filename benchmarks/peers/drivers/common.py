@@ -37,6 +37,17 @@ def timed(fn: Callable[[], object]) -> tuple[object, float]:
     return out, time.perf_counter() - t
 
 
+def latency_by_timing(run: Callable[[list, int], object], prompts: list, n: int) -> list:
+    """(TTFT, decode tokens/s) per prompt from the time of 1 token and of n tokens, for engines
+    that report no per-request timings (the prompt must not be cached between the two runs)."""
+    out = []
+    for p in prompts:
+        _, t1 = timed(lambda p=p: run([p], 1))
+        _, tn = timed(lambda p=p: run([p], n))
+        out.append((t1, (n - 1) / (tn - t1)))
+    return out
+
+
 def write(
     args,
     engine: str,

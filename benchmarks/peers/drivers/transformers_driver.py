@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import time
 
-from common import load_workload, parse, timed, write
+from common import latency_by_timing, load_workload, parse, timed, write
 
 args = parse()
 w = load_workload(args.workload)
@@ -39,10 +39,5 @@ n = w["output_len"]
 generate(w["offline"][:8], 8)  # warm-up
 out, dt = timed(lambda: generate(w["offline"], n))
 tokens = (out.shape[1] - max(len(p) for p in w["offline"])) * out.shape[0]
-lat = []
-m = w["latency_output_len"]
-for p in w["latency"]:
-    _, t1 = timed(lambda p=p: generate([p], 1))
-    _, tn = timed(lambda p=p: generate([p], m))
-    lat.append((t1, (m - 1) / (tn - t1)))
+lat = latency_by_timing(generate, w["latency"], w["latency_output_len"])
 write(args, "transformers", transformers.__version__, startup, tokens, dt, lat)

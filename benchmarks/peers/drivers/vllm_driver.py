@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 import time
 
-from common import load_workload, parse, timed, write
+from common import latency_by_timing, load_workload, parse, timed, write
 
 args = parse()
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")
@@ -31,10 +31,5 @@ def run(prompts, k):
 run([p[::-1] for p in w["offline"][:8]], 8)  # warm-up on other prompts
 outs, dt = timed(lambda: run(w["offline"], n))
 tokens = sum(len(o.outputs[0].token_ids) for o in outs)
-lat = []
-m = w["latency_output_len"]
-for p in w["latency"]:
-    _, t1 = timed(lambda p=p: run([p], 1))
-    _, tn = timed(lambda p=p: run([p], m))
-    lat.append((t1, (m - 1) / (tn - t1)))
+lat = latency_by_timing(run, w["latency"], w["latency_output_len"])
 write(args, "vllm", vllm.__version__, startup, tokens, dt, lat)
