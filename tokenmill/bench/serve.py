@@ -25,9 +25,9 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from tqdm.auto import tqdm
 
 from tokenmill.bench.metrics import RequestRecord
+from tokenmill.bench.progress import LoadProgress
 
 WORDS = (
     "time person year way day thing man world life hand part child eye woman place work week "
@@ -147,26 +147,25 @@ async def run_load(
     sem = asyncio.Semaphore(max_concurrency or len(samples) or 1)
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     records: list[RequestRecord] = []
-    bar = tqdm(total=len(samples), desc="requests", unit="req", disable=not progress)
     limits = httpx.Limits(max_connections=max_concurrency or 1000, max_keepalive_connections=None)
-    async with httpx.AsyncClient(
-        base_url=base_url, timeout=httpx.Timeout(600.0), limits=limits
-    ) as client:
+    client = httpx.AsyncClient(base_url=base_url, timeout=httpx.Timeout(600.0), limits=limits)
+    with LoadProgress(len(samples), progress) as bar:
+        async with client:
 
-        async def go(s: Sample) -> None:
-            async with sem:
-                rec = RequestRecord(sent=time.monotonic())
-                records.append(rec)
-                await _one(client, model, s, rec, headers)
-                bar.update(1)
+            async def go(s: Sample) -> None:
+                async with sem:
+                    rec = RequestRecord(sent=time.monotonic())
+                    records.append(rec)
+                    bar.sent()
+                    await _one(client, model, s, rec, headers)
+                    bar.finished(rec)
 
-        start = time.monotonic()
-        tasks = []
-        for s in samples:
-            tasks.append(asyncio.create_task(go(s)))
-            if request_rate and math.isfinite(request_rate):
-                await asyncio.sleep(rng.expovariate(request_rate))
-        await asyncio.gather(*tasks)
-        duration = time.monotonic() - start
-    bar.close()
+            start = time.monotonic()
+            tasks = []
+            for s in samples:
+                tasks.append(asyncio.create_task(go(s)))
+                if request_rate and math.isfinite(request_rate):
+                    await asyncio.sleep(rng.expovariate(request_rate))
+            await asyncio.gather(*tasks)
+            duration = time.monotonic() - start
     return records, duration
