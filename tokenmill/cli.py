@@ -130,6 +130,12 @@ def build_parser() -> argparse.ArgumentParser:
     bs.add_argument(
         "--vocab-size", type=int, default=32000, help="token id range of random prompts"
     )
+    bs.add_argument(
+        "--range-ratio",
+        type=float,
+        default=0.0,
+        help="random dataset: lengths uniform within +-this fraction of --input-len/--output-len",
+    )
     bs.add_argument("--slo-ttft-ms", type=float, default=None)
     bs.add_argument("--slo-tpot-ms", type=float, default=None)
     bs.add_argument("--seed", type=int, default=0)
@@ -174,7 +180,13 @@ def cmd_bench_serve(args: argparse.Namespace) -> int:
     from tokenmill.bench.serve import load_dataset, run_load
 
     samples = load_dataset(
-        args.dataset, args.num_prompts, args.input_len, args.output_len, args.seed, args.vocab_size
+        args.dataset,
+        args.num_prompts,
+        args.input_len,
+        args.output_len,
+        args.seed,
+        args.vocab_size,
+        args.range_ratio,
     )
     rates = [float(r) for r in args.sweep.split(",")] if args.sweep else [args.request_rate]
     results = []

@@ -61,3 +61,16 @@ def test_streams_without_usage_count_chunks_as_tokens():
 
     rec = asyncio.run(go())
     assert rec.ok and rec.output_tokens == 3 and len(rec.chunk_times) == 3
+
+
+def test_random_dataset_length_distribution():
+    from tokenmill.bench.serve import load_dataset
+
+    fixed = load_dataset("random", 50, 100, 20, seed=1)
+    assert {len(s.prompt) for s in fixed} == {100} and {s.output_len for s in fixed} == {20}
+    spread = load_dataset("random", 400, 100, 20, seed=1, range_ratio=0.5)
+    lengths = [len(s.prompt) for s in spread]
+    assert min(lengths) >= 50 and max(lengths) <= 150 and max(lengths) - min(lengths) > 80
+    assert all(10 <= s.output_len <= 30 for s in spread)
+    with pytest.raises(ValueError, match="range_ratio"):
+        load_dataset("random", 1, 10, 10, seed=0, range_ratio=1.5)

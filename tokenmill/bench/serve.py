@@ -42,14 +42,29 @@ class Sample:
 
 
 def load_dataset(
-    name: str, num: int, input_len: int, output_len: int, seed: int, vocab_size: int = 32000
+    name: str,
+    num: int,
+    input_len: int,
+    output_len: int,
+    seed: int,
+    vocab_size: int = 32000,
+    range_ratio: float = 0.0,
 ) -> list[Sample]:
+    """`random`: lengths uniform in [len x (1 - range_ratio), len x (1 + range_ratio)], as
+    vLLM's --random-range-ratio; `sharegpt-like`: log-normal around the lengths; or a .jsonl."""
+    if not 0.0 <= range_ratio < 1.0:
+        raise ValueError(f"range_ratio must be in [0, 1), got {range_ratio}")
     rng = random.Random(seed)
     if name == "random":
-        return [
-            Sample([rng.randrange(100, vocab_size) for _ in range(input_len)], output_len)
-            for _ in range(num)
-        ]
+
+        def draw(n: int) -> int:
+            return rng.randint(max(1, round(n * (1 - range_ratio))), round(n * (1 + range_ratio)))
+
+        out = []
+        for _ in range(num):
+            n_in, n_out = draw(input_len), draw(output_len)
+            out.append(Sample([rng.randrange(100, vocab_size) for _ in range(n_in)], n_out))
+        return out
     if name == "sharegpt-like":
         out = []
         for _ in range(num):
