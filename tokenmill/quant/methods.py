@@ -13,8 +13,8 @@ Fast paths, each measured in BENCHMARKS.md, and where none exists the method say
               does): torch._scaled_mm on CUDA; on CPU, whose _scaled_mm is a slow reference
               (2.7 ms vs 0.03 ms bf16 for 576x1536), the same FP8 values go through bf16/fp32
               GEMMs: exact FP8 numerics, fp32 accumulation, no FP8 memory saving
-  weight-only int8: _weight_int8pack_mm (bf16 on CPU); int4: _weight_int4pack_mm_for_cpu (bf16);
-              other formats and dtypes: dequantize on the fly, then the plain GEMM
+  weight-only (weight_only.py): int8 _weight_int8pack_mm and int4 _weight_int4pack_mm_for_cpu
+              (bf16 on CPU); other formats and dtypes dequantize on the fly, then the GEMM
 """
 
 from __future__ import annotations
@@ -30,8 +30,6 @@ from tokenmill.quant.formats import (
     FORMATS,
     QuantizedTensor,
     cat_rows,
-    element_values,
-    expanded_scale,
     quantize,
 )
 
@@ -45,6 +43,8 @@ def make_method(name: str, **options) -> QuantMethod:
     if name == "fp8":
         return FP8Method(**options)
     if name in FORMATS:
+        from tokenmill.quant.weight_only import WeightOnlyMethod
+
         return WeightOnlyMethod(name, **options)
     raise ValueError(f"unknown quantization {name!r}; known: {METHODS}")
 
@@ -256,82 +256,3 @@ class FP8Method(SmoothQuantMixin, QuantMethod):
         acc = packed_linear(xv, packed) if packed is not None else F.linear(xv, layer.weight_values)
         y = acc.float().mul_(scale).mul_(layer.weight_scale)
         return _finish(y, x, layer.bias)
-
-
-class WeightOnlyMethod(QuantMethod):
-    def __init__(
-        self,
-        format: str,
-        group_size: int | None = None,
-        symmetric: bool = False,
-        gptq: bool = False,
-    ):
-        self.format = format
-        self.group_size = group_size
-        self.symmetric = symmetric
-        self.gptq = gptq
-
-    def quantize_weight(self, weight):
-        if self.format != "int4":
-            return quantize(weight, self.format)
-        return quantize(
-            weight,
-            "int4",
-            group_size=self.group_size or int4_group(weight.shape[1]),
-            symmetric=self.symmetric,
-        )
-
-    def install(self, layer, qweight):
-        layer.qweight = qweight
-        on_cpu_bf16 = qweight.data.device.type == "cpu" and layer.params_dtype == torch.bfloat16
-        if on_cpu_bf16 and qweight.format == "int8" and qweight.scale.dim() == 1:
-            self.kernel = "aten._weight_int8pack_mm"
-            layer.int8_scale = qweight.scale.to(torch.bfloat16)
-        elif on_cpu_bf16 and qweight.format == "int4":
-            self.kernel = "aten._weight_int4pack_mm_for_cpu"
-            layer.int4_packed, layer.int4_scales_zeros = int4pack_for_cpu(qweight)
-            layer.qweight = replace(qweight, data=qweight.data[:0])  # the codes live in int4_packed
-        else:
-            self.kernel = f"dequantize {qweight.format} on the fly + GEMM (no fused kernel)"
-
-    def apply(self, layer, x):
-        q: QuantizedTensor = layer.qweight
-        x2 = _rows(x)
-        if hasattr(layer, "int8_scale"):
-            y = torch.ops.aten._weight_int8pack_mm(x2, q.data, layer.int8_scale)
-        elif hasattr(layer, "int4_packed"):
-            y = torch.ops.aten._weight_int4pack_mm_for_cpu(
-                x2, layer.int4_packed, q.group_size, layer.int4_scales_zeros
-            )
-        else:
-            y = F.linear(x2, dequantize_fast(q, x.dtype))
-        return _finish(y, x, layer.bias)
-
-
-def int4_group(in_features: int) -> int:
-    """The int4 group size: 128 where it divides the row, else the largest of 64/32 that does."""
-    for group in (128, 64, 32):
-        if in_features % group == 0:
-            return group
-    raise ValueError(f"int4 needs in_features divisible by 32, got {in_features}")
-
-
-def int4pack_for_cpu(q: QuantizedTensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Our int4 (w = (c - z) * s) in torch's CPU layout (w = (c - 8) * s + zero)."""
-    codes = el.unpack_4bit(q.data).to(torch.int32)  # [out, in]
-    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
-    scale = q.scale.float()  # [out, groups]
-    zp = q.zero_point.float() if q.zero_point is not None else torch.full_like(scale, 8.0)
-    zero = (8.0 - zp) * scale
-    scales_zeros = torch.stack([scale.t(), zero.t()], dim=-1)  # [groups, out, 2]
-    return packed, scales_zeros.to(torch.bfloat16).contiguous()
-
-
-def dequantize_fast(q: QuantizedTensor, dtype: torch.dtype) -> torch.Tensor:
-    """The weight in `dtype`, in fp32 arithmetic (formats.py's float64 path is the reference)."""
-    values = element_values(q, torch.float32)
-    scale = expanded_scale(q).float()
-    if q.group_size is not None:
-        values = values.view(values.shape[0], -1, q.group_size) * scale
-        return values.flatten(1).to(dtype)
-    return (values * scale).to(dtype)
