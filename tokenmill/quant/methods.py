@@ -19,6 +19,7 @@ Fast paths, each measured in BENCHMARKS.md, and where none exists the method say
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, replace
 
 import torch
@@ -49,7 +50,7 @@ def make_method(name: str, **options) -> QuantMethod:
     raise ValueError(f"unknown quantization {name!r}; known: {METHODS}")
 
 
-class QuantMethod:
+class QuantMethod(ABC):
     """Creates a layer's weight for loading, quantizes it once, applies it per call."""
 
     format: str = ""
@@ -62,8 +63,9 @@ class QuantMethod:
             requires_grad=False,
         )
 
+    @abstractmethod
     def quantize_weight(self, weight: torch.Tensor) -> QuantizedTensor:
-        raise NotImplementedError
+        """One float [out, in] checkpoint tensor -> its quantized form (round to nearest)."""
 
     def process_weights_after_loading(self, layer) -> None:
         if getattr(layer, "qweight", None) is not None:
@@ -94,11 +96,13 @@ class QuantMethod:
     def smoothing(self, layer) -> torch.Tensor | None:
         return None
 
+    @abstractmethod
     def install(self, layer, qweight: QuantizedTensor) -> None:
-        raise NotImplementedError
+        """Put a quantized weight on `layer` in the layout `apply` reads."""
 
+    @abstractmethod
     def apply(self, layer, x: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        """x [..., in] -> [..., out] through the installed weight."""
 
 
 def _rows(x: torch.Tensor) -> torch.Tensor:
