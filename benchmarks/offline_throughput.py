@@ -1,8 +1,10 @@
 """tokenmill vs transformers.generate, side by side in one run, on the bundled SmolLM2-135M-Instruct
-(the GGUF dequantized to fp32 by each engine): offline throughput on 64 x (128 -> 128) random
-token prompts, greedy, EOS ignored; batch-1 decode speed; start-up time.
+(the GGUF dequantized to fp32 by each engine) or an HF folder (--model): offline throughput on
+64 x (128 -> 128) random token prompts, greedy, EOS ignored; batch-1 decode speed; start-up time.
+Both engines run on the same device (CUDA when there is one, else CPU).
 
-    python benchmarks/offline_throughput.py [--repeats 3] [--num-prompts 64] [--json-out F]
+    python benchmarks/offline_throughput.py [--model DIR] [--repeats 3] [--num-prompts 64]
+        [--dtype float32|bfloat16] [--json-out F]
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ def main() -> None:
     ap.add_argument(
         "--dtype", default="float32", choices=["float32", "bfloat16"], help="for both engines"
     )
+    ap.add_argument("--model", default=None, help="an HF folder (default: the bundled model)")
+    ap.add_argument("--device", default="auto", help="cpu, cuda or auto")
     ap.add_argument("--json-out", default=None)
     args = ap.parse_args()
 
@@ -40,11 +44,10 @@ def main() -> None:
         tokenmill_decode_tps,
     )
 
-    bw = memory_bandwidth_gbs()
     t0 = time.perf_counter()
     from tokenmill import LLM, SamplingParams
 
-    llm = LLM(dtype=args.dtype, max_model_len=1024)
+    llm = LLM(args.model, dtype=args.dtype, max_model_len=1024, device=args.device)
     llm.generate(["Hello"], SamplingParams(max_tokens=1), use_tqdm=False)
     startup_s = time.perf_counter() - t0
     arch = llm.engine.loaded.arch
@@ -54,12 +57,19 @@ def main() -> None:
 
     import transformers
 
-    from tokenmill.models.gguf import DEFAULT_FILE, resolve_default_model
+    device = llm.engine.loaded.device
+    bw = memory_bandwidth_gbs(device=device)
+    dtype = getattr(torch, args.dtype)
+    if args.model is None:
+        from tokenmill.models.gguf import DEFAULT_FILE, resolve_default_model
 
-    path = resolve_default_model()
-    ref = transformers.AutoModelForCausalLM.from_pretrained(
-        str(path.parent), gguf_file=DEFAULT_FILE, dtype=getattr(torch, args.dtype)
-    ).eval()
+        path = resolve_default_model()
+        ref = transformers.AutoModelForCausalLM.from_pretrained(
+            str(path.parent), gguf_file=DEFAULT_FILE, dtype=dtype
+        )
+    else:
+        ref = transformers.AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype)
+    ref = ref.to(device).eval()
 
     # warm-up on other prompts (no prefix-cache hits later): first-touch pages, oneDNN kernels
     warm = Workload(args.num_prompts, args.input_len, args.output_len, seed=1)
@@ -83,6 +93,8 @@ def main() -> None:
         "machine": machine(),
         "commit": commit(),
         "date": time.strftime("%Y-%m-%d"),
+        "model": args.model or "bundled SmolLM2-135M-Instruct",
+        "device": str(device),
         "workload": vars(work),
         "dtype": args.dtype,
         "repeats": args.repeats,

@@ -54,8 +54,9 @@ class CacheConfig:
 
     block_size: int = _help("Tokens per KV block.", default=16)
     kv_cache_memory: int | None = _help(
-        "Bytes for the KV cache; default: on CUDA, gpu_memory_utilization of the device less "
-        "the weights; on CPU, enough for max_num_seqs full-length sequences, at most 4 GiB.",
+        "Bytes for the KV cache; default: enough for max_num_seqs full-length sequences, "
+        "at most gpu_memory_utilization of the device less the weights on CUDA, at most "
+        "4 GiB on CPU.",
         default=None,
     )
     gpu_memory_utilization: float = _help(

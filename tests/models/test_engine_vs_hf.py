@@ -51,7 +51,7 @@ def record_logits(llm: LLM) -> list[torch.Tensor]:
 
     def wrapped(hidden):
         logits = original(hidden)
-        seen.append(logits.clone())
+        seen.append(logits.float().cpu())
         return logits
 
     model.compute_logits = wrapped

@@ -100,7 +100,12 @@ def test_quantized_checkpoint_loads_without_requantizing(
         monkeypatch.setattr(cls, "quantize_weight", refuse)
     again = LLM(tmp_path / "q", dtype="float32", kv_cache_memory=1 << 22)
     assert again.engine.loaded.quantization == method
-    assert prompt_logprobs(again.generate(PROMPTS, SCORE, use_tqdm=False)) == expected
+    loaded = prompt_logprobs(again.generate(PROMPTS, SCORE, use_tqdm=False))
+    if again.engine.loaded.device.type == "cpu":
+        assert loaded == expected  # the same weights, scales and arithmetic: bit-identical
+    else:  # quantize-on-load calibrated on the GPU, the checkpoint on the CPU: ulp-level amax
+        for a, b in zip(loaded, expected):
+            torch.testing.assert_close(torch.tensor(a), torch.tensor(b), atol=1e-5, rtol=0)
     with pytest.raises(ValueError, match="quantized with"):
         LLM(tmp_path / "q", quantization="int8" if method != "int8" else "int4")
 

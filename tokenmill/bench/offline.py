@@ -44,7 +44,8 @@ def machine() -> str:
         ),
         platform.processor(),
     )
-    return f"{cpu}, {torch.get_num_threads()}+ threads avail, torch {torch.__version__}"
+    gpu = f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
+    return f"{cpu}, {torch.get_num_threads()}+ threads avail{gpu}, torch {torch.__version__}"
 
 
 def commit() -> str:
@@ -56,18 +57,24 @@ def commit() -> str:
         return "unknown"
 
 
-def memory_bandwidth_gbs(size_mb: int = 512, repeats: int = 5) -> dict[str, float]:
+def memory_bandwidth_gbs(
+    size_mb: int = 512, repeats: int = 5, device: str | torch.device = "cpu"
+) -> dict[str, float]:
     """Median copy (read + write counted) and read-only (sum) bandwidth of a large buffer."""
-    a = torch.ones(size_mb * 2**20 // 4)
+    a = torch.ones(size_mb * 2**20 // 4, device=device)
     b = torch.empty_like(a)
     b.copy_(a)
+    sync = torch.cuda.synchronize if a.is_cuda else (lambda: None)
     copy, read = [], []
     for _ in range(repeats):
+        sync()
         t = time.perf_counter()
         b.copy_(a)
+        sync()
         copy.append(2 * a.numel() * 4 / (time.perf_counter() - t) / 1e9)
         t = time.perf_counter()
         a.sum()
+        sync()
         read.append(a.numel() * 4 / (time.perf_counter() - t) / 1e9)
     return {"copy": statistics.median(copy), "read": statistics.median(read)}
 
@@ -94,7 +101,7 @@ def tokenmill_decode_tps(llm, prompt: list[int], output_len: int) -> tuple[float
 
 def run_hf(model, prompts: list[list[int]], output_len: int, pad_id: int) -> Result:
     """transformers.generate on the whole batch at once (equal lengths: no padding needed)."""
-    ids = torch.tensor(prompts)
+    ids = torch.tensor(prompts, device=model.device)
     t = time.perf_counter()
     with torch.inference_mode():
         out = model.generate(
@@ -105,22 +112,30 @@ def run_hf(model, prompts: list[list[int]], output_len: int, pad_id: int) -> Res
             do_sample=False,
             pad_token_id=pad_id,
         )
+    _sync(model.device)
     dt = time.perf_counter() - t
     return Result("transformers", (out.shape[1] - ids.shape[1]) * ids.shape[0] / dt, dt)
 
 
 def hf_decode_tps(model, prompt: list[int], output_len: int, pad_id: int) -> float:
     """Batch-1 decode tokens/s: (time for output_len tokens - time for 1) / (output_len - 1)."""
-    ids = torch.tensor([prompt])
+    ids = torch.tensor([prompt], device=model.device)
     kw = dict(attention_mask=torch.ones_like(ids), do_sample=False, pad_token_id=pad_id)
     with torch.inference_mode():
         t = time.perf_counter()
         model.generate(ids, max_new_tokens=1, **kw)
+        _sync(model.device)
         first = time.perf_counter() - t
         t = time.perf_counter()
         model.generate(ids, max_new_tokens=output_len, min_new_tokens=output_len, **kw)
+        _sync(model.device)
         full = time.perf_counter() - t
     return (output_len - 1) / (full - first)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def as_dict(r: Result) -> dict:

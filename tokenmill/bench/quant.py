@@ -50,6 +50,9 @@ def model_bytes(model: torch.nn.Module) -> int:
         q = getattr(module, "qweight", None)
         if q is not None:
             tensors += [q.data, q.scale, q.zero_point, q.global_scale]
+        tw = getattr(module, "triton_weight", None)
+        if tw is not None:
+            tensors += [tw.codes, tw.scale, tw.zero, tw.row_scale]
         for t in tensors:
             if t is None or t.numel() == 0:
                 continue
@@ -86,7 +89,8 @@ def measure(model: str, dtype: str, method: str | None, kv: str, output_len: int
     vocab = loaded.arch.vocab_size
     decode_tps(llm, 2, 4, vocab)  # warm-up
     layer = loaded.model.model.layers[0].mlp.down_proj
-    kernel = getattr(layer.quant_method, "kernel", "") or "oneDNN packed GEMM"
+    plain = "oneDNN packed GEMM" if hasattr(layer, "packed_weight") else "F.linear"
+    kernel = getattr(layer.quant_method, "kernel", "") or plain
     row = Row(
         name=(method or "none") + ("" if kv == "auto" else f" + kv {kv}"),
         dtype=dtype,
@@ -111,3 +115,5 @@ def add_quality(row: Row, reference, candidate, token_ids: list[int], max_window
 def release(llm) -> None:
     del llm
     gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

@@ -45,7 +45,8 @@ def default_kv_cache_memory(loaded: LoadedModel, cache: CacheConfig, max_tokens:
         _, total = torch.cuda.mem_get_info(loaded.device)
         used = torch.cuda.memory_allocated(loaded.device)
         headroom = 1 << 30  # activations and the sampler's temporaries
-        return max(int(total * cache.gpu_memory_utilization) - used - headroom, 0)
+        budget = max(int(total * cache.gpu_memory_utilization) - used - headroom, 0)
+        return min(needed, budget)  # more than the scheduler can ever fill would only idle
     available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     return min(needed, CPU_DEFAULT_KV_BYTES, available // 4)
 

@@ -66,7 +66,7 @@ def encode(x: torch.Tensor, fmt: MiniFloat) -> torch.Tensor:
     nan = torch.isnan(a)
     if nan.any() and fmt.nan_code is None:
         raise ValueError(f"{fmt.name} has no NaN; NaNs must be handled by the block scale")
-    grid = magnitudes(fmt)
+    grid = magnitudes(fmt).to(a.device)
     min_exp = 1 - fmt.bias  # subnormals share the smallest normal's step
     _, exp = torch.frexp(torch.where(a > 0, a, 1.0))
     exp = torch.clamp(exp - 1, min=min_exp)  # floor(log2 a), exact from frexp

@@ -154,7 +154,10 @@ class W8A8Method(SmoothQuantMixin, QuantMethod):
         return quantize(weight, "int8", granularity="channel")
 
     def install(self, layer, qweight):
-        layer.weight_t = qweight.data.t().contiguous()  # [in, out] int8: _int_mm's right operand
+        # _int_mm's right operand [in, out]: row-major for the CPU kernel; on CUDA column-major
+        # (a transposed view of the [out, in] codes), the only layout cuBLASLt's int8 GEMM takes
+        codes = qweight.data.contiguous()
+        layer.weight_t = codes.t() if codes.is_cuda else codes.t().contiguous()
         layer.qweight = replace(qweight, data=layer.weight_t.t())  # a view: stored once
         layer.weight_scale = qweight.scale.float().expand(qweight.shape[0]).contiguous()  # [out]
         _install_smoothing(layer)
@@ -165,8 +168,8 @@ class W8A8Method(SmoothQuantMixin, QuantMethod):
         amax = x2.abs().amax(dim=1, keepdim=True).clamp_(min=1e-12)  # [tokens, 1]
         xq = torch.round(x2 * (127.0 / amax)).to(torch.int8)
         m = xq.shape[0]
-        if xq.device.type == "cuda" and m <= 16:  # the CUDA kernel needs more than 16 rows
-            xq = F.pad(xq, (0, 0, 0, 17 - m))
+        if xq.device.type == "cuda":  # cuBLASLt's int8 GEMM: more than 16 rows, a multiple of 8
+            xq = F.pad(xq, (0, 0, 0, max(24, -(-m // 8) * 8) - m))
         acc = torch._int_mm(xq, layer.weight_t)[:m]  # [tokens, out] int32, exact
         y = (acc * layer.weight_scale).mul_(amax * (1.0 / 127.0))  # one pass to fp32, one in place
         return _finish(y, x, layer.bias)
@@ -245,13 +248,7 @@ class FP8Method(SmoothQuantMixin, QuantMethod):
         limit = el.E4M3.max_value  # delayed scales can be stale: saturate, as the format does
         xq = (x2 / scale).clamp_(-limit, limit).to(torch.float8_e4m3fn)
         if hasattr(layer, "weight_fp8"):
-            y = torch._scaled_mm(
-                xq,
-                layer.weight_fp8.t(),
-                scale_a=scale.contiguous(),
-                scale_b=layer.weight_scale[None, :],
-                out_dtype=x.dtype,
-            )
+            y = scaled_mm_rowwise(xq, layer.weight_fp8, scale, layer.weight_scale, x.dtype)
             return _finish(y, x, layer.bias)
         from tokenmill.layers.linear import packed_linear
 
@@ -260,3 +257,46 @@ class FP8Method(SmoothQuantMixin, QuantMethod):
         acc = packed_linear(xv, packed) if packed is not None else F.linear(xv, layer.weight_values)
         y = acc.float().mul_(scale).mul_(layer.weight_scale)
         return _finish(y, x, layer.bias)
+
+
+_SCALED_MM_FORMS: dict[tuple, tuple[torch.dtype, int]] = {}
+
+
+def scaled_mm_rowwise(
+    xq: torch.Tensor, w: torch.Tensor, sx: torch.Tensor, sw: torch.Tensor, dtype: torch.dtype
+) -> torch.Tensor:
+    """E4M3 xq [M, K] @ w [N, K]^T, scaled per row (sx [M, 1]) and per column (sw [N]) through
+    torch._scaled_mm. Which output dtype and row padding the device's kernel accepts differs
+    between torch versions and GPUs: the first call per (device, dtype) tries the exact form
+    (output in `dtype`, no padding), then bf16 output, then rows padded to 16, and keeps the
+    first that runs (`scaled_mm_form`)."""
+    key = (xq.device, dtype)
+    forms = [_SCALED_MM_FORMS[key]] if key in _SCALED_MM_FORMS else _candidate_forms(dtype)
+    error: RuntimeError | None = None
+    for out_dtype, pad in forms:
+        m = xq.shape[0]
+        rows = -(-m // pad) * pad
+        a, sa = xq, sx.contiguous()
+        if rows != m:
+            a, sa = (
+                F.pad(xq.view(torch.uint8), (0, 0, 0, rows - m)).view(xq.dtype),
+                F.pad(sa, (0, 0, 0, rows - m), value=1.0),
+            )
+        try:
+            y = torch._scaled_mm(a, w.t(), scale_a=sa, scale_b=sw[None, :], out_dtype=out_dtype)
+        except RuntimeError as e:  # this form is not supported here: try the next
+            error = e
+            continue
+        _SCALED_MM_FORMS[key] = (out_dtype, pad)
+        return y[:m]
+    raise RuntimeError(f"torch._scaled_mm accepts none of {forms} on {xq.device}") from error
+
+
+def _candidate_forms(dtype: torch.dtype) -> list[tuple[torch.dtype, int]]:
+    forms = [(dtype, 1), (torch.bfloat16, 1), (dtype, 16), (torch.bfloat16, 16)]
+    return list(dict.fromkeys(forms))
+
+
+def scaled_mm_form(device: torch.device, dtype: torch.dtype) -> tuple[torch.dtype, int] | None:
+    """(output dtype, row padding) that scaled_mm_rowwise settled on, None before its first call."""
+    return _SCALED_MM_FORMS.get((device, dtype))

@@ -1,7 +1,8 @@
 """Weight-only quantization: weights stored in any format, activations in the model dtype.
 
-Fused CPU kernels where torch has them (int8: `_weight_int8pack_mm`, int4:
-`_weight_int4pack_mm_for_cpu`, both for bf16 activations); every other format and dtype
+On CUDA every format goes through one fused Triton dequantize-and-multiply kernel
+(triton_dequant.py). On CPU, fused kernels where torch has them (int8: `_weight_int8pack_mm`,
+int4: `_weight_int4pack_mm_for_cpu`, both for bf16 activations); every other format and dtype
 dequantizes the weight on the fly before the GEMM, which saves memory, not time (BENCHMARKS.md).
 """
 
@@ -42,6 +43,13 @@ class WeightOnlyMethod(QuantMethod):
 
     def install(self, layer, qweight):
         layer.qweight = qweight
+        if qweight.data.device.type == "cuda" and triton_available():
+            from tokenmill.quant.triton_dequant import TritonWeight
+
+            self.kernel = "triton dequant-matmul"
+            layer.triton_weight = TritonWeight.from_quantized(qweight)
+            layer.qweight = replace(qweight, data=qweight.data[:0])  # codes live in triton_weight
+            return
         on_cpu_bf16 = qweight.data.device.type == "cpu" and layer.params_dtype == torch.bfloat16
         if on_cpu_bf16 and qweight.format == "int8" and qweight.scale.dim() == 1:
             self.kernel = "aten._weight_int8pack_mm"
@@ -56,7 +64,11 @@ class WeightOnlyMethod(QuantMethod):
     def apply(self, layer, x):
         q: QuantizedTensor = layer.qweight
         x2 = _rows(x)
-        if hasattr(layer, "int8_scale"):
+        if hasattr(layer, "triton_weight"):
+            from tokenmill.quant.triton_dequant import dequant_matmul
+
+            y = dequant_matmul(x2, layer.triton_weight)
+        elif hasattr(layer, "int8_scale"):
             y = torch.ops.aten._weight_int8pack_mm(x2, q.data, layer.int8_scale)
         elif hasattr(layer, "int4_packed"):
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(
@@ -65,6 +77,14 @@ class WeightOnlyMethod(QuantMethod):
         else:
             y = F.linear(x2, dequantize_fast(q, x.dtype))
         return _finish(y, x, layer.bias)
+
+
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def int4_group(in_features: int) -> int:
