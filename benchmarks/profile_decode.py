@@ -1,8 +1,12 @@
 """Where one decode step's time goes: torch.profiler over `--steps` decode steps at `--batch`,
 printing the ops by self time, how many ops (and, on CUDA, kernel launches) one step makes,
-and how much of the wall time the device is busy. Profile before optimizing.
+and how much of the wall time the device is busy. With --breakdown (CPU): wall time per decode
+step by part of the model, on decode-only steps (tokenmill/bench/breakdown.py); --touch-kv
+writes the whole KV pool first, which takes the first-touch page faults of fresh KV blocks out
+of the figures. Profile before optimizing.
 
-    python benchmarks/profile_decode.py --model DIR [--batch 1] [--steps 32] [--dtype bfloat16]
+    python benchmarks/profile_decode.py --model DIR [--batch 1] [--steps 32] [--prompt-len 16]
+        [--dtype bfloat16]
 """
 
 from __future__ import annotations
@@ -23,16 +27,35 @@ def main() -> None:
     ap.add_argument("--model", default=None, help="an HF folder (default: the bundled model)")
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--steps", type=int, default=32)
+    ap.add_argument("--prompt-len", type=int, default=16)
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     ap.add_argument("--rows", type=int, default=25, help="ops shown")
+    ap.add_argument("--breakdown", action="store_true", help="wall time per model part")
+    ap.add_argument("--touch-kv", action="store_true", help="write the KV pool once first")
     args = ap.parse_args()
     llm = LLM(args.model, dtype=args.dtype, max_model_len=1024)
+    if args.touch_kv:
+        for cache in llm.engine.runner.kv_caches:
+            for t in cache if isinstance(cache, tuple) else (cache,):
+                t.zero_()
     params = SamplingParams(max_tokens=args.steps, temperature=0, ignore_eos=True)
 
     def prompts(offset: int) -> list[dict]:
-        return [{"prompt_token_ids": list(range(offset + i, offset + i + 16))} for i in range(args.batch)]  # fmt: skip
+        n = args.prompt_len
+        return [{"prompt_token_ids": list(range(offset + i, offset + i + n))} for i in range(args.batch)]  # fmt: skip
 
     llm.generate(prompts(100), params, use_tqdm=False)  # warm-up
+    if args.breakdown:
+        from tokenmill.bench.breakdown import decode_breakdown
+
+        ids = [p["prompt_token_ids"] for p in prompts(5000)]
+        wall, parts = decode_breakdown(llm, ids, args.steps)
+        print(f"{args.dtype}, batch {args.batch}, context {args.prompt_len}+: {wall:.1f} ms "
+              f"per decode step ({1e3 * args.batch / wall:.0f} tok/s)")  # fmt: skip
+        for label, ms in parts.items():
+            print(f"  {label:28s} {ms:7.2f} ms  {100 * ms / wall:5.1f}%")
+        print(f"  {'(rest: engine, Python)':28s} {wall - sum(parts.values()):7.2f} ms")
+        return
     cuda = llm.engine.loaded.device.type == "cuda"
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     with profile(activities=activities) as prof:

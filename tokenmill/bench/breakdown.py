@@ -1,0 +1,77 @@
+"""Wall-clock breakdown of decode steps by part of the model (linear layers, attention, KV
+writes, norms, rotary, activation, LM head, sampler), measured on decode-only steps after every
+prompt is prefilled. Timers wrap the parts' Python entry points, so on CUDA (asynchronous) they
+measure dispatch, not kernels: use it on CPU, and torch.profiler on GPUs.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from contextlib import contextmanager
+
+PARTS = [  # (module, class, method, label)
+    ("tokenmill.layers.linear", "Linear", "forward", "linear layers"),
+    ("tokenmill.layers.attention", "TorchAttention", "_decode", "attention (gather + SDPA)"),
+    ("tokenmill.layers.attention", "TorchAttention", "write", "KV write"),
+    ("tokenmill.layers.norm", "RMSNorm", "forward", "RMSNorm (+ residual)"),
+    ("tokenmill.layers.rotary", "RotaryEmbedding", "apply", "rotary"),
+    ("tokenmill.layers.activation", "SiluAndMul", "forward", "silu * up"),
+    ("tokenmill.models.llama", "LlamaForCausalLM", "compute_logits", "LM head"),
+    ("tokenmill.layers.sampler", "Sampler", "__call__", "sampler"),
+]
+
+
+@contextmanager
+def timed_parts(totals: Counter):
+    """Add each part's wall time to `totals` while the context is open."""
+    import importlib
+
+    saved = []
+    for module, cls_name, method, label in PARTS:
+        cls = getattr(importlib.import_module(module), cls_name)
+        raw = cls.__dict__[method]
+        saved.append((cls, method, raw))
+        setattr(cls, method, _timer(raw, label, totals))
+    try:
+        yield
+    finally:
+        for cls, method, raw in saved:
+            setattr(cls, method, raw)
+
+
+def _timer(raw, label: str, totals: Counter):
+    is_static = isinstance(raw, staticmethod)
+    fn = raw.__func__ if is_static else raw
+
+    def timed(*args, **kwargs):
+        t = time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            totals[label] += time.perf_counter() - t
+
+    return staticmethod(timed) if is_static else timed
+
+
+def decode_breakdown(llm, prompts: list[list[int]], steps: int) -> tuple[float, dict[str, float]]:
+    """(wall ms per decode step, {part: ms per step}) over `steps` decode-only engine steps."""
+    from tokenmill import SamplingParams
+
+    engine = llm.engine
+    params = SamplingParams(max_tokens=steps + 2, temperature=0, ignore_eos=True)
+    for i, ids in enumerate(prompts):
+        engine.add_request(f"breakdown-{i}", {"prompt_token_ids": ids}, params)
+    while any(
+        r.num_output_tokens == 0 for r in [*engine.scheduler.running, *engine.scheduler.waiting]
+    ):
+        engine.step()  # prefill (chunked) until every request decodes
+    totals: Counter = Counter()
+    with timed_parts(totals):
+        t = time.perf_counter()
+        for _ in range(steps):
+            engine.step()
+        wall = time.perf_counter() - t
+    while engine.has_unfinished():
+        engine.step()
+    return wall / steps * 1e3, {k: v / steps * 1e3 for k, v in totals.most_common()}
