@@ -3,7 +3,7 @@
 interval, KL divergence and top-1 agreement against the unquantized model in the same dtype.
 
     python benchmarks/quantization.py [--model default] [--dtype bfloat16] [--max-windows 8]
-        [--methods w8a8,fp8,int4,...] [--no-quality] [--json-out F]
+        [--methods w8a8,fp8,int4,...] [--no-quality] [--touch-kv] [--json-out F]
 
 The first rows are the unquantized model in float32 (the issue's speed baseline) and in --dtype
 (the quality reference). Random-weight models: pass --no-quality (their perplexity means nothing).
@@ -34,15 +34,19 @@ def main() -> None:
     ap.add_argument("--output-len", type=int, default=32, help="decode tokens per request")
     ap.add_argument("--max-windows", type=int, default=8, help="512-token windows scored")
     ap.add_argument("--no-quality", action="store_true")
+    ap.add_argument(
+        "--touch-kv", action="store_true", help="write each KV pool once first (warm server)"
+    )
+    ap.add_argument("--no-kv-rows", action="store_true", help="skip the KV cache dtype rows")
     ap.add_argument("--json-out", default=None)
     args = ap.parse_args()
 
     configs = [("float32", None, "auto"), (args.dtype, None, "auto")]
     configs += [(args.dtype, m, "auto") for m in args.methods.split(",") if m]
-    configs += [(args.dtype, m, kv) for m, kv in KV_ROWS]
+    configs += [] if args.no_kv_rows else [(args.dtype, m, kv) for m, kv in KV_ROWS]
     reference, ids, rows = None, None, []
     for dtype, method, kv in tqdm(configs, desc="configurations", unit="config"):
-        llm, row = measure(args.model, dtype, method, kv, args.output_len)
+        llm, row = measure(args.model, dtype, method, kv, args.output_len, args.touch_kv)
         if not args.no_quality and dtype == args.dtype:
             if reference is None:
                 from tokenmill.quant.eval import default_text

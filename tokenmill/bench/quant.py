@@ -81,10 +81,18 @@ def prefill_tps(llm, vocab: int) -> float:
     return 8 * 256 / (time.perf_counter() - t)
 
 
-def measure(model: str, dtype: str, method: str | None, kv: str, output_len: int) -> tuple:
+def measure(
+    model: str, dtype: str, method: str | None, kv: str, output_len: int, touch_kv: bool = False
+) -> tuple:
+    """One configuration's row. `touch_kv` writes the KV pool once first, so decode figures are
+    those of a warm server rather than include first-touch page faults of fresh KV blocks."""
     from tokenmill import LLM
 
     llm = LLM(model, dtype=dtype, quantization=method, kv_cache_dtype=kv, max_model_len=2048)
+    if touch_kv:
+        for cache in llm.engine.runner.kv_caches:
+            for t in cache if isinstance(cache, tuple) else (cache,):
+                t.zero_()
     loaded = llm.engine.loaded
     vocab = loaded.arch.vocab_size
     decode_tps(llm, 2, 4, vocab)  # warm-up
