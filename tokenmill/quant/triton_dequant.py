@@ -30,7 +30,7 @@ import torch.nn.functional as F
 import triton
 
 from tokenmill.quant.formats import QuantizedTensor
-from tokenmill.quant.triton_kernels import _dequant_kernel, _dot_kernel, _gemv_kernel
+from tokenmill.quant.triton_kernels import _dequant_kernel, _matmul_kernel
 
 # format -> (kernel id, element exponent bits, mantissa bits, bias, subnormal step 2^(1-B-M))
 _FORMATS = {
@@ -116,22 +116,21 @@ def _split(k: int, bk: int, tiles: int, device: torch.device, split_k: int | Non
     return triton.cdiv(k, per), per
 
 
-def _launch(x, w, bm: int, bn: int, bk: int, split_k: int | None, dot: bool) -> torch.Tensor:
-    """Run the dot kernel (grid over row tiles, column tiles, K splits) or the gemv kernel (all
-    rows in one tile: grid over column tiles and K splits)."""
+def _launch(x, w, bm: int, bn: int, bk: int, split_k: int | None, gemv: bool) -> torch.Tensor:
+    """Run the matmul kernel over (row tiles, column tiles, K splits); gemv: all rows (<= bm) in
+    one tile."""
     m = x.shape[0]
-    row_tiles = triton.cdiv(m, bm) if dot else 1
+    row_tiles = triton.cdiv(m, bm)
     split, per = _split(w.k, bk, row_tiles * triton.cdiv(w.n, bn), x.device, split_k)
     atomic = split > 1
     y = torch.zeros(m, w.n, device=x.device, dtype=torch.float32 if atomic else x.dtype)
     ptrs, strides = _args(w)
-    consts = dict(_consts(w), BM=bm, BN=bn, BK=bk, K_SPLIT=per, ATOMIC=atomic)
-    shape = (m, w.n, w.k, x.stride(0), y.stride(0))
-    if dot:
-        grid = (row_tiles, triton.cdiv(w.n, bn), split)
-        _dot_kernel[grid](x, *ptrs, y, *shape, *strides, **consts, IEEE=x.dtype == torch.float32)
-    else:
-        _gemv_kernel[(triton.cdiv(w.n, bn), split)](x, *ptrs, y, *shape, *strides, **consts)
+    grid = (row_tiles, triton.cdiv(w.n, bn), split)
+    _matmul_kernel[grid](
+        x, *ptrs, y, m, w.n, w.k, x.stride(0), y.stride(0), *strides, **_consts(w),
+        BM=bm, BN=bn, BK=bk, K_SPLIT=per, ATOMIC=atomic, GEMV=gemv,
+        IEEE=x.dtype == torch.float32,
+    )  # fmt: skip
     return y.to(x.dtype) if atomic else y
 
 
@@ -153,10 +152,10 @@ def _run(path: str, x: torch.Tensor, w: TritonWeight, split_k: int | None) -> to
         if m > 4:
             raise ValueError(f"the gemv path takes at most 4 rows, got {m}")
         bm = 1 << (m - 1).bit_length() if m > 1 else 1
-        return _launch(x, w, bm, 32, _block_k(w.k, 128 if bm < 4 else 64), split_k, dot=False)
+        return _launch(x, w, bm, 32, _block_k(w.k, 128 if bm < 4 else 64), split_k, gemv=True)
     bm = 16 if m <= 16 else 32 if m <= 32 else 64
     bn = 64 if w.n >= 4096 else 32
-    return _launch(x, w, bm, bn, _block_k(w.k, 64), split_k, dot=True)
+    return _launch(x, w, bm, bn, _block_k(w.k, 64), split_k, gemv=False)
 
 
 def _candidates(m: int) -> list[str]:

@@ -1,9 +1,9 @@
 """Triton kernels behind `triton_dequant.py`: decoding of every weight-only format in registers
 (integer arithmetic and bit casts, no lookup tables) and three ways to use it:
 
-  _dot_kernel      tiles of x times decoded weight tiles on the tensor cores (`tl.dot`), fp32
-                   accumulation; K optionally split across programs that add with atomics
-  _gemv_kernel     for a handful of rows (decode): broadcast multiply-and-sum, no MMA padding
+  _matmul_kernel   tiles of x times decoded weight tiles: on the tensor cores (`tl.dot`, fp32
+                   accumulation) or, for a handful of rows (decode, GEMV=True), by broadcast
+                   multiply-and-sum; K optionally split across programs that add with atomics
   _dequant_kernel  the whole weight decoded into the activation dtype, for cuBLAS to multiply
                    (many rows: prefill), written once per call
 
@@ -72,12 +72,14 @@ def _weight_tile(w_ptr, s_ptr, z_ptr, g_ptr, rk, rn, mask, row_bytes, s_row, g_r
 
 
 @triton.jit
-def _dot_kernel(x_ptr, w_ptr, s_ptr, z_ptr, g_ptr, y_ptr, M, N, K, stride_xm, stride_ym,
-                    row_bytes, s_row, g_row,
-                    FMT: tl.constexpr, GROUP: tl.constexpr, HAS_ZERO: tl.constexpr,
-                    E: tl.constexpr, MB: tl.constexpr, B: tl.constexpr, SUB: tl.constexpr,
-                    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-                    K_SPLIT: tl.constexpr, ATOMIC: tl.constexpr, IEEE: tl.constexpr):  # fmt: skip
+def _matmul_kernel(x_ptr, w_ptr, s_ptr, z_ptr, g_ptr, y_ptr, M, N, K, stride_xm, stride_ym,
+                   row_bytes, s_row, g_row,
+                   FMT: tl.constexpr, GROUP: tl.constexpr, HAS_ZERO: tl.constexpr,
+                   E: tl.constexpr, MB: tl.constexpr, B: tl.constexpr, SUB: tl.constexpr,
+                   BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, K_SPLIT: tl.constexpr,
+                   ATOMIC: tl.constexpr, GEMV: tl.constexpr, IEEE: tl.constexpr):  # fmt: skip
+    """y = x @ W^T over a (row tile, column tile, K split) grid. GEMV: multiply-and-sum in fp32
+    for a few rows (no MMA padding); else `tl.dot` on the tensor cores, fp32 accumulation."""
     pid_m, pid_n, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     rm = pid_m * BM + tl.arange(0, BM)
     rn = pid_n * BN + tl.arange(0, BN)
@@ -90,39 +92,12 @@ def _dot_kernel(x_ptr, w_ptr, s_ptr, z_ptr, g_ptr, y_ptr, M, N, K, stride_xm, st
         w_mask = (rn[:, None] < N) & (rk[None, :] < K)
         w = _weight_tile(w_ptr, s_ptr, z_ptr, g_ptr, rk, rn, w_mask, row_bytes, s_row, g_row,
                          FMT, GROUP, HAS_ZERO, E, MB, B, SUB)  # fmt: skip
-        if IEEE:
+        if GEMV:
+            acc += tl.sum(w[None, :, :] * x.to(tl.float32)[:, None, :], axis=2)
+        elif IEEE:
             acc += tl.dot(x, tl.trans(w), input_precision="ieee")
         else:
             acc += tl.dot(x, tl.trans(w.to(x.dtype)))
-    y_at = y_ptr + rm[:, None] * stride_ym + rn[None, :]
-    y_mask = (rm[:, None] < M) & (rn[None, :] < N)
-    if ATOMIC:
-        tl.atomic_add(y_at, acc, mask=y_mask)
-    else:
-        tl.store(y_at, acc.to(y_ptr.dtype.element_ty), mask=y_mask)
-
-
-@triton.jit
-def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, g_ptr, y_ptr, M, N, K, stride_xm, stride_ym,
-                 row_bytes, s_row, g_row,
-                 FMT: tl.constexpr, GROUP: tl.constexpr, HAS_ZERO: tl.constexpr,
-                 E: tl.constexpr, MB: tl.constexpr, B: tl.constexpr, SUB: tl.constexpr,
-                 BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-                 K_SPLIT: tl.constexpr, ATOMIC: tl.constexpr):  # fmt: skip
-    """y[:M] (M <= BM, a few rows) = x @ W^T by multiply-and-sum in fp32."""
-    pid_n, pid_k = tl.program_id(0), tl.program_id(1)
-    rm = tl.arange(0, BM)
-    rn = pid_n * BN + tl.arange(0, BN)
-    acc = tl.zeros((BM, BN), dtype=tl.float32)
-    k_start = pid_k * K_SPLIT
-    for k0 in range(0, K_SPLIT, BK):
-        rk = k_start + k0 + tl.arange(0, BK)
-        x_mask = (rm[:, None] < M) & (rk[None, :] < K)
-        x = tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :], mask=x_mask, other=0.0)
-        w_mask = (rn[:, None] < N) & (rk[None, :] < K)
-        w = _weight_tile(w_ptr, s_ptr, z_ptr, g_ptr, rk, rn, w_mask, row_bytes, s_row, g_row,
-                         FMT, GROUP, HAS_ZERO, E, MB, B, SUB)  # fmt: skip
-        acc += tl.sum(w[None, :, :] * x.to(tl.float32)[:, None, :], axis=2)
     y_at = y_ptr + rm[:, None] * stride_ym + rn[None, :]
     y_mask = (rm[:, None] < M) & (rn[None, :] < N)
     if ATOMIC:
