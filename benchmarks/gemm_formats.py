@@ -25,7 +25,7 @@ from tokenmill.quant import quantize
 from tokenmill.quant.methods import make_method, scaled_mm_form
 
 try:
-    from tokenmill.quant.triton_dequant import PATHS, _choose, dequant_matmul
+    from tokenmill.quant.triton_dequant import PATHS, choose_path, dequant_matmul
 except ImportError:  # no Triton: the CPU rows still run
     PATHS = ()
 
@@ -98,7 +98,7 @@ def bench_shape(n: int, k: int, ms: list[int], device, repeats: int) -> list[dic
             seconds = timed(lambda layer=layer, xm=xm: layer(xm), device, repeats)
             label = kernel
             if hasattr(layer, "triton_weight"):
-                label = f"{kernel}: {_choose(xm, layer.triton_weight)} (measured choice)"
+                label = f"{kernel}: {choose_path(xm, layer.triton_weight)} (measured choice)"
             rows.append(dict(shape=f"{n}x{k}", m=m, variant=f"layer {name}", kernel=label,
                              seconds=seconds, tflops=2 * m * n * k / seconds / 1e12,
                              rel_err=err))  # fmt: skip

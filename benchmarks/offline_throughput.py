@@ -47,7 +47,7 @@ def main() -> None:
     t0 = time.perf_counter()
     from tokenmill import LLM, SamplingParams
 
-    llm = LLM(args.model, dtype=args.dtype, max_model_len=1024, device=args.device)
+    llm = LLM(args.model or "default", dtype=args.dtype, max_model_len=1024, device=args.device)
     llm.generate(["Hello"], SamplingParams(max_tokens=1), use_tqdm=False)
     startup_s = time.perf_counter() - t0
     arch = llm.engine.loaded.arch

@@ -33,7 +33,7 @@ def main() -> None:
     ap.add_argument("--breakdown", action="store_true", help="wall time per model part")
     ap.add_argument("--touch-kv", action="store_true", help="write the KV pool once first")
     args = ap.parse_args()
-    llm = LLM(args.model, dtype=args.dtype, max_model_len=1024)
+    llm = LLM(args.model or "default", dtype=args.dtype, max_model_len=1024)
     if args.touch_kv:
         for cache in llm.engine.runner.kv_caches:
             for t in cache if isinstance(cache, tuple) else (cache,):

@@ -19,6 +19,7 @@ from tokenmill.quant import quantize  # noqa: E402
 from tokenmill.quant.formats import FORMATS  # noqa: E402
 from tokenmill.quant.triton_dequant import (  # noqa: E402
     TritonWeight,
+    choose_path,
     dequant_matmul,
     dequantize,
 )
@@ -66,6 +67,13 @@ def test_dequantize_kernel_is_the_formats_dequantize():
         q = quantize(weight(), fmt, **options)
         w = dequantize(TritonWeight.from_quantized(q.to(DEVICE)), torch.float32).cpu()
         assert torch.equal(w, dequantize_fast(q, torch.float32)), fmt  # the same fp32 products
+
+
+@pytest.mark.skipif(DEVICE == "cuda", reason="on CUDA the choice is measured")
+def test_path_choice_without_a_gpu_follows_the_rows():
+    tw = TritonWeight.from_quantized(quantize(weight(16, 64), "int4", group_size=32))
+    rows = {m: choose_path(torch.ones(m, 64), tw) for m in (1, 4, 5, 256, 257)}
+    assert rows == {1: "gemv", 4: "gemv", 5: "dot", 256: "dot", 257: "dequant"}
 
 
 def test_bad_paths_are_clear_errors():
