@@ -15,6 +15,7 @@ DEVICES = ("auto", "cpu", "cuda")
 FORMATS = ("int8", "int4", "fp8_e4m3", "fp8_e5m2", "fp6_e3m2", "fp6_e2m3", "mxfp4", "nvfp4")
 QUANTIZATIONS = ("w8a8", "fp8", *FORMATS)  # quant/methods.py METHODS; a test keeps them equal
 KV_CACHE_DTYPES = ("auto", "int8", "fp8_e4m3")
+BLOCK_SCALED = ("nvfp4", "mxfp4", "fp6_e3m2", "fp6_e2m3")  # quant/scale_search.py SEARCHABLE
 
 
 def _help(text: str, **kw: Any) -> Any:
@@ -159,6 +160,11 @@ class QuantConfig:
         "windows of text; 0 turns smoothing off.",
         default=0.5,
     )
+    scale_search: bool = _help(
+        "nvfp4, mxfp4, fp6_*: choose each block's scale among its neighbours on the scale grid "
+        "for the least squared error, instead of amax / max (same format; a slower load).",
+        default=False,
+    )
 
     def __post_init__(self) -> None:
         if self.quantization is not None and self.quantization not in QUANTIZATIONS:
@@ -175,22 +181,28 @@ class QuantConfig:
             raise ValueError(f"smoothquant_alpha must be in [0, 1], got {self.smoothquant_alpha}")
         if self.group_size not in (None, 32, 64, 128):
             raise ValueError(f"group_size must be 32, 64 or 128, got {self.group_size}")
+        if self.scale_search and self.quantization not in BLOCK_SCALED:
+            raise ValueError(
+                f"scale_search applies to quantization {BLOCK_SCALED}, got {self.quantization!r}"
+            )
 
     def method_options(self) -> dict[str, Any]:
         """Keyword arguments for quant/methods.make_method."""
-        gptq = {"gptq": True} if self.gptq else {}
+        common: dict[str, Any] = {"gptq": True} if self.gptq else {}
+        if self.scale_search:
+            common["scale_search"] = True
         if self.quantization == "fp8":
             return {
                 "activation_scaling": self.activation_scaling,
                 "amax_history_len": self.amax_history_len,
                 "smoothquant_alpha": self.smoothquant_alpha,
-                **gptq,
+                **common,
             }
         if self.quantization == "w8a8":
-            return {"smoothquant_alpha": self.smoothquant_alpha, **gptq}
+            return {"smoothquant_alpha": self.smoothquant_alpha, **common}
         if self.quantization == "int4":
-            return {"group_size": self.group_size, **gptq}
-        return gptq
+            return {"group_size": self.group_size, **common}
+        return common
 
 
 @dataclass(frozen=True)

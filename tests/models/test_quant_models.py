@@ -132,3 +132,21 @@ def test_gptq_checkpoint_equals_gptq_on_load(tiny_model_dir, tmp_path):
     quantize_checkpoint(folder, tmp_path / "q", "nvfp4", {"gptq": True})
     again = LLM(tmp_path / "q", dtype="float32", kv_cache_memory=1 << 22)
     assert prompt_logprobs(again.generate(PROMPTS, SCORE, use_tqdm=False)) == expected
+
+
+def test_scale_search_checkpoint_equals_search_on_load(tiny_model_dir, tmp_path):
+    folder = tiny_model_dir("llama")
+    kw = dict(dtype="float32", kv_cache_memory=1 << 22)
+    searched = LLM(folder, quantization="nvfp4", scale_search=True, **kw)
+    rtn = LLM(folder, quantization="nvfp4", **kw)
+
+    def scales(llm):
+        return llm.engine.loaded.model.model.layers[0].mlp.down_proj.qweight.scale.view(torch.uint8)
+
+    assert not torch.equal(scales(searched), scales(rtn))  # the search moved some block scales
+    expected = prompt_logprobs(searched.generate(PROMPTS, SCORE, use_tqdm=False))
+    qcfg = quantize_checkpoint(folder, tmp_path / "q", "nvfp4", {"scale_search": True})
+    assert qcfg["scale_search"] is True
+    again = LLM(tmp_path / "q", **kw)
+    assert torch.equal(scales(again), scales(searched))
+    assert prompt_logprobs(again.generate(PROMPTS, SCORE, use_tqdm=False)) == expected

@@ -24,6 +24,11 @@ def add_parsers(sub, add_engine_options) -> None:
     q.add_argument(
         "--gptq", action="store_true", help="GPTQ codes from calibration (else round to nearest)"
     )
+    q.add_argument(
+        "--scale-search",
+        action="store_true",
+        help="nvfp4/mxfp4/fp6: each block's scale searched for the least squared error",
+    )
 
     e = sub.add_parser("eval", help="quality evaluation").add_subparsers(dest="eval", required=True)
     p = e.add_parser(
@@ -58,6 +63,8 @@ def quantize(args) -> int:
     options = {"group_size": args.group_size} if args.group_size else {}
     if args.gptq:
         options["gptq"] = True
+    if args.scale_search:
+        options["scale_search"] = True
     qcfg = quantize_checkpoint(src, Path(args.out), args.method, options)
     size = sum(f.stat().st_size for f in Path(args.out).glob("*.safetensors"))
     before = sum(f.stat().st_size for f in src.glob("*.safetensors"))

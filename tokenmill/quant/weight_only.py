@@ -25,13 +25,23 @@ class WeightOnlyMethod(QuantMethod):
         group_size: int | None = None,
         symmetric: bool = False,
         gptq: bool = False,
+        scale_search: bool = False,
     ):
+        from tokenmill.quant.scale_search import SEARCHABLE
+
+        if scale_search and format not in SEARCHABLE:
+            raise ValueError(f"scale_search applies to {tuple(SEARCHABLE)}, not {format}")
         self.format = format
         self.group_size = group_size
         self.symmetric = symmetric
         self.gptq = gptq
+        self.scale_search = scale_search
 
     def quantize_weight(self, weight):
+        if self.scale_search:
+            from tokenmill.quant.scale_search import search_scales
+
+            return search_scales(weight, quantize(weight, self.format))
         if self.format != "int4":
             return quantize(weight, self.format)
         return quantize(
