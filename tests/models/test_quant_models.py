@@ -150,3 +150,16 @@ def test_scale_search_checkpoint_equals_search_on_load(tiny_model_dir, tmp_path)
     again = LLM(tmp_path / "q", **kw)
     assert torch.equal(scales(again), scales(searched))
     assert prompt_logprobs(again.generate(PROMPTS, SCORE, use_tqdm=False)) == expected
+
+
+def test_eval_perplexity_cli_compares_with_the_unquantized_model(tiny_model_dir, tmp_path, capsys):
+    from tokenmill.cli import main
+
+    text = tmp_path / "text.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 40)
+    argv = ["eval", "perplexity", "--model", str(tiny_model_dir("llama")), "--dataset", str(text)]
+    argv += ["--window", "64", "--max-windows", "3", "--json", "--dtype", "float32"]
+    assert main([*argv, "--quantization", "nvfp4", "--scale-search", "--gptq"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["quantization"] == "nvfp4" and out["num_windows"] == 3
+    assert out["perplexity"] != out["reference_perplexity"]  # a real comparison

@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from tokenmill.config import QUANTIZATIONS
+from tokenmill.config import QUANTIZATIONS, QuantConfig
 
 
 def add_parsers(sub, add_engine_options) -> None:
@@ -83,9 +83,9 @@ def eval_perplexity(args, config) -> int:
     text = default_text() if args.dataset == "default" else Path(args.dataset).read_text()
     candidate = LLM(config=config)
     ids = candidate.get_tokenizer().encode(text)
-    plain = replace(config.quant, quantization=None)
+    plain = QuantConfig()  # the reference: no quantization, and none of its options
     plain_cache = replace(config.cache, kv_cache_dtype="auto")
-    is_quantized = config.quant != plain or config.cache != plain_cache
+    is_quantized = config.quant.quantization is not None or config.cache != plain_cache
     reference = (
         LLM(config=replace(config, quant=plain, cache=plain_cache)) if is_quantized else candidate
     )
