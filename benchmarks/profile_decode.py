@@ -35,9 +35,9 @@ def main() -> None:
     args = ap.parse_args()
     llm = LLM(args.model or "default", dtype=args.dtype, max_model_len=1024)
     if args.touch_kv:
-        for cache in llm.engine.runner.kv_caches:
-            for t in cache if isinstance(cache, tuple) else (cache,):
-                t.zero_()
+        from tokenmill.bench.offline import touch_kv_cache
+
+        touch_kv_cache(llm)
     params = SamplingParams(max_tokens=args.steps, temperature=0, ignore_eos=True)
 
     def prompts(offset: int) -> list[dict]:

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 from tokenmill import LLM
 from tokenmill.bench.breakdown import PARTS, decode_breakdown
+from tokenmill.bench.offline import touch_kv_cache
 from tokenmill.layers.linear import Linear
 
 
 def test_breakdown_times_decode_steps_and_restores_the_model(tiny_model_dir):
     llm = LLM(tiny_model_dir("llama"), dtype="float32", kv_cache_memory=1 << 22)
+    touch_kv_cache(llm)  # every KV byte written once (zeros), nothing else changes
+    assert all(not c.any() for c in llm.engine.runner.kv_caches)
     forward = Linear.forward
     wall, parts = decode_breakdown(llm, [[5, 6, 7, 8, 9], [10, 11, 12]], steps=4)
     assert Linear.forward is forward  # unpatched

@@ -133,6 +133,14 @@ def hf_decode_tps(model, prompt: list[int], output_len: int, pad_id: int) -> flo
     return (output_len - 1) / (full - first)
 
 
+def touch_kv_cache(llm) -> None:
+    """Write the whole KV pool once, so that later figures are those of a warm server and leave
+    out the first-touch page faults of never-used blocks (the pool is allocated lazily)."""
+    for cache in llm.engine.runner.kv_caches:
+        for t in cache if isinstance(cache, tuple) else (cache,):
+            t.zero_()
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)

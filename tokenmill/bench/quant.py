@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from tokenmill.bench.offline import Workload
+from tokenmill.bench.offline import Workload, touch_kv_cache
 from tokenmill.sampling_params import SamplingParams
 
 
@@ -90,9 +90,7 @@ def measure(
 
     llm = LLM(model, dtype=dtype, quantization=method, kv_cache_dtype=kv, max_model_len=2048)
     if touch_kv:
-        for cache in llm.engine.runner.kv_caches:
-            for t in cache if isinstance(cache, tuple) else (cache,):
-                t.zero_()
+        touch_kv_cache(llm)
     loaded = llm.engine.loaded
     vocab = loaded.arch.vocab_size
     decode_tps(llm, 2, 4, vocab)  # warm-up
