@@ -1,7 +1,8 @@
 """Wall-clock breakdown of decode steps by part of the model (linear layers, attention, KV
 writes, norms, rotary, activation, LM head, sampler), measured on decode-only steps after every
 prompt is prefilled. Timers wrap the parts' Python entry points, so on CUDA (asynchronous) they
-measure dispatch, not kernels: use it on CPU, and torch.profiler on GPUs.
+measure dispatch, not kernels: use it on CPU, and torch.profiler on GPUs. A part called inside
+another (an untied LM head is a Linear) counts for the outer one, so parts never overlap.
 """
 
 from __future__ import annotations
@@ -28,11 +29,12 @@ def timed_parts(totals: Counter):
     import importlib
 
     saved = []
+    depth = [0]  # parts inside parts (an untied LM head is a Linear) count for the outer one
     for module, cls_name, method, label in PARTS:
         cls = getattr(importlib.import_module(module), cls_name)
         raw = cls.__dict__[method]
         saved.append((cls, method, raw))
-        setattr(cls, method, _timer(raw, label, totals))
+        setattr(cls, method, _timer(raw, label, totals, depth))
     try:
         yield
     finally:
@@ -40,16 +42,20 @@ def timed_parts(totals: Counter):
             setattr(cls, method, raw)
 
 
-def _timer(raw, label: str, totals: Counter):
+def _timer(raw, label: str, totals: Counter, depth: list[int]):
     is_static = isinstance(raw, staticmethod)
     fn = raw.__func__ if is_static else raw
 
     def timed(*args, **kwargs):
+        if depth[0]:
+            return fn(*args, **kwargs)
+        depth[0] += 1
         t = time.perf_counter()
         try:
             return fn(*args, **kwargs)
         finally:
             totals[label] += time.perf_counter() - t
+            depth[0] -= 1
 
     return staticmethod(timed) if is_static else timed
 
