@@ -18,13 +18,17 @@ def block_errors(w: torch.Tensor, q) -> torch.Tensor:
     return diff.pow(2).view(w.shape[0], -1, q.group_size).sum(-1)
 
 
-@pytest.mark.parametrize("fmt", list(SEARCHABLE))
-def test_search_never_loses_to_round_to_nearest(fmt):
+@pytest.mark.parametrize(
+    "fmt,options",
+    [(f, {}) for f in SEARCHABLE] + [("int4", {"symmetric": True, "group_size": 32})],
+    ids=str,
+)
+def test_search_never_loses_to_round_to_nearest(fmt, options):
     gen = torch.Generator().manual_seed(0)
     w = torch.randn(48, 256, generator=gen) * torch.logspace(-2, 1, 48)[:, None]
     w = w * (1 + 4 * (torch.rand(48, 256, generator=gen) > 0.97))  # heavy tails, as LLMs have
     w[5, :32] = 0.0  # an all-zero block keeps its zero scale
-    rtn = quantize(w, fmt)
+    rtn = quantize(w, fmt, **options)
     searched = search_scales(w, rtn)
     assert searched.format == fmt and searched.data.shape == rtn.data.shape
     assert searched.scale.dtype == rtn.scale.dtype and searched.nbytes == rtn.nbytes

@@ -1,10 +1,12 @@
 """Block-scale search: for block-scaled formats, the scale of each block chosen among its
-neighbours on the scale grid to minimise the block's squared error, instead of amax / max.
+neighbours on the scale grid to minimise the block's squared error, instead of amax / max; for
+int4, each group's range shrunk by the factor that minimises its squared error.
 
 Round-to-nearest takes the smallest scale that fits the block's largest value (for MX, the OCP
 rule, which may even clip it). A slightly smaller scale can serve the other 15 or 31 elements
 better; a larger one can stop the clipping. Every candidate is still a valid scale code of the
-format (E4M3 for nvfp4, E8M0 for the MX formats), so layouts, checkpoints and kernels are those
+format (E4M3 for nvfp4, E8M0 for the MX formats, fp32 scale and uint8 zero point for int4),
+so layouts, checkpoints and kernels are those
 of round-to-nearest; only which codes are stored changes. GPTQ (gptq.py) keeps the scales it is
 given, so the two compose: search the scales, then choose codes with error feedback.
 """
@@ -18,43 +20,76 @@ import torch
 from tokenmill.quant.formats import QuantizedTensor, encode_with
 
 # format -> (neighbouring scale codes tried, largest valid scale code)
-SEARCHABLE = {
+SCALE_CODES = {
     "nvfp4": ((-2, -1, 0, 1, 2), 0x7E),  # E4M3 magnitude codes, 0x7E = 448
     "mxfp4": ((-1, 0, 1), 0xFE),  # E8M0 exponents, 0xFF is NaN
     "fp6_e3m2": ((-1, 0, 1), 0xFE),
     "fp6_e2m3": ((-1, 0, 1), 0xFE),
 }
+# int4 (fp32 scale and zero point per group): the group's range shrunk by these factors, so its
+# extreme values clip in exchange for a finer step for the rest (as AWQ's clipping search does)
+INT4_SHRINK = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75)
+SEARCHABLE = (*SCALE_CODES, "int4")
 
 
 def search_scales(weight: torch.Tensor, q: QuantizedTensor) -> QuantizedTensor:
-    """`q` (round-to-nearest of `weight` [rows, cols]) with each block's scale code moved to the
-    neighbour that gives the block the least squared error, and codes re-encoded on it."""
+    """`q` (round-to-nearest of `weight` [rows, cols]) with each block's scale (and int4 zero
+    point) replaced by the candidate that gives the block the least squared error, and codes
+    re-encoded on it. The round-to-nearest scale is always a candidate."""
     if q.format not in SEARCHABLE:
-        raise ValueError(f"scale search applies to {tuple(SEARCHABLE)}, not {q.format}")
-    deltas, top = SEARCHABLE[q.format]
+        raise ValueError(f"scale search applies to {SEARCHABLE}, not {q.format}")
     w = weight.detach().double().reshape(q.data.shape[0], -1)
+    candidates = _int4_candidates(w, q) if q.format == "int4" else _code_candidates(q)
+    best, best_err = q, None
+    for cand in candidates:
+        err = _block_error(w, cand)
+        if best_err is None:
+            best, best_err = cand, err
+            continue
+        better = err < best_err  # [rows, blocks]
+        best_err = torch.where(better, err, best_err)
+        best = replace(
+            best,
+            scale=_pick(better, cand.scale, best.scale),
+            zero_point=None if cand.zero_point is None else _pick(better, cand.zero_point, best.zero_point),
+        )  # fmt: skip
+    return encode_with(best, w)
+
+
+def _pick(better: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    if a.dtype.is_floating_point and a.dtype.itemsize == 1:  # float8 codes: select their bytes
+        return torch.where(better, a.view(torch.uint8), b.view(torch.uint8)).view(a.dtype)
+    return torch.where(better, a, b)
+
+
+def _code_candidates(q: QuantizedTensor):
+    """Neighbouring scale codes on the format's scale grid (invalid ones stay at the base)."""
+    deltas, top = SCALE_CODES[q.format]
     base = q.scale.view(torch.uint8).to(torch.int16)  # [rows, blocks]
-    best_err = torch.full(base.shape, float("inf"), dtype=torch.float64, device=base.device)
-    best = base.clone()
-    for d in deltas:
+    for d in sorted(deltas, key=abs):  # 0 first: the round-to-nearest scale
         cand = base + d
         valid = (cand >= 0) & (cand <= top) & (base != 0xFF)  # a NaN block keeps its scale
-        cand = torch.where(valid, cand, base)
-        err = _block_error(w, q, cand.to(torch.uint8))
-        err = torch.where(valid, err, torch.inf)
-        better = err < best_err
-        best_err = torch.where(better, err, best_err)
-        best = torch.where(better, cand, best)
-    return encode_with(replace(q, scale=_as_scale(best.to(torch.uint8), q)), w)
+        codes = torch.where(valid, cand, base).to(torch.uint8)
+        yield replace(q, scale=codes.view(q.scale.dtype) if q.scale.dtype != torch.uint8 else codes)
 
 
-def _as_scale(codes: torch.Tensor, q: QuantizedTensor) -> torch.Tensor:
-    return codes.view(q.scale.dtype) if q.scale.dtype != torch.uint8 else codes
+def _int4_candidates(w: torch.Tensor, q: QuantizedTensor):
+    """int4 groups with their range shrunk, with formats.py's int4 arithmetic (factor 1 = RTN)."""
+    g = w.view(w.shape[0], -1, q.group_size)
+    for a in INT4_SHRINK:
+        if q.zero_point is None:
+            scale = (g.abs().amax(-1) * a / 7).float()
+            yield replace(q, scale=torch.where(scale > 0, scale, torch.ones_like(scale)))
+            continue
+        lo, hi = g.amin(-1).clamp(max=0) * a, g.amax(-1).clamp(min=0) * a
+        scale = ((hi - lo) / 15).float()
+        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+        zero = torch.round(-lo / scale.double()).clamp(0, 15).to(torch.uint8)
+        yield replace(q, scale=scale, zero_point=zero)
 
 
-def _block_error(w: torch.Tensor, q: QuantizedTensor, codes: torch.Tensor) -> torch.Tensor:
-    """[rows, blocks] squared error of `w` coded on the scales `codes`."""
-    cand = encode_with(replace(q, scale=_as_scale(codes, q)), w)
-    diff = cand.dequantize(torch.float64).view_as(w) - w
+def _block_error(w: torch.Tensor, q: QuantizedTensor) -> torch.Tensor:
+    """[rows, blocks] squared error of `w` coded on the scales of `q`."""
+    diff = encode_with(q, w).dequantize(torch.float64).view_as(w) - w
     diff = torch.nan_to_num(diff, nan=0.0)
     return diff.pow(2).view(w.shape[0], -1, q.group_size).sum(-1)

@@ -38,18 +38,16 @@ class WeightOnlyMethod(QuantMethod):
         self.scale_search = scale_search
 
     def quantize_weight(self, weight):
+        if self.format != "int4":
+            q = quantize(weight, self.format)
+        else:
+            group = self.group_size or int4_group(weight.shape[1])
+            q = quantize(weight, "int4", group_size=group, symmetric=self.symmetric)
         if self.scale_search:
             from tokenmill.quant.scale_search import search_scales
 
-            return search_scales(weight, quantize(weight, self.format))
-        if self.format != "int4":
-            return quantize(weight, self.format)
-        return quantize(
-            weight,
-            "int4",
-            group_size=self.group_size or int4_group(weight.shape[1]),
-            symmetric=self.symmetric,
-        )
+            q = search_scales(weight, q)
+        return q
 
     def install(self, layer, qweight):
         layer.qweight = qweight
