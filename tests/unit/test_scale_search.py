@@ -20,7 +20,7 @@ def block_errors(w: torch.Tensor, q) -> torch.Tensor:
 
 @pytest.mark.parametrize(
     "fmt,options",
-    [(f, {}) for f in SEARCHABLE] + [("int4", {"symmetric": True, "group_size": 32})],
+    [(f, {}) for f in SEARCHABLE],
     ids=str,
 )
 def test_search_never_loses_to_round_to_nearest(fmt, options):
@@ -48,7 +48,7 @@ def test_search_is_an_option_of_block_formats_only():
         "scale_search": True
     }
     with pytest.raises(ValueError, match="scale_search applies to quantization"):
-        QuantConfig(quantization="w8a8", scale_search=True)
+        QuantConfig(quantization="int4", scale_search=True)
     assert make_method("nvfp4", scale_search=True).scale_search
     with pytest.raises(ValueError, match="scale_search applies to"):
         make_method("int8", scale_search=True)

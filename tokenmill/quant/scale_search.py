@@ -1,12 +1,10 @@
 """Block-scale search: for block-scaled formats, the scale of each block chosen among its
-neighbours on the scale grid to minimise the block's squared error, instead of amax / max; for
-int4, each group's range shrunk by the factor that minimises its squared error.
+neighbours on the scale grid to minimise the block's squared error, instead of amax / max.
 
 Round-to-nearest takes the smallest scale that fits the block's largest value (for MX, the OCP
 rule, which may even clip it). A slightly smaller scale can serve the other 15 or 31 elements
 better; a larger one can stop the clipping. Every candidate is still a valid scale code of the
-format (E4M3 for nvfp4, E8M0 for the MX formats, fp32 scale and uint8 zero point for int4),
-so layouts, checkpoints and kernels are those
+format (E4M3 for nvfp4, E8M0 for the MX formats), so layouts, checkpoints and kernels are those
 of round-to-nearest; only which codes are stored changes. GPTQ (gptq.py) keeps the scales it is
 given, so the two compose: search the scales, then choose codes with error feedback.
 """
@@ -26,40 +24,34 @@ SCALE_CODES = {
     "fp6_e3m2": ((-1, 0, 1), 0xFE),
     "fp6_e2m3": ((-1, 0, 1), 0xFE),
 }
-# int4 (fp32 scale and zero point per group): the group's range shrunk by these factors, so its
-# extreme values clip in exchange for a finer step for the rest (as AWQ's clipping search does)
-INT4_SHRINK = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75)
-SEARCHABLE = (*SCALE_CODES, "int4")
+# Not int4: its round-to-nearest never clips, and shrinking each group's range for the least
+# weight MSE made the default model worse (+34.8% -> +41.9% perplexity, BENCHMARKS.md): without
+# activation statistics the error measure cannot tell which columns matter.
+SEARCHABLE = tuple(SCALE_CODES)
 
 
 def search_scales(weight: torch.Tensor, q: QuantizedTensor) -> QuantizedTensor:
-    """`q` (round-to-nearest of `weight` [rows, cols]) with each block's scale (and int4 zero
-    point) replaced by the candidate that gives the block the least squared error, and codes
-    re-encoded on it. The round-to-nearest scale is always a candidate."""
+    """`q` (round-to-nearest of `weight` [rows, cols]) with each block's scale code replaced by
+    the neighbour that gives the block the least squared error, and codes re-encoded on it. The
+    round-to-nearest code is tried first and kept on ties."""
     if q.format not in SEARCHABLE:
         raise ValueError(f"scale search applies to {SEARCHABLE}, not {q.format}")
     w = weight.detach().double().reshape(q.data.shape[0], -1)
-    candidates = _int4_candidates(w, q) if q.format == "int4" else _code_candidates(q)
     best, best_err = q, None
-    for cand in candidates:
+    for cand in _code_candidates(q):
         err = _block_error(w, cand)
         if best_err is None:
             best, best_err = cand, err
             continue
         better = err < best_err  # [rows, blocks]
         best_err = torch.where(better, err, best_err)
-        best = replace(
-            best,
-            scale=_pick(better, cand.scale, best.scale),
-            zero_point=None if cand.zero_point is None else _pick(better, cand.zero_point, best.zero_point),
-        )  # fmt: skip
+        best = replace(best, scale=_pick(better, cand.scale, best.scale))
     return encode_with(best, w)
 
 
 def _pick(better: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    if a.dtype.is_floating_point and a.dtype.itemsize == 1:  # float8 codes: select their bytes
-        return torch.where(better, a.view(torch.uint8), b.view(torch.uint8)).view(a.dtype)
-    return torch.where(better, a, b)
+    """Per block, scale code a where `better`, else b (E4M3 codes are selected as bytes)."""
+    return torch.where(better, a.view(torch.uint8), b.view(torch.uint8)).view(a.dtype)
 
 
 def _code_candidates(q: QuantizedTensor):
@@ -71,21 +63,6 @@ def _code_candidates(q: QuantizedTensor):
         valid = (cand >= 0) & (cand <= top) & (base != 0xFF)  # a NaN block keeps its scale
         codes = torch.where(valid, cand, base).to(torch.uint8)
         yield replace(q, scale=codes.view(q.scale.dtype) if q.scale.dtype != torch.uint8 else codes)
-
-
-def _int4_candidates(w: torch.Tensor, q: QuantizedTensor):
-    """int4 groups with their range shrunk, with formats.py's int4 arithmetic (factor 1 = RTN)."""
-    g = w.view(w.shape[0], -1, q.group_size)
-    for a in INT4_SHRINK:
-        if q.zero_point is None:
-            scale = (g.abs().amax(-1) * a / 7).float()
-            yield replace(q, scale=torch.where(scale > 0, scale, torch.ones_like(scale)))
-            continue
-        lo, hi = g.amin(-1).clamp(max=0) * a, g.amax(-1).clamp(min=0) * a
-        scale = ((hi - lo) / 15).float()
-        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-        zero = torch.round(-lo / scale.double()).clamp(0, 15).to(torch.uint8)
-        yield replace(q, scale=scale, zero_point=zero)
 
 
 def _block_error(w: torch.Tensor, q: QuantizedTensor) -> torch.Tensor:
