@@ -15,7 +15,7 @@ DEVICES = ("auto", "cpu", "cuda")
 FORMATS = ("int8", "int4", "fp8_e4m3", "fp8_e5m2", "fp6_e3m2", "fp6_e2m3", "mxfp4", "nvfp4")
 QUANTIZATIONS = ("w8a8", "fp8", *FORMATS)  # quant/methods.py METHODS; a test keeps them equal
 KV_CACHE_DTYPES = ("auto", "int8", "fp8_e4m3")
-BLOCK_SCALED = ("nvfp4", "mxfp4", "fp6_e3m2", "fp6_e2m3")  # scale_search.SEARCHABLE
+BLOCK_SCALED = ("nvfp4", "mxfp4", "fp6_e3m2", "fp6_e2m3", "int4")  # scale_search.SEARCHABLE
 
 
 def _help(text: str, **kw: Any) -> Any:
@@ -161,8 +161,9 @@ class QuantConfig:
         default=0.5,
     )
     scale_search: bool = _help(
-        "nvfp4, mxfp4, fp6_*: choose each block's scale among its neighbours on the scale grid "
-        "for the least squared error, instead of amax / max (same format; a slower load).",
+        "nvfp4, mxfp4, fp6_*, int4: choose each block's scale (int4: its clipped range) for the "
+        "least error, weighted by each input channel's E[x^2] on calibration text (same format; "
+        "a slower load).",
         default=False,
     )
 

@@ -25,17 +25,27 @@ class _Recorder:
 
     def __init__(self, hessian: bool) -> None:
         self.amax: torch.Tensor | None = None
+        self.square_sum: torch.Tensor | None = None  # sum of x^2 per input channel
         self.xtx: torch.Tensor | None = None if not hessian else torch.zeros(0)
         self.num_tokens = 0
+        self.tokens_seen = 0
 
     def apply(self, layer, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, x.shape[-1]).float()  # [tokens, in_features]
         a = x2.abs().amax(dim=0)
         self.amax = a if self.amax is None else torch.maximum(self.amax, a)
+        sq = x2.double().pow(2).sum(dim=0)
+        self.square_sum = sq if self.square_sum is None else self.square_sum + sq
+        self.tokens_seen += x2.shape[0]
         if self.xtx is not None:
             self.xtx = x2.T @ x2 if self.xtx.numel() == 0 else self.xtx + x2.T @ x2
             self.num_tokens += x2.shape[0]
         return F.linear(x, layer.weight, layer.bias)
+
+    @property
+    def mean_square(self) -> torch.Tensor:  # [in]: E[x_j^2], each input channel's weight
+        assert self.square_sum is not None
+        return (self.square_sum / max(self.tokens_seen, 1)).float()
 
     @property
     def hessian(self) -> torch.Tensor | None:  # [in, in]: 2 X^T X / tokens, GPTQ's H
@@ -90,13 +100,15 @@ def calibration_windows(tokenizer, window: int, num_windows: int = 4) -> list[li
 
 
 def calibrate(model, tokenizer, max_len: int) -> None:
-    """Give every linear layer whose quant method wants them (`smoothquant_alpha`, `gptq`) its
-    `input_amax` and `input_hessian`, before `process_weights_after_loading` quantizes it."""
+    """Give every linear layer whose quant method wants them (`smoothquant_alpha`, `gptq`,
+    `scale_search`) its `input_amax`, `input_mean_square` and (GPTQ) `input_hessian`, before
+    `process_weights_after_loading` quantizes it."""
     names = {}
     for n, m in model.named_modules():
         method = getattr(m, "quant_method", None)
         wants_hessian = bool(getattr(method, "gptq", False))
-        if isinstance(m, Linear) and (getattr(method, "smoothquant_alpha", None) or wants_hessian):
+        wants = getattr(method, "smoothquant_alpha", None) or getattr(method, "scale_search", 0)
+        if isinstance(m, Linear) and (wants or wants_hessian):
             names[n] = wants_hessian
     if not names:
         return
@@ -104,6 +116,7 @@ def calibrate(model, tokenizer, max_len: int) -> None:
     for n, rec in stats.items():
         layer = model.get_submodule(n)
         layer.input_amax = rec.amax
+        layer.input_mean_square = rec.mean_square
         if rec.hessian is not None:
             layer.input_hessian = rec.hessian
 

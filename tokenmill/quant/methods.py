@@ -87,6 +87,14 @@ class QuantMethod(ABC):
             if hessian is not None:  # the inputs become x / s
                 hessian = hessian / smooth[:, None] / smooth[None, :]
         parts = [self.quantize_weight(w) for w in weight.split(layer.output_sizes)]
+        if getattr(self, "scale_search", False):
+            from tokenmill.quant.scale_search import search_scales
+
+            importance = getattr(layer, "input_mean_square", None)  # E[x^2] per input channel
+            if importance is not None and smooth is not None:
+                importance = importance / smooth.float().pow(2)  # the inputs become x / s
+            shards = weight.split(layer.output_sizes)
+            parts = [search_scales(w, q, importance) for w, q in zip(shards, parts)]
         if hessian is not None:
             from tokenmill.quant.gptq import gptq
 

@@ -43,11 +43,7 @@ class WeightOnlyMethod(QuantMethod):
         else:
             group = self.group_size or int4_group(weight.shape[1])
             q = quantize(weight, "int4", group_size=group, symmetric=self.symmetric)
-        if self.scale_search:
-            from tokenmill.quant.scale_search import search_scales
-
-            q = search_scales(weight, q)
-        return q
+        return q  # scale search, if asked, runs in quantize_shards with calibration statistics
 
     def install(self, layer, qweight):
         layer.qweight = qweight
