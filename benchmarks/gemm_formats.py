@@ -22,7 +22,8 @@ import torch
 
 from tokenmill.layers.linear import Linear
 from tokenmill.quant import quantize
-from tokenmill.quant.methods import make_method, scaled_mm_form
+from tokenmill.quant.methods import make_method
+from tokenmill.quant.scaled_mm import scaled_mm_form
 
 try:
     from tokenmill.quant.triton_dequant import PATHS, choose_path, dequant_matmul

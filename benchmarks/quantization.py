@@ -3,7 +3,7 @@
 interval, KL divergence and top-1 agreement against the unquantized model in the same dtype.
 
     python benchmarks/quantization.py [--model default] [--dtype bfloat16] [--max-windows 8]
-        [--methods w8a8,fp8,int4,...] [--no-quality] [--touch-kv] [--json-out F]
+        [--methods w8a8,fp8,int4,...] [--no-quality] [--touch-kv] [--compile] [--json-out F]
 
 The first rows are the unquantized model in float32 (the issue's speed baseline) and in --dtype
 (the quality reference). Random-weight models: pass --no-quality (their perplexity means nothing).
@@ -38,15 +38,23 @@ def main() -> None:
         "--touch-kv", action="store_true", help="write each KV pool once first (warm server)"
     )
     ap.add_argument("--no-kv-rows", action="store_true", help="skip the KV cache dtype rows")
+    ap.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile every configuration (the first row, the fp32 baseline, stays eager; "
+        "a compiled fp32 row follows it)",
+    )
     ap.add_argument("--json-out", default=None)
     args = ap.parse_args()
 
-    configs = [("float32", None, "auto"), (args.dtype, None, "auto")]
-    configs += [(args.dtype, m, "auto") for m in args.methods.split(",") if m]
-    configs += [] if args.no_kv_rows else [(args.dtype, m, kv) for m, kv in KV_ROWS]
+    c = args.compile
+    configs = [("float32", None, "auto", False)] + ([("float32", None, "auto", True)] if c else [])
+    configs += [(args.dtype, None, "auto", c)]
+    configs += [(args.dtype, m, "auto", c) for m in args.methods.split(",") if m]
+    configs += [] if args.no_kv_rows else [(args.dtype, m, kv, c) for m, kv in KV_ROWS]
     reference, ids, rows = None, None, []
-    for dtype, method, kv in tqdm(configs, desc="configurations", unit="config"):
-        llm, row = measure(args.model, dtype, method, kv, args.output_len, args.touch_kv)
+    for dtype, method, kv, comp in tqdm(configs, desc="configurations", unit="config"):
+        llm, row = measure(args.model, dtype, method, kv, args.output_len, args.touch_kv, comp)
         if not args.no_quality and dtype == args.dtype:
             if reference is None:
                 from tokenmill.quant.eval import default_text

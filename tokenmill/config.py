@@ -123,6 +123,13 @@ class DeviceConfig:
 
     device: str = _help("cpu, cuda, or auto (cuda when available).", default="auto")
     num_threads: int | None = _help("CPU threads for torch; default: all cores.", default=None)
+    compile: bool = _help(
+        "Compile each decoder layer's code around attention with torch.compile (inductor: "
+        "norms, rotary, activations and activation quantization fused into C++ kernels on CPU). "
+        "Faster steps (BENCHMARKS.md); the first requests of each new shape class wait for the "
+        "compiler (about 10-30 s, cached on disk for later starts). Needs a C++ compiler on CPU.",
+        default=False,
+    )
 
     def __post_init__(self) -> None:
         if self.device not in DEVICES and not self.device.startswith("cuda:"):

@@ -66,15 +66,15 @@ def model_bytes(model: torch.nn.Module) -> int:
     return total
 
 
-def decode_tps(llm, batch: int, output_len: int, vocab: int) -> float:
-    prompts = Workload(batch, 16, output_len, seed=batch).prompts(vocab)
+def decode_tps(llm, batch: int, output_len: int, vocab: int, seed: int | None = None) -> float:
+    prompts = Workload(batch, 16, output_len, seed=batch if seed is None else seed).prompts(vocab)
     params = SamplingParams(max_tokens=output_len, temperature=0, ignore_eos=True)
     outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
     return batch / statistics.median(o.metrics.tpot for o in outs)
 
 
-def prefill_tps(llm, vocab: int) -> float:
-    prompts = Workload(8, 256, 1, seed=7).prompts(vocab)
+def prefill_tps(llm, vocab: int, seed: int = 7) -> float:
+    prompts = Workload(8, 256, 1, seed=seed).prompts(vocab)
     params = SamplingParams(max_tokens=1, temperature=0, ignore_eos=True)
     t = time.perf_counter()
     llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
@@ -82,23 +82,43 @@ def prefill_tps(llm, vocab: int) -> float:
 
 
 def measure(
-    model: str, dtype: str, method: str | None, kv: str, output_len: int, touch_kv: bool = False
+    model: str,
+    dtype: str,
+    method: str | None,
+    kv: str,
+    output_len: int,
+    touch_kv: bool = False,
+    compile: bool = False,
 ) -> tuple:
     """One configuration's row. `touch_kv` writes the KV pool once first, so decode figures are
-    those of a warm server rather than include first-touch page faults of fresh KV blocks."""
+    those of a warm server rather than include first-touch page faults of fresh KV blocks.
+    `compile`: torch.compile'd layers, warmed up on every shape class measured (batch 1, batch
+    32, prefill) so that no figure includes compile time."""
     from tokenmill import LLM
 
-    llm = LLM(model, dtype=dtype, quantization=method, kv_cache_dtype=kv, max_model_len=2048)
+    llm = LLM(
+        model,
+        dtype=dtype,
+        quantization=method,
+        kv_cache_dtype=kv,
+        max_model_len=2048,
+        compile=compile,
+    )
     if touch_kv:
         touch_kv_cache(llm)
     loaded = llm.engine.loaded
     vocab = loaded.arch.vocab_size
     decode_tps(llm, 2, 4, vocab)  # warm-up
+    if compile:
+        decode_tps(llm, 1, 4, vocab, seed=1001), decode_tps(llm, 32, 4, vocab, seed=1032)
+        prefill_tps(llm, vocab, seed=1007)
     layer = loaded.model.model.layers[0].mlp.down_proj
     plain = "oneDNN packed GEMM" if hasattr(layer, "packed_weight") else "F.linear"
     kernel = getattr(layer.quant_method, "kernel", "") or plain
     row = Row(
-        name=(method or "none") + ("" if kv == "auto" else f" + kv {kv}"),
+        name=(method or "none")
+        + ("" if kv == "auto" else f" + kv {kv}")
+        + (" (compiled)" if compile else ""),
         dtype=dtype,
         kernel=kernel,
         weight_mib=model_bytes(loaded.model) / 2**20,

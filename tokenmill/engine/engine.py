@@ -86,6 +86,22 @@ class LLMEngine:
             num_blocks * per_block / 2**20,
             self.max_model_len,
         )
+        if config.device.compile:
+            self.runner.compile_model()
+            self._warm_up()
+
+    def _warm_up(self) -> None:
+        """Step through each shape class once (a prefill, a decode of several rows, a decode of
+        one), so that compiled graphs are built at start-up rather than in a request's time."""
+        params = SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True)
+        started = time.monotonic()
+        for batch in (2, 1):
+            for i in range(batch):
+                ids = [(i + j) % self.loaded.arch.vocab_size for j in range(1, 6)]
+                self.add_request(f"warm-up-{batch}-{i}", ids, params)
+            while self.has_unfinished():
+                self.step()
+        log.info("warm-up (graph compilation) took %.1f s", time.monotonic() - started)
 
     # ---- requests in -----------------------------------------------------------------
     def tokenize(self, prompt: PromptType) -> tuple[str | None, list[int]]:

@@ -92,6 +92,13 @@ class ModelRunner:
         self.sampler = Sampler(gen)
         self.generators: dict[str, torch.Generator] = {}  # seeded requests' own generators
 
+    def compile_model(self) -> None:
+        """torch.compile the model's layers where it can (config `compile`)."""
+        if self.model.compile_layers():
+            log.info("decoder layers compiled with torch.compile (graphs built on first use)")
+        else:
+            log.warning("compile skipped: a quant method keeps per-call Python state; eager mode")
+
     def _allocate(self, shape: tuple[int, ...], kv_cache_dtype: str):
         """One layer's KV cache; a quantized one is (codes, scales) and swaps the attention
         backends of the model to read it."""

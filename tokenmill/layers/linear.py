@@ -56,8 +56,25 @@ def pack_for_cpu(weight: torch.Tensor) -> torch.Tensor | None:
 def packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None = None):
     """x [..., in] @ W^T (+ bias) with a weight from `pack_for_cpu`."""
     x2 = x.reshape(-1, x.shape[-1]).contiguous()
-    y = torch.ops.mkldnn._linear_pointwise(x2, packed, bias, "none", [], "")
+    if torch.compiler.is_compiling():  # inductor lowers the raw op only for frozen weights
+        y = _packed_linear_op(x2, packed, bias)
+    else:
+        y = torch.ops.mkldnn._linear_pointwise(x2, packed, bias, "none", [], "")
     return y.view(*x.shape[:-1], y.shape[-1])
+
+
+@torch.library.custom_op("tokenmill::packed_linear", mutates_args=())
+def _packed_linear_op(
+    x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
+    """The oneDNN GEMM as an opaque op for torch.compile: a compiled region calls it as is and
+    fuses what lies around it (norms, activations, residual adds)."""
+    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+
+
+@_packed_linear_op.register_fake
+def _(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return x.new_empty(x.shape[0], packed.shape[0])
 
 
 class Linear(nn.Module):

@@ -44,6 +44,12 @@ class Attention(nn.Module):
         self.backend: AttentionBackend = TorchAttention(scale=d**-0.5)
 
     def forward(self, cos_sin, x, kv_cache, meta: AttentionMetadata):
+        o = self.backend.forward(*self.project(cos_sin, x), kv_cache, meta)
+        return self.o_proj(o.reshape(o.shape[0], -1))
+
+    def project(self, cos_sin, x):
+        """x [tokens, hidden] -> rotated q [tokens, heads, dim], rotated k and v [tokens,
+        kv_heads, dim]."""
         h, kvh, d = self.num_heads, self.num_kv_heads, self.head_dim
         qkv = self.qkv_proj(x).view(-1, h + 2 * kvh, d)  # [tokens, heads + 2 kv_heads, dim]
         v = qkv[:, h + kvh :]
@@ -53,8 +59,7 @@ class Attention(nn.Module):
         else:  # q and k sit side by side: rotate them in one pass
             qk = self.rotary.apply(qkv[:, : h + kvh], cos_sin)
             q, k = qk[:, :h], qk[:, h:]
-        o = self.backend.forward(q, k, v, kv_cache, meta)
-        return self.o_proj(o.reshape(o.shape[0], -1))
+        return q, k, v
 
 
 class MLP(nn.Module):
@@ -78,11 +83,23 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps, dtype)
 
     def forward(self, cos_sin, x, residual, kv_cache, meta):
+        q, k, v, residual = self.attention_inputs(cos_sin, x, residual)
+        o = self.self_attn.backend.forward(q, k, v, kv_cache, meta)
+        return self.attention_outputs(o, residual)
+
+    # The two halves around the paged attention: pure tensor code that `compile_layers` may
+    # hand to torch.compile (the attention reads block tables and writes the KV cache, so it
+    # stays eager, as vLLM's piecewise compilation splits its graphs at attention).
+    def attention_inputs(self, cos_sin, x, residual):
         if residual is None:
             residual, x = x, self.input_layernorm(x)
         else:
             x, residual = self.input_layernorm(x, residual)
-        x = self.self_attn(cos_sin, x, kv_cache, meta)
+        q, k, v = self.self_attn.project(cos_sin, x)
+        return q, k, v, residual
+
+    def attention_outputs(self, o, residual):
+        x = self.self_attn.o_proj(o.reshape(o.shape[0], -1))
         x, residual = self.post_attention_layernorm(x, residual)
         return self.mlp(x), residual
 
@@ -132,6 +149,25 @@ class LlamaForCausalLM(nn.Module):
                 return packed_linear(hidden, self.tied_head_packed)
             return torch.nn.functional.linear(hidden, self.model.embed_tokens.weight)
         return self.lm_head(hidden)
+
+    def compile_layers(self) -> bool:
+        """Compile every decoder layer's halves around attention with torch.compile (dynamic
+        shapes: one graph serves every batch size). All layers share the graphs, their weights
+        being inputs. False, and nothing changed, where a quant method keeps Python state that a
+        graph cannot (fp8 delayed scaling's amax history)."""
+        if not all(
+            getattr(m.quant_method, "compilable", True)
+            for m in self.modules()
+            if isinstance(m, Linear)
+        ):
+            return False
+        # A few graphs per half (first layer or not, one row or many, prefill or decode
+        # attention layouts), times the engines of one process: above dynamo's default of 8
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+        for layer in self.model.layers:
+            layer.attention_inputs = torch.compile(layer.attention_inputs, dynamic=True)
+            layer.attention_outputs = torch.compile(layer.attention_outputs, dynamic=True)
+        return True
 
     def process_weights_after_loading(self) -> None:
         """Let each linear layer's quant method repack its weights, once, after loading."""

@@ -56,6 +56,8 @@ class QuantMethod(ABC):
     format: str = ""
     kernel: str = ""  # the path `apply` takes on this layer's device, for logs and benchmarks
     gptq: bool = False  # choose codes with GPTQ from calibration (gptq.py), else round to nearest
+    # apply() is pure tensor code that torch.compile may trace (no Python state changing per call)
+    compilable: bool = True
 
     def create_weights(self, layer) -> None:
         layer.weight = nn.Parameter(
@@ -218,6 +220,7 @@ class FP8Method(SmoothQuantMixin, QuantMethod):
             raise ValueError(f"amax_history_len must be >= 1, got {amax_history_len}")
         self.activation_scaling = activation_scaling
         self.amax_history_len = amax_history_len
+        self.compilable = activation_scaling == "current"  # the amax history is Python state
         self.smoothquant_alpha = smoothquant_alpha
         self.gptq = gptq
 
@@ -256,6 +259,8 @@ class FP8Method(SmoothQuantMixin, QuantMethod):
         limit = el.E4M3.max_value  # delayed scales can be stale: saturate, as the format does
         xq = (x2 / scale).clamp_(-limit, limit).to(torch.float8_e4m3fn)
         if hasattr(layer, "weight_fp8"):
+            from tokenmill.quant.scaled_mm import scaled_mm_rowwise
+
             y = scaled_mm_rowwise(xq, layer.weight_fp8, scale, layer.weight_scale, x.dtype)
             return _finish(y, x, layer.bias)
         from tokenmill.layers.linear import packed_linear
@@ -265,46 +270,3 @@ class FP8Method(SmoothQuantMixin, QuantMethod):
         acc = packed_linear(xv, packed) if packed is not None else F.linear(xv, layer.weight_values)
         y = acc.float().mul_(scale).mul_(layer.weight_scale)
         return _finish(y, x, layer.bias)
-
-
-_SCALED_MM_FORMS: dict[tuple, tuple[torch.dtype, int]] = {}
-
-
-def scaled_mm_rowwise(
-    xq: torch.Tensor, w: torch.Tensor, sx: torch.Tensor, sw: torch.Tensor, dtype: torch.dtype
-) -> torch.Tensor:
-    """E4M3 xq [M, K] @ w [N, K]^T, scaled per row (sx [M, 1]) and per column (sw [N]) through
-    torch._scaled_mm. Which output dtype and row padding the device's kernel accepts differs
-    between torch versions and GPUs: the first call per (device, dtype) tries the exact form
-    (output in `dtype`, no padding), then bf16 output, then rows padded to 16, and keeps the
-    first that runs (`scaled_mm_form`)."""
-    key = (xq.device, dtype)
-    forms = [_SCALED_MM_FORMS[key]] if key in _SCALED_MM_FORMS else _candidate_forms(dtype)
-    error: RuntimeError | None = None
-    for out_dtype, pad in forms:
-        m = xq.shape[0]
-        rows = -(-m // pad) * pad
-        a, sa = xq, sx.contiguous()
-        if rows != m:
-            a, sa = (
-                F.pad(xq.view(torch.uint8), (0, 0, 0, rows - m)).view(xq.dtype),
-                F.pad(sa, (0, 0, 0, rows - m), value=1.0),
-            )
-        try:
-            y = torch._scaled_mm(a, w.t(), scale_a=sa, scale_b=sw[None, :], out_dtype=out_dtype)
-        except RuntimeError as e:  # this form is not supported here: try the next
-            error = e
-            continue
-        _SCALED_MM_FORMS[key] = (out_dtype, pad)
-        return y[:m]
-    raise RuntimeError(f"torch._scaled_mm accepts none of {forms} on {xq.device}") from error
-
-
-def _candidate_forms(dtype: torch.dtype) -> list[tuple[torch.dtype, int]]:
-    forms = [(dtype, 1), (torch.bfloat16, 1), (dtype, 16), (torch.bfloat16, 16)]
-    return list(dict.fromkeys(forms))
-
-
-def scaled_mm_form(device: torch.device, dtype: torch.dtype) -> tuple[torch.dtype, int] | None:
-    """(output dtype, row padding) that scaled_mm_rowwise settled on, None before its first call."""
-    return _SCALED_MM_FORMS.get((device, dtype))

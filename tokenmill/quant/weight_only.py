@@ -51,6 +51,7 @@ class WeightOnlyMethod(QuantMethod):
             from tokenmill.quant.triton_dequant import TritonWeight
 
             self.kernel = "triton dequant-matmul"
+            self.compilable = False  # its first calls time the kernel paths (triton_dequant.py)
             layer.triton_weight = TritonWeight.from_quantized(qweight)
             layer.qweight = replace(qweight, data=qweight.data[:0])  # codes live in triton_weight
             return
