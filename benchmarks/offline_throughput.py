@@ -4,7 +4,7 @@
 Both engines run on the same device (CUDA when there is one, else CPU).
 
     python benchmarks/offline_throughput.py [--model DIR] [--repeats 3] [--num-prompts 64]
-        [--dtype float32|bfloat16] [--json-out F]
+        [--dtype float32|bfloat16] [--compile] [--json-out F]
 """
 
 from __future__ import annotations
@@ -30,6 +30,9 @@ def main() -> None:
     )
     ap.add_argument("--model", default=None, help="an HF folder (default: the bundled model)")
     ap.add_argument("--device", default="auto", help="cpu, cuda or auto")
+    ap.add_argument(
+        "--compile", action="store_true", help="tokenmill with torch.compile'd layers (--compile)"
+    )
     ap.add_argument("--json-out", default=None)
     args = ap.parse_args()
 
@@ -47,7 +50,13 @@ def main() -> None:
     t0 = time.perf_counter()
     from tokenmill import LLM, SamplingParams
 
-    llm = LLM(args.model or "default", dtype=args.dtype, max_model_len=1024, device=args.device)
+    llm = LLM(
+        args.model or "default",
+        dtype=args.dtype,
+        max_model_len=1024,
+        device=args.device,
+        compile=args.compile,
+    )
     llm.generate(["Hello"], SamplingParams(max_tokens=1), use_tqdm=False)
     startup_s = time.perf_counter() - t0
     arch = llm.engine.loaded.arch
@@ -97,6 +106,7 @@ def main() -> None:
         "device": str(device),
         "workload": vars(work),
         "dtype": args.dtype,
+        "compile": args.compile,
         "repeats": args.repeats,
         "memory_bandwidth_gbs": bw,
         "decode_step_bytes": step_bytes,

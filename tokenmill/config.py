@@ -173,6 +173,12 @@ class QuantConfig:
         "a slower load).",
         default=False,
     )
+    awq: bool = _help(
+        "Weight-only formats: AWQ input-channel scaling (each input channel's weights scaled by "
+        "E[x^2]^(alpha/2) from calibration text, alpha searched per layer, the input divided "
+        "back at run time); composes with --scale-search and --gptq (a slower load).",
+        default=False,
+    )
 
     def __post_init__(self) -> None:
         if self.quantization is not None and self.quantization not in QUANTIZATIONS:
@@ -194,11 +200,19 @@ class QuantConfig:
                 f"scale_search applies to quantization {BLOCK_SCALED}, got {self.quantization!r}"
             )
 
+        if self.awq and self.quantization in (None, "w8a8", "fp8"):
+            raise ValueError(
+                "awq applies to weight-only quantization (a format such as nvfp4 or int4); "
+                f"got {self.quantization!r} (w8a8 and fp8 use smoothquant_alpha)"
+            )
+
     def method_options(self) -> dict[str, Any]:
         """Keyword arguments for quant/methods.make_method."""
         common: dict[str, Any] = {"gptq": True} if self.gptq else {}
         if self.scale_search:
             common["scale_search"] = True
+        if self.awq:
+            common["awq"] = True
         if self.quantization == "fp8":
             return {
                 "activation_scaling": self.activation_scaling,

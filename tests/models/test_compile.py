@@ -91,3 +91,9 @@ def test_per_call_python_state_stays_eager(tiny_model_dir, caplog):
     assert "compile skipped" in caplog.text
     out = llm.generate(PROMPTS[:2], GREEDY, use_tqdm=False)
     assert all(len(o.outputs[0].token_ids) == 12 for o in out)
+
+
+def test_compile_without_a_cpp_compiler_says_what_to_do(tiny_model_dir, monkeypatch):
+    monkeypatch.setattr("shutil.which", lambda name: None)
+    with pytest.raises(RuntimeError, match="no C\\+\\+ compiler"):
+        LLM(tiny_model_dir("llama"), dtype="float32", kv_cache_memory=4 << 20, compile=True)

@@ -134,21 +134,31 @@ def test_gptq_checkpoint_equals_gptq_on_load(tiny_model_dir, tmp_path):
     assert prompt_logprobs(again.generate(PROMPTS, SCORE, use_tqdm=False)) == expected
 
 
-def test_scale_search_checkpoint_equals_search_on_load(tiny_model_dir, tmp_path):
+@pytest.mark.parametrize("option", ["scale_search", "awq"])
+def test_searched_checkpoint_equals_search_on_load(tiny_model_dir, tmp_path, option):
+    """Block-scale search and AWQ scaling: the checkpoint holds what a load computes."""
     folder = tiny_model_dir("llama")
     kw = dict(dtype="float32", kv_cache_memory=1 << 22)
-    searched = LLM(folder, quantization="nvfp4", scale_search=True, **kw)
+    searched = LLM(folder, quantization="nvfp4", **{option: True}, **kw)
     rtn = LLM(folder, quantization="nvfp4", **kw)
 
+    def layer(llm):
+        return llm.engine.loaded.model.model.layers[0].mlp.down_proj
+
     def scales(llm):
-        return llm.engine.loaded.model.model.layers[0].mlp.down_proj.qweight.scale.view(torch.uint8)
+        return layer(llm).qweight.scale.view(torch.uint8)
 
     assert not torch.equal(scales(searched), scales(rtn))  # the search moved some block scales
+    if option == "awq":
+        assert layer(searched).input_smooth is not None
     expected = prompt_logprobs(searched.generate(PROMPTS, SCORE, use_tqdm=False))
-    qcfg = quantize_checkpoint(folder, tmp_path / "q", "nvfp4", {"scale_search": True})
-    assert qcfg["scale_search"] is True
+    assert expected != prompt_logprobs(rtn.generate(PROMPTS, SCORE, use_tqdm=False))
+    qcfg = quantize_checkpoint(folder, tmp_path / "q", "nvfp4", {option: True})
+    assert qcfg[option] is True
     again = LLM(tmp_path / "q", **kw)
     assert torch.equal(scales(again), scales(searched))
+    if option == "awq":
+        assert torch.equal(layer(again).input_smooth, layer(searched).input_smooth)
     assert prompt_logprobs(again.generate(PROMPTS, SCORE, use_tqdm=False)) == expected
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 
 import numpy as np
 import torch
@@ -94,6 +95,12 @@ class ModelRunner:
 
     def compile_model(self) -> None:
         """torch.compile the model's layers where it can (config `compile`)."""
+        compilers = (os.environ.get("CXX", ""), "g++", "c++", "clang++")
+        if self.device.type == "cpu" and not any(c and shutil.which(c) for c in compilers):
+            raise RuntimeError(
+                "compile on CPU builds C++ kernels and found no C++ compiler (g++, c++, clang++ "
+                "or $CXX); install one (apt install g++) or run without --compile"
+            )
         if self.model.compile_layers():
             log.info("decoder layers compiled with torch.compile (graphs built on first use)")
         else:

@@ -101,13 +101,17 @@ def calibration_windows(tokenizer, window: int, num_windows: int = 4) -> list[li
 
 def calibrate(model, tokenizer, max_len: int) -> None:
     """Give every linear layer whose quant method wants them (`smoothquant_alpha`, `gptq`,
-    `scale_search`) its `input_amax`, `input_mean_square` and (GPTQ) `input_hessian`, before
+    `scale_search`, `awq`) its `input_amax`, `input_mean_square` and (GPTQ) `input_hessian`, before
     `process_weights_after_loading` quantizes it."""
     names = {}
     for n, m in model.named_modules():
         method = getattr(m, "quant_method", None)
-        wants_hessian = bool(getattr(method, "gptq", False))
-        wants = getattr(method, "smoothquant_alpha", None) or getattr(method, "scale_search", 0)
+        wants_hessian = bool(getattr(method, "gptq", False) or getattr(method, "awq", False))
+        wants = (
+            getattr(method, "smoothquant_alpha", None)
+            or getattr(method, "scale_search", False)
+            or getattr(method, "awq", False)
+        )
         if isinstance(m, Linear) and (wants or wants_hessian):
             names[n] = wants_hessian
     if not names:

@@ -29,6 +29,11 @@ def add_parsers(sub, add_engine_options) -> None:
         action="store_true",
         help="nvfp4/mxfp4/fp6: each block's scale searched for the least squared error",
     )
+    q.add_argument(
+        "--awq",
+        action="store_true",
+        help="weight-only formats: AWQ input-channel scaling from calibration text",
+    )
 
     e = sub.add_parser("eval", help="quality evaluation").add_subparsers(dest="eval", required=True)
     p = e.add_parser(
@@ -65,6 +70,8 @@ def quantize(args) -> int:
         options["gptq"] = True
     if args.scale_search:
         options["scale_search"] = True
+    if args.awq:
+        options["awq"] = True
     qcfg = quantize_checkpoint(src, Path(args.out), args.method, options)
     size = sum(f.stat().st_size for f in Path(args.out).glob("*.safetensors"))
     before = sum(f.stat().st_size for f in src.glob("*.safetensors"))

@@ -26,6 +26,7 @@ class WeightOnlyMethod(QuantMethod):
         symmetric: bool = False,
         gptq: bool = False,
         scale_search: bool = False,
+        awq: bool = False,
     ):
         from tokenmill.quant.scale_search import SEARCHABLE
 
@@ -36,6 +37,18 @@ class WeightOnlyMethod(QuantMethod):
         self.symmetric = symmetric
         self.gptq = gptq
         self.scale_search = scale_search
+        self.awq = awq
+
+    def smoothing(self, layer) -> torch.Tensor | None:
+        """AWQ's input-channel scales (awq.py), from calibration statistics."""
+        importance = getattr(layer, "input_mean_square", None)
+        if not self.awq or importance is None:
+            return None
+        from tokenmill.quant.awq import awq_scale
+
+        hessian = getattr(layer, "input_hessian", None)
+        w = layer.weight.data
+        return awq_scale(w, layer.output_sizes, importance, self.quantize_weight, hessian)
 
     def quantize_weight(self, weight):
         if self.format != "int4":
@@ -47,6 +60,9 @@ class WeightOnlyMethod(QuantMethod):
 
     def install(self, layer, qweight):
         layer.qweight = qweight
+        s = getattr(layer, "input_smooth", None)  # AWQ: the input is divided by s at run time
+        if s is not None:
+            layer.smooth_inv = (1.0 / s.float()).to(layer.params_dtype).contiguous()
         if qweight.data.device.type == "cuda" and triton_available():
             from tokenmill.quant.triton_dequant import TritonWeight
 
@@ -69,6 +85,8 @@ class WeightOnlyMethod(QuantMethod):
     def apply(self, layer, x):
         q: QuantizedTensor = layer.qweight
         x2 = _rows(x)
+        if hasattr(layer, "smooth_inv"):
+            x2 = x2 * layer.smooth_inv
         if hasattr(layer, "triton_weight"):
             from tokenmill.quant.triton_dequant import dequant_matmul
 
