@@ -173,6 +173,11 @@ class QuantConfig:
         "a slower load).",
         default=False,
     )
+    calibration_windows: int = _help(
+        "Windows of 512 tokens of calibration text (Hamlet; evaluation uses another play) that "
+        "SmoothQuant, AWQ, GPTQ and the scale search fit on; more fit better, load slower.",
+        default=16,
+    )
     awq: bool = _help(
         "Weight-only formats: AWQ input-channel scaling (each input channel's weights scaled by "
         "E[x^2]^(alpha/2) from calibration text, alpha searched per layer, the input divided "
@@ -200,6 +205,8 @@ class QuantConfig:
                 f"scale_search applies to quantization {BLOCK_SCALED}, got {self.quantization!r}"
             )
 
+        if self.calibration_windows < 1:
+            raise ValueError(f"calibration_windows must be >= 1, got {self.calibration_windows}")
         if self.awq and self.quantization in (None, "w8a8", "fp8"):
             raise ValueError(
                 "awq applies to weight-only quantization (a format such as nvfp4 or int4); "
@@ -213,6 +220,8 @@ class QuantConfig:
             common["scale_search"] = True
         if self.awq:
             common["awq"] = True
+        if self.calibration_windows != 16:
+            common["calibration_windows"] = self.calibration_windows
         if self.quantization == "fp8":
             return {
                 "activation_scaling": self.activation_scaling,

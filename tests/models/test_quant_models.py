@@ -173,3 +173,22 @@ def test_eval_perplexity_cli_compares_with_the_unquantized_model(tiny_model_dir,
     out = json.loads(capsys.readouterr().out)
     assert out["quantization"] == "nvfp4" and out["num_windows"] == 3
     assert out["perplexity"] != out["reference_perplexity"]  # a real comparison
+
+
+def test_calibration_windows_sets_how_much_text_calibrates(tiny_model_dir, monkeypatch):
+    import tokenmill.quant.calibrate as calibrate
+
+    seen = []
+    real = calibrate.input_stats
+
+    def spy(model, windows, names):
+        seen.append(len(windows))
+        return real(model, windows, names)
+
+    monkeypatch.setattr(calibrate, "input_stats", spy)
+    kw = dict(dtype="float32", kv_cache_memory=1 << 22, max_model_len=64)
+    LLM(tiny_model_dir("llama"), quantization="nvfp4", awq=True, **kw)
+    LLM(tiny_model_dir("llama"), quantization="nvfp4", awq=True, calibration_windows=5, **kw)
+    assert seen == [16, 5]
+    with pytest.raises(ValueError, match="calibration_windows must be >= 1"):
+        LLM(tiny_model_dir("llama"), quantization="nvfp4", awq=True, calibration_windows=0, **kw)

@@ -92,7 +92,7 @@ def input_stats(model, windows: list[list[int]], names: dict[str, bool]) -> dict
     return recorders
 
 
-def calibration_windows(tokenizer, window: int, num_windows: int = 4) -> list[list[int]]:
+def calibration_windows(tokenizer, window: int, num_windows: int = 16) -> list[list[int]]:
     from tokenmill.quant.eval import default_text, windows
 
     ids = tokenizer.encode(default_text(CALIBRATION_PLAY))
@@ -103,7 +103,7 @@ def calibrate(model, tokenizer, max_len: int) -> None:
     """Give every linear layer whose quant method wants them (`smoothquant_alpha`, `gptq`,
     `scale_search`, `awq`) its `input_amax`, `input_mean_square` and (GPTQ) `input_hessian`, before
     `process_weights_after_loading` quantizes it."""
-    names = {}
+    names, num_windows = {}, 1
     for n, m in model.named_modules():
         method = getattr(m, "quant_method", None)
         wants_hessian = bool(getattr(method, "gptq", False) or getattr(method, "awq", False))
@@ -114,9 +114,11 @@ def calibrate(model, tokenizer, max_len: int) -> None:
         )
         if isinstance(m, Linear) and (wants or wants_hessian):
             names[n] = wants_hessian
+            num_windows = max(num_windows, method.calibration_windows)
     if not names:
         return
-    stats = input_stats(model, calibration_windows(tokenizer, min(512, max_len)), names)
+    texts = calibration_windows(tokenizer, min(512, max_len), num_windows)
+    stats = input_stats(model, texts, names)
     for n, rec in stats.items():
         layer = model.get_submodule(n)
         layer.input_amax = rec.amax

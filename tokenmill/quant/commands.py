@@ -30,6 +30,12 @@ def add_parsers(sub, add_engine_options) -> None:
         help="nvfp4/mxfp4/fp6: each block's scale searched for the least squared error",
     )
     q.add_argument(
+        "--calibration-windows",
+        type=int,
+        default=None,
+        help="512-token windows of calibration text (default 16)",
+    )
+    q.add_argument(
         "--awq",
         action="store_true",
         help="weight-only formats: AWQ input-channel scaling from calibration text",
@@ -72,6 +78,8 @@ def quantize(args) -> int:
         options["scale_search"] = True
     if args.awq:
         options["awq"] = True
+    if args.calibration_windows:
+        options["calibration_windows"] = args.calibration_windows
     qcfg = quantize_checkpoint(src, Path(args.out), args.method, options)
     size = sum(f.stat().st_size for f in Path(args.out).glob("*.safetensors"))
     before = sum(f.stat().st_size for f in src.glob("*.safetensors"))

@@ -63,15 +63,25 @@ def gptq(
     template: QuantizedTensor,  # round-to-nearest of `weight`: its scales are kept
     block_size: int = 128,
     damp: float = 0.01,
+    act_order: bool = True,
 ) -> QuantizedTensor:
+    """Codes for `weight` on the scales of `template`. `act_order`: columns are quantized in
+    order of decreasing H_jj (the loudest inputs first, while the most columns remain to take
+    their error), as AutoGPTQ's desc_act; the scales being fixed, the order changes no layout."""
     w = weight.detach().float().clone()
     h = hessian.float().clone()
     dead = torch.diag(h) == 0
     h[dead, dead] = 1.0
     w[:, dead] = 0.0
+    grid = Grid(template)
+    perm = None
+    if act_order:
+        perm = torch.argsort(torch.diag(h), descending=True)
+        w, h = w[:, perm], h[perm][:, perm]
+        grid.scale = grid.scale[:, perm]
+        grid.zero = None if grid.zero is None else grid.zero[:, perm]
     h += damp * torch.diag(h).mean() * torch.eye(h.shape[0], device=h.device)
     hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
-    grid = Grid(template)
     cols = w.shape[1]
     for i1 in range(0, cols, block_size):
         i2 = min(i1 + block_size, cols)
@@ -87,4 +97,6 @@ def gptq(
             err1[:, i] = e
         w[:, i1:i2] = w1
         w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
+    if perm is not None:
+        w = w[:, torch.argsort(perm)]
     return encode_with(template, w)

@@ -39,6 +39,14 @@ METHODS = ("w8a8", "fp8", *FORMATS)  # a bare format name means weight-only in t
 
 def make_method(name: str, **options) -> QuantMethod:
     """'w8a8' | 'fp8' | a format name (weight-only), with method options."""
+    windows = options.pop("calibration_windows", None)
+    method = _make(name, **options)
+    if windows is not None:
+        method.calibration_windows = int(windows)
+    return method
+
+
+def _make(name: str, **options) -> QuantMethod:
     if name == "w8a8":
         return W8A8Method(**options)
     if name == "fp8":
@@ -58,6 +66,8 @@ class QuantMethod(ABC):
     gptq: bool = False  # choose codes with GPTQ from calibration (gptq.py), else round to nearest
     # apply() is pure tensor code that torch.compile may trace (no Python state changing per call)
     compilable: bool = True
+    # 512-token windows of calibration text (calibrate.py) for SmoothQuant, AWQ, GPTQ, search
+    calibration_windows: int = 16
 
     def create_weights(self, layer) -> None:
         layer.weight = nn.Parameter(

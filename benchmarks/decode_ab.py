@@ -1,0 +1,72 @@
+"""Decode speed of several engine configurations, interleaved in one process, so that the drift
+of a noisy machine hits each alike: rounds of (batch x 16-token prompts -> output tokens) per
+configuration in turn, fresh prompts every round, median decode tokens/s (batch / median time
+per output token), its ratio to the first configuration's median, and the ratios within each
+round (median and range).
+
+    python benchmarks/decode_ab.py --model DIR --rounds 7 --batch 32 \\
+        float32 float32+compile bfloat16+compile w8a8/bfloat16+compile
+
+A configuration is DTYPE[+compile] or METHOD/DTYPE[+compile] (METHOD: a --quantization).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+
+from tqdm.auto import tqdm
+
+
+def parse(spec: str) -> dict:
+    body, _, flag = spec.partition("+")
+    if flag not in ("", "compile"):
+        raise SystemExit(f"{spec!r}: only '+compile' may follow the dtype")
+    method, _, dtype = body.rpartition("/")
+    return {"dtype": dtype, "quantization": method or None, "compile": flag == "compile"}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("configs", nargs="+", help="e.g. float32 w8a8/bfloat16+compile")
+    ap.add_argument("--model", default="default")
+    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--output-len", type=int, default=32)
+    args = ap.parse_args()
+
+    from tokenmill import LLM
+    from tokenmill.bench.offline import commit, machine, touch_kv_cache
+    from tokenmill.bench.quant import decode_tps
+
+    engines = []
+    for spec in tqdm(args.configs, desc="loading", unit="config"):
+        llm = LLM(args.model, max_model_len=1024, kv_cache_memory=512 << 20, **parse(spec))
+        touch_kv_cache(llm)  # first-touch page faults out of the figures
+        vocab = llm.engine.loaded.arch.vocab_size
+        decode_tps(llm, args.batch, 4, vocab, seed=10_000)  # warm-up at the measured batch
+        engines.append((spec, llm, vocab))
+    results: dict[str, list[float]] = {spec: [] for spec in args.configs}
+    for r in tqdm(range(args.rounds), desc="rounds", unit="round"):
+        for spec, llm, vocab in engines:
+            results[spec].append(decode_tps(llm, args.batch, args.output_len, vocab, seed=r))
+    base = statistics.median(results[args.configs[0]])
+    print(
+        f"\n{machine()}, commit {commit()}, model {args.model}, batch {args.batch}, "
+        f"{args.rounds} interleaved rounds"
+    )
+    print("| configuration | decode tok/s, median | all rounds | x first | x first, per round |")
+    print("|---|---:|---|---:|---|")
+    first = results[args.configs[0]]
+    for spec, values in results.items():
+        med = statistics.median(values)
+        runs = ", ".join(f"{v:.0f}" for v in values)
+        ratios = sorted(v / f for v, f in zip(values, first))
+        spread = f"median {statistics.median(ratios):.2f}x ({ratios[0]:.2f}-{ratios[-1]:.2f})"
+        print(f"| {spec} | {med:.1f} | {runs} | {med / base:.2f}x | {spread} |")
+
+
+if __name__ == "__main__":
+    main()
