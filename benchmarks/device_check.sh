@@ -5,13 +5,15 @@
 #   3. offline throughput vs transformers in fp32 and bf16 (benchmarks/offline_throughput.py)
 #   4. every quantization method's decode/prefill speed (benchmarks/quantization.py)
 #   5. a profile of decode steps at batch 1 and 64 (benchmarks/profile_decode.py)
+#   6. --compile on CUDA (inductor's Triton kernels): its tests, then eager vs compiled decode
+#      side by side (benchmarks/decode_ab.py); never run on a GPU yet (written after the H100 run)
 # on a random-weight model of SmolLM2-135M's shape made there from a carried config + tokenizer
 # (.devcarry/smollm2-shape; the real GGUF is too large to send). Logs and JSON go to $OUT.
 #
 #   bash benchmarks/device_check.sh        (PY=python3 OUT=device-out by default)
 #   STEPS="tests gemm" bash benchmarks/device_check.sh     (only those steps)
 set -u
-STEPS=${STEPS:-tests gemm offline quant profile}
+STEPS=${STEPS:-tests gemm offline quant profile compile}
 OUT=${OUT:-device-out}
 PY=${PY:-python3}
 mkdir -p "$OUT"
@@ -57,4 +59,7 @@ step quant 90 $PY benchmarks/quantization.py --model "$MODEL" --no-quality --dty
   --methods fp8,w8a8,int8,int4,fp6_e2m3,mxfp4,nvfp4 --json-out "$OUT/quant.json"
 step profile-b1 60 $PY benchmarks/profile_decode.py --model "$MODEL" --batch 1 --steps 32
 step profile-b64 60 $PY benchmarks/profile_decode.py --model "$MODEL" --batch 64 --steps 32
-grep -E "^=== |^\| |^device|CUDA kernels per step" "$LOG" | tail -n 80
+step compile-tests 150 $PY -m pytest -q -p no:cacheprovider -rfE tests/models/test_compile.py
+step compile-ab 150 $PY benchmarks/decode_ab.py --model "$MODEL" --rounds 3 --batch 32 \
+  bfloat16 bfloat16+compile w8a8/bfloat16 w8a8/bfloat16+compile fp8/bfloat16 fp8/bfloat16+compile
+grep -E "^=== |^\| |^device|CUDA kernels per step" "$LOG" | tail -n 90
