@@ -79,6 +79,27 @@ def test_w8a8_matches_reference(dtype, device):
     assert layer.weight_t.dtype == torch.int8
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_w8a8_with_activation_zero_points_matches_reference(dtype, device):
+    layer, _ = make_layer("w8a8", dtype, device, activation_zero_point=True)
+    wq = layer.qweight.data.double().cpu()
+    skewed = torch.nn.functional.silu(inputs(dtype).float() * 3).to(dtype)  # as SiLU * up
+    for x in (inputs(dtype), skewed):
+        x64 = x.double()
+        lo, hi = x64.amin(1, keepdim=True).clamp(max=0), x64.amax(1, keepdim=True).clamp(min=0)
+        scale = (hi - lo) / 255  # x ~ scale * (q - zero), q in [-128, 127]
+        zero = torch.round(-lo / scale) - 128
+        xq = (torch.round(x64 / scale) + zero).clamp(-128, 127) - zero
+        wscale = layer.qweight.scale.double().cpu()
+        ref = (xq @ wq.T) * scale * wscale + layer.bias.double().cpu()
+        assert_close(layer(x.to(device)), ref, dtype)
+    amax = x64.abs().amax(1, keepdim=True)  # on skewed rows the zero point halves the error
+    symmetric = (torch.round(x64 * 127 / amax) @ wq.T) * (amax / 127)
+    exact = x64 @ wq.T
+    assert ((xq @ wq.T) * scale - exact).norm() < 0.7 * (symmetric - exact).norm()
+
+
 def fp8_reference(x64: torch.Tensor, scale: torch.Tensor, layer, weight) -> torch.Tensor:
     """E4M3 activations (RNE, saturating) times E4M3 weights, exact products, float64 sums."""
     xv = el.decode(el.encode(x64 / scale, el.E4M3), el.E4M3, torch.float64)
@@ -162,3 +183,12 @@ def test_smoothquant_moves_outliers_and_keeps_the_product():
     torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
     _, plain = quantized(False)
     assert (y - exact).norm() < 0.5 * (plain - exact).norm()  # the outlier no longer dominates
+
+
+def test_activation_zero_point_is_a_w8a8_option():
+    from tokenmill.config import QuantConfig
+
+    options = QuantConfig(quantization="w8a8", activation_zero_point=True).method_options()
+    assert make_method("w8a8", **options).activation_zero_point is True
+    with pytest.raises(ValueError, match="activation_zero_point applies to w8a8"):
+        QuantConfig(quantization="fp8", activation_zero_point=True)

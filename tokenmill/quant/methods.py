@@ -6,8 +6,9 @@ quantizes it in `process_weights_after_loading`; `install` takes an already quan
 nothing of models; formats (formats.py) know nothing of layers.
 
 Fast paths, each measured in BENCHMARKS.md, and where none exists the method says so in `kernel`:
-  w8a8        int8 weights per channel x int8 activations per token (dynamic): torch._int_mm
-              (AVX-512 VNNI on CPU, IMMA on CUDA), int32 accumulators, one fp32 rescale
+  w8a8        int8 weights per channel x int8 activations per token (dynamic; symmetric, or
+              with a zero point per token corrected exactly in int32): torch._int_mm (AVX-512
+              VNNI on CPU, IMMA on CUDA), int32 accumulators, one fp32 rescale
   fp8         E4M3 weights per channel x E4M3 activations, "current" scaling (each token's amax)
               or "delayed" (one scale from the amax history of earlier steps, as Transformer Engine
               does): torch._scaled_mm on CUDA; on CPU, whose _scaled_mm is a slow reference
@@ -166,9 +167,15 @@ class W8A8Method(SmoothQuantMixin, QuantMethod):
     format = "int8"
     kernel = "torch._int_mm"
 
-    def __init__(self, smoothquant_alpha: float | None = 0.5, gptq: bool = False) -> None:
+    def __init__(
+        self,
+        smoothquant_alpha: float | None = 0.5,
+        gptq: bool = False,
+        activation_zero_point: bool = False,
+    ) -> None:
         self.smoothquant_alpha = smoothquant_alpha
         self.gptq = gptq
+        self.activation_zero_point = activation_zero_point
 
     def quantize_weight(self, weight):
         return quantize(weight, "int8", granularity="channel")
@@ -180,19 +187,34 @@ class W8A8Method(SmoothQuantMixin, QuantMethod):
         layer.weight_t = codes.t() if codes.is_cuda else codes.t().contiguous()
         layer.qweight = replace(qweight, data=layer.weight_t.t())  # a view: stored once
         layer.weight_scale = qweight.scale.float().expand(qweight.shape[0]).contiguous()  # [out]
+        layer.weight_colsum = codes.to(torch.int32).sum(dim=1)  # [out]: zero-point correction
         _install_smoothing(layer)
 
     def apply(self, layer, x):
         x2 = _smooth(layer, _rows(x))  # [tokens, in] fp32
-        # Dynamic per-token scale: |x * 127 / amax| <= 127 up to rounding, so no clamp needed.
-        amax = x2.abs().amax(dim=1, keepdim=True).clamp_(min=1e-12)  # [tokens, 1]
-        xq = torch.round(x2 * (127.0 / amax)).to(torch.int8)
+        if self.activation_zero_point:
+            xq, scale, zero = _per_token_asymmetric(x2)
+        else:  # |x * 127 / amax| <= 127 up to rounding, so no clamp needed
+            amax = x2.abs().amax(dim=1, keepdim=True).clamp_(min=1e-12)  # [tokens, 1]
+            xq, scale, zero = torch.round(x2 * (127.0 / amax)).to(torch.int8), amax / 127.0, None
         m = xq.shape[0]
         if xq.device.type == "cuda":  # cuBLASLt's int8 GEMM: more than 16 rows, a multiple of 8
             xq = F.pad(xq, (0, 0, 0, max(24, -(-m // 8) * 8) - m))
         acc = torch._int_mm(xq, layer.weight_t)[:m]  # [tokens, out] int32, exact
-        y = (acc * layer.weight_scale).mul_(amax * (1.0 / 127.0))  # one pass to fp32, one in place
+        if zero is not None:
+            acc = acc - zero.to(torch.int32) * layer.weight_colsum  # q W^T - zero sum_k W: exact
+        y = (acc * layer.weight_scale).mul_(scale)  # one pass to fp32, one in place
         return _finish(y, x, layer.bias)
+
+
+def _per_token_asymmetric(x2: torch.Tensor):
+    """int8 codes, scale and zero point per token, x ~ scale * (q - zero), q in [-128, 127]: a
+    skewed row (SiLU * up never goes below -0.28) gets the whole range, not half of it."""
+    lo = x2.amin(dim=1, keepdim=True).clamp(max=0)  # [tokens, 1]; the range holds 0
+    hi = x2.amax(dim=1, keepdim=True).clamp(min=0)
+    scale = ((hi - lo) * (1.0 / 255.0)).clamp_(min=1e-12)
+    zero = torch.round(-lo / scale) - 128.0
+    return (torch.round(x2 / scale) + zero).clamp_(-128, 127).to(torch.int8), scale, zero
 
 
 @dataclass
