@@ -110,7 +110,8 @@ def measure(
     vocab = loaded.arch.vocab_size
     decode_tps(llm, 2, 4, vocab)  # warm-up
     if compile:
-        decode_tps(llm, 1, 4, vocab, seed=1001), decode_tps(llm, 32, 4, vocab, seed=1032)
+        decode_tps(llm, 1, 4, vocab, seed=1001)
+        decode_tps(llm, 32, 4, vocab, seed=1032)
         prefill_tps(llm, vocab, seed=1007)
     layer = loaded.model.model.layers[0].mlp.down_proj
     plain = "oneDNN packed GEMM" if hasattr(layer, "packed_weight") else "F.linear"
