@@ -126,8 +126,9 @@ class DeviceConfig:
     compile: bool = _help(
         "Compile each decoder layer's code around attention with torch.compile (inductor: "
         "norms, rotary, activations and activation quantization fused into C++ kernels on CPU). "
-        "Faster steps (BENCHMARKS.md); the first requests of each new shape class wait for the "
-        "compiler (about 10-30 s, cached on disk for later starts). Needs a C++ compiler on CPU.",
+        "Faster steps where eager code sat between GEMMs (w8a8; BENCHMARKS.md); a warm-up at "
+        "start builds the graphs (about 6-15 s, cached on disk for later starts). Needs a C++ "
+        "compiler on CPU.",
         default=False,
     )
 

@@ -102,7 +102,7 @@ class ModelRunner:
                 "or $CXX); install one (apt install g++) or run without --compile"
             )
         if self.model.compile_layers():
-            log.info("decoder layers compiled with torch.compile (graphs built on first use)")
+            log.info("decoder layers handed to torch.compile; the warm-up builds their graphs")
         else:
             log.warning("compile skipped: a quant method keeps per-call Python state; eager mode")
 

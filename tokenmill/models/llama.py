@@ -43,10 +43,6 @@ class Attention(nn.Module):
         self.sizes = sizes
         self.backend: AttentionBackend = TorchAttention(scale=d**-0.5)
 
-    def forward(self, cos_sin, x, kv_cache, meta: AttentionMetadata):
-        o = self.backend.forward(*self.project(cos_sin, x), kv_cache, meta)
-        return self.o_proj(o.reshape(o.shape[0], -1))
-
     def project(self, cos_sin, x):
         """x [tokens, hidden] -> rotated q [tokens, heads, dim], rotated k and v [tokens,
         kv_heads, dim]."""
