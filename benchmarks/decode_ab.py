@@ -1,13 +1,14 @@
 """Decode speed of several engine configurations, interleaved in one process, so that the drift
-of a noisy machine hits each alike: rounds of (batch x 16-token prompts -> output tokens) per
+of a noisy machine hits each alike: rounds of (batch x prompt-len tokens -> output tokens) per
 configuration in turn, fresh prompts every round, median decode tokens/s (batch / median time
 per output token), its ratio to the first configuration's median, and the ratios within each
 round (median and range).
 
     python benchmarks/decode_ab.py --model DIR --rounds 7 --batch 32 \\
-        float32 float32+compile bfloat16+compile w8a8/bfloat16+compile
+        float32 float32+compile bfloat16+compile w8a8/bfloat16+compile float32+torch-attention
 
-A configuration is DTYPE[+compile] or METHOD/DTYPE[+compile] (METHOD: a --quantization).
+A configuration is [METHOD/]DTYPE[+FLAG...]: METHOD a --quantization, FLAG `compile` or
+`torch-attention` (the gather + SDPA decode attention instead of the native kernel).
 """
 
 from __future__ import annotations
@@ -17,13 +18,19 @@ import statistics
 
 from tqdm.auto import tqdm
 
+FLAGS = {"compile": ("compile", True), "torch-attention": ("attention_backend", "torch")}
+
 
 def parse(spec: str) -> dict:
-    body, _, flag = spec.partition("+")
-    if flag not in ("", "compile"):
-        raise SystemExit(f"{spec!r}: only '+compile' may follow the dtype")
+    body, *flags = spec.split("+")
     method, _, dtype = body.rpartition("/")
-    return {"dtype": dtype, "quantization": method or None, "compile": flag == "compile"}
+    out = {"dtype": dtype, "quantization": method or None}
+    for flag in flags:
+        if flag not in FLAGS:
+            raise SystemExit(f"{spec!r}: a flag after '+' is one of {sorted(FLAGS)}")
+        key, value = FLAGS[flag]
+        out[key] = value
+    return out
 
 
 def main() -> None:
@@ -35,6 +42,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--output-len", type=int, default=32)
+    ap.add_argument("--prompt-len", type=int, default=16)
     args = ap.parse_args()
 
     from tokenmill import LLM
@@ -51,11 +59,13 @@ def main() -> None:
     results: dict[str, list[float]] = {spec: [] for spec in args.configs}
     for r in tqdm(range(args.rounds), desc="rounds", unit="round"):
         for spec, llm, vocab in engines:
-            results[spec].append(decode_tps(llm, args.batch, args.output_len, vocab, seed=r))
+            results[spec].append(
+                decode_tps(llm, args.batch, args.output_len, vocab, r, args.prompt_len)
+            )
     base = statistics.median(results[args.configs[0]])
     print(
         f"\n{machine()}, commit {commit()}, model {args.model}, batch {args.batch}, "
-        f"{args.rounds} interleaved rounds"
+        f"{args.prompt_len}-token prompts -> {args.output_len}, {args.rounds} interleaved rounds"
     )
     print("| configuration | decode tok/s, median | all rounds | x first | x first, per round |")
     print("|---|---:|---|---:|---|")

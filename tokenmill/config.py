@@ -15,6 +15,7 @@ DEVICES = ("auto", "cpu", "cuda")
 FORMATS = ("int8", "int4", "fp8_e4m3", "fp8_e5m2", "fp6_e3m2", "fp6_e2m3", "mxfp4", "nvfp4")
 QUANTIZATIONS = ("w8a8", "fp8", *FORMATS)  # quant/methods.py METHODS; a test keeps them equal
 KV_CACHE_DTYPES = ("auto", "int8", "fp8_e4m3")
+ATTENTION_BACKENDS = ("auto", "torch", "native")  # layers/cpu_attention.py BACKENDS
 BLOCK_SCALED = ("nvfp4", "mxfp4", "fp6_e3m2", "fp6_e2m3", "int4")  # scale_search.SEARCHABLE
 
 
@@ -131,10 +132,21 @@ class DeviceConfig:
         "compiler on CPU.",
         default=False,
     )
+    attention_backend: str = _help(
+        "Decode attention: native (a C++ kernel that reads K/V in place from the paged pool, "
+        "CPU, float32/bfloat16, built on first use), torch (gather + SDPA, every device and "
+        "cache dtype), or auto: native where it applies and builds, else torch.",
+        default="auto",
+    )
 
     def __post_init__(self) -> None:
         if self.device not in DEVICES and not self.device.startswith("cuda:"):
             raise ValueError(f"device must be one of {DEVICES} or cuda:N, got {self.device!r}")
+        if self.attention_backend not in ATTENTION_BACKENDS:
+            raise ValueError(
+                f"attention_backend must be one of {ATTENTION_BACKENDS}, "
+                f"got {self.attention_backend!r}"
+            )
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,7 @@ from contextlib import contextmanager
 PARTS = [  # (module, class, method, label)
     ("tokenmill.layers.linear", "Linear", "forward", "linear layers"),
     ("tokenmill.layers.attention", "TorchAttention", "_decode", "attention (gather + SDPA)"),
+    ("tokenmill.layers.cpu_attention", "NativeCpuAttention", "_decode", "attention (native)"),
     ("tokenmill.layers.attention", "TorchAttention", "write", "KV write"),
     ("tokenmill.layers.norm", "RMSNorm", "forward", "RMSNorm (+ residual)"),
     ("tokenmill.layers.rotary", "RotaryEmbedding", "apply", "rotary"),

@@ -66,8 +66,11 @@ def model_bytes(model: torch.nn.Module) -> int:
     return total
 
 
-def decode_tps(llm, batch: int, output_len: int, vocab: int, seed: int | None = None) -> float:
-    prompts = Workload(batch, 16, output_len, seed=batch if seed is None else seed).prompts(vocab)
+def decode_tps(
+    llm, batch: int, output_len: int, vocab: int, seed: int | None = None, prompt_len: int = 16
+) -> float:
+    seed = batch if seed is None else seed
+    prompts = Workload(batch, prompt_len, output_len, seed=seed).prompts(vocab)
     params = SamplingParams(max_tokens=output_len, temperature=0, ignore_eos=True)
     outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
     return batch / statistics.median(o.metrics.tpot for o in outs)

@@ -54,7 +54,7 @@ def build_model_input(
     def tensor(a: np.ndarray | list[int]) -> torch.Tensor:
         return torch.as_tensor(np.asarray(a, dtype=np.int64)).to(device)
 
-    decode_tables, decode_mask = _decode_keys(decodes, block_size, pad_slot, device)
+    decode_tables, decode_mask, decode_lens = _decode_keys(decodes, block_size, pad_slot, device)
     spans, sample_idx, sample_reqs, lp_spans = [], [], [], []
     start = 0
     for i, s in enumerate(ordered):
@@ -74,6 +74,7 @@ def build_model_input(
         block_size=block_size,
         decode_block_tables=decode_tables,
         decode_mask=decode_mask,
+        decode_lens=decode_lens,
         prefills=spans,
     )
     return ModelInput(
@@ -89,9 +90,10 @@ def build_model_input(
 def _decode_keys(
     decodes: list[ScheduledRequest], block_size: int, pad_slot: int, device: torch.device
 ):
-    """Block tables of the decodes, padded with the zeroed pad block, and the key mask."""
+    """Block tables of the decodes, padded with the zeroed pad block, the key mask and the
+    number of keys of each."""
     if not decodes:
-        return None, None
+        return None, None, None
     lens = [s.num_computed_tokens + 1 for s in decodes]
     max_blocks = -(-max(lens) // block_size)
     tables = np.full((len(decodes), max_blocks), pad_slot // block_size, dtype=np.int64)
@@ -102,6 +104,7 @@ def _decode_keys(
     return (
         torch.from_numpy(tables).to(device),
         torch.from_numpy(mask[:, None, None, :]).to(device),
+        torch.tensor(lens, dtype=torch.int32, device=device),
     )
 
 

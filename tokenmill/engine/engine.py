@@ -75,7 +75,12 @@ class LLMEngine:
         self.kv = KVCacheManager(num_blocks, cache.block_size, cache.enable_prefix_caching)
         self.scheduler = Scheduler(sched, self.kv)
         self.runner = ModelRunner(
-            self.loaded, cache, num_blocks, config.model.seed, config.device.num_threads
+            self.loaded,
+            cache,
+            num_blocks,
+            config.model.seed,
+            config.device.num_threads,
+            config.device.attention_backend,
         )
         self.groups: dict[str, _Group] = {}
         self._child_group: dict[str, str] = {}

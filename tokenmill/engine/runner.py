@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 
 import numpy as np
 import torch
@@ -17,7 +16,9 @@ import torch
 from tokenmill.config import CacheConfig
 from tokenmill.engine.batch import build_model_input, build_sampling_batch
 from tokenmill.engine.scheduler import RunnerOutput, SampledToken, SchedulerOutput
+from tokenmill.layers import native
 from tokenmill.layers.attention import TorchAttention
+from tokenmill.layers.cpu_attention import select_backends
 from tokenmill.layers.kv_quant import (
     KV_DTYPES,
     STORAGE,
@@ -72,6 +73,7 @@ class ModelRunner:
         num_blocks: int,
         seed: int,
         num_threads: int | None = None,
+        attention_backend: str = "auto",
     ) -> None:
         if num_threads:
             torch.set_num_threads(num_threads)
@@ -88,6 +90,17 @@ class ModelRunner:
         self.pad_slot = num_blocks * cache.block_size
         shape = (2, a.num_kv_heads, (num_blocks + 1) * cache.block_size, a.head_dim)
         self.kv_caches = [self._allocate(shape, cache.kv_cache_dtype) for _ in range(a.num_layers)]
+        if cache.kv_cache_dtype != "auto":
+            if attention_backend == "native":
+                raise ValueError(
+                    "attention_backend=native reads a cache in the model dtype; use "
+                    "kv_cache_dtype=auto with it, or attention_backend=auto/torch"
+                )
+            attention_backend = "torch"
+        self.attention_backend = select_backends(
+            self.model, attention_backend, self.device, loaded.dtype
+        )
+        log.info("attention backend: %s", self.attention_backend)
         gen = torch.Generator(device=self.device)
         gen.manual_seed(seed)
         self.sampler = Sampler(gen)
@@ -95,8 +108,7 @@ class ModelRunner:
 
     def compile_model(self) -> None:
         """torch.compile the model's layers where it can (config `compile`)."""
-        compilers = (os.environ.get("CXX", ""), "g++", "c++", "clang++")
-        if self.device.type == "cpu" and not any(c and shutil.which(c) for c in compilers):
+        if self.device.type == "cpu" and native.compiler() is None:
             raise RuntimeError(
                 "compile on CPU builds C++ kernels and found no C++ compiler (g++, c++, clang++ "
                 "or $CXX); install one (apt install g++) or run without --compile"

@@ -38,6 +38,9 @@ class AttentionMetadata:
     block_size: int  # tokens per KV block
     decode_block_tables: torch.Tensor | None  # [num_decodes, max_blocks], padded with a zero block
     decode_mask: torch.Tensor | None  # [num_decodes, 1, 1, max_blocks * block_size] True = real key
+    decode_lens: torch.Tensor | None = (
+        None  # [num_decodes] int32 keys of each decode, new one included
+    )
     prefills: list[PrefillSpan] = field(default_factory=list)
 
 

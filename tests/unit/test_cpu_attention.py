@@ -1,0 +1,148 @@
+"""The native CPU paged decode kernel against a float64 reference, and how engines pick it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tokenmill import LLM, SamplingParams
+from tokenmill.layers import cpu_attention, native
+from tokenmill.layers.attention import AttentionMetadata, TorchAttention
+from tokenmill.layers.cpu_attention import NativeCpuAttention
+
+pytestmark = pytest.mark.skipif(native.compiler() is None, reason="no C++ compiler")
+
+
+def paged_case(lens, heads, kv_heads, dim, block_size, dtype, gen):
+    """A pool whose every slot outside the sequences' keys holds NaN, random block tables."""
+    need = [-(-n // block_size) for n in lens]
+    num_blocks = sum(need) + 5
+    slots = (num_blocks + 1) * block_size
+    kv = torch.full((2, kv_heads, slots, dim), float("nan"))
+    perm = torch.randperm(num_blocks, generator=gen)
+    max_blocks = max(need)
+    tables = torch.full((len(lens), max_blocks), num_blocks, dtype=torch.int64)  # pad block
+    keys = []
+    used = 0
+    for row, (n, b) in enumerate(zip(lens, need)):
+        tables[row, :b] = perm[used : used + b]
+        used += b
+        pos = torch.arange(n)
+        where = tables[row, pos // block_size] * block_size + pos % block_size
+        kv_seq = torch.randn(2, kv_heads, n, dim, generator=gen) * 2
+        kv[:, :, where] = kv_seq
+        keys.append(kv_seq.double())
+    meta = AttentionMetadata(
+        slot_mapping=torch.zeros(0, dtype=torch.int64),
+        num_decode_tokens=len(lens),
+        block_size=block_size,
+        decode_block_tables=tables,
+        decode_mask=None,
+        decode_lens=torch.tensor(lens, dtype=torch.int32),
+    )
+    q = torch.randn(len(lens), heads, dim, generator=gen)
+    return q.to(dtype), kv.to(dtype), meta, keys
+
+
+def float64_attention(q, keys, scale):
+    out = []
+    for row, kv in enumerate(keys):  # kv [2, kv_heads, n, dim]
+        k = kv[0].repeat_interleave(q.shape[1] // kv.shape[1], 0)  # [heads, n, dim]
+        v = kv[1].repeat_interleave(q.shape[1] // kv.shape[1], 0)
+        w = torch.softmax(torch.einsum("hd,hnd->hn", q[row].double(), k) * scale, -1)
+        out.append(torch.einsum("hn,hnd->hd", w, v))
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize(
+    "heads,kv_heads,dim,block_size",
+    [(9, 3, 64, 16), (8, 8, 128, 16), (12, 3, 80, 8), (4, 1, 16, 32), (6, 2, 64, 1)],
+)
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 2e-6), (torch.bfloat16, 2e-2)])
+def test_decode_matches_float64_and_reads_only_real_keys(
+    heads, kv_heads, dim, block_size, dtype, tol
+):
+    gen = torch.Generator().manual_seed(heads * dim + block_size)
+    # lengths: one key, a full block, one past it, and long ones
+    lens = [1, block_size, block_size + 1, 3 * block_size - 1, 150, 97]
+    q, kv, meta, keys = paged_case(lens, heads, kv_heads, dim, block_size, dtype, gen)
+    scale = dim**-0.5
+    out = NativeCpuAttention(scale)._decode(q, kv, meta)
+    assert out.dtype == dtype and out.shape == q.shape
+    assert torch.isfinite(out).all()  # never read a NaN slot: no padding, no foreign block
+    ref = float64_attention(q, [k.to(dtype).double() for k in keys], scale)
+    err = (out.double() - ref).abs().max().item()
+    assert err < tol * ref.abs().max().item()
+
+
+def test_decode_equals_the_torch_backend_on_a_zeroed_pool():
+    gen = torch.Generator().manual_seed(0)
+    q, kv, meta, _ = paged_case([5, 40, 17, 64], 9, 3, 64, 16, torch.float32, gen)
+    kv = torch.nan_to_num(kv, nan=0.0)  # the torch backend reads padding (masked): keep it finite
+    lens = meta.decode_lens.tolist()
+    width = meta.decode_block_tables.shape[1] * 16
+    mask = (torch.arange(width)[None, :] < torch.tensor(lens)[:, None])[:, None, None, :]
+    meta = AttentionMetadata(**{**meta.__dict__, "decode_mask": mask})
+    torch.testing.assert_close(
+        NativeCpuAttention(0.125)._decode(q, kv, meta),
+        TorchAttention(0.125)._decode(q, kv, meta),
+        rtol=1e-5,
+        atol=1e-6,
+    )
+
+
+def test_engines_pick_the_backend_and_agree(tiny_model_dir):
+    folder = tiny_model_dir("llama")
+    params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+    prompts = [{"prompt_token_ids": list(range(3, 3 + n))} for n in (4, 19, 33)]
+    runs = {}
+    for choice in ("native", "torch"):
+        llm = LLM(folder, dtype="float32", kv_cache_memory=1 << 22, attention_backend=choice)
+        assert llm.engine.runner.attention_backend == choice
+        runs[choice] = [
+            o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)
+        ]
+    assert runs["native"] == runs["torch"]
+    auto = LLM(folder, dtype="float32", kv_cache_memory=1 << 22)
+    assert auto.engine.runner.attention_backend == "native"
+    quantized = LLM(folder, dtype="float32", kv_cache_memory=1 << 22, kv_cache_dtype="int8")
+    assert quantized.engine.runner.attention_backend == "torch"
+    with pytest.raises(ValueError, match="kv_cache_dtype=auto"):
+        LLM(folder, kv_cache_memory=1 << 22, kv_cache_dtype="int8", attention_backend="native")
+    with pytest.raises(ValueError, match="attention_backend must be one of"):
+        LLM(folder, attention_backend="flash")
+
+
+def test_without_a_compiler_auto_falls_back_and_native_says_why(
+    tiny_model_dir, monkeypatch, tmp_path
+):
+    monkeypatch.setenv("TOKENMILL_CACHE", str(tmp_path))
+    monkeypatch.setattr(native, "compiler", lambda: None)
+    native.load.cache_clear()
+    try:
+        folder = tiny_model_dir("llama")
+        llm = LLM(folder, dtype="float32", kv_cache_memory=1 << 22)
+        assert llm.engine.runner.attention_backend == "torch"
+        with pytest.raises(RuntimeError, match="no C\\+\\+ compiler"):
+            LLM(folder, dtype="float32", kv_cache_memory=1 << 22, attention_backend="native")
+        with pytest.raises(RuntimeError, match="not available"):
+            cpu_attention.select_backends(
+                torch.nn.Module(), "native", torch.device("cpu"), torch.float16
+            )
+    finally:
+        native.load.cache_clear()
+
+
+def test_the_build_is_cached_per_source(monkeypatch, tmp_path):
+    monkeypatch.setenv("TOKENMILL_CACHE", str(tmp_path))
+    native.load.cache_clear()
+    try:
+        native.load("paged_attention")
+        built = list((tmp_path / "kernels").glob("paged_attention-*.so"))
+        assert len(built) == 1
+        stamp = built[0].stat().st_mtime_ns
+        native.load.cache_clear()
+        native.load("paged_attention")  # a second process would find the same file
+        assert [p.stat().st_mtime_ns for p in (tmp_path / "kernels").glob("*.so")] == [stamp]
+    finally:
+        native.load.cache_clear()

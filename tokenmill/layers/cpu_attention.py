@@ -1,0 +1,102 @@
+"""Decode attention on CPU read in place from the paged KV pool (`csrc/paged_attention.cpp`).
+
+The torch backend gathers every decode's blocks into a contiguous copy before SDPA: at batch 64
+that copy moves as many bytes per step as the weights do. The native kernel walks each
+sequence's block table instead and reads K and V where they lie, with an online softmax, one
+work item per (sequence, KV head) over torch's OpenMP threads. Prefill, the KV write and every
+dtype or layout the kernel does not take (float16, a quantized cache) stay on the torch code.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+
+import torch
+
+from tokenmill.layers import native
+from tokenmill.layers.attention import AttentionMetadata, TorchAttention
+
+log = logging.getLogger(__name__)
+
+BACKENDS = ("auto", "torch", "native")
+_I64, _PTR = ctypes.c_int64, ctypes.c_void_p
+_ARGTYPES = [_PTR] * 5 + [_I64] * 7 + [ctypes.c_float, ctypes.c_int]
+
+
+def _kernels() -> dict[torch.dtype, ctypes._CFuncPtr]:
+    lib = native.load("paged_attention")
+    fns = {torch.float32: lib.tm_paged_decode_f32, torch.bfloat16: lib.tm_paged_decode_bf16}
+    for fn in fns.values():
+        fn.argtypes, fn.restype = _ARGTYPES, ctypes.c_int
+    return fns
+
+
+class NativeCpuAttention(TorchAttention):
+    def __init__(self, scale: float) -> None:
+        super().__init__(scale)
+        self.kernels = _kernels()
+
+    def _decode(self, q: torch.Tensor, kv_cache, meta: AttentionMetadata):
+        fn = self.kernels.get(q.dtype)
+        tables, lens = meta.decode_block_tables, meta.decode_lens
+        if (
+            fn is None
+            or lens is None
+            or tables is None
+            or not isinstance(kv_cache, torch.Tensor)
+            or kv_cache.dtype != q.dtype
+            or not kv_cache.is_contiguous()
+        ):
+            return super()._decode(q, kv_cache, meta)
+        q = q.contiguous()
+        out = torch.empty_like(q)
+        num_seqs, num_heads, head_dim = q.shape
+        rc = fn(
+            q.data_ptr(),
+            kv_cache.data_ptr(),
+            tables.data_ptr(),
+            lens.data_ptr(),
+            out.data_ptr(),
+            num_seqs,
+            num_heads,
+            kv_cache.shape[1],
+            head_dim,
+            kv_cache.shape[2],
+            meta.block_size,
+            tables.shape[1],
+            self.scale,
+            torch.get_num_threads(),
+        )
+        if rc:
+            raise RuntimeError(f"paged decode kernel rejected its arguments (code {rc})")
+        return out
+
+
+def select_backends(model: torch.nn.Module, choice: str, device: torch.device, dtype) -> str:
+    """Swap the model's torch attention backends for native ones where `choice` allows and the
+    kernels build; returns the backend in use ('torch' or 'native')."""
+    if choice not in BACKENDS:
+        raise ValueError(f"attention_backend must be one of {BACKENDS}, got {choice!r}")
+    if choice == "torch":
+        return "torch"
+    why = None
+    if device.type != "cpu":
+        why = f"the native kernels run on CPU, not {device.type}"
+    elif dtype not in (torch.float32, torch.bfloat16):
+        why = f"the native kernels take float32 and bfloat16, not {dtype}"
+    if why is None:
+        try:
+            _kernels()
+        except native.NativeUnavailable as e:
+            why = str(e)
+    if why is not None:
+        if choice == "native":
+            raise RuntimeError(f"attention_backend=native is not available: {why}")
+        log.info("torch attention backend (%s)", why)
+        return "torch"
+    for module in model.modules():
+        backend = getattr(module, "backend", None)
+        if type(backend) is TorchAttention:
+            module.backend = NativeCpuAttention(backend.scale)
+    return "native"

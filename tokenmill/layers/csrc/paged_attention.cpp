@@ -1,0 +1,293 @@
+// Paged decode attention on CPU: each sequence's single query attends to its cached keys, read in
+// place from the block pool through its block table (no gather into a contiguous copy).
+//
+// Cache layout (tokenmill/layers/attention.py): [2, kv_heads, num_slots, head_dim], slot =
+// block_id * block_size + offset. One work item is one (sequence, KV head): the `group` query
+// heads that share that KV head read each key and value row once. Softmax is computed online,
+// block by block (running max and sum, as flash attention does), accumulating in fp32.
+//
+// Built at run time by tokenmill/layers/native.py (g++ -O3 -march=native -fopenmp); plain C ABI,
+// no torch headers, so it compiles in about a second and is called through ctypes.
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+namespace {
+
+inline float load(const float* p, int64_t i) { return p[i]; }
+
+inline float load(const uint16_t* p, int64_t i) {  // bfloat16 -> fp32 is a 16-bit shift
+  uint32_t bits = static_cast<uint32_t>(p[i]) << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof f);
+  return f;
+}
+
+inline void store(float* p, int64_t i, float v) { p[i] = v; }
+
+inline void store(uint16_t* p, int64_t i, float v) {  // fp32 -> bfloat16, round to nearest even
+  uint32_t bits;
+  std::memcpy(&bits, &v, sizeof bits);
+  if ((bits & 0x7f800000u) == 0x7f800000u && (bits & 0x007fffffu)) {
+    p[i] = static_cast<uint16_t>((bits >> 16) | 0x40);  // keep NaN a NaN
+    return;
+  }
+  bits += 0x7fffu + ((bits >> 16) & 1u);
+  p[i] = static_cast<uint16_t>(bits >> 16);
+}
+
+// exp(x) for x <= 0 (scores minus their running max): 2^k * p(r), r = x - k ln2 in [-ln2/2, ln2/2],
+// a degree-6 polynomial (relative error ~2e-7, as vectorized expf in oneDNN or Sleef). Plain
+// arithmetic, so the compiler vectorizes the loops that call it, unlike std::exp.
+inline float exp_nonpositive(float x) {
+  x = std::max(x, -87.0f);  // exp(-87) ~ 1.6e-38: below it the result flushes to 0 anyway
+  const float k = std::nearbyint(x * 1.44269504088896341f);
+  const float r = (x - k * 0.693145751953125f) - k * 1.428606765330187045e-06f;
+  float p = 1.3888889e-3f;
+  p = p * r + 8.3333333e-3f;
+  p = p * r + 4.1666667e-2f;
+  p = p * r + 1.6666667e-1f;
+  p = p * r + 0.5f;
+  p = p * r + 1.0f;
+  p = p * r + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(k) + 127) << 23;
+  float two_k;
+  std::memcpy(&two_k, &bits, sizeof two_k);
+  return p * two_k;
+}
+
+// D > 0: head_dim known at compile time (fully unrolled, vectorized); D == 0: read `dim`.
+template <typename T, int D>
+void decode_one(const T* q, const T* kv, const int64_t* table, int64_t len, T* out, int64_t group,
+                int64_t dim_rt, int64_t kv_head, int64_t num_kv_heads, int64_t num_slots,
+                int64_t block_size, float scale, float* scratch) {
+  const int64_t dim = D > 0 ? D : dim_rt;
+  float* qf = scratch;                  // [group, dim] query in fp32, pre-scaled
+  float* acc = qf + group * dim;        // [group, dim] running sum of p * V
+  float* m = acc + group * dim;         // [group] running max
+  float* l = m + group;                 // [group] running sum of p
+  float* s = l + group;                 // [group, block_size] this block's scores
+  for (int64_t g = 0; g < group; ++g) {
+    for (int64_t d = 0; d < dim; ++d) qf[g * dim + d] = load(q, g * dim + d) * scale;
+    for (int64_t d = 0; d < dim; ++d) acc[g * dim + d] = 0.f;
+    m[g] = -std::numeric_limits<float>::infinity();
+    l[g] = 0.f;
+  }
+  const T* kbase = kv + kv_head * num_slots * dim;
+  const T* vbase = kv + (num_kv_heads + kv_head) * num_slots * dim;
+  const int64_t num_blocks = (len + block_size - 1) / block_size;
+  for (int64_t b = 0; b < num_blocks; ++b) {
+    const int64_t n = std::min(block_size, len - b * block_size);
+    const int64_t slot0 = table[b] * block_size;
+    for (int64_t t = 0; t < n; ++t) {
+      const T* k = kbase + (slot0 + t) * dim;
+      for (int64_t g = 0; g < group; ++g) {
+        const float* qg = qf + g * dim;
+        float dot = 0.f;
+#pragma omp simd reduction(+ : dot)
+        for (int64_t d = 0; d < dim; ++d) dot += qg[d] * load(k, d);
+        s[g * block_size + t] = dot;
+      }
+    }
+    for (int64_t g = 0; g < group; ++g) {
+      float* sg = s + g * block_size;
+      float bmax = sg[0];
+      for (int64_t t = 1; t < n; ++t) bmax = std::max(bmax, sg[t]);
+      const float new_m = std::max(m[g], bmax);
+      const float corr = exp_nonpositive(m[g] - new_m);  // 0 on the first block (m = -inf)
+      float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+      for (int64_t t = 0; t < n; ++t) {
+        sg[t] = exp_nonpositive(sg[t] - new_m);
+        sum += sg[t];
+      }
+      l[g] = l[g] * corr + sum;
+      m[g] = new_m;
+      float* ag = acc + g * dim;
+      if (corr != 1.f) {
+        for (int64_t d = 0; d < dim; ++d) ag[d] *= corr;
+      }
+    }
+    for (int64_t t = 0; t < n; ++t) {
+      const T* v = vbase + (slot0 + t) * dim;
+      for (int64_t g = 0; g < group; ++g) {
+        const float p = s[g * block_size + t];
+        float* ag = acc + g * dim;
+#pragma omp simd
+        for (int64_t d = 0; d < dim; ++d) ag[d] += p * load(v, d);
+      }
+    }
+  }
+  for (int64_t g = 0; g < group; ++g) {
+    const float inv = l[g] > 0.f ? 1.f / l[g] : 0.f;
+    for (int64_t d = 0; d < dim; ++d) store(out, g * dim + d, acc[g * dim + d] * inv);
+  }
+}
+
+
+#if defined(__AVX512F__)
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16(const uint16_t* p) {
+  const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+// The same computation as decode_one with AVX-512 for head_dim = 16 * C (C <= 16): each K and V
+// row is loaded once into registers and used by every query head of the group.
+template <typename T, int C>
+void decode_one_avx512(const T* q, const T* kv, const int64_t* table, int64_t len, T* out,
+                       int64_t group, int64_t kv_head, int64_t num_kv_heads, int64_t num_slots,
+                       int64_t block_size, float scale, float* scratch) {
+  constexpr int64_t dim = 16 * C;
+  float* qf = scratch;
+  float* acc = qf + group * dim;
+  float* m = acc + group * dim;
+  float* l = m + group;
+  float* s = l + group;
+  for (int64_t g = 0; g < group; ++g) {
+    for (int64_t d = 0; d < dim; ++d) qf[g * dim + d] = load(q, g * dim + d) * scale;
+    for (int64_t d = 0; d < dim; ++d) acc[g * dim + d] = 0.f;
+    m[g] = -std::numeric_limits<float>::infinity();
+    l[g] = 0.f;
+  }
+  const T* kbase = kv + kv_head * num_slots * dim;
+  const T* vbase = kv + (num_kv_heads + kv_head) * num_slots * dim;
+  const int64_t num_blocks = (len + block_size - 1) / block_size;
+  __m512 row[C];
+  for (int64_t b = 0; b < num_blocks; ++b) {
+    const int64_t n = std::min(block_size, len - b * block_size);
+    const int64_t slot0 = table[b] * block_size;
+    // The next block lies elsewhere in the pool: fetch its rows while this one is computed,
+    // one K and one V row per key here (the hardware prefetcher does not cross blocks).
+    const int64_t next = b + 1 < num_blocks ? table[b + 1] * block_size : slot0;
+    constexpr int64_t row_bytes = dim * static_cast<int64_t>(sizeof(T));
+    for (int64_t t = 0; t < n; ++t) {
+      const T* k = kbase + (slot0 + t) * dim;
+      const char* nk = reinterpret_cast<const char*>(kbase + (next + t) * dim);
+      const char* nv = reinterpret_cast<const char*>(vbase + (next + t) * dim);
+      for (int64_t o = 0; o < row_bytes; o += 64) {
+        __builtin_prefetch(nk + o);
+        __builtin_prefetch(nv + o);
+      }
+      for (int c = 0; c < C; ++c) row[c] = load16(k + 16 * c);
+      for (int64_t g = 0; g < group; ++g) {
+        const float* qg = qf + g * dim;
+        __m512 a = _mm512_mul_ps(_mm512_loadu_ps(qg), row[0]);
+        for (int c = 1; c < C; ++c) a = _mm512_fmadd_ps(_mm512_loadu_ps(qg + 16 * c), row[c], a);
+        s[g * block_size + t] = _mm512_reduce_add_ps(a);
+      }
+    }
+    for (int64_t g = 0; g < group; ++g) {
+      float* sg = s + g * block_size;
+      float bmax = sg[0];
+      for (int64_t t = 1; t < n; ++t) bmax = std::max(bmax, sg[t]);
+      const float new_m = std::max(m[g], bmax);
+      const float corr = exp_nonpositive(m[g] - new_m);
+      float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+      for (int64_t t = 0; t < n; ++t) {
+        sg[t] = exp_nonpositive(sg[t] - new_m);
+        sum += sg[t];
+      }
+      l[g] = l[g] * corr + sum;
+      m[g] = new_m;
+      if (corr != 1.f) {
+        const __m512 cv = _mm512_set1_ps(corr);
+        for (int c = 0; c < C; ++c) {
+          float* a = acc + g * dim + 16 * c;
+          _mm512_storeu_ps(a, _mm512_mul_ps(_mm512_loadu_ps(a), cv));
+        }
+      }
+    }
+    for (int64_t t = 0; t < n; ++t) {
+      const T* v = vbase + (slot0 + t) * dim;
+      for (int c = 0; c < C; ++c) row[c] = load16(v + 16 * c);
+      for (int64_t g = 0; g < group; ++g) {
+        const __m512 p = _mm512_set1_ps(s[g * block_size + t]);
+        for (int c = 0; c < C; ++c) {
+          float* a = acc + g * dim + 16 * c;
+          _mm512_storeu_ps(a, _mm512_fmadd_ps(p, row[c], _mm512_loadu_ps(a)));
+        }
+      }
+    }
+  }
+  for (int64_t g = 0; g < group; ++g) {
+    const float inv = l[g] > 0.f ? 1.f / l[g] : 0.f;
+    for (int64_t d = 0; d < dim; ++d) store(out, g * dim + d, acc[g * dim + d] * inv);
+  }
+}
+#endif
+
+template <typename T>
+int decode(const T* q, const T* kv, const int64_t* tables, const int32_t* lens, T* out,
+           int64_t num_seqs, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,
+           int64_t num_slots, int64_t block_size, int64_t max_blocks, float scale,
+           int num_threads) {
+  if (num_kv_heads <= 0 || num_heads % num_kv_heads) return 1;
+  const int64_t group = num_heads / num_kv_heads;
+  const int64_t scratch = group * (2 * head_dim + 2 + block_size);
+  const int64_t items = num_seqs * num_kv_heads;
+#pragma omp parallel num_threads(num_threads)
+  {
+    std::vector<float> buf(scratch);
+#pragma omp for schedule(dynamic, 4)
+    for (int64_t i = 0; i < items; ++i) {
+      const int64_t seq = i / num_kv_heads, h = i % num_kv_heads;
+      const int64_t off = (seq * num_heads + h * group) * head_dim;
+      const int64_t* table = tables + seq * max_blocks;
+      const int64_t len = lens[seq];
+#if defined(__AVX512F__)
+      if (head_dim == 64) {
+        decode_one_avx512<T, 4>(q + off, kv, table, len, out + off, group, h, num_kv_heads,
+                                num_slots, block_size, scale, buf.data());
+        continue;
+      }
+      if (head_dim == 128) {
+        decode_one_avx512<T, 8>(q + off, kv, table, len, out + off, group, h, num_kv_heads,
+                                num_slots, block_size, scale, buf.data());
+        continue;
+      }
+#endif
+      if (head_dim == 64)
+        decode_one<T, 64>(q + off, kv, table, len, out + off, group, head_dim, h, num_kv_heads,
+                          num_slots, block_size, scale, buf.data());
+      else if (head_dim == 128)
+        decode_one<T, 128>(q + off, kv, table, len, out + off, group, head_dim, h, num_kv_heads,
+                           num_slots, block_size, scale, buf.data());
+      else
+        decode_one<T, 0>(q + off, kv, table, len, out + off, group, head_dim, h, num_kv_heads,
+                         num_slots, block_size, scale, buf.data());
+    }
+  }
+  return 0;
+}
+
+}  // namespace
+
+extern "C" {
+
+int tm_paged_decode_f32(const float* q, const float* kv, const int64_t* tables,
+                        const int32_t* lens, float* out, int64_t num_seqs, int64_t num_heads,
+                        int64_t num_kv_heads, int64_t head_dim, int64_t num_slots,
+                        int64_t block_size, int64_t max_blocks, float scale, int num_threads) {
+  return decode(q, kv, tables, lens, out, num_seqs, num_heads, num_kv_heads, head_dim, num_slots,
+                block_size, max_blocks, scale, num_threads);
+}
+
+int tm_paged_decode_bf16(const uint16_t* q, const uint16_t* kv, const int64_t* tables,
+                         const int32_t* lens, uint16_t* out, int64_t num_seqs, int64_t num_heads,
+                         int64_t num_kv_heads, int64_t head_dim, int64_t num_slots,
+                         int64_t block_size, int64_t max_blocks, float scale, int num_threads) {
+  return decode(q, kv, tables, lens, out, num_seqs, num_heads, num_kv_heads, head_dim, num_slots,
+                block_size, max_blocks, scale, num_threads);
+}
+
+}  // extern "C"
