@@ -2,20 +2,30 @@
 
 from __future__ import annotations
 
+import pytest
+
 from tokenmill import LLM
 from tokenmill.bench.breakdown import PARTS, decode_breakdown
 from tokenmill.bench.offline import touch_kv_cache
 from tokenmill.layers.linear import Linear
 
 
-def test_breakdown_times_decode_steps_and_restores_the_model(tiny_model_dir):
-    llm = LLM(tiny_model_dir("llama"), dtype="float32", kv_cache_memory=1 << 22)
+@pytest.mark.parametrize(
+    "backend,unused", [("torch", "attention (native)"), ("native", "attention (gather + SDPA)")]
+)
+def test_breakdown_times_decode_steps_and_restores_the_model(tiny_model_dir, backend, unused):
+    llm = LLM(
+        tiny_model_dir("llama"),
+        dtype="float32",
+        kv_cache_memory=1 << 22,
+        attention_backend=backend,
+    )
     touch_kv_cache(llm)  # every KV byte written once (zeros), nothing else changes
     assert all(not c.any() for c in llm.engine.runner.kv_caches)
     forward = Linear.forward
     wall, parts = decode_breakdown(llm, [[5, 6, 7, 8, 9], [10, 11, 12]], steps=4)
     assert Linear.forward is forward  # unpatched
-    assert set(parts) == {label for *_, label in PARTS}
+    assert set(parts) == {label for *_, label in PARTS} - {unused}
     assert all(ms > 0 for ms in parts.values())
     assert sum(parts.values()) < wall  # parts are inside the step
     assert not llm.engine.has_unfinished() and llm.engine.kv.pool.num_used_blocks == 0

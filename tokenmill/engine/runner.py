@@ -10,11 +10,11 @@ from __future__ import annotations
 import logging
 import os
 
-import numpy as np
 import torch
 
 from tokenmill.config import CacheConfig
 from tokenmill.engine.batch import build_model_input, build_sampling_batch
+from tokenmill.engine.kv_memory import Prefaulter, host_zeros
 from tokenmill.engine.scheduler import RunnerOutput, SampledToken, SchedulerOutput
 from tokenmill.layers import native
 from tokenmill.layers.attention import TorchAttention
@@ -54,15 +54,11 @@ def default_kv_cache_memory(loaded: LoadedModel, cache: CacheConfig, max_tokens:
 
 
 def zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """A zeroed tensor. On CPU through calloc (numpy), so the kernel maps zero pages lazily:
-    gigabytes of KV cache cost nothing at start-up (torch.zeros writes every page: 2.6 s/4 GiB)."""
+    """A zeroed tensor. On CPU a lazily mapped one (kv_memory.host_zeros): gigabytes of KV cache
+    cost nothing at start-up (torch.zeros writes every page: 2.6 s/4 GiB)."""
     if device.type != "cpu":
         return torch.zeros(shape, dtype=dtype, device=device)
-    numel = 1
-    for d in shape:
-        numel *= d
-    raw = torch.from_numpy(np.zeros(numel * dtype.itemsize, dtype=np.uint8))
-    return raw.view(dtype).view(shape)
+    return host_zeros(shape, dtype)
 
 
 class ModelRunner:
@@ -90,6 +86,8 @@ class ModelRunner:
         self.pad_slot = num_blocks * cache.block_size
         shape = (2, a.num_kv_heads, (num_blocks + 1) * cache.block_size, a.head_dim)
         self.kv_caches = [self._allocate(shape, cache.kv_cache_dtype) for _ in range(a.num_layers)]
+        flat = [t for c in self.kv_caches for t in (c if isinstance(c, tuple) else (c,))]
+        self.prefaulter = Prefaulter(flat).start()  # pages in ahead of use, in the background
         if cache.kv_cache_dtype != "auto":
             if attention_backend == "native":
                 raise ValueError(
