@@ -180,6 +180,11 @@ class QuantConfig:
         "windows of text; 0 turns smoothing off.",
         default=0.5,
     )
+    smoothquant_search: bool = _help(
+        "w8a8 and fp8: choose SmoothQuant's alpha per layer (0 to 0.8) for the least output "
+        "error of the quantized layer on sampled calibration tokens, instead of one alpha.",
+        default=False,
+    )
     scale_search: bool = _help(
         "nvfp4, mxfp4, fp6_*, int4: choose each block's scale (int4: its clipped range) for the "
         "least error, weighted by each input channel's E[x^2] on calibration text (same format; "
@@ -223,6 +228,10 @@ class QuantConfig:
                 f"scale_search applies to quantization {BLOCK_SCALED}, got {self.quantization!r}"
             )
 
+        if self.smoothquant_search and self.quantization not in ("w8a8", "fp8"):
+            raise ValueError(
+                f"smoothquant_search applies to w8a8 and fp8, got quantization {self.quantization!r}"
+            )
         if self.activation_zero_point and self.quantization != "w8a8":
             raise ValueError(
                 f"activation_zero_point applies to w8a8, got quantization {self.quantization!r}"
@@ -244,6 +253,8 @@ class QuantConfig:
             common["awq"] = True
         if self.calibration_windows != 16:
             common["calibration_windows"] = self.calibration_windows
+        if self.smoothquant_search:
+            common["smoothquant_search"] = True
         if self.quantization == "fp8":
             return {
                 "activation_scaling": self.activation_scaling,

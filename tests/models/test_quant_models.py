@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 
 from tests.models.test_engine_vs_hf import PROMPTS, hf_greedy, hf_model
 from tokenmill import LLM, SamplingParams
+from tokenmill.cli import main
 from tokenmill.quant import quantize
 from tokenmill.quant.checkpoint import quantize_checkpoint
 from tokenmill.quant.methods import QuantMethod
@@ -119,6 +120,28 @@ def test_w8a8_calibrates_smoothing_at_load(tiny_model_dir):
     layer = smooth.engine.loaded.model.model.layers[0].mlp.down_proj
     assert layer.smooth_inv.shape == (layer.in_features,) and (layer.smooth_inv != 1).any()
     assert not hasattr(plain.engine.loaded.model.model.layers[0].mlp.down_proj, "smooth_inv")
+
+
+def test_w8a8_searches_alpha_per_layer_at_load(tiny_model_dir, tmp_path):
+    folder = tiny_model_dir("llama")
+    kw = dict(dtype="float32", quantization="w8a8", kv_cache_memory=1 << 22)
+    searched = LLM(folder, smoothquant_search=True, **kw)
+    layers = [m for m in searched.engine.loaded.model.modules() if hasattr(m, "smoothquant_alpha")]
+    assert len(layers) == 4 * 2  # qkv, o, gate_up, down in each of the 2 layers
+    assert not any(hasattr(m, "input_samples") for m in layers)  # freed once used
+    assert {m.smoothquant_alpha for m in layers} != {0.5}
+    plain = LLM(folder, **kw).engine.loaded.model.model.layers[0].mlp.down_proj
+    assert not hasattr(plain, "smoothquant_alpha")
+    reference = LLM(folder, dtype="float32", kv_cache_memory=1 << 22)
+    base = sum(prompt_logprobs(reference.generate(PROMPTS, SCORE, use_tqdm=False)), [])
+    got = sum(prompt_logprobs(searched.generate(PROMPTS, SCORE, use_tqdm=False)), [])
+    diff = torch.tensor(base) - torch.tensor(got)
+    assert 0 < diff.abs().mean() < 0.06 and diff.abs().max() < 0.3  # as the fixed alpha's test
+    out = tmp_path / "q"
+    assert main(["quantize", "--model", str(folder), "--method", "w8a8", "--out", str(out),
+                 "--smoothquant-search"]) == 0  # fmt: skip
+    again = sum(prompt_logprobs(LLM(out, **kw).generate(PROMPTS, SCORE, use_tqdm=False)), [])
+    assert again == got  # the checkpoint holds the searched scales
 
 
 def test_gptq_checkpoint_equals_gptq_on_load(tiny_model_dir, tmp_path):

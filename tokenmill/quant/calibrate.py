@@ -19,16 +19,25 @@ from tokenmill.layers.linear import Linear
 CALIBRATION_PLAY = "tragedies/hamlet.md"
 
 
+SAMPLE_STRIDE = 16  # 16 windows x 512 tokens -> 512 sampled input rows per layer
+
+
 class _Recorder:
     """Stands in for a layer's quant method during calibration: float matmul, and the input
     statistics: amax per channel, and X^T X when GPTQ wants the Hessian."""
 
-    def __init__(self, hessian: bool) -> None:
+    def __init__(self, hessian: bool, sample: bool = False) -> None:
+        self.sample = sample
         self.amax: torch.Tensor | None = None
         self.square_sum: torch.Tensor | None = None  # sum of x^2 per input channel
         self.xtx: torch.Tensor | None = None if not hessian else torch.zeros(0)
         self.num_tokens = 0
         self.tokens_seen = 0
+        self.samples: list[torch.Tensor] = []  # every SAMPLE_STRIDE-th input row
+
+    @property
+    def sampled_rows(self) -> torch.Tensor | None:  # [tokens / SAMPLE_STRIDE, in]
+        return torch.cat(self.samples) if self.samples else None
 
     def apply(self, layer, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, x.shape[-1]).float()  # [tokens, in_features]
@@ -36,6 +45,8 @@ class _Recorder:
         self.amax = a if self.amax is None else torch.maximum(self.amax, a)
         sq = x2.double().pow(2).sum(dim=0)
         self.square_sum = sq if self.square_sum is None else self.square_sum + sq
+        if self.sample:
+            self.samples.append(x2[(-self.tokens_seen) % SAMPLE_STRIDE :: SAMPLE_STRIDE].clone())
         self.tokens_seen += x2.shape[0]
         if self.xtx is not None:
             self.xtx = x2.T @ x2 if self.xtx.numel() == 0 else self.xtx + x2.T @ x2
@@ -65,13 +76,16 @@ def single_sequence_metadata(n: int, block_size: int, device) -> AttentionMetada
 
 
 @torch.inference_mode()
-def input_stats(model, windows: list[list[int]], names: dict[str, bool]) -> dict[str, _Recorder]:
+def input_stats(
+    model, windows: list[list[int]], names: dict[str, tuple[bool, bool]]
+) -> dict[str, _Recorder]:
     """Run `windows` through `model` (weights loaded, not yet quantized); module name ->
-    its recorder, for the linear layers in `names` (name -> whether to keep the Hessian)."""
+    its recorder, for the linear layers in `names` (name -> whether to keep the Hessian, and
+    sampled input rows)."""
     arch = model.arch
     device = model.model.embed_tokens.weight.device
     dtype = model.model.embed_tokens.weight.dtype
-    recorders = {n: _Recorder(hessian) for n, hessian in names.items()}
+    recorders = {n: _Recorder(*flags) for n, flags in names.items()}
     saved = {}
     for n, rec in recorders.items():
         layer = model.get_submodule(n)
@@ -113,7 +127,7 @@ def calibrate(model, tokenizer, max_len: int) -> None:
             or getattr(method, "awq", False)
         )
         if isinstance(m, Linear) and (wants or wants_hessian):
-            names[n] = wants_hessian
+            names[n] = (wants_hessian, bool(getattr(method, "smoothquant_search", False)))
             num_windows = max(num_windows, method.calibration_windows)
     if not names:
         return
@@ -123,12 +137,6 @@ def calibrate(model, tokenizer, max_len: int) -> None:
         layer = model.get_submodule(n)
         layer.input_amax = rec.amax
         layer.input_mean_square = rec.mean_square
+        layer.input_samples = rec.sampled_rows
         if rec.hessian is not None:
             layer.input_hessian = rec.hessian
-
-
-def smoothing_scale(input_amax: torch.Tensor, weight: torch.Tensor, alpha: float) -> torch.Tensor:
-    """s [in_features] fp32 from activation and weight column maxima (SmoothQuant)."""
-    w = weight.float().abs().amax(dim=0).clamp(min=1e-5)
-    s = input_amax.float().clamp(min=1e-5).pow(alpha) / w.pow(1 - alpha)
-    return s.clamp(min=1e-5)

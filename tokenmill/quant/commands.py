@@ -36,6 +36,11 @@ def add_parsers(sub, add_engine_options) -> None:
         help="512-token windows of calibration text (default 16)",
     )
     q.add_argument(
+        "--smoothquant-search",
+        action="store_true",
+        help="w8a8/fp8: SmoothQuant alpha chosen per layer on calibration text (else 0.5)",
+    )
+    q.add_argument(
         "--awq",
         action="store_true",
         help="weight-only formats: AWQ input-channel scaling from calibration text",
@@ -78,6 +83,8 @@ def quantize(args) -> int:
         options["scale_search"] = True
     if args.awq:
         options["awq"] = True
+    if args.smoothquant_search:
+        options["smoothquant_search"] = True
     if args.calibration_windows:
         options["calibration_windows"] = args.calibration_windows
     qcfg = quantize_checkpoint(src, Path(args.out), args.method, options)

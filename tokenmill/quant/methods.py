@@ -41,9 +41,14 @@ METHODS = ("w8a8", "fp8", *FORMATS)  # a bare format name means weight-only in t
 def make_method(name: str, **options) -> QuantMethod:
     """'w8a8' | 'fp8' | a format name (weight-only), with method options."""
     windows = options.pop("calibration_windows", None)
+    search = options.pop("smoothquant_search", False)
     method = _make(name, **options)
     if windows is not None:
         method.calibration_windows = int(windows)
+    if search:
+        if not isinstance(method, SmoothQuantMixin):
+            raise ValueError(f"smoothquant_search applies to w8a8 and fp8, not {name!r}")
+        method.smoothquant_search = True
     return method
 
 
@@ -138,17 +143,35 @@ def _finish(y: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None) -> torc
 
 
 class SmoothQuantMixin:
-    """Input-channel smoothing for methods that quantize activations (calibrate.py)."""
+    """Input-channel smoothing for methods that quantize activations (calibrate.py); with
+    `smoothquant_search`, alpha per layer (quant/smoothquant.py)."""
 
     smoothquant_alpha: float | None = None
+    smoothquant_search: bool = False
 
     def smoothing(self, layer) -> torch.Tensor | None:
-        from tokenmill.quant.calibrate import smoothing_scale
+        from tokenmill.quant import smoothquant as sq
 
         amax = getattr(layer, "input_amax", None)
+        samples = getattr(layer, "input_samples", None)
+        if hasattr(layer, "input_samples"):
+            del layer.input_samples  # 512 rows per layer: only the search needs them
+        if self.smoothquant_search and amax is not None and samples is not None:
+            alpha, s, errors = sq.search_alpha(
+                layer.weight.data,
+                amax,
+                samples,
+                lambda w: self.quantize_weight(w).dequantize().double(),
+                self.fake_quantize_activation,
+            )
+            layer.smoothquant_alpha, layer.smoothquant_error = alpha, errors[alpha]
+            return s
         if not self.smoothquant_alpha or amax is None:
             return None
-        return smoothing_scale(amax, layer.weight.data, self.smoothquant_alpha)
+        return sq.smoothing_scale(amax, layer.weight.data, self.smoothquant_alpha)
+
+    def fake_quantize_activation(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
 
 
 def _smooth(layer, x2: torch.Tensor) -> torch.Tensor:
@@ -179,6 +202,11 @@ class W8A8Method(SmoothQuantMixin, QuantMethod):
 
     def quantize_weight(self, weight):
         return quantize(weight, "int8", granularity="channel")
+
+    def fake_quantize_activation(self, x):
+        from tokenmill.quant.smoothquant import int8_per_token
+
+        return int8_per_token(x, self.activation_zero_point)
 
     def install(self, layer, qweight):
         # _int_mm's right operand [in, out]: row-major for the CPU kernel; on CUDA column-major
@@ -258,6 +286,9 @@ class FP8Method(SmoothQuantMixin, QuantMethod):
 
     def quantize_weight(self, weight):
         return quantize(weight, "fp8_e4m3", granularity="channel")
+
+    def fake_quantize_activation(self, x):  # current scaling: each token's amax
+        return quantize(x, "fp8_e4m3", granularity="token").dequantize().double()
 
     def install(self, layer, qweight):
         layer.qweight = qweight
