@@ -146,3 +146,18 @@ def test_the_build_is_cached_per_source(monkeypatch, tmp_path):
         assert [p.stat().st_mtime_ns for p in (tmp_path / "kernels").glob("*.so")] == [stamp]
     finally:
         native.load.cache_clear()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kv_write_equals_the_torch_backend_and_rejects_stray_slots(dtype):
+    gen = torch.Generator().manual_seed(5)
+    qkv = torch.randn(37, 9 + 2 * 3, 64, generator=gen).to(dtype)  # fused projection, strided views
+    q, k, v = qkv.split([9, 3, 3], dim=1)
+    k = k.contiguous()  # rotary's output; v stays a strided view
+    slots = torch.randperm(300, generator=gen)[:37]
+    ours, theirs = torch.zeros(2, 3, 320, 64, dtype=dtype), torch.zeros(2, 3, 320, 64, dtype=dtype)
+    NativeCpuAttention(0.125).write(ours, slots, k, v)
+    TorchAttention(0.125).write(theirs, slots, k, v)
+    assert torch.equal(ours, theirs) and ours.any()
+    with pytest.raises(IndexError, match="outside"):
+        NativeCpuAttention(0.125).write(ours, torch.tensor([3, 320]), k[:2], v[:2])

@@ -16,6 +16,7 @@ PARTS = [  # (module, class, method, label)
     ("tokenmill.layers.attention", "TorchAttention", "_decode", "attention (gather + SDPA)"),
     ("tokenmill.layers.cpu_attention", "NativeCpuAttention", "_decode", "attention (native)"),
     ("tokenmill.layers.attention", "TorchAttention", "write", "KV write"),
+    ("tokenmill.layers.cpu_attention", "NativeCpuAttention", "write", "KV write (native)"),
     ("tokenmill.layers.norm", "RMSNorm", "forward", "RMSNorm (+ residual)"),
     ("tokenmill.layers.rotary", "RotaryEmbedding", "apply", "rotary"),
     ("tokenmill.layers.activation", "SiluAndMul", "forward", "silu * up"),

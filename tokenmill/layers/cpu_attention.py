@@ -3,8 +3,9 @@
 The torch backend gathers every decode's blocks into a contiguous copy before SDPA: at batch 64
 that copy moves as many bytes per step as the weights do. The native kernel walks each
 sequence's block table instead and reads K and V where they lie, with an online softmax, one
-work item per (sequence, KV head) over torch's OpenMP threads. Prefill, the KV write and every
-dtype or layout the kernel does not take (float16, a quantized cache) stay on the torch code.
+work item per (sequence, KV head) over torch's OpenMP threads. The KV write is one native call
+of row copies too. Prefill attention and every dtype or layout the kernels do not take (float16,
+a quantized cache) stay on the torch code.
 """
 
 from __future__ import annotations
@@ -24,18 +25,53 @@ _I64, _PTR = ctypes.c_int64, ctypes.c_void_p
 _ARGTYPES = [_PTR] * 5 + [_I64] * 7 + [ctypes.c_float, ctypes.c_int]
 
 
-def _kernels() -> dict[torch.dtype, ctypes._CFuncPtr]:
+def _kernels() -> dict:
+    """dtype -> decode kernel, and "write" -> the KV write (any dtype)."""
     lib = native.load("paged_attention")
     fns = {torch.float32: lib.tm_paged_decode_f32, torch.bfloat16: lib.tm_paged_decode_bf16}
     for fn in fns.values():
         fn.argtypes, fn.restype = _ARGTYPES, ctypes.c_int
-    return fns
+    lib.tm_kv_write.argtypes = [_PTR] * 4 + [_I64] * 7 + [ctypes.c_int]
+    lib.tm_kv_write.restype = ctypes.c_int
+    return {**fns, "write": lib.tm_kv_write}
 
 
 class NativeCpuAttention(TorchAttention):
     def __init__(self, scale: float) -> None:
         super().__init__(scale)
         self.kernels = _kernels()
+
+    def write(self, kv_cache, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+        """As the torch backend's, in one call: row copies instead of two index_copy_."""
+        n, heads, dim = k.shape
+        if not (
+            isinstance(kv_cache, torch.Tensor)
+            and kv_cache.is_contiguous()
+            and k.dtype == v.dtype == kv_cache.dtype
+            and k.shape == v.shape
+            and k.stride()[1:] == v.stride()[1:] == (dim, 1)
+            and slots.dtype == torch.int64
+            and slots.is_contiguous()
+        ):
+            return super().write(kv_cache, slots, k, v)
+        num_slots = kv_cache.shape[2]
+        bad = self.kernels["write"](
+            k.data_ptr(),
+            v.data_ptr(),
+            kv_cache.data_ptr(),
+            slots.data_ptr(),
+            n,
+            heads,
+            dim,
+            num_slots,
+            k.stride(0),
+            v.stride(0),
+            k.element_size(),
+            torch.get_num_threads(),
+        )
+        if bad:
+            raise IndexError(f"a KV slot outside [0, {num_slots}) was not written")
+        return k, v
 
     def _decode(self, q: torch.Tensor, kv_cache, meta: AttentionMetadata):
         fn = self.kernels.get(q.dtype)

@@ -291,3 +291,33 @@ int tm_paged_decode_bf16(const uint16_t* q, const uint16_t* kv, const int64_t* t
 }
 
 }  // extern "C"
+
+extern "C" {
+
+// New K and V rows into their cache slots: k, v [tokens, kv_heads, head_dim] with token strides
+// of `k_stride` and `v_stride` elements (v is a view of the fused q/k/v projection), any element
+// type of `elem_bytes`; cache [2, kv_heads, num_slots, head_dim] contiguous.
+int tm_kv_write(const char* k, const char* v, char* cache, const int64_t* slots, int64_t num_tokens,
+                int64_t num_kv_heads, int64_t head_dim, int64_t num_slots, int64_t k_stride,
+                int64_t v_stride, int64_t elem_bytes, int num_threads) {
+  const int64_t row = head_dim * elem_bytes;
+  const int64_t plane = num_kv_heads * num_slots * row;  // K, then V
+  int64_t bad = 0;  // slots outside the pool: skipped, never written, reported
+#pragma omp parallel for num_threads(num_threads) schedule(static) if (num_tokens >= 256) \
+    reduction(+ : bad)
+  for (int64_t t = 0; t < num_tokens; ++t) {
+    const int64_t slot = slots[t];
+    if (slot < 0 || slot >= num_slots) {
+      ++bad;
+      continue;
+    }
+    for (int64_t h = 0; h < num_kv_heads; ++h) {
+      const int64_t dst = (h * num_slots + slot) * row;
+      std::memcpy(cache + dst, k + t * k_stride * elem_bytes + h * row, row);
+      std::memcpy(cache + plane + dst, v + t * v_stride * elem_bytes + h * row, row);
+    }
+  }
+  return bad ? 1 : 0;
+}
+
+}  // extern "C"
