@@ -116,7 +116,7 @@ def test_engines_pick_the_backend_and_agree(tiny_model_dir):
 def test_without_a_compiler_auto_falls_back_and_native_says_why(
     tiny_model_dir, monkeypatch, tmp_path
 ):
-    monkeypatch.setenv("TOKENMILL_CACHE", str(tmp_path))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     monkeypatch.setattr(native, "compiler", lambda: None)
     native.load.cache_clear()
     try:
@@ -134,16 +134,18 @@ def test_without_a_compiler_auto_falls_back_and_native_says_why(
 
 
 def test_the_build_is_cached_per_source(monkeypatch, tmp_path):
-    monkeypatch.setenv("TOKENMILL_CACHE", str(tmp_path))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     native.load.cache_clear()
     try:
         native.load("paged_attention")
-        built = list((tmp_path / "kernels").glob("paged_attention-*.so"))
+        built = list((tmp_path / "tokenmill" / "kernels").glob("paged_attention-*.so"))
         assert len(built) == 1
         stamp = built[0].stat().st_mtime_ns
         native.load.cache_clear()
         native.load("paged_attention")  # a second process would find the same file
-        assert [p.stat().st_mtime_ns for p in (tmp_path / "kernels").glob("*.so")] == [stamp]
+        assert [
+            p.stat().st_mtime_ns for p in (tmp_path / "tokenmill" / "kernels").glob("*.so")
+        ] == [stamp]
     finally:
         native.load.cache_clear()
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tokenmill.config import BLOCK_SCALED, QuantConfig
+from tokenmill.config_quant import BLOCK_SCALED, QuantConfig
 from tokenmill.quant import quantize
 from tokenmill.quant.formats import encode_with
 from tokenmill.quant.methods import make_method

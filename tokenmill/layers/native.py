@@ -2,7 +2,7 @@
 and loaded through ctypes.
 
 The sources use a plain C ABI and no torch headers, so a build takes about a second; the shared
-library is cached under `$TOKENMILL_CACHE` (default `~/.cache/tokenmill`) keyed by the source, the
+library is cached under `$XDG_CACHE_HOME/tokenmill` (default `~/.cache/tokenmill`) keyed by the source, the
 flags, the compiler and this CPU's instruction-set flags (`-march=native` code must not run on
 another CPU model), so later starts load it at once. OpenMP comes from the same libgomp that torch
 loaded (matched by soname), so the kernels share torch's thread pool instead of competing with it.
@@ -41,8 +41,8 @@ def compiler() -> str | None:
 
 
 def cache_dir() -> Path:
-    root = os.environ.get("TOKENMILL_CACHE") or Path.home() / ".cache" / "tokenmill"
-    return Path(root) / "kernels"
+    root = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(root) / "tokenmill" / "kernels"
 
 
 def _cpu_flags() -> str:

@@ -34,6 +34,7 @@ from tokenmill.quant.formats import (
     cat_rows,
     quantize,
 )
+from tokenmill.quant.smoothquant import SmoothQuantMixin, install_smoothing, smooth_input
 
 METHODS = ("w8a8", "fp8", *FORMATS)  # a bare format name means weight-only in that format
 
@@ -142,50 +143,6 @@ def _finish(y: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None) -> torc
     return y.view(*x.shape[:-1], y.shape[-1])
 
 
-class SmoothQuantMixin:
-    """Input-channel smoothing for methods that quantize activations (calibrate.py); with
-    `smoothquant_search`, alpha per layer (quant/smoothquant.py)."""
-
-    smoothquant_alpha: float | None = None
-    smoothquant_search: bool = False
-
-    def smoothing(self, layer) -> torch.Tensor | None:
-        from tokenmill.quant import smoothquant as sq
-
-        amax = getattr(layer, "input_amax", None)
-        samples = getattr(layer, "input_samples", None)
-        if hasattr(layer, "input_samples"):
-            del layer.input_samples  # 512 rows per layer: only the search needs them
-        if self.smoothquant_search and amax is not None and samples is not None:
-            alpha, s, errors = sq.search_alpha(
-                layer.weight.data,
-                amax,
-                samples,
-                lambda w: self.quantize_weight(w).dequantize().double(),
-                self.fake_quantize_activation,
-            )
-            layer.smoothquant_alpha, layer.smoothquant_error = alpha, errors[alpha]
-            return s
-        if not self.smoothquant_alpha or amax is None:
-            return None
-        return sq.smoothing_scale(amax, layer.weight.data, self.smoothquant_alpha)
-
-    def fake_quantize_activation(self, x: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
-
-
-def _smooth(layer, x2: torch.Tensor) -> torch.Tensor:
-    """x / s in fp32 (identity without smoothing)."""
-    inv = getattr(layer, "smooth_inv", None)
-    return x2.float() if inv is None else x2 * inv  # promotes to fp32 in the same pass
-
-
-def _install_smoothing(layer) -> None:
-    s = getattr(layer, "input_smooth", None)
-    if s is not None:
-        layer.smooth_inv = (1.0 / s.float()).contiguous()  # [in_features]
-
-
 class W8A8Method(SmoothQuantMixin, QuantMethod):
     format = "int8"
     kernel = "torch._int_mm"
@@ -216,10 +173,10 @@ class W8A8Method(SmoothQuantMixin, QuantMethod):
         layer.qweight = replace(qweight, data=layer.weight_t.t())  # a view: stored once
         layer.weight_scale = qweight.scale.float().expand(qweight.shape[0]).contiguous()  # [out]
         layer.weight_colsum = codes.to(torch.int32).sum(dim=1)  # [out]: zero-point correction
-        _install_smoothing(layer)
+        install_smoothing(layer)
 
     def apply(self, layer, x):
-        x2 = _smooth(layer, _rows(x))  # [tokens, in] fp32
+        x2 = smooth_input(layer, _rows(x))  # [tokens, in] fp32
         if self.activation_zero_point:
             xq, scale, zero = _per_token_asymmetric(x2)
         else:  # |x * 127 / amax| <= 127 up to rounding, so no clamp needed
@@ -294,7 +251,7 @@ class FP8Method(SmoothQuantMixin, QuantMethod):
         layer.qweight = qweight
         layer.weight_scale = qweight.scale.float().expand(qweight.shape[0]).contiguous()
         layer.amax_history = AmaxHistory(self.amax_history_len)
-        _install_smoothing(layer)
+        install_smoothing(layer)
         dev = qweight.data.device
         if dev.type == "cuda":
             self.kernel = "torch._scaled_mm"
@@ -317,7 +274,7 @@ class FP8Method(SmoothQuantMixin, QuantMethod):
         return scale.expand(x2.shape[0], 1)
 
     def apply(self, layer, x):
-        x2 = _smooth(layer, _rows(x))  # [tokens, in] fp32
+        x2 = smooth_input(layer, _rows(x))  # [tokens, in] fp32
         scale = self.activation_scale(layer, x2)
         limit = el.E4M3.max_value  # delayed scales can be stale: saturate, as the format does
         xq = (x2 / scale).clamp_(-limit, limit).to(torch.float8_e4m3fn)

@@ -1,4 +1,6 @@
-"""SmoothQuant's migration strength chosen per layer (`smoothquant_search`).
+"""SmoothQuant for the methods that quantize activations (w8a8, fp8): the smoothing scales, their
+installation and run-time division, and the migration strength chosen per layer
+(`smoothquant_search`).
 
 SmoothQuant (Xiao et al., 2023) divides input channel j by s_j = amax_x_j^alpha / amax_w_j^(1-alpha)
 and multiplies the weight's column by it: the product is unchanged, activation outliers shrink,
@@ -64,3 +66,45 @@ def int8_per_token(x: torch.Tensor, zero_point: bool) -> torch.Tensor:
         return ((torch.round(x / scale) + zero).clamp(-128, 127) - zero) * scale
     amax = x.abs().amax(dim=1, keepdim=True).clamp(min=1e-12)
     return torch.round(x * (127.0 / amax)) * (amax / 127.0)
+
+
+class SmoothQuantMixin:
+    """Input-channel smoothing for methods that quantize activations (calibrate.py); with
+    `smoothquant_search`, alpha per layer (quant/smoothquant.py)."""
+
+    smoothquant_alpha: float | None = None
+    smoothquant_search: bool = False
+
+    def smoothing(self, layer) -> torch.Tensor | None:
+        amax = getattr(layer, "input_amax", None)
+        samples = getattr(layer, "input_samples", None)
+        if hasattr(layer, "input_samples"):
+            del layer.input_samples  # 512 rows per layer: only the search needs them
+        if self.smoothquant_search and amax is not None and samples is not None:
+            alpha, s, errors = search_alpha(
+                layer.weight.data,
+                amax,
+                samples,
+                lambda w: self.quantize_weight(w).dequantize().double(),
+                self.fake_quantize_activation,
+            )
+            layer.smoothquant_alpha, layer.smoothquant_error = alpha, errors[alpha]
+            return s
+        if not self.smoothquant_alpha or amax is None:
+            return None
+        return smoothing_scale(amax, layer.weight.data, self.smoothquant_alpha)
+
+    def fake_quantize_activation(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+
+def smooth_input(layer, x2: torch.Tensor) -> torch.Tensor:
+    """x / s in fp32 (identity without smoothing)."""
+    inv = getattr(layer, "smooth_inv", None)
+    return x2.float() if inv is None else x2 * inv  # promotes to fp32 in the same pass
+
+
+def install_smoothing(layer) -> None:
+    s = getattr(layer, "input_smooth", None)
+    if s is not None:
+        layer.smooth_inv = (1.0 / s.float()).contiguous()  # [in_features]
