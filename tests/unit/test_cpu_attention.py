@@ -163,3 +163,28 @@ def test_kv_write_equals_the_torch_backend_and_rejects_stray_slots(dtype):
     assert torch.equal(ours, theirs) and ours.any()
     with pytest.raises(IndexError, match="outside"):
         NativeCpuAttention(0.125).write(ours, torch.tensor([3, 320]), k[:2], v[:2])
+
+
+def test_an_unwritable_cache_falls_back_to_the_temporary_directory(monkeypatch, tmp_path):
+    (tmp_path / "a-file").write_text("")  # a cache path below a file: mkdir fails, even for root
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "a-file" / "cache"))
+    monkeypatch.setattr(native.tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    native.load.cache_clear()
+    try:
+        native.load("paged_attention")
+        assert list((tmp_path / "tmp" / "tokenmill-kernels").glob("paged_attention-*.so"))
+    finally:
+        native.load.cache_clear()
+
+
+def test_a_failed_build_says_why(monkeypatch, tmp_path):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setattr(native, "FLAGS", (*native.FLAGS, "-fno-such-flag-exists"))
+    native.load.cache_clear()
+    try:
+        with pytest.raises(native.NativeUnavailable, match="building paged_attention.cpp failed"):
+            native.load("paged_attention")
+        assert not list((tmp_path / "tokenmill" / "kernels").glob("*.so"))  # no half-built file
+    finally:
+        native.load.cache_clear()

@@ -68,20 +68,28 @@ def load(name: str) -> ctypes.CDLL:
     ).hexdigest()[:16]
     target = cache_dir() / f"{name}-{key}.so"
     if not target.exists():
-        target.parent.mkdir(parents=True, exist_ok=True)
-        # Build beside the target and rename: concurrent builders never see a half-written file.
-        fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
-        os.close(fd)
-        cmd = [cxx, *FLAGS, str(source), "-o", tmp]
-        done = subprocess.run(cmd, capture_output=True, text=True)
-        if done.returncode:
-            os.unlink(tmp)
-            raise NativeUnavailable(f"building {source.name} failed: {done.stderr.strip()[-400:]}")
-        os.replace(tmp, target)
-        log.info("built native kernels %s -> %s", source.name, target)
+        try:
+            _build(cxx, source, target)
+        except OSError:  # a read-only home: build into the temporary directory instead
+            target = Path(tempfile.gettempdir()) / "tokenmill-kernels" / target.name
+            if not target.exists():
+                _build(cxx, source, target)
     import torch  # noqa: F401  (loads torch's libgomp first, so the library binds to it)
 
     try:
         return ctypes.CDLL(str(target))
     except OSError as e:
         raise NativeUnavailable(f"loading {target} failed: {e}") from e
+
+
+def _build(cxx: str, source: Path, target: Path) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Build beside the target and rename: concurrent builders never see a half-written file.
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+    os.close(fd)
+    done = subprocess.run([cxx, *FLAGS, str(source), "-o", tmp], capture_output=True, text=True)
+    if done.returncode:
+        os.unlink(tmp)
+        raise NativeUnavailable(f"building {source.name} failed: {done.stderr.strip()[-400:]}")
+    os.replace(tmp, target)
+    log.info("built native kernels %s -> %s", source.name, target)
