@@ -224,6 +224,111 @@ void decode_one_avx512(const T* q, const T* kv, const int64_t* table, int64_t le
     for (int64_t d = 0; d < dim; ++d) store(out, g * dim + d, acc[g * dim + d] * inv);
   }
 }
+// As decode_one_avx512 with the group size G known at compile time, so that the running sums
+// p * V of all G heads (G * C vectors) stay in registers across the whole sequence instead of
+// being loaded and stored for every key: used where they fit (G * C <= 28).
+template <typename T, int C, int G>
+void decode_group_avx512(const T* q, const T* kv, const int64_t* table, int64_t len, T* out,
+                         int64_t kv_head, int64_t num_kv_heads, int64_t num_slots,
+                         int64_t block_size, float scale, float* scratch) {
+  constexpr int64_t dim = 16 * C;
+  float* qf = scratch;      // [G, dim] query in fp32, pre-scaled
+  float* s = qf + G * dim;  // [G, block_size] this block's scores, then probabilities
+  __m512 acc[G][C];
+  float m[G], l[G];
+  for (int g = 0; g < G; ++g) {
+    for (int64_t d = 0; d < dim; ++d) qf[g * dim + d] = load(q, g * dim + d) * scale;
+    for (int c = 0; c < C; ++c) acc[g][c] = _mm512_setzero_ps();
+    m[g] = -std::numeric_limits<float>::infinity();
+    l[g] = 0.f;
+  }
+  const T* kbase = kv + kv_head * num_slots * dim;
+  const T* vbase = kv + (num_kv_heads + kv_head) * num_slots * dim;
+  const int64_t num_blocks = (len + block_size - 1) / block_size;
+  constexpr int64_t row_bytes = dim * static_cast<int64_t>(sizeof(T));
+  __m512 row[C];
+  for (int64_t b = 0; b < num_blocks; ++b) {
+    const int64_t n = std::min(block_size, len - b * block_size);
+    const int64_t slot0 = table[b] * block_size;
+    const int64_t next = b + 1 < num_blocks ? table[b + 1] * block_size : slot0;
+    for (int64_t t = 0; t < n; ++t) {
+      const T* k = kbase + (slot0 + t) * dim;
+      const char* nk = reinterpret_cast<const char*>(kbase + (next + t) * dim);
+      const char* nv = reinterpret_cast<const char*>(vbase + (next + t) * dim);
+      for (int64_t o = 0; o < row_bytes; o += 64) {
+        __builtin_prefetch(nk + o);
+        __builtin_prefetch(nv + o);
+      }
+      for (int c = 0; c < C; ++c) row[c] = load16(k + 16 * c);
+      for (int g = 0; g < G; ++g) {
+        const float* qg = qf + g * dim;
+        __m512 a = _mm512_mul_ps(_mm512_loadu_ps(qg), row[0]);
+        for (int c = 1; c < C; ++c) a = _mm512_fmadd_ps(_mm512_loadu_ps(qg + 16 * c), row[c], a);
+        s[g * block_size + t] = _mm512_reduce_add_ps(a);
+      }
+    }
+    for (int g = 0; g < G; ++g) {
+      float* sg = s + g * block_size;
+      float bmax = sg[0];
+      for (int64_t t = 1; t < n; ++t) bmax = std::max(bmax, sg[t]);
+      const float new_m = std::max(m[g], bmax);
+      const float corr = exp_nonpositive(m[g] - new_m);
+      float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+      for (int64_t t = 0; t < n; ++t) {
+        sg[t] = exp_nonpositive(sg[t] - new_m);
+        sum += sg[t];
+      }
+      l[g] = l[g] * corr + sum;
+      m[g] = new_m;
+      const __m512 cv = _mm512_set1_ps(corr);
+      for (int c = 0; c < C; ++c) acc[g][c] = _mm512_mul_ps(acc[g][c], cv);
+    }
+    for (int64_t t = 0; t < n; ++t) {
+      const T* v = vbase + (slot0 + t) * dim;
+      for (int c = 0; c < C; ++c) row[c] = load16(v + 16 * c);
+      for (int g = 0; g < G; ++g) {
+        const __m512 p = _mm512_set1_ps(s[g * block_size + t]);
+        for (int c = 0; c < C; ++c) acc[g][c] = _mm512_fmadd_ps(p, row[c], acc[g][c]);
+      }
+    }
+  }
+  alignas(64) float tmp[16];
+  for (int g = 0; g < G; ++g) {
+    const __m512 inv = _mm512_set1_ps(l[g] > 0.f ? 1.f / l[g] : 0.f);
+    for (int c = 0; c < C; ++c) {
+      _mm512_store_ps(tmp, _mm512_mul_ps(acc[g][c], inv));
+      for (int i = 0; i < 16; ++i) store(out, g * dim + 16 * c + i, tmp[i]);
+    }
+  }
+}
+
+// Group sizes with the running sums in registers; false where the caller takes the general path.
+template <typename T, int C>
+bool decode_registers(int64_t group, const T* q, const T* kv, const int64_t* table, int64_t len,
+                      T* out, int64_t h, int64_t num_kv_heads, int64_t num_slots,
+                      int64_t block_size, float scale, float* scratch) {
+#define TM_GROUP(G)                                                                          \
+  case G:                                                                                    \
+    if constexpr (G * C <= 28) {                                                             \
+      decode_group_avx512<T, C, G>(q, kv, table, len, out, h, num_kv_heads, num_slots,       \
+                                   block_size, scale, scratch);                              \
+      return true;                                                                           \
+    }                                                                                        \
+    return false;
+  switch (group) {
+    TM_GROUP(1)
+    TM_GROUP(2)
+    TM_GROUP(3)
+    TM_GROUP(4)
+    TM_GROUP(5)
+    TM_GROUP(6)
+    TM_GROUP(7)
+    default:
+      return false;
+  }
+#undef TM_GROUP
+}
 #endif
 
 template <typename T>
@@ -245,6 +350,14 @@ int decode(const T* q, const T* kv, const int64_t* tables, const int32_t* lens, 
       const int64_t* table = tables + seq * max_blocks;
       const int64_t len = lens[seq];
 #if defined(__AVX512F__)
+      if (head_dim == 64 && decode_registers<T, 4>(group, q + off, kv, table, len, out + off, h,
+                                                    num_kv_heads, num_slots, block_size, scale,
+                                                    buf.data()))
+        continue;
+      if (head_dim == 128 && decode_registers<T, 8>(group, q + off, kv, table, len, out + off, h,
+                                                     num_kv_heads, num_slots, block_size, scale,
+                                                     buf.data()))
+        continue;
       if (head_dim == 64) {
         decode_one_avx512<T, 4>(q + off, kv, table, len, out + off, group, h, num_kv_heads,
                                 num_slots, block_size, scale, buf.data());
