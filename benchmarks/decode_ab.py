@@ -5,10 +5,10 @@ per output token), its ratio to the first configuration's median, and the ratios
 round (median and range).
 
     python benchmarks/decode_ab.py --model DIR --rounds 7 --batch 32 \\
-        float32 float32+compile bfloat16+compile w8a8/bfloat16+compile float32+torch-attention
+        float32 float32+compile bfloat16+compile w8a8/bfloat16+compile float32+torch-kernels
 
 A configuration is [METHOD/]DTYPE[+FLAG...]: METHOD a --quantization, FLAG `compile` or
-`torch-attention` (the gather + SDPA decode attention instead of the native kernel).
+`torch-kernels` (the gather + SDPA decode attention instead of the native kernel).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import statistics
 
 from tqdm.auto import tqdm
 
-FLAGS = {"compile": ("compile", True), "torch-attention": ("attention_backend", "torch")}
+FLAGS = {"compile": ("compile", True), "torch-kernels": ("cpu_kernels", "torch")}
 
 
 def parse(spec: str) -> dict:

@@ -4,7 +4,7 @@
 Both engines run on the same device (CUDA when there is one, else CPU).
 
     python benchmarks/offline_throughput.py [--model DIR] [--repeats 3] [--num-prompts 64]
-        [--dtype float32|bfloat16] [--compile] [--attention-backend torch] [--json-out F]
+        [--dtype float32|bfloat16] [--compile] [--cpu-kernels torch] [--json-out F]
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ def main() -> None:
         "--compile", action="store_true", help="tokenmill with torch.compile'd layers (--compile)"
     )
     ap.add_argument(
-        "--attention-backend",
+        "--cpu-kernels",
         default="auto",
         choices=["auto", "torch", "native"],
         help="tokenmill's decode attention (native: the in-place paged kernel on CPU)",
@@ -62,7 +62,7 @@ def main() -> None:
         max_model_len=1024,
         device=args.device,
         compile=args.compile,
-        attention_backend=args.attention_backend,
+        cpu_kernels=args.cpu_kernels,
     )
     llm.generate(["Hello"], SamplingParams(max_tokens=1), use_tqdm=False)
     startup_s = time.perf_counter() - t0

@@ -33,14 +33,14 @@ def main() -> None:
     ap.add_argument("--breakdown", action="store_true", help="wall time per model part")
     ap.add_argument("--touch-kv", action="store_true", help="write the KV pool once first")
     ap.add_argument("--quantization", default=None, help="a quantization method, e.g. w8a8")
-    ap.add_argument("--attention-backend", default="auto", choices=["auto", "torch", "native"])
+    ap.add_argument("--cpu-kernels", default="auto", choices=["auto", "torch", "native"])
     args = ap.parse_args()
     llm = LLM(
         args.model or "default",
         dtype=args.dtype,
         max_model_len=1024,
         quantization=args.quantization,
-        attention_backend=args.attention_backend,
+        cpu_kernels=args.cpu_kernels,
     )
     if args.touch_kv:
         from tokenmill.bench.offline import touch_kv_cache

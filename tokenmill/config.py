@@ -27,7 +27,7 @@ __all__ = [
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 DEVICES = ("auto", "cpu", "cuda")
 KV_CACHE_DTYPES = ("auto", "int8", "fp8_e4m3")
-ATTENTION_BACKENDS = ("auto", "torch", "native")  # layers/cpu_attention.py BACKENDS
+CPU_KERNELS = ("auto", "torch", "native")  # layers/native_ops.py CHOICES
 
 
 @dataclass(frozen=True)
@@ -139,21 +139,19 @@ class DeviceConfig:
         "compiler on CPU.",
         default=False,
     )
-    attention_backend: str = doc_field(
-        "Decode attention: native (a C++ kernel that reads K/V in place from the paged pool, "
-        "CPU, float32/bfloat16, built on first use), torch (gather + SDPA, every device and "
-        "cache dtype), or auto: native where it applies and builds, else torch.",
+    cpu_kernels: str = doc_field(
+        "CPU kernels: native (C++, built on first use with the system's g++: decode attention "
+        "reading K/V in place from the paged pool, the KV write, residual + RMSNorm and "
+        "SiLU * up; float32/bfloat16; attention stays torch with a quantized KV cache), torch "
+        "(torch ops only), or auto: native where it applies and builds, else torch.",
         default="auto",
     )
 
     def __post_init__(self) -> None:
         if self.device not in DEVICES and not self.device.startswith("cuda:"):
             raise ValueError(f"device must be one of {DEVICES} or cuda:N, got {self.device!r}")
-        if self.attention_backend not in ATTENTION_BACKENDS:
-            raise ValueError(
-                f"attention_backend must be one of {ATTENTION_BACKENDS}, "
-                f"got {self.attention_backend!r}"
-            )
+        if self.cpu_kernels not in CPU_KERNELS:
+            raise ValueError(f"cpu_kernels must be one of {CPU_KERNELS}, got {self.cpu_kernels!r}")
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,7 @@ def test_breakdown_times_decode_steps_and_restores_the_model(tiny_model_dir, bac
         tiny_model_dir("llama"),
         dtype="float32",
         kv_cache_memory=1 << 22,
-        attention_backend=backend,
+        cpu_kernels=backend,
     )
     touch_kv_cache(llm)  # every KV byte written once (zeros), nothing else changes
     assert all(not c.any() for c in llm.engine.runner.kv_caches)

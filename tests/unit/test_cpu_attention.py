@@ -6,9 +6,10 @@ import pytest
 import torch
 
 from tokenmill import LLM, SamplingParams
-from tokenmill.layers import cpu_attention, native
+from tokenmill.layers import native, native_ops
 from tokenmill.layers.attention import AttentionMetadata, TorchAttention
 from tokenmill.layers.cpu_attention import NativeCpuAttention
+from tokenmill.layers.kv_quant import QuantizedKVAttention
 
 pytestmark = pytest.mark.skipif(native.compiler() is None, reason="no C++ compiler")
 
@@ -105,20 +106,27 @@ def test_engines_pick_the_backend_and_agree(tiny_model_dir):
     prompts = [{"prompt_token_ids": list(range(3, 3 + n))} for n in (4, 19, 33)]
     runs = {}
     for choice in ("native", "torch"):
-        llm = LLM(folder, dtype="float32", kv_cache_memory=1 << 22, attention_backend=choice)
-        assert llm.engine.runner.attention_backend == choice
+        llm = LLM(folder, dtype="float32", kv_cache_memory=1 << 22, cpu_kernels=choice)
+        assert llm.engine.runner.cpu_kernels == choice
         runs[choice] = [
             o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)
         ]
     assert runs["native"] == runs["torch"]
     auto = LLM(folder, dtype="float32", kv_cache_memory=1 << 22)
-    assert auto.engine.runner.attention_backend == "native"
-    quantized = LLM(folder, dtype="float32", kv_cache_memory=1 << 22, kv_cache_dtype="int8")
-    assert quantized.engine.runner.attention_backend == "torch"
-    with pytest.raises(ValueError, match="kv_cache_dtype=auto"):
-        LLM(folder, kv_cache_memory=1 << 22, kv_cache_dtype="int8", attention_backend="native")
-    with pytest.raises(ValueError, match="attention_backend must be one of"):
-        LLM(folder, attention_backend="flash")
+    assert auto.engine.runner.cpu_kernels == "native"
+    for choice in ("auto", "native"):  # a quantized cache keeps its attention, norms go native
+        quantized = LLM(
+            folder,
+            dtype="float32",
+            kv_cache_memory=1 << 22,
+            kv_cache_dtype="int8",
+            cpu_kernels=choice,
+        )
+        layer = quantized.engine.loaded.model.model.layers[0]
+        assert type(layer.self_attn.backend) is QuantizedKVAttention
+        assert layer.input_layernorm.native is not None and layer.mlp.act.native is not None
+    with pytest.raises(ValueError, match="cpu_kernels must be one of"):
+        LLM(folder, cpu_kernels="flash")
 
 
 def test_without_a_compiler_auto_falls_back_and_native_says_why(
@@ -130,11 +138,11 @@ def test_without_a_compiler_auto_falls_back_and_native_says_why(
     try:
         folder = tiny_model_dir("llama")
         llm = LLM(folder, dtype="float32", kv_cache_memory=1 << 22)
-        assert llm.engine.runner.attention_backend == "torch"
+        assert llm.engine.runner.cpu_kernels == "torch"
         with pytest.raises(RuntimeError, match="no C\\+\\+ compiler"):
-            LLM(folder, dtype="float32", kv_cache_memory=1 << 22, attention_backend="native")
+            LLM(folder, dtype="float32", kv_cache_memory=1 << 22, cpu_kernels="native")
         with pytest.raises(RuntimeError, match="not available"):
-            cpu_attention.select_backends(
+            native_ops.select_kernels(
                 torch.nn.Module(), "native", torch.device("cpu"), torch.float16
             )
     finally:

@@ -80,7 +80,7 @@ class LLMEngine:
             num_blocks,
             config.model.seed,
             config.device.num_threads,
-            config.device.attention_backend,
+            config.device.cpu_kernels,
         )
         self.groups: dict[str, _Group] = {}
         self._child_group: dict[str, str] = {}

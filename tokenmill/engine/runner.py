@@ -18,13 +18,13 @@ from tokenmill.engine.kv_memory import Prefaulter, host_zeros
 from tokenmill.engine.scheduler import RunnerOutput, SampledToken, SchedulerOutput
 from tokenmill.layers import native
 from tokenmill.layers.attention import TorchAttention
-from tokenmill.layers.cpu_attention import select_backends
 from tokenmill.layers.kv_quant import (
     KV_DTYPES,
     STORAGE,
     QuantizedKVAttention,
     kv_bytes_per_element_and_token,
 )
+from tokenmill.layers.native_ops import select_kernels
 from tokenmill.layers.sampler import Sampler
 from tokenmill.models.loader import LoadedModel
 from tokenmill.quant.calibrate import single_sequence_metadata
@@ -69,7 +69,7 @@ class ModelRunner:
         num_blocks: int,
         seed: int,
         num_threads: int | None = None,
-        attention_backend: str = "auto",
+        cpu_kernels: str = "auto",
     ) -> None:
         if num_threads:
             torch.set_num_threads(num_threads)
@@ -88,17 +88,14 @@ class ModelRunner:
         self.kv_caches = [self._allocate(shape, cache.kv_cache_dtype) for _ in range(a.num_layers)]
         flat = [t for c in self.kv_caches for t in (c if isinstance(c, tuple) else (c,))]
         self.prefaulter = Prefaulter(flat).start()  # pages in ahead of use, in the background
-        if cache.kv_cache_dtype != "auto":
-            if attention_backend == "native":
-                raise ValueError(
-                    "attention_backend=native reads a cache in the model dtype; use "
-                    "kv_cache_dtype=auto with it, or attention_backend=auto/torch"
-                )
-            attention_backend = "torch"
-        self.attention_backend = select_backends(
-            self.model, attention_backend, self.device, loaded.dtype
+        self.cpu_kernels = select_kernels(
+            self.model,
+            cpu_kernels,
+            self.device,
+            loaded.dtype,
+            attention=cache.kv_cache_dtype == "auto",  # a quantized cache keeps its own backend
         )
-        log.info("attention backend: %s", self.attention_backend)
+        log.info("CPU kernels: %s", self.cpu_kernels)
         gen = torch.Generator(device=self.device)
         gen.manual_seed(seed)
         self.sampler = Sampler(gen)

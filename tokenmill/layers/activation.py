@@ -10,6 +10,12 @@ from torch import nn
 class SiluAndMul(nn.Module):
     """silu(gate) * up, for the merged [..., 2 * d] output of gate_up_proj."""
 
+    native = None  # a native_ops.RowKernels, given by the runner on CPU
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.compiler.is_compiling() and self.native is not None:
+            out = self.native.silu_mul(x)
+            if out is not None:
+                return out
         d = x.shape[-1] // 2
         return F.silu(x[..., :d]) * x[..., d:]

@@ -20,7 +20,6 @@ from tokenmill.layers.attention import AttentionMetadata, TorchAttention
 
 log = logging.getLogger(__name__)
 
-BACKENDS = ("auto", "torch", "native")
 _I64, _PTR = ctypes.c_int64, ctypes.c_void_p
 _ARGTYPES = [_PTR] * 5 + [_I64] * 7 + [ctypes.c_float, ctypes.c_int]
 
@@ -40,6 +39,11 @@ class NativeCpuAttention(TorchAttention):
     def __init__(self, scale: float) -> None:
         super().__init__(scale)
         self.kernels = _kernels()
+
+    @staticmethod
+    def load() -> None:
+        """Build and load the kernels now (raises native.NativeUnavailable where they cannot)."""
+        _kernels()
 
     def write(self, kv_cache, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
         """As the torch backend's, in one call: row copies instead of two index_copy_."""
@@ -107,32 +111,3 @@ class NativeCpuAttention(TorchAttention):
         if rc:
             raise RuntimeError(f"paged decode kernel rejected its arguments (code {rc})")
         return out
-
-
-def select_backends(model: torch.nn.Module, choice: str, device: torch.device, dtype) -> str:
-    """Swap the model's torch attention backends for native ones where `choice` allows and the
-    kernels build; returns the backend in use ('torch' or 'native')."""
-    if choice not in BACKENDS:
-        raise ValueError(f"attention_backend must be one of {BACKENDS}, got {choice!r}")
-    if choice == "torch":
-        return "torch"
-    why = None
-    if device.type != "cpu":
-        why = f"the native kernels run on CPU, not {device.type}"
-    elif dtype not in (torch.float32, torch.bfloat16):
-        why = f"the native kernels take float32 and bfloat16, not {dtype}"
-    if why is None:
-        try:
-            _kernels()
-        except native.NativeUnavailable as e:
-            why = str(e)
-    if why is not None:
-        if choice == "native":
-            raise RuntimeError(f"attention_backend=native is not available: {why}")
-        log.info("torch attention backend (%s)", why)
-        return "torch"
-    for module in model.modules():
-        backend = getattr(module, "backend", None)
-        if type(backend) is TorchAttention:
-            module.backend = NativeCpuAttention(backend.scale)
-    return "native"

@@ -62,9 +62,10 @@ def load(name: str) -> ctypes.CDLL:
     if cxx is None:
         raise NativeUnavailable("no C++ compiler (g++, c++, clang++ or $CXX) on PATH")
     source = SOURCES / f"{name}.cpp"
+    headers = [h.read_text() for h in sorted(SOURCES.glob("*.h"))]  # included by the sources
     version = subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout
     key = hashlib.sha256(
-        "\0".join([source.read_text(), " ".join(FLAGS), version, _cpu_flags()]).encode()
+        "\0".join([source.read_text(), *headers, " ".join(FLAGS), version, _cpu_flags()]).encode()
     ).hexdigest()[:16]
     target = cache_dir() / f"{name}-{key}.so"
     if not target.exists():

@@ -16,6 +16,8 @@
 #include <limits>
 #include <vector>
 
+#include "vec_math.h"
+
 #if defined(__AVX512F__)
 #include <immintrin.h>
 #endif
@@ -42,26 +44,6 @@ inline void store(uint16_t* p, int64_t i, float v) {  // fp32 -> bfloat16, round
   }
   bits += 0x7fffu + ((bits >> 16) & 1u);
   p[i] = static_cast<uint16_t>(bits >> 16);
-}
-
-// exp(x) for x <= 0 (scores minus their running max): 2^k * p(r), r = x - k ln2 in [-ln2/2, ln2/2],
-// a degree-6 polynomial (relative error ~2e-7, as vectorized expf in oneDNN or Sleef). Plain
-// arithmetic, so the compiler vectorizes the loops that call it, unlike std::exp.
-inline float exp_nonpositive(float x) {
-  x = std::max(x, -87.0f);  // exp(-87) ~ 1.6e-38: below it the result flushes to 0 anyway
-  const float k = std::nearbyint(x * 1.44269504088896341f);
-  const float r = (x - k * 0.693145751953125f) - k * 1.428606765330187045e-06f;
-  float p = 1.3888889e-3f;
-  p = p * r + 8.3333333e-3f;
-  p = p * r + 4.1666667e-2f;
-  p = p * r + 1.6666667e-1f;
-  p = p * r + 0.5f;
-  p = p * r + 1.0f;
-  p = p * r + 1.0f;
-  const int32_t bits = (static_cast<int32_t>(k) + 127) << 23;
-  float two_k;
-  std::memcpy(&two_k, &bits, sizeof two_k);
-  return p * two_k;
 }
 
 // D > 0: head_dim known at compile time (fully unrolled, vectorized); D == 0: read `dim`.
@@ -102,11 +84,11 @@ void decode_one(const T* q, const T* kv, const int64_t* table, int64_t len, T* o
       float bmax = sg[0];
       for (int64_t t = 1; t < n; ++t) bmax = std::max(bmax, sg[t]);
       const float new_m = std::max(m[g], bmax);
-      const float corr = exp_nonpositive(m[g] - new_m);  // 0 on the first block (m = -inf)
+      const float corr = tm::exp_nonpositive(m[g] - new_m);  // 0 on the first block (m = -inf)
       float sum = 0.f;
 #pragma omp simd reduction(+ : sum)
       for (int64_t t = 0; t < n; ++t) {
-        sg[t] = exp_nonpositive(sg[t] - new_m);
+        sg[t] = tm::exp_nonpositive(sg[t] - new_m);
         sum += sg[t];
       }
       l[g] = l[g] * corr + sum;
@@ -190,11 +172,11 @@ void decode_one_avx512(const T* q, const T* kv, const int64_t* table, int64_t le
       float bmax = sg[0];
       for (int64_t t = 1; t < n; ++t) bmax = std::max(bmax, sg[t]);
       const float new_m = std::max(m[g], bmax);
-      const float corr = exp_nonpositive(m[g] - new_m);
+      const float corr = tm::exp_nonpositive(m[g] - new_m);
       float sum = 0.f;
 #pragma omp simd reduction(+ : sum)
       for (int64_t t = 0; t < n; ++t) {
-        sg[t] = exp_nonpositive(sg[t] - new_m);
+        sg[t] = tm::exp_nonpositive(sg[t] - new_m);
         sum += sg[t];
       }
       l[g] = l[g] * corr + sum;
@@ -272,11 +254,11 @@ void decode_group_avx512(const T* q, const T* kv, const int64_t* table, int64_t 
       float bmax = sg[0];
       for (int64_t t = 1; t < n; ++t) bmax = std::max(bmax, sg[t]);
       const float new_m = std::max(m[g], bmax);
-      const float corr = exp_nonpositive(m[g] - new_m);
+      const float corr = tm::exp_nonpositive(m[g] - new_m);
       float sum = 0.f;
 #pragma omp simd reduction(+ : sum)
       for (int64_t t = 0; t < n; ++t) {
-        sg[t] = exp_nonpositive(sg[t] - new_m);
+        sg[t] = tm::exp_nonpositive(sg[t] - new_m);
         sum += sg[t];
       }
       l[g] = l[g] * corr + sum;

@@ -1,0 +1,79 @@
+"""The native row kernels (residual + RMSNorm, SiLU * up) against the eager torch code they
+replace: fp32 within rounding, bf16 with the same roundings."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tokenmill.layers import native
+from tokenmill.layers.activation import SiluAndMul
+from tokenmill.layers.native_ops import RowKernels
+from tokenmill.layers.norm import RMSNorm
+
+pytestmark = pytest.mark.skipif(native.compiler() is None, reason="no C++ compiler")
+
+
+def ulps_apart(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Distance in bf16 units in the last place (both bf16); values both below 1e-30 count as
+    equal (fp32 flushes exp below 1e-38 to zero where torch keeps a denormal)."""
+    ia, ib = a.view(torch.int16).int(), b.view(torch.int16).int()
+    both_tiny = (a.float().abs() < 1e-30) & (b.float().abs() < 1e-30)
+    return torch.where(both_tiny, 0, (ia - ib).abs())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows,hidden", [(1, 576), (7, 64), (300, 576), (130, 960)])
+def test_rms_norm_matches_the_eager_module(dtype, rows, hidden):
+    gen = torch.Generator().manual_seed(rows + hidden)
+    torch_norm, native_norm = RMSNorm(hidden, 1e-5, dtype), RMSNorm(hidden, 1e-5, dtype)
+    weight = torch.randn(hidden, generator=gen).to(dtype)
+    torch_norm.weight.data.copy_(weight)
+    native_norm.weight.data.copy_(weight)
+    native_norm.native = RowKernels()
+    scales = torch.logspace(-3, 2, rows)[:, None]
+    x = (torch.randn(rows, hidden, generator=gen) * scales).to(dtype)
+    r = torch.randn(rows, hidden, generator=gen).to(dtype)
+    for args in ((x,), (x, r)):
+        want, got = torch_norm(*args), native_norm(*args)
+        if len(args) == 2:
+            assert torch.equal(got[1], want[1])  # x + residual: one rounding, as torch's add
+            want, got = want[0], got[0]
+        assert got.dtype == dtype and got.shape == x.shape
+        if dtype == torch.float32:
+            torch.testing.assert_close(got, want, rtol=2e-6, atol=1e-7)
+        else:  # the fp32 statistic may differ in its last bit, moving a rare rounding by one
+            apart = ulps_apart(got, want)
+            assert apart.max() <= 1 and (apart > 0).float().mean() < 0.01
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows,d", [(1, 1536), (64, 1536), (5, 40)])
+def test_silu_mul_matches_the_eager_module(dtype, rows, d):
+    gen = torch.Generator().manual_seed(rows * d)
+    x = (torch.randn(rows, 2 * d, generator=gen) * 4).to(dtype)
+    x[0, :4] = torch.tensor([0.0, -100.0, 100.0, -1e-3])  # zero, saturations, tiny
+    act = SiluAndMul()
+    want = act(x)
+    act.native = RowKernels()
+    got = act(x)
+    assert got.dtype == dtype and got.shape == (rows, d)
+    if dtype == torch.float32:
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
+    else:
+        apart = ulps_apart(got, want)
+        assert apart.max() <= 1 and (apart > 0).float().mean() < 0.01
+
+
+def test_what_the_kernels_do_not_take_stays_on_torch():
+    kernels = RowKernels()
+    x = torch.randn(4, 64)
+    assert kernels.rms_norm(x.half(), None, torch.ones(64).half(), 1e-6) is None
+    assert kernels.rms_norm(x.t(), None, torch.ones(4), 1e-6) is None  # not contiguous
+    assert kernels.rms_norm(x, x.double(), torch.ones(64), 1e-6) is None
+    assert kernels.silu_mul(torch.randn(4, 64)[:, ::2]) is None
+    norm = RMSNorm(64, 1e-6)
+    norm.native = kernels
+    q = torch.randn(3, 4, 64)[:, 1:3]  # a view of heads, as qwen3's q_norm gets
+    torch.testing.assert_close(norm(q), F.rms_norm(q, (64,), norm.weight, 1e-6))

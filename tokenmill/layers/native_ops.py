@@ -1,0 +1,121 @@
+"""Row-wise CPU kernels between the GEMMs (`csrc/elementwise.cpp`): residual add + RMSNorm and
+SiLU(gate) * up, one pass each, with the eager code's bfloat16 rounding.
+
+`RMSNorm` and `SiluAndMul` call these where the runner has given them a `RowKernels` (CPU,
+`cpu_kernels` auto/native) and the tensors fit: float32 or bfloat16, contiguous rows. Anything
+else, and everything inside torch.compile (where inductor fuses the same work), stays on the
+torch code.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+
+import torch
+
+from tokenmill.layers import native
+
+log = logging.getLogger(__name__)
+
+CHOICES = ("auto", "torch", "native")  # config.CPU_KERNELS
+_I64, _PTR = ctypes.c_int64, ctypes.c_void_p
+_NULL = None
+
+
+class RowKernels:
+    def __init__(self) -> None:
+        lib = native.load("elementwise")
+        self.norm, self.silu = {}, {}
+        for dtype, tag in ((torch.float32, "f32"), (torch.bfloat16, "bf16")):
+            norm = getattr(lib, f"tm_add_rms_norm_{tag}")
+            norm.argtypes = [_PTR] * 5 + [_I64, _I64, ctypes.c_float, ctypes.c_int]
+            norm.restype = None
+            silu = getattr(lib, f"tm_silu_mul_{tag}")
+            silu.argtypes = [_PTR, _PTR, _I64, _I64, ctypes.c_int]
+            silu.restype = None
+            self.norm[dtype], self.silu[dtype] = norm, silu
+
+    def rms_norm(self, x: torch.Tensor, residual: torch.Tensor | None, weight, eps: float):
+        """As RMSNorm.forward, or None where these kernels do not apply."""
+        fn = self.norm.get(x.dtype)
+        if (
+            fn is None
+            or x.device.type != "cpu"
+            or not x.is_contiguous()
+            or weight.dtype != x.dtype
+            or (
+                residual is not None
+                and (
+                    residual.dtype != x.dtype
+                    or residual.shape != x.shape
+                    or not residual.is_contiguous()
+                )
+            )
+        ):
+            return None
+        hidden = x.shape[-1]
+        out = torch.empty_like(x)
+        summed = torch.empty_like(x) if residual is not None else None
+        fn(
+            x.data_ptr(),
+            residual.data_ptr() if residual is not None else _NULL,
+            weight.data_ptr(),
+            out.data_ptr(),
+            summed.data_ptr() if summed is not None else _NULL,
+            x.numel() // hidden,
+            hidden,
+            eps,
+            torch.get_num_threads(),
+        )
+        return out if summed is None else (out, summed)
+
+    def silu_mul(self, x: torch.Tensor) -> torch.Tensor | None:
+        """silu(x[..., :d]) * x[..., d:], or None where these kernels do not apply."""
+        fn = self.silu.get(x.dtype)
+        if fn is None or x.device.type != "cpu" or not x.is_contiguous():
+            return None
+        d = x.shape[-1] // 2
+        out = torch.empty(*x.shape[:-1], d, dtype=x.dtype)
+        fn(x.data_ptr(), out.data_ptr(), x.numel() // (2 * d), d, torch.get_num_threads())
+        return out
+
+
+def select_kernels(
+    model: torch.nn.Module, choice: str, device: torch.device, dtype, attention: bool = True
+) -> str:
+    """Give the model's norms and activations the native row kernels, and (with `attention`:
+    a KV cache in the model dtype) swap its torch attention backends for native ones, where
+    `choice` allows and the kernels build; returns 'native' or 'torch'."""
+    from tokenmill.layers.activation import SiluAndMul
+    from tokenmill.layers.attention import TorchAttention
+    from tokenmill.layers.cpu_attention import NativeCpuAttention
+    from tokenmill.layers.norm import RMSNorm
+
+    if choice not in CHOICES:
+        raise ValueError(f"cpu_kernels must be one of {CHOICES}, got {choice!r}")
+    if choice == "torch":
+        return "torch"
+    why = None
+    if device.type != "cpu":
+        why = f"the native kernels run on CPU, not {device.type}"
+    elif dtype not in (torch.float32, torch.bfloat16):
+        why = f"the native kernels take float32 and bfloat16, not {dtype}"
+    if why is None:
+        try:
+            rows = RowKernels()
+            NativeCpuAttention.load()
+        except native.NativeUnavailable as e:
+            why = str(e)
+    if why is not None:
+        if choice == "native":
+            raise RuntimeError(f"cpu_kernels=native is not available: {why}")
+        log.info("torch kernels (%s)", why)
+        return "torch"
+    for module in model.modules():
+        if isinstance(module, RMSNorm | SiluAndMul):
+            module.native = rows
+        backend = getattr(module, "backend", None)
+        if attention and type(backend) is TorchAttention:
+            module.backend = NativeCpuAttention(backend.scale)
+    return "native"
