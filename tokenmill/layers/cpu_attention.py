@@ -11,14 +11,11 @@ a quantized cache) stay on the torch code.
 from __future__ import annotations
 
 import ctypes
-import logging
 
 import torch
 
 from tokenmill.layers import native
 from tokenmill.layers.attention import AttentionMetadata, TorchAttention
-
-log = logging.getLogger(__name__)
 
 _I64, _PTR = ctypes.c_int64, ctypes.c_void_p
 _ARGTYPES = [_PTR] * 5 + [_I64] * 7 + [ctypes.c_float, ctypes.c_int]
