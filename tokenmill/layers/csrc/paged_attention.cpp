@@ -122,93 +122,11 @@ inline __m512 load16(const uint16_t* p) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
 }
 
-// The same computation as decode_one with AVX-512 for head_dim = 16 * C (C <= 16): each K and V
-// row is loaded once into registers and used by every query head of the group.
-template <typename T, int C>
-void decode_one_avx512(const T* q, const T* kv, const int64_t* table, int64_t len, T* out,
-                       int64_t group, int64_t kv_head, int64_t num_kv_heads, int64_t num_slots,
-                       int64_t block_size, float scale, float* scratch) {
-  constexpr int64_t dim = 16 * C;
-  float* qf = scratch;
-  float* acc = qf + group * dim;
-  float* m = acc + group * dim;
-  float* l = m + group;
-  float* s = l + group;
-  for (int64_t g = 0; g < group; ++g) {
-    for (int64_t d = 0; d < dim; ++d) qf[g * dim + d] = load(q, g * dim + d) * scale;
-    for (int64_t d = 0; d < dim; ++d) acc[g * dim + d] = 0.f;
-    m[g] = -std::numeric_limits<float>::infinity();
-    l[g] = 0.f;
-  }
-  const T* kbase = kv + kv_head * num_slots * dim;
-  const T* vbase = kv + (num_kv_heads + kv_head) * num_slots * dim;
-  const int64_t num_blocks = (len + block_size - 1) / block_size;
-  __m512 row[C];
-  for (int64_t b = 0; b < num_blocks; ++b) {
-    const int64_t n = std::min(block_size, len - b * block_size);
-    const int64_t slot0 = table[b] * block_size;
-    // The next block lies elsewhere in the pool: fetch its rows while this one is computed,
-    // one K and one V row per key here (the hardware prefetcher does not cross blocks).
-    const int64_t next = b + 1 < num_blocks ? table[b + 1] * block_size : slot0;
-    constexpr int64_t row_bytes = dim * static_cast<int64_t>(sizeof(T));
-    for (int64_t t = 0; t < n; ++t) {
-      const T* k = kbase + (slot0 + t) * dim;
-      const char* nk = reinterpret_cast<const char*>(kbase + (next + t) * dim);
-      const char* nv = reinterpret_cast<const char*>(vbase + (next + t) * dim);
-      for (int64_t o = 0; o < row_bytes; o += 64) {
-        __builtin_prefetch(nk + o);
-        __builtin_prefetch(nv + o);
-      }
-      for (int c = 0; c < C; ++c) row[c] = load16(k + 16 * c);
-      for (int64_t g = 0; g < group; ++g) {
-        const float* qg = qf + g * dim;
-        __m512 a = _mm512_mul_ps(_mm512_loadu_ps(qg), row[0]);
-        for (int c = 1; c < C; ++c) a = _mm512_fmadd_ps(_mm512_loadu_ps(qg + 16 * c), row[c], a);
-        s[g * block_size + t] = _mm512_reduce_add_ps(a);
-      }
-    }
-    for (int64_t g = 0; g < group; ++g) {
-      float* sg = s + g * block_size;
-      float bmax = sg[0];
-      for (int64_t t = 1; t < n; ++t) bmax = std::max(bmax, sg[t]);
-      const float new_m = std::max(m[g], bmax);
-      const float corr = tm::exp_nonpositive(m[g] - new_m);
-      float sum = 0.f;
-#pragma omp simd reduction(+ : sum)
-      for (int64_t t = 0; t < n; ++t) {
-        sg[t] = tm::exp_nonpositive(sg[t] - new_m);
-        sum += sg[t];
-      }
-      l[g] = l[g] * corr + sum;
-      m[g] = new_m;
-      if (corr != 1.f) {
-        const __m512 cv = _mm512_set1_ps(corr);
-        for (int c = 0; c < C; ++c) {
-          float* a = acc + g * dim + 16 * c;
-          _mm512_storeu_ps(a, _mm512_mul_ps(_mm512_loadu_ps(a), cv));
-        }
-      }
-    }
-    for (int64_t t = 0; t < n; ++t) {
-      const T* v = vbase + (slot0 + t) * dim;
-      for (int c = 0; c < C; ++c) row[c] = load16(v + 16 * c);
-      for (int64_t g = 0; g < group; ++g) {
-        const __m512 p = _mm512_set1_ps(s[g * block_size + t]);
-        for (int c = 0; c < C; ++c) {
-          float* a = acc + g * dim + 16 * c;
-          _mm512_storeu_ps(a, _mm512_fmadd_ps(p, row[c], _mm512_loadu_ps(a)));
-        }
-      }
-    }
-  }
-  for (int64_t g = 0; g < group; ++g) {
-    const float inv = l[g] > 0.f ? 1.f / l[g] : 0.f;
-    for (int64_t d = 0; d < dim; ++d) store(out, g * dim + d, acc[g * dim + d] * inv);
-  }
-}
-// As decode_one_avx512 with the group size G known at compile time, so that the running sums
-// p * V of all G heads (G * C vectors) stay in registers across the whole sequence instead of
-// being loaded and stored for every key: used where they fit (G * C <= 28).
+// The same computation as decode_one with AVX-512 for head_dim = 16 * C, for G query heads that
+// share one KV head: each K and V row is loaded once into registers and used by all G, and the
+// running sums p * V (G * C vectors) stay in registers for the whole sequence. G * C <= 28; a
+// larger group is computed in slices of heads (decode_registers), the later slices re-reading
+// K/V rows that the first has just brought into cache.
 template <typename T, int C, int G>
 void decode_group_avx512(const T* q, const T* kv, const int64_t* table, int64_t len, T* out,
                          int64_t kv_head, int64_t num_kv_heads, int64_t num_slots,
@@ -285,31 +203,32 @@ void decode_group_avx512(const T* q, const T* kv, const int64_t* table, int64_t 
   }
 }
 
-// Group sizes with the running sums in registers; false where the caller takes the general path.
+// A group of `group` query heads in slices of at most 28 / C heads.
 template <typename T, int C>
-bool decode_registers(int64_t group, const T* q, const T* kv, const int64_t* table, int64_t len,
+void decode_registers(int64_t group, const T* q, const T* kv, const int64_t* table, int64_t len,
                       T* out, int64_t h, int64_t num_kv_heads, int64_t num_slots,
                       int64_t block_size, float scale, float* scratch) {
-#define TM_GROUP(G)                                                                          \
-  case G:                                                                                    \
-    if constexpr (G * C <= 28) {                                                             \
-      decode_group_avx512<T, C, G>(q, kv, table, len, out, h, num_kv_heads, num_slots,       \
-                                   block_size, scale, scratch);                              \
-      return true;                                                                           \
-    }                                                                                        \
-    return false;
-  switch (group) {
-    TM_GROUP(1)
-    TM_GROUP(2)
-    TM_GROUP(3)
-    TM_GROUP(4)
-    TM_GROUP(5)
-    TM_GROUP(6)
-    TM_GROUP(7)
-    default:
-      return false;
-  }
+  constexpr int64_t dim = 16 * C, most = 28 / C;
+  for (int64_t g0 = 0; g0 < group; g0 += most) {
+    const T* qs = q + g0 * dim;
+    T* os = out + g0 * dim;
+#define TM_GROUP(G)                                                                        \
+  case G:                                                                                  \
+    if constexpr (G <= most)                                                               \
+      decode_group_avx512<T, C, G>(qs, kv, table, len, os, h, num_kv_heads, num_slots,     \
+                                   block_size, scale, scratch);                            \
+    break;
+    switch (std::min(most, group - g0)) {
+      TM_GROUP(1)
+      TM_GROUP(2)
+      TM_GROUP(3)
+      TM_GROUP(4)
+      TM_GROUP(5)
+      TM_GROUP(6)
+      TM_GROUP(7)
+    }
 #undef TM_GROUP
+  }
 }
 #endif
 
@@ -332,22 +251,10 @@ int decode(const T* q, const T* kv, const int64_t* tables, const int32_t* lens, 
       const int64_t* table = tables + seq * max_blocks;
       const int64_t len = lens[seq];
 #if defined(__AVX512F__)
-      if (head_dim == 64 && decode_registers<T, 4>(group, q + off, kv, table, len, out + off, h,
-                                                    num_kv_heads, num_slots, block_size, scale,
-                                                    buf.data()))
-        continue;
-      if (head_dim == 128 && decode_registers<T, 8>(group, q + off, kv, table, len, out + off, h,
-                                                     num_kv_heads, num_slots, block_size, scale,
-                                                     buf.data()))
-        continue;
-      if (head_dim == 64) {
-        decode_one_avx512<T, 4>(q + off, kv, table, len, out + off, group, h, num_kv_heads,
-                                num_slots, block_size, scale, buf.data());
-        continue;
-      }
-      if (head_dim == 128) {
-        decode_one_avx512<T, 8>(q + off, kv, table, len, out + off, group, h, num_kv_heads,
-                                num_slots, block_size, scale, buf.data());
+      if (head_dim == 64 || head_dim == 128) {
+        (head_dim == 64 ? decode_registers<T, 4> : decode_registers<T, 8>)(
+            group, q + off, kv, table, len, out + off, h, num_kv_heads, num_slots, block_size,
+            scale, buf.data());
         continue;
       }
 #endif
