@@ -46,6 +46,24 @@ inline void store(uint16_t* p, int64_t i, float v) {  // fp32 -> bfloat16, round
   p[i] = static_cast<uint16_t>(bits >> 16);
 }
 
+// One block of the online softmax for one head: scores sg[0..n) become exp(score - max), the
+// running max m and sum l advance; returns the factor that rescales the sums so far.
+inline float softmax_block(float* sg, int64_t n, float& m, float& l) {
+  float bmax = sg[0];
+  for (int64_t t = 1; t < n; ++t) bmax = std::max(bmax, sg[t]);
+  const float new_m = std::max(m, bmax);
+  const float corr = tm::exp_nonpositive(m - new_m);  // 0 on the first block (m = -inf)
+  float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t t = 0; t < n; ++t) {
+    sg[t] = tm::exp_nonpositive(sg[t] - new_m);
+    sum += sg[t];
+  }
+  l = l * corr + sum;
+  m = new_m;
+  return corr;
+}
+
 // D > 0: head_dim known at compile time (fully unrolled, vectorized); D == 0: read `dim`.
 template <typename T, int D>
 void decode_one(const T* q, const T* kv, const int64_t* table, int64_t len, T* out, int64_t group,
@@ -80,19 +98,7 @@ void decode_one(const T* q, const T* kv, const int64_t* table, int64_t len, T* o
       }
     }
     for (int64_t g = 0; g < group; ++g) {
-      float* sg = s + g * block_size;
-      float bmax = sg[0];
-      for (int64_t t = 1; t < n; ++t) bmax = std::max(bmax, sg[t]);
-      const float new_m = std::max(m[g], bmax);
-      const float corr = tm::exp_nonpositive(m[g] - new_m);  // 0 on the first block (m = -inf)
-      float sum = 0.f;
-#pragma omp simd reduction(+ : sum)
-      for (int64_t t = 0; t < n; ++t) {
-        sg[t] = tm::exp_nonpositive(sg[t] - new_m);
-        sum += sg[t];
-      }
-      l[g] = l[g] * corr + sum;
-      m[g] = new_m;
+      const float corr = softmax_block(s + g * block_size, n, m[g], l[g]);
       float* ag = acc + g * dim;
       if (corr != 1.f) {
         for (int64_t d = 0; d < dim; ++d) ag[d] *= corr;
@@ -168,19 +174,7 @@ void decode_group_avx512(const T* q, const T* kv, const int64_t* table, int64_t 
       }
     }
     for (int g = 0; g < G; ++g) {
-      float* sg = s + g * block_size;
-      float bmax = sg[0];
-      for (int64_t t = 1; t < n; ++t) bmax = std::max(bmax, sg[t]);
-      const float new_m = std::max(m[g], bmax);
-      const float corr = tm::exp_nonpositive(m[g] - new_m);
-      float sum = 0.f;
-#pragma omp simd reduction(+ : sum)
-      for (int64_t t = 0; t < n; ++t) {
-        sg[t] = tm::exp_nonpositive(sg[t] - new_m);
-        sum += sg[t];
-      }
-      l[g] = l[g] * corr + sum;
-      m[g] = new_m;
+      const float corr = softmax_block(s + g * block_size, n, m[g], l[g]);
       const __m512 cv = _mm512_set1_ps(corr);
       for (int c = 0; c < C; ++c) acc[g][c] = _mm512_mul_ps(acc[g][c], cv);
     }
