@@ -18,6 +18,7 @@ calibration text (Hamlet), never on the evaluation text.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Callable
 
 import torch
@@ -68,9 +69,10 @@ def int8_per_token(x: torch.Tensor, zero_point: bool) -> torch.Tensor:
     return torch.round(x * (127.0 / amax)) * (amax / 127.0)
 
 
-class SmoothQuantMixin:
+class SmoothQuantMixin(ABC):
     """Input-channel smoothing for methods that quantize activations (calibrate.py); with
-    `smoothquant_search`, alpha per layer (quant/smoothquant.py)."""
+    `smoothquant_search`, alpha per layer. A method supplies `quantize_weight` (QuantMethod) and
+    `fake_quantize_activation`."""
 
     smoothquant_alpha: float | None = None
     smoothquant_search: bool = False
@@ -94,8 +96,9 @@ class SmoothQuantMixin:
             return None
         return smoothing_scale(amax, layer.weight.data, self.smoothquant_alpha)
 
+    @abstractmethod
     def fake_quantize_activation(self, x: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        """x [tokens, in] float64 -> its run-time activation quantization, dequantized."""
 
 
 def smooth_input(layer, x2: torch.Tensor) -> torch.Tensor:
