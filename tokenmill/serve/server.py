@@ -24,6 +24,7 @@ from tokenmill.serve.usage import UsageOptions, UsageTracker
 
 log = logging.getLogger(__name__)
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+LOAD_JOIN_S = 60.0  # how long a stop waits for a model load in progress
 
 
 def default_model_name(model: str) -> str:
@@ -108,6 +109,9 @@ def serve(
         loader = threading.Thread(target=load, name="tokenmill-load", daemon=True)
         loader.start()
         yield
+        # A stop during loading waits for the load to end (bounded): a daemon thread still inside
+        # torch at interpreter exit aborts the process ("terminate called ...").
+        loader.join(timeout=LOAD_JOIN_S)
         if "engine" in holder:
             holder["engine"].shutdown()
         if tracker is not None:
