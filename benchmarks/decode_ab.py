@@ -7,8 +7,9 @@ round (median and range).
     python benchmarks/decode_ab.py --model DIR --rounds 7 --batch 32 \\
         float32 float32+compile bfloat16+compile w8a8/bfloat16+compile float32+torch-kernels
 
-A configuration is [METHOD/]DTYPE[+FLAG...]: METHOD a --quantization, FLAG `compile` or
-`torch-kernels` (the gather + SDPA decode attention instead of the native kernel).
+A configuration is [METHOD/]DTYPE[+FLAG...]: METHOD a --quantization, FLAG `compile`,
+`torch-kernels` (the gather + SDPA decode attention instead of the native kernel) or `rotate`
+(--rotate).
 """
 
 from __future__ import annotations
@@ -18,7 +19,11 @@ import statistics
 
 from tqdm.auto import tqdm
 
-FLAGS = {"compile": ("compile", True), "torch-kernels": ("cpu_kernels", "torch")}
+FLAGS = {
+    "compile": ("compile", True),
+    "torch-kernels": ("cpu_kernels", "torch"),
+    "rotate": ("rotate", True),
+}
 
 
 def parse(spec: str) -> dict:

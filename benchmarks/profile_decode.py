@@ -34,6 +34,8 @@ def main() -> None:
     ap.add_argument("--touch-kv", action="store_true", help="write the KV pool once first")
     ap.add_argument("--quantization", default=None, help="a quantization method, e.g. w8a8")
     ap.add_argument("--cpu-kernels", default="auto", choices=["auto", "torch", "native"])
+    ap.add_argument("--rotate", action="store_true", help="--rotate (with --quantization)")
+    ap.add_argument("--compile", action="store_true", help="torch.compile the layers")
     args = ap.parse_args()
     llm = LLM(
         args.model or "default",
@@ -41,6 +43,8 @@ def main() -> None:
         max_model_len=1024,
         quantization=args.quantization,
         cpu_kernels=args.cpu_kernels,
+        rotate=args.rotate,
+        compile=args.compile,
     )
     if args.touch_kv:
         from tokenmill.bench.offline import touch_kv_cache

@@ -245,7 +245,10 @@ def load_gguf(path: Path, dtype: str, device: torch.device, max_model_len: int |
     )
     tokenizer = tokenizer_from_gguf(f.metadata)
     weights = ((n, w.to(device)) for n, w in tensors)
-    fill_weights(model, weights, calibrate=calibration_hook(tokenizer, max_len))
+    fill_weights(
+        model, weights, calibrate=calibration_hook(tokenizer, max_len, quant.rotation_seeds)
+    )
+    arch = model.arch  # a rotated model has its own head
     eos = frozenset(arch.eos_token_ids)
     return LoadedModel(
         model, arch, tokenizer, eos, torch_dtype, device, path.stem, max_len, quantization=method

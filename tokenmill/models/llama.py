@@ -65,9 +65,13 @@ class MLP(nn.Module):
         self.gate_up_proj = Linear(h, [i, i], arch.mlp_bias, dtype)
         self.down_proj = Linear(i, [h], arch.mlp_bias, dtype)
         self.act = SiluAndMul()
+        self.input_rotation: nn.Module | None = None  # quant/rotation.py, with --rotate
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act(self.gate_up_proj(x)))
+        h = self.act(self.gate_up_proj(x))
+        if self.input_rotation is not None:
+            h = self.input_rotation(h)
+        return self.down_proj(h)
 
 
 class DecoderLayer(nn.Module):

@@ -143,8 +143,13 @@ def _load_hf_folder(
     model = build_model(arch, torch_dtype, device, max_len, method, options)
     tokenizer = Tokenizer.from_folder(folder)
     weights = _safetensors(folder, device, f"loading {folder.name}")
-    calibrate = None if qcfg else calibration_hook(tokenizer, max_len)
+    if qcfg is not None and "rotation_seed" in qcfg:
+        from tokenmill.quant.rotation import install_online_rotation
+
+        install_online_rotation(model)  # its weights are rotated already
+    calibrate = None if qcfg else calibration_hook(tokenizer, max_len, quant.rotation_seeds)
     fill_weights(model, weights, QuantizedWeights(qcfg) if qcfg else None, calibrate)
+    arch = model.arch  # a rotated model has its own head
     eos = set(arch.eos_token_ids)
     gen = folder / "generation_config.json"
     if gen.exists():
@@ -193,12 +198,24 @@ def linear_layer_names(model: torch.nn.Module) -> set[str]:
     return {n for n, m in model.named_modules() if isinstance(m, Linear) and n != "lm_head"}
 
 
-def calibration_hook(tokenizer: Tokenizer, max_len: int):
-    """What fill_weights runs between loading and quantizing (quant/calibrate.py)."""
+def calibration_hook(
+    tokenizer: Tokenizer, max_len: int, rotation_seeds: tuple[int, ...] | None = None
+):
+    """What fill_weights runs between loading and quantizing: the rotation, if asked for
+    (quant/rotation.py; with several seeds, the one quant/rotation_search.py chooses, kept as
+    `model.rotation_seed`), then calibration (quant/calibrate.py)."""
 
     def run(model) -> None:
         from tokenmill.quant.calibrate import calibrate
+        from tokenmill.quant.rotation import rotate_model
+        from tokenmill.quant.rotation_search import choose_rotation_seed
 
+        if rotation_seeds:
+            seed = rotation_seeds[0]
+            if len(rotation_seeds) > 1:
+                seed = choose_rotation_seed(model, tokenizer, max_len, rotation_seeds)
+            rotate_model(model, seed)
+            model.rotation_seed = seed
         calibrate(model, tokenizer, max_len)
 
     return run

@@ -123,6 +123,7 @@ def calibrate(model, tokenizer, max_len: int) -> None:
         wants_hessian = bool(getattr(method, "gptq", False) or getattr(method, "awq", False))
         wants = (
             getattr(method, "smoothquant_alpha", None)
+            or getattr(method, "smoothquant_search", False)
             or getattr(method, "scale_search", False)
             or getattr(method, "awq", False)
         )

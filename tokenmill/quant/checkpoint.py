@@ -112,11 +112,31 @@ class QuantizedWeights:
         return loaded
 
 
-def quantize_checkpoint(src: Path, dst: Path, method: str, options: dict) -> dict:
+def model_tensor(model, name: str) -> torch.Tensor:
+    """The model's current value of checkpoint tensor `name` (its rows of a merged layer)."""
+    target, shard = model.resolve_name(name)
+    param = model.get_parameter(target).data
+    if shard is None:
+        return param
+    module = model.get_submodule(target.rsplit(".", 1)[0])
+    start = sum(module.output_sizes[:shard])
+    return param.narrow(0, start, module.output_sizes[shard])
+
+
+def quantize_checkpoint(
+    src: Path,
+    dst: Path,
+    method: str,
+    options: dict,
+    rotation_seeds: tuple[int, ...] | None = None,
+) -> dict:
     """Write `src` (an HF folder, 16/32-bit safetensors) quantized with `method` to `dst`.
 
     The weights go through the same model and quant methods as quantize-on-load (in float32,
-    with the same calibration), so a checkpoint loads bit-identical to `--quantization`."""
+    with the same calibration), so a checkpoint loads bit-identical to `--quantization`. With
+    `rotation_seeds` the model is rotated first (quant/rotation.py; the best of several seeds,
+    quant/rotation_search.py) and every tensor is written rotated, a tied head untied; loading
+    makes only the run-time rotation again."""
     from tokenmill.models.arch import arch_from_hf_config
     from tokenmill.models.loader import (
         build_model,
@@ -135,7 +155,8 @@ def quantize_checkpoint(src: Path, dst: Path, method: str, options: dict) -> dic
     model = build_model(arch, torch.float32, torch.device("cpu"), max_len, method, options)
     files = safetensor_files(src)
     model.load_weights(_read(files, "reading"))
-    calibration_hook(Tokenizer.from_folder(src), max_len)(model)
+    calibration_hook(Tokenizer.from_folder(src), max_len, rotation_seeds)(model)
+    rotation_seed = getattr(model, "rotation_seed", None)
     quantizable = linear_layer_names(model)
     shards: dict[str, list[QuantizedTensor]] = {}
     state: dict[str, torch.Tensor] = {}
@@ -143,6 +164,8 @@ def quantize_checkpoint(src: Path, dst: Path, method: str, options: dict) -> dic
         target, shard = model.resolve_name(name)
         module_name = target.rsplit(".", 1)[0]
         if not (name.endswith(".weight") and module_name in quantizable):
+            if rotation_seed is not None and "rotary_emb" not in name:
+                tensor = model_tensor(model, name).to(tensor.dtype)
             state[name] = tensor.contiguous()
             continue
         layer = model.get_submodule(module_name)
@@ -152,6 +175,11 @@ def quantize_checkpoint(src: Path, dst: Path, method: str, options: dict) -> dic
         state.update(to_state(prefix, shards[module_name][shard or 0]))
         if getattr(layer, "input_smooth", None) is not None:
             state[f"{prefix}.input_smooth"] = layer.input_smooth.clone()  # one copy per name
+    if rotation_seed is not None:
+        state["lm_head.weight"] = model.lm_head.weight.data.to(
+            state["model.embed_tokens.weight"].dtype
+        )
+        config["tie_word_embeddings"] = False
     dst.mkdir(parents=True, exist_ok=True)
     save_file(state, str(dst / "model.safetensors"), metadata={"format": "pt"})
     for item in src.iterdir():
@@ -159,6 +187,8 @@ def quantize_checkpoint(src: Path, dst: Path, method: str, options: dict) -> dic
             shutil.copy2(item, dst / item.name)
     quant = make_method(method, **options)
     qcfg = {"quant_method": QUANT_METHOD, "method": method, "format": quant.format, **options}
+    if rotation_seed is not None:
+        qcfg["rotation_seed"] = rotation_seed
     config["quantization_config"] = qcfg
     (dst / "config.json").write_text(json.dumps(config, indent=2))
     return qcfg

@@ -45,6 +45,17 @@ def add_parsers(sub, add_engine_options) -> None:
         action="store_true",
         help="weight-only formats: AWQ input-channel scaling from calibration text",
     )
+    q.add_argument(
+        "--rotate",
+        action="store_true",
+        help="w8a8/int8/int4: rotate the model first (QuaRot; written rotated, loads as is)",
+    )
+    q.add_argument(
+        "--rotation-search",
+        type=int,
+        default=0,
+        help="with --rotate: try N rotations, keep the best on calibration text",
+    )
 
     e = sub.add_parser("eval", help="quality evaluation").add_subparsers(dest="eval", required=True)
     p = e.add_parser(
@@ -76,18 +87,19 @@ def quantize(args) -> int:
     src = Path(args.model)
     if not (src / "config.json").exists():
         raise ValueError(f"{src} is not a Hugging Face folder; quantize reads safetensors folders")
-    options = {"group_size": args.group_size} if args.group_size else {}
-    if args.gptq:
-        options["gptq"] = True
-    if args.scale_search:
-        options["scale_search"] = True
-    if args.awq:
-        options["awq"] = True
-    if args.smoothquant_search:
-        options["smoothquant_search"] = True
-    if args.calibration_windows:
-        options["calibration_windows"] = args.calibration_windows
-    qcfg = quantize_checkpoint(src, Path(args.out), args.method, options)
+    quant = QuantConfig(
+        quantization=args.method,
+        group_size=args.group_size,
+        gptq=args.gptq,
+        scale_search=args.scale_search,
+        awq=args.awq,
+        smoothquant_search=args.smoothquant_search,
+        calibration_windows=args.calibration_windows or 16,
+        rotate=args.rotate,
+        rotation_search=args.rotation_search,
+    )
+    options = quant.method_options()
+    qcfg = quantize_checkpoint(src, Path(args.out), args.method, options, quant.rotation_seeds)
     size = sum(f.stat().st_size for f in Path(args.out).glob("*.safetensors"))
     before = sum(f.stat().st_size for f in src.glob("*.safetensors"))
     print(f"wrote {args.out}: {size / 2**20:.1f} MiB (from {before / 2**20:.1f} MiB), {qcfg}")
