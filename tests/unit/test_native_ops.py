@@ -77,3 +77,29 @@ def test_what_the_kernels_do_not_take_stays_on_torch():
     norm.native = kernels
     q = torch.randn(3, 4, 64)[:, 1:3]  # a view of heads, as qwen3's q_norm gets
     torch.testing.assert_close(norm(q), F.rms_norm(q, (64,), norm.weight, 1e-6))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(
+    "rows,d,block", [(1, 1536, 64), (33, 1536, 64), (4, 96, 32), (3, 512, 512)]
+)
+def test_silu_mul_with_hadamard_matches_the_two_steps(dtype, rows, d, block):
+    from tokenmill.quant.rotation import OnlineRotation
+
+    gen = torch.Generator().manual_seed(rows * d + block)
+    x = (torch.randn(rows, 2 * d, generator=gen) * 3).to(dtype)
+    rotation = OnlineRotation(d, dtype, block=block)
+    assert rotation.block == block
+    act = SiluAndMul()
+    want = act.rotated(x, rotation)  # torch: SiLU * up, then the Hadamard GEMM
+    exact = act(x).double() @ rotation.dense()  # the same in float64
+    act.native = RowKernels()
+    got = act.rotated(x, rotation)
+    assert got.dtype == dtype and got.shape == (rows, d)
+    if dtype == torch.float32:
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    else:  # both round a float sum once; the sums' order differs
+        apart = ulps_apart(got, want)
+        assert apart.max() <= 1 and (apart > 0).float().mean() < 0.05
+    assert (got.double() - exact).abs().max() <= (want.double() - exact).abs().max() * 1.01 + 1e-6
+    assert RowKernels().silu_mul(x, hadamard_block=48) is None  # not a power of two

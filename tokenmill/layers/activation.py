@@ -19,3 +19,12 @@ class SiluAndMul(nn.Module):
                 return out
         d = x.shape[-1] // 2
         return F.silu(x[..., :d]) * x[..., d:]
+
+    def rotated(self, x: torch.Tensor, rotation) -> torch.Tensor:
+        """rotation(forward(x)) for a quant/rotation.OnlineRotation: one native pass where the
+        kernels apply (the Hadamard transform done on the row in cache), else the two steps."""
+        if not torch.compiler.is_compiling() and self.native is not None:
+            out = self.native.silu_mul(x, rotation.block)
+            if out is not None:
+                return out
+        return rotation(self.forward(x))

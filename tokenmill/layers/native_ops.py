@@ -26,7 +26,7 @@ _NULL = None
 class RowKernels:
     def __init__(self) -> None:
         lib = native.load("elementwise")
-        self.norm, self.silu = {}, {}
+        self.norm, self.silu, self.silu_hadamard = {}, {}, {}
         for dtype, tag in ((torch.float32, "f32"), (torch.bfloat16, "bf16")):
             norm = getattr(lib, f"tm_add_rms_norm_{tag}")
             norm.argtypes = [_PTR] * 5 + [_I64, _I64, ctypes.c_float, ctypes.c_int]
@@ -35,6 +35,10 @@ class RowKernels:
             silu.argtypes = [_PTR, _PTR, _I64, _I64, ctypes.c_int]
             silu.restype = None
             self.norm[dtype], self.silu[dtype] = norm, silu
+            fused = getattr(lib, f"tm_silu_mul_hadamard_{tag}")
+            fused.argtypes = [_PTR, _PTR, _I64, _I64, _I64, ctypes.c_int]
+            fused.restype = None
+            self.silu_hadamard[dtype] = fused
 
     def rms_norm(self, x: torch.Tensor, residual: torch.Tensor | None, weight, eps: float):
         """As RMSNorm.forward, or None where these kernels do not apply."""
@@ -70,14 +74,24 @@ class RowKernels:
         )
         return out if summed is None else (out, summed)
 
-    def silu_mul(self, x: torch.Tensor) -> torch.Tensor | None:
-        """silu(x[..., :d]) * x[..., d:], or None where these kernels do not apply."""
-        fn = self.silu.get(x.dtype)
+    def silu_mul(self, x: torch.Tensor, hadamard_block: int = 0) -> torch.Tensor | None:
+        """silu(x[..., :d]) * x[..., d:], or None where these kernels do not apply. With
+        `hadamard_block` (a power of two <= 1024 dividing d), each block of that many channels
+        of the result times the orthonormal Hadamard matrix (quant/rotation.OnlineRotation)."""
+        table = self.silu_hadamard if hadamard_block else self.silu
+        fn = table.get(x.dtype)
         if fn is None or x.device.type != "cpu" or not x.is_contiguous():
             return None
         d = x.shape[-1] // 2
         out = torch.empty(*x.shape[:-1], d, dtype=x.dtype)
-        fn(x.data_ptr(), out.data_ptr(), x.numel() // (2 * d), d, torch.get_num_threads())
+        rows, threads = x.numel() // (2 * d), torch.get_num_threads()
+        if not hadamard_block:
+            fn(x.data_ptr(), out.data_ptr(), rows, d, threads)
+            return out
+        block = hadamard_block
+        if block & (block - 1) or block > 1024 or d % block:
+            return None
+        fn(x.data_ptr(), out.data_ptr(), rows, d, block, threads)
         return out
 
 

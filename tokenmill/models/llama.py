@@ -68,10 +68,10 @@ class MLP(nn.Module):
         self.input_rotation: nn.Module | None = None  # quant/rotation.py, with --rotate
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.act(self.gate_up_proj(x))
+        h = self.gate_up_proj(x)
         if self.input_rotation is not None:
-            h = self.input_rotation(h)
-        return self.down_proj(h)
+            return self.down_proj(self.act.rotated(h, self.input_rotation))
+        return self.down_proj(self.act(h))
 
 
 class DecoderLayer(nn.Module):
