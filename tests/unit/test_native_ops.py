@@ -103,3 +103,15 @@ def test_silu_mul_with_hadamard_matches_the_two_steps(dtype, rows, d, block):
         assert apart.max() <= 1 and (apart > 0).float().mean() < 0.05
     assert (got.double() - exact).abs().max() <= (want.double() - exact).abs().max() * 1.01 + 1e-6
     assert RowKernels().silu_mul(x, hadamard_block=48) is None  # not a power of two
+
+
+def test_fused_hadamard_is_one_op_inside_torch_compile():
+    from tokenmill.quant.rotation import OnlineRotation
+
+    act, rotation = SiluAndMul(), OnlineRotation(256, torch.float32)
+    act.native = RowKernels()
+    x = torch.randn(6, 512, generator=torch.Generator().manual_seed(0))
+    compiled = torch.compile(lambda t: act.rotated(t * 2, rotation), fullgraph=True, dynamic=True)
+    torch.testing.assert_close(compiled(x), act.rotated(x * 2, rotation))
+    exact = act(x * 2).double() @ rotation.dense()
+    torch.testing.assert_close(compiled(x).double(), exact, rtol=1e-5, atol=1e-5)

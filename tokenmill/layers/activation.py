@@ -21,10 +21,9 @@ class SiluAndMul(nn.Module):
         return F.silu(x[..., :d]) * x[..., d:]
 
     def rotated(self, x: torch.Tensor, rotation) -> torch.Tensor:
-        """rotation(forward(x)) for a quant/rotation.OnlineRotation: one native pass where the
-        kernels apply (the Hadamard transform done on the row in cache), else the two steps."""
-        if not torch.compiler.is_compiling() and self.native is not None:
-            out = self.native.silu_mul(x, rotation.block)
-            if out is not None:
-                return out
+        """rotation(forward(x)) for a quant/rotation.OnlineRotation: with the native kernels one
+        pass (the Hadamard transform done on the row in cache; a custom op, so compiled layers
+        call it as well), else the two steps."""
+        if self.native is not None and x.device.type == "cpu" and x.dtype in self.native.silu:
+            return torch.ops.tokenmill.silu_mul_hadamard(x, rotation.block)
         return rotation(self.forward(x))
