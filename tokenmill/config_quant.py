@@ -81,11 +81,11 @@ class QuantConfig:
 
     rotate: bool = doc_field(
         "Rotate the model before quantizing (QuaRot): an orthogonal change of basis of the "
-        "residual stream and of each head's values, folded into the weights, and a Hadamard-"
-        "like one of down_proj's input at run time; the same function, with activation outliers "
-        "spread over all channels. For the integer methods (w8a8, int8, int4): it halves w8a8's "
-        "error here, while fp8, whose codes favour outliers, gets worse (BENCHMARKS.md). A tied "
-        "LM head is untied (one more vocab x hidden matrix).",
+        "residual stream and of each head's values, folded into the weights, and a block "
+        "Hadamard of down_proj's input at run time; the same function, with activation outliers "
+        "spread over all channels. For w8a8 (its KL halves on the bundled model); fp8 and the "
+        "weight-only formats measured worse there (BENCHMARKS.md). A tied LM head is untied "
+        "(one more vocab x hidden matrix).",
         default=False,
     )
 

@@ -48,7 +48,7 @@ def add_parsers(sub, add_engine_options) -> None:
     q.add_argument(
         "--rotate",
         action="store_true",
-        help="w8a8/int8/int4: rotate the model first (QuaRot; written rotated, loads as is)",
+        help="w8a8: rotate the model first (QuaRot; written rotated, loads as is)",
     )
     q.add_argument(
         "--rotation-search",
