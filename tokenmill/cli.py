@@ -26,6 +26,7 @@ def add_engine_options(p: argparse.ArgumentParser) -> None:
     group = p.add_argument_group("engine options")
     for name, (text, default, annotation) in option_help().items():
         flag = "--" + name.replace("_", "-")
+        text = text.replace("%", "%%")  # argparse formats help strings with %
         kind = _arg_type(annotation)
         if name == "model":
             continue
