@@ -114,15 +114,16 @@ def test_without_gpu_or_rapl_the_meter_is_modeled():
 
 
 def test_sampler_is_cheap_and_accounts_the_last_interval(tmp_path):
-    acc = Accountant("m", "i", "box", "modeled", UsageStore(tmp_path / "u.sqlite"))
-    sampler = PowerSampler(ModeledMeter(10, 10, lambda: 0.0), acc, interval_s=0.5)
     # CPU of this thread (start, stop, the last sample) plus the sampler thread's own clock:
     # whole-process time would also count whatever else the test process runs meanwhile, and a
     # garbage collection of the earlier tests' objects, which runs in whichever thread
-    # allocates, would be charged to the sampler: collection is paused while measuring.
+    # allocates, would be charged to the sampler: collection is paused while measuring. (The
+    # sampler's first interval starts when it is made: after the collection, with `wall`.)
     gc.collect()
     gc.disable()
     try:
+        acc = Accountant("m", "i", "box", "modeled", UsageStore(tmp_path / "u.sqlite"))
+        sampler = PowerSampler(ModeledMeter(10, 10, lambda: 0.0), acc, interval_s=0.5)
         main_cpu, wall = time.thread_time(), time.monotonic()
         sampler.start()
         time.sleep(2.0)
