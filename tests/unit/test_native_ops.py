@@ -98,9 +98,11 @@ def test_silu_mul_with_hadamard_matches_the_two_steps(dtype, rows, d, block):
     assert got.dtype == dtype and got.shape == (rows, d)
     if dtype == torch.float32:
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-    else:  # both round a float sum once; the sums' order differs
+    else:
         apart = ulps_apart(got, want)
-        assert apart.max() <= 1 and (apart > 0).float().mean() < 0.05
+        assert apart.max() <= 1
+        if block in (16, 64, 256):  # 1/sqrt(block) a power of two: both round once
+            assert (apart > 0).float().mean() < 0.05  # (the sums' order differs)
     assert (got.double() - exact).abs().max() <= (want.double() - exact).abs().max() * 1.01 + 1e-6
     assert RowKernels().silu_mul(x, hadamard_block=48) is None  # not a power of two
 

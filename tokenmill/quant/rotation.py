@@ -76,11 +76,14 @@ class OnlineRotation(nn.Module):
     def __init__(self, n: int, dtype: torch.dtype = torch.float32, block: int = ONLINE_BLOCK):
         super().__init__()
         self.n, self.block = n, min(block, odd_part(n)[1])
-        self.register_buffer("h", hadamard(self.block).to(dtype), persistent=False)
+        self.scale = self.block**-0.5
+        # +-1 entries, exact in every dtype; the scale after the product (exact for 64)
+        signs = hadamard(self.block) * math.sqrt(self.block)
+        self.register_buffer("h", signs.round().to(dtype), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.h if self.h.dtype == x.dtype else self.h.to(x.dtype)
-        return (x.reshape(-1, self.block) @ h).view(x.shape)
+        return (x.reshape(-1, self.block) @ h).mul_(self.scale).view(x.shape)
 
     def dense(self) -> torch.Tensor:
         """The same map as an n x n float64 matrix: x @ dense() == forward(x)."""
@@ -107,8 +110,7 @@ def rotate_model(model, seed: int = 0) -> None:
     embed = inner.embed_tokens.weight
     online = OnlineRotation(arch.intermediate_size, embed.dtype).to(embed.device)
     signs = random_signs(arch.intermediate_size, gen)
-    q = q.to(inner.embed_tokens.weight.device)
-    r, signs, k = r.to(q.device), signs.to(q.device), online.dense().to(q.device)
+    q, r, signs = q.to(embed.device), r.to(embed.device), signs.to(embed.device)
 
     head = embed if model.lm_head is None else model.lm_head.weight
     head64 = head.double() * inner.norm.weight.double()  # fold the final norm
@@ -122,18 +124,20 @@ def rotate_model(model, seed: int = 0) -> None:
 
     for layer in inner.layers:
         attn, mlp = layer.self_attn, layer.mlp
-        for norm, linear in (
-            (layer.input_layernorm, attn.qkv_proj),
-            (layer.post_attention_layernorm, mlp.gate_up_proj),
-        ):
-            _set(linear.weight, (linear.weight.double() * norm.weight.double()) @ q)
-            norm.weight.data.fill_(1.0)
+        qkv, gate_up = (
+            (linear.weight.double() * norm.weight.double()) @ q
+            for norm, linear in (
+                (layer.input_layernorm, attn.qkv_proj),
+                (layer.post_attention_layernorm, mlp.gate_up_proj),
+            )
+        )
+        layer.input_layernorm.weight.data.fill_(1.0)
+        layer.post_attention_layernorm.weight.data.fill_(1.0)
         # values per head: v -> v R, so o_proj reads o R and takes R^T on its input side
         h, kvh, d = attn.num_heads, attn.num_kv_heads, attn.head_dim
-        qkv = attn.qkv_proj.weight.double()
         v = qkv[(h + kvh) * d :].view(kvh, d, -1)
         qkv[(h + kvh) * d :] = torch.einsum("ji,kjc->kic", r, v).reshape(kvh * d, -1)
-        _set(attn.qkv_proj.weight, qkv)
+        _set(attn.qkv_proj.weight, qkv)  # one rounding to the model dtype per weight
         if attn.qkv_proj.bias is not None:
             bias = attn.qkv_proj.bias.double()
             bias[(h + kvh) * d :] = (bias[(h + kvh) * d :].view(kvh, d) @ r).reshape(-1)
@@ -143,15 +147,14 @@ def rotate_model(model, seed: int = 0) -> None:
         # down_proj: its input is multiplied by the signs (in up_proj's rows) and then by the
         # online rotation; its output is the residual
         i = arch.intermediate_size
-        gate_up = mlp.gate_up_proj.weight.double()
         gate_up[i:] *= signs[:, None]
         _set(mlp.gate_up_proj.weight, gate_up)
         if mlp.gate_up_proj.bias is not None:
             bias = mlp.gate_up_proj.bias.double()
             bias[i:] *= signs
             _set(mlp.gate_up_proj.bias, bias)
-        down = mlp.down_proj.weight.double()  # [hidden, i]
-        _set(mlp.down_proj.weight, q.T @ (down * signs) @ k)
+        down = q.T @ (mlp.down_proj.weight.double() * signs)  # [hidden, i]
+        _set(mlp.down_proj.weight, online(down))  # x K row by row, block by block
         for linear in (attn.o_proj, mlp.down_proj):
             if linear.bias is not None:
                 _set(linear.bias, linear.bias.double() @ q)
