@@ -15,6 +15,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <vector>
 
 #include "vec_math.h"
 
@@ -86,7 +87,7 @@ void silu_mul(const T* x, T* out, int64_t rows, int64_t d, int num_threads) {
   }
 }
 
-constexpr int64_t kMaxHadamard = 1024;
+constexpr int64_t kMaxHadamard = 1024;  // the largest block the Python side hands over
 
 // The 16 x 16 Sylvester matrix, unnormalized: H[b][c] = (-1)^popcount(b & c).
 struct Hadamard16 {
@@ -137,15 +138,16 @@ void silu_mul_hadamard(const T* x, T* out, int64_t rows, int64_t d, int64_t bloc
     const T* g = x + r * 2 * d;
     const T* u = g + d;
     T* o = out + r * d;
-    float buf[kMaxHadamard];
-    for (int64_t b0 = 0; b0 < d; b0 += block) {
+    // the whole row in fp32 (long loops vectorize; a loop per block of 16 or 64 did not pay)
+    thread_local std::vector<float> row;
+    row.resize(static_cast<size_t>(d));
+    float* buf = row.data();
 #pragma omp simd
-      for (int64_t i = 0; i < block; ++i)
-        buf[i] = round_to(x, round_to(x, tm::silu(load(g, b0 + i))) * load(u, b0 + i));
-      hadamard_inplace(buf, block);
+    for (int64_t i = 0; i < d; ++i)
+      buf[i] = round_to(x, round_to(x, tm::silu(load(g, i))) * load(u, i));
+    for (int64_t b0 = 0; b0 < d; b0 += block) hadamard_inplace(buf + b0, block);
 #pragma omp simd
-      for (int64_t i = 0; i < block; ++i) store(o, b0 + i, buf[i] * scale);
-    }
+    for (int64_t i = 0; i < d; ++i) store(o, i, buf[i] * scale);
   }
 }
 
