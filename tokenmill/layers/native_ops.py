@@ -95,7 +95,15 @@ class RowKernels:
         return out
 
 
-_SHARED: list[RowKernels] = []  # the kernels the custom op below calls (built on first use)
+_SHARED: list[RowKernels] = []
+
+
+def shared_row_kernels() -> RowKernels:
+    """One RowKernels per process: what select_kernels hands the modules and the custom op
+    below calls (built on first use; NativeUnavailable where they cannot be)."""
+    if not _SHARED:
+        _SHARED.append(RowKernels())
+    return _SHARED[0]
 
 
 @torch.library.custom_op("tokenmill::silu_mul_hadamard", mutates_args=())
@@ -103,9 +111,7 @@ def silu_mul_hadamard(x: torch.Tensor, block: int) -> torch.Tensor:
     """SiLU(gate) * up times the block Hadamard of quant/rotation.OnlineRotation, as one native
     pass, registered as an op so that a torch.compile'd layer calls it too (inductor would
     otherwise emit the Hadamard as a separate bf16 GEMM, ~100 us per layer at decode sizes)."""
-    if not _SHARED:
-        _SHARED.append(RowKernels())
-    out = _SHARED[0].silu_mul(x.contiguous(), block)
+    out = shared_row_kernels().silu_mul(x.contiguous(), block)
     if out is not None:
         return out
     from tokenmill.quant.rotation import hadamard  # shapes the kernel does not take
@@ -142,7 +148,7 @@ def select_kernels(
         why = f"the native kernels take float32 and bfloat16, not {dtype}"
     if why is None:
         try:
-            rows = RowKernels()
+            rows = shared_row_kernels()
             NativeCpuAttention.load()
         except native.NativeUnavailable as e:
             why = str(e)
