@@ -37,6 +37,8 @@ from tokenmill.quant.formats import (
 from tokenmill.quant.smoothquant import SmoothQuantMixin, install_smoothing, smooth_input
 
 METHODS = ("w8a8", "fp8", *FORMATS)  # a bare format name means weight-only in that format
+# what calibrate.py leaves on a layer for quantizing it; dropped once it is quantized
+CALIBRATION_STATS = ("input_amax", "input_mean_square", "input_samples", "input_hessian")
 
 
 def make_method(name: str, **options) -> QuantMethod:
@@ -92,6 +94,9 @@ class QuantMethod(ABC):
         parts = self.quantize_shards(layer)
         del layer.weight
         self.install(layer, cat_rows(parts) if len(parts) > 1 else parts[0])
+        for name in CALIBRATION_STATS:  # Hessians alone: 400 MB for the bundled model
+            if hasattr(layer, name):
+                delattr(layer, name)
 
     def quantize_shards(self, layer) -> list[QuantizedTensor]:
         """Each checkpoint tensor of a merged layer (q/k/v, gate/up) quantized on its own, as
