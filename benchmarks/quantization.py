@@ -3,7 +3,8 @@
 interval, KL divergence and top-1 agreement against the unquantized model in the same dtype.
 
     python benchmarks/quantization.py [--model default] [--dtype bfloat16] [--max-windows 8]
-        [--methods w8a8,fp8,int4,...] [--no-quality] [--touch-kv] [--compile] [--json-out F]
+        [--methods w8a8,fp8,int4,nvfp4+embedding,...] [--no-quality] [--touch-kv] [--compile]
+        [--json-out F]
 
 The first rows are the unquantized model in float32 (the issue's speed baseline) and in --dtype
 (the quality reference). Random-weight models: pass --no-quality (their perplexity means nothing).
@@ -30,7 +31,12 @@ def main() -> None:
     )
     ap.add_argument("--model", default="default")
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
-    ap.add_argument("--methods", default=",".join(QUANTIZATIONS))
+    ap.add_argument(
+        "--methods",
+        default=",".join(QUANTIZATIONS),
+        help="comma-separated; a weight-only format + '+embedding' quantizes the embedding and "
+        "LM head too (--quantize-embedding)",
+    )
     ap.add_argument("--output-len", type=int, default=32, help="decode tokens per request")
     ap.add_argument("--max-windows", type=int, default=8, help="512-token windows scored")
     ap.add_argument("--no-quality", action="store_true")

@@ -78,6 +78,14 @@ class QuantConfig:
         "back at run time); composes with --scale-search and --gptq (a slower load).",
         default=False,
     )
+    quantize_embedding: bool = doc_field(
+        "Weight-only formats: store the token embedding and the LM head in the format too, as "
+        "llama.cpp does (by default both stay in the model dtype, as in vLLM). A tied table is "
+        "stored once; the head gets the layers' calibration (GPTQ, scale search), which it "
+        "needs: on the bundled model round-to-nearest nvfp4 costs the head +8.6% perplexity, "
+        "GPTQ + scale search +0.9% (BENCHMARKS.md).",
+        default=False,
+    )
 
     rotate: bool = doc_field(
         "Rotate the model before quantizing (QuaRot): an orthogonal change of basis of the "
@@ -124,6 +132,11 @@ class QuantConfig:
         if self.activation_zero_point and self.quantization != "w8a8":
             raise ValueError(
                 f"activation_zero_point applies to w8a8, got quantization {self.quantization!r}"
+            )
+        if self.quantize_embedding and self.quantization not in FORMATS:
+            raise ValueError(
+                "quantize_embedding applies to weight-only quantization (a format such as nvfp4 "
+                f"or int4), got {self.quantization!r}"
             )
         if self.rotate and self.quantization is None:
             raise ValueError("rotate applies to a quantization (such as w8a8); none was given")

@@ -96,13 +96,18 @@ def measure(
     """One configuration's row. `touch_kv` writes the KV pool once first, so decode figures are
     those of a warm server rather than include first-touch page faults of fresh KV blocks.
     `compile`: torch.compile'd layers, warmed up on every shape class measured (batch 1, batch
-    32, prefill) so that no figure includes compile time."""
+    32, prefill) so that no figure includes compile time. `method` may end in "+embedding"
+    (the embedding and LM head quantized too)."""
     from tokenmill import LLM
 
+    base, _, extra = (method or "").partition("+")  # "nvfp4+embedding": --quantize-embedding
+    if extra not in ("", "embedding"):
+        raise ValueError(f"unknown method suffix {extra!r} in {method!r}; known: +embedding")
     llm = LLM(
         model,
         dtype=dtype,
-        quantization=method,
+        quantization=base or None,
+        quantize_embedding=bool(extra),
         kv_cache_dtype=kv,
         max_model_len=2048,
         compile=compile,

@@ -235,7 +235,10 @@ def load_gguf(path: Path, dtype: str, device: torch.device, max_model_len: int |
     torch_dtype = resolve_dtype(dtype, arch, device)
     max_len = resolve_max_model_len(arch, max_model_len)
     method = quant.quantization
-    model = build_model(arch, torch_dtype, device, max_len, method, quant.method_options())
+    options = quant.method_options()
+    model = build_model(
+        arch, torch_dtype, device, max_len, method, options, quant.quantize_embedding
+    )
     tensors = tqdm(
         gguf_weights(f, arch, torch_dtype),
         desc=f"loading {path.name}",

@@ -123,6 +123,9 @@ class LlamaForCausalLM(nn.Module):
         self.arch = arch
         self.model = LlamaModel(arch, dtype, max_positions)
         self.tied_head_packed: torch.Tensor | None = None
+        # --quantize-embedding: None (embedding and head in the model dtype), "head" (the
+        # embedding is the quantized head's table: tied) or "own" (quantized on its own)
+        self.embedding_source: str | None = None
         if arch.tie_word_embeddings:
             self.lm_head = None
         else:
@@ -169,12 +172,46 @@ class LlamaForCausalLM(nn.Module):
             layer.attention_outputs = torch.compile(layer.attention_outputs, dynamic=True)
         return True
 
+    def quantize_embedding(self, method) -> None:
+        """Store the LM head with `method` (a weight-only quant method) and, after loading, the
+        embedding in its format (quant/embedding.py). A tied model gets a head Linear, filled
+        from the embedding on load, whose quantized table the embedding then reads."""
+        if self.lm_head is None:
+            arch, dtype = self.arch, self.model.embed_tokens.weight.dtype
+            with torch.device(self.model.embed_tokens.weight.device):
+                self.lm_head = Linear(arch.hidden_size, [arch.vocab_size], False, dtype, method)
+            self.lm_head.requires_grad_(False)
+            self.lm_head.keep_row_table = True  # weight_only.install keeps the whole table
+            self.embedding_source = "head"
+        else:
+            self.lm_head.quant_method = method
+            self.embedding_source = "own"
+
+    def untie_embedding(self) -> None:
+        """The head and the embedding no longer hold the same matrix (rotation.py)."""
+        if self.embedding_source == "head":
+            self.embedding_source = "own"
+            self.lm_head.keep_row_table = False
+
     def process_weights_after_loading(self) -> None:
         """Let each linear layer's quant method repack its weights, once, after loading."""
+        from tokenmill.quant.embedding import QuantizedEmbedding
+
         for module in self.modules():
             if isinstance(module, Linear):
                 module.quant_method.process_weights_after_loading(module)
-        if self.lm_head is None:
+        embed = self.model.embed_tokens
+        if self.embedding_source is not None and not isinstance(embed, QuantizedEmbedding):
+            assert self.lm_head is not None
+            if self.embedding_source == "head":
+                table = self.lm_head.row_table
+                scale = getattr(self.lm_head, "smooth_inv", None)  # AWQ: W * s was quantized
+            else:  # its own table, round to nearest: the lookup is robust to it (embedding.py)
+                table = self.lm_head.quant_method.quantize_weight(embed.weight.data.float())
+                scale = None
+            dtype = embed.weight.dtype
+            self.model.embed_tokens = QuantizedEmbedding(table, dtype, scale)
+        elif self.lm_head is None:
             # Tied head: a packed copy for the fast GEMM (see UnquantizedMethod); the embedding
             # keeps its plain [vocab, hidden] rows for lookups.
             self.tied_head_packed = pack_for_cpu(self.model.embed_tokens.weight.data)
@@ -189,7 +226,7 @@ class LlamaForCausalLM(nn.Module):
         for name, tensor in weights:
             if "rotary_emb.inv_freq" in name:
                 continue
-            if name == "lm_head.weight" and self.lm_head is None:
+            if name == "lm_head.weight" and self.arch.tie_word_embeddings:
                 continue  # tied: some checkpoints still carry a copy
             target, shard = self.resolve_name(name)
             param = params.get(target)
@@ -207,6 +244,10 @@ class LlamaForCausalLM(nn.Module):
                     )
                 param.data.copy_(tensor)
             loaded.add(name if shard is None else f"{target}#{shard}")
+        if self.embedding_source == "head" and "model.embed_tokens.weight" in loaded:
+            assert self.lm_head is not None
+            self.lm_head.weight.data.copy_(self.model.embed_tokens.weight.data)
+            loaded.add("lm_head.weight")
         return loaded
 
     @staticmethod

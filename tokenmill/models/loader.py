@@ -140,7 +140,8 @@ def _load_hf_folder(
             )
         method = qcfg["method"]
         options = {k: qcfg[k] for k in ("activation_scaling", "amax_history_len") if k in qcfg}
-    model = build_model(arch, torch_dtype, device, max_len, method, options)
+    embedding = bool(qcfg.get("quantize_embedding")) if qcfg else quant.quantize_embedding
+    model = build_model(arch, torch_dtype, device, max_len, method, options, embedding)
     tokenizer = Tokenizer.from_folder(folder)
     weights = _safetensors(folder, device, f"loading {folder.name}")
     if qcfg is not None and "rotation_seed" in qcfg:
@@ -177,9 +178,11 @@ def build_model(
     max_positions: int,
     quantization: str | None = None,
     options: dict | None = None,
+    quantize_embedding: bool = False,
 ) -> torch.nn.Module:
     """The model with empty weights; with `quantization`, each linear layer but the LM head gets
-    its own quant method (the head and embeddings stay in `dtype`, as vLLM does by default)."""
+    its own quant method (the head and embeddings stay in `dtype`, as vLLM does by default;
+    `quantize_embedding` quantizes them too)."""
     from tokenmill.quant.methods import make_method
 
     cls = model_class(arch.architecture)
@@ -190,12 +193,16 @@ def build_model(
                 model.get_submodule(name).quant_method = make_method(
                     quantization, **(options or {})
                 )
+            if quantize_embedding:
+                model.quantize_embedding(make_method(quantization, **(options or {})))
     return model.eval().requires_grad_(False)
 
 
 def linear_layer_names(model: torch.nn.Module) -> set[str]:
-    """Module names of the linear layers that quantization applies to (all but the LM head)."""
-    return {n for n, m in model.named_modules() if isinstance(m, Linear) and n != "lm_head"}
+    """Module names of the linear layers that quantization applies to (all but the LM head,
+    unless the embedding is quantized too)."""
+    head = "" if getattr(model, "embedding_source", None) else "lm_head"
+    return {n for n, m in model.named_modules() if isinstance(m, Linear) and n != head}
 
 
 def calibration_hook(
@@ -238,6 +245,8 @@ def fill_weights(
     missing = model.expected_weights() - loaded
     if model.arch.tie_word_embeddings:
         missing.discard("lm_head.weight")
+    if getattr(model, "embedding_source", None) == "head" and "lm_head.weight" in loaded:
+        missing.discard("model.embed_tokens.weight")  # stored once, as the quantized head
     if missing:
         raise ValueError(f"checkpoint lacks tensors: {sorted(missing)[:8]} ({len(missing)} in all)")
     if calibrate is not None:

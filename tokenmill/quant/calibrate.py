@@ -99,7 +99,10 @@ def input_stats(
                 torch.zeros(shape, dtype=dtype, device=device) for _ in range(arch.num_layers)
             ]
             meta = single_sequence_metadata(n, 1, device)
-            model(torch.tensor(ids, device=device), torch.arange(n, device=device), caches, meta)
+            ids_t, pos = torch.tensor(ids, device=device), torch.arange(n, device=device)
+            hidden = model(ids_t, pos, caches, meta)
+            if "lm_head" in recorders:  # a quantized head (--quantize-embedding) sees them all
+                model.compute_logits(hidden)
     finally:
         for n, method in saved.items():
             model.get_submodule(n).quant_method = method

@@ -98,6 +98,14 @@ class QuantizedWeights:
         by_module: dict[str, dict[int, QuantizedTensor]] = defaultdict(dict)
         loaded = set()
         for prefix, parts in self.parts.items():
+            if prefix == "model.embed_tokens":  # its own quantized table (--quantize-embedding)
+                from tokenmill.quant.embedding import QuantizedEmbedding
+
+                dtype = model.model.embed_tokens.weight.dtype
+                table = from_state(parts, self.config)
+                model.model.embed_tokens = QuantizedEmbedding(table, dtype)
+                loaded.add(f"{prefix}.weight")
+                continue
             target, shard = model.resolve_name(f"{prefix}.weight")
             module_name = target.rsplit(".", 1)[0]
             by_module[module_name][shard or 0] = from_state(parts, self.config)
@@ -129,6 +137,7 @@ def quantize_checkpoint(
     method: str,
     options: dict,
     rotation_seeds: tuple[int, ...] | None = None,
+    quantize_embedding: bool = False,
 ) -> dict:
     """Write `src` (an HF folder, 16/32-bit safetensors) quantized with `method` to `dst`.
 
@@ -136,7 +145,9 @@ def quantize_checkpoint(
     with the same calibration), so a checkpoint loads bit-identical to `--quantization`. With
     `rotation_seeds` the model is rotated first (quant/rotation.py; the best of several seeds,
     quant/rotation_search.py) and every tensor is written rotated, a tied head untied; loading
-    makes only the run-time rotation again."""
+    makes only the run-time rotation again. With `quantize_embedding` the LM head is written
+    quantized (`lm_head.*`), and the embedding as `model.embed_tokens.*` unless it is the tied
+    head's table, which is stored once."""
     from tokenmill.models.arch import arch_from_hf_config
     from tokenmill.models.loader import (
         build_model,
@@ -152,7 +163,9 @@ def quantize_checkpoint(
         raise ValueError(f"{src} is already quantized")
     arch = arch_from_hf_config(config)
     max_len = resolve_max_model_len(arch, None)
-    model = build_model(arch, torch.float32, torch.device("cpu"), max_len, method, options)
+    model = build_model(
+        arch, torch.float32, torch.device("cpu"), max_len, method, options, quantize_embedding
+    )
     files = safetensor_files(src)
     model.load_weights(_read(files, "reading"))
     calibration_hook(Tokenizer.from_folder(src), max_len, rotation_seeds)(model)
@@ -163,6 +176,8 @@ def quantize_checkpoint(
     for name, tensor in _read(files, "quantizing"):
         target, shard = model.resolve_name(name)
         module_name = target.rsplit(".", 1)[0]
+        if model.embedding_source and name in ("model.embed_tokens.weight", "lm_head.weight"):
+            continue  # written quantized below
         if not (name.endswith(".weight") and module_name in quantizable):
             if rotation_seed is not None and "rotary_emb" not in name:
                 tensor = model_tensor(model, name).to(tensor.dtype)
@@ -175,11 +190,14 @@ def quantize_checkpoint(
         state.update(to_state(prefix, shards[module_name][shard or 0]))
         if getattr(layer, "input_smooth", None) is not None:
             state[f"{prefix}.input_smooth"] = layer.input_smooth.clone()  # one copy per name
-    if rotation_seed is not None:
+    if model.embedding_source:
+        state.update(_quantized_embedding(model))
+    elif rotation_seed is not None:
         state["lm_head.weight"] = model.lm_head.weight.data.to(
             state["model.embed_tokens.weight"].dtype
         )
-        config["tie_word_embeddings"] = False
+    if config.get("tie_word_embeddings") and not model.arch.tie_word_embeddings:
+        config["tie_word_embeddings"] = False  # rotated: the head has its own matrix
     dst.mkdir(parents=True, exist_ok=True)
     save_file(state, str(dst / "model.safetensors"), metadata={"format": "pt"})
     for item in src.iterdir():
@@ -189,9 +207,23 @@ def quantize_checkpoint(
     qcfg = {"quant_method": QUANT_METHOD, "method": method, "format": quant.format, **options}
     if rotation_seed is not None:
         qcfg["rotation_seed"] = rotation_seed
+    if model.embedding_source:
+        qcfg["quantize_embedding"] = True
     config["quantization_config"] = qcfg
     (dst / "config.json").write_text(json.dumps(config, indent=2))
     return qcfg
+
+
+def _quantized_embedding(model) -> dict[str, torch.Tensor]:
+    """The LM head's quantized parts, and the embedding's where it has its own table."""
+    head = model.lm_head
+    state = to_state("lm_head", head.quant_method.quantize_shards(head)[0])
+    if getattr(head, "input_smooth", None) is not None:
+        state["lm_head.input_smooth"] = head.input_smooth.clone()
+    if model.embedding_source == "own":
+        table = head.quant_method.quantize_weight(model.model.embed_tokens.weight.data.float())
+        state.update(to_state("model.embed_tokens", table))
+    return state
 
 
 def _read(files: list[Path], desc: str) -> Iterator[tuple[str, torch.Tensor]]:

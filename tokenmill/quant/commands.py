@@ -46,6 +46,11 @@ def add_parsers(sub, add_engine_options) -> None:
         help="weight-only formats: AWQ input-channel scaling from calibration text",
     )
     q.add_argument(
+        "--quantize-embedding",
+        action="store_true",
+        help="weight-only formats: the embedding and LM head in the format too (a tied table once)",
+    )
+    q.add_argument(
         "--rotate",
         action="store_true",
         help="w8a8: rotate the model first (QuaRot; written rotated, loads as is)",
@@ -97,9 +102,12 @@ def quantize(args) -> int:
         calibration_windows=args.calibration_windows or 16,
         rotate=args.rotate,
         rotation_search=args.rotation_search,
+        quantize_embedding=args.quantize_embedding,
     )
     options = quant.method_options()
-    qcfg = quantize_checkpoint(src, Path(args.out), args.method, options, quant.rotation_seeds)
+    qcfg = quantize_checkpoint(
+        src, Path(args.out), args.method, options, quant.rotation_seeds, quant.quantize_embedding
+    )
     size = sum(f.stat().st_size for f in Path(args.out).glob("*.safetensors"))
     before = sum(f.stat().st_size for f in src.glob("*.safetensors"))
     print(f"wrote {args.out}: {size / 2**20:.1f} MiB (from {before / 2**20:.1f} MiB), {qcfg}")

@@ -278,3 +278,22 @@ def encode_with(q: QuantizedTensor, x: torch.Tensor) -> QuantizedTensor:
     fmt = MX.get(q.format, el.E2M1)
     codes = el.encode(torch.nan_to_num(y, nan=0.0), fmt).flatten(1)
     return replace(q, data=el.pack_4bit(codes) if fmt.bits == 4 else el.pack_6bit(codes))
+
+
+def take_rows(q: QuantizedTensor, index: torch.Tensor) -> QuantizedTensor:
+    """Rows `index` of a 2-D quantized tensor, still quantized (codes, and each row's scales;
+    a per-tensor scale is shared): what an embedding lookup reads of a quantized table."""
+
+    def rows(t: torch.Tensor | None) -> torch.Tensor | None:
+        return t if t is None or t.dim() == 0 else t.index_select(0, index)
+
+    if len(q.shape) != 2:
+        raise ValueError(f"take_rows needs a 2-D quantized tensor, got shape {q.shape}")
+    return replace(
+        q,
+        shape=(index.numel(), q.shape[1]),
+        data=q.data.index_select(0, index),
+        scale=rows(q.scale),  # type: ignore[arg-type]
+        zero_point=rows(q.zero_point),
+        global_scale=rows(q.global_scale),
+    )

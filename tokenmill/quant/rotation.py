@@ -117,7 +117,9 @@ def rotate_model(model, seed: int = 0) -> None:
     if model.lm_head is None:
         model.lm_head = Linear(arch.hidden_size, [arch.vocab_size], False, embed.dtype)
         model.lm_head.to(q.device).requires_grad_(False)
+    if arch.tie_word_embeddings:
         model.arch = arch = dataclasses.replace(arch, tie_word_embeddings=False)
+        model.untie_embedding()  # a quantized embedding gets its own table
     _set(model.lm_head.weight, head64 @ q)
     _set(embed, embed.double() @ q)
     inner.norm.weight.data.fill_(1.0)

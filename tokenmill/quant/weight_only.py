@@ -60,6 +60,8 @@ class WeightOnlyMethod(QuantMethod):
 
     def install(self, layer, qweight):
         layer.qweight = qweight
+        if getattr(layer, "keep_row_table", False):  # a tied head: the embedding reads its rows
+            layer.row_table = qweight  # (a second copy only where a kernel repacks the codes)
         s = getattr(layer, "input_smooth", None)  # AWQ: the input is divided by s at run time
         if s is not None:
             layer.smooth_inv = (1.0 / s.float()).to(layer.params_dtype).contiguous()
