@@ -11,6 +11,7 @@ from tokenmill.layers import native
 from tokenmill.layers.activation import SiluAndMul
 from tokenmill.layers.native_ops import RowKernels
 from tokenmill.layers.norm import RMSNorm
+from tokenmill.layers.rotary import RotaryEmbedding
 
 pytestmark = pytest.mark.skipif(native.compiler() is None, reason="no C++ compiler")
 
@@ -66,6 +67,23 @@ def test_silu_mul_matches_the_eager_module(dtype, rows, d):
         assert apart.max() <= 1 and (apart > 0).float().mean() < 0.01
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("tokens,heads,width", [(1, 12, 15), (64, 12, 15), (300, 4, 4), (9, 1, 3)])
+@pytest.mark.parametrize("scaling", [None, {"rope_type": "linear", "factor": 2.0}])
+def test_rotary_is_the_eager_rotation_bit_for_bit(dtype, tokens, heads, width, scaling):
+    """q and k as a column slice of the fused q/k/v output (width heads a row), any positions."""
+    gen = torch.Generator().manual_seed(tokens * heads)
+    qkv = (torch.randn(tokens, width, 64, generator=gen) * 3).to(dtype)
+    rotary = RotaryEmbedding(64, 8192, 10000.0, scaling)
+    cos_sin = rotary.lookup(torch.randint(0, 8192, (tokens,), generator=gen), dtype)
+    x = qkv[:, :heads]
+    want = rotary.apply(x, cos_sin)
+    rotary.native = RowKernels()
+    got = rotary.apply(x, cos_sin)
+    assert got.dtype == dtype and got.shape == (tokens, heads, 64) and got.is_contiguous()
+    assert torch.equal(got, want)  # the same products and sums, rounded where eager rounds them
+
+
 def test_what_the_kernels_do_not_take_stays_on_torch():
     kernels = RowKernels()
     x = torch.randn(4, 64)
@@ -73,6 +91,11 @@ def test_what_the_kernels_do_not_take_stays_on_torch():
     assert kernels.rms_norm(x.t(), None, torch.ones(4), 1e-6) is None  # not contiguous
     assert kernels.rms_norm(x, x.double(), torch.ones(64), 1e-6) is None
     assert kernels.silu_mul(torch.randn(4, 64)[:, ::2]) is None
+    cos = sin = torch.randn(4, 1, 64)
+    assert kernels.rotary(torch.randn(4, 2, 64)[:, :, ::2], cos[..., ::2], sin[..., ::2]) is None
+    assert kernels.rotary(torch.randn(4, 3, 64)[:, ::2], cos, sin) is None  # heads apart
+    assert kernels.rotary(torch.randn(4, 2, 64), cos.bfloat16(), sin.bfloat16()) is None
+    assert kernels.rotary(torch.randn(4, 2, 64).half(), cos.half(), sin.half()) is None
     norm = RMSNorm(64, 1e-6)
     norm.native = kernels
     q = torch.randn(3, 4, 64)[:, 1:3]  # a view of heads, as qwen3's q_norm gets

@@ -1,7 +1,7 @@
-"""Row-wise CPU kernels between the GEMMs (`csrc/elementwise.cpp`): residual add + RMSNorm and
-SiLU(gate) * up, one pass each, with the eager code's bfloat16 rounding.
+"""Row-wise CPU kernels between the GEMMs (`csrc/elementwise.cpp`): residual add + RMSNorm,
+SiLU(gate) * up and rotary embedding, one pass each, with the eager code's bfloat16 rounding.
 
-`RMSNorm` and `SiluAndMul` call these where the runner has given them a `RowKernels` (CPU,
+`RMSNorm`, `SiluAndMul` and `RotaryEmbedding` call these where the runner has given them a `RowKernels` (CPU,
 `cpu_kernels` auto/native) and the tensors fit: float32 or bfloat16, contiguous rows. Anything
 else, and everything inside torch.compile (where inductor fuses the same work), stays on the
 torch code.
@@ -26,7 +26,7 @@ _NULL = None
 class RowKernels:
     def __init__(self) -> None:
         lib = native.load("elementwise")
-        self.norm, self.silu, self.silu_hadamard = {}, {}, {}
+        self.norm, self.silu, self.silu_hadamard, self.rope = {}, {}, {}, {}
         for dtype, tag in ((torch.float32, "f32"), (torch.bfloat16, "bf16")):
             norm = getattr(lib, f"tm_add_rms_norm_{tag}")
             norm.argtypes = [_PTR] * 5 + [_I64, _I64, ctypes.c_float, ctypes.c_int]
@@ -39,6 +39,10 @@ class RowKernels:
             fused.argtypes = [_PTR, _PTR, _I64, _I64, _I64, ctypes.c_int]
             fused.restype = None
             self.silu_hadamard[dtype] = fused
+            rope = getattr(lib, f"tm_rotary_{tag}")
+            rope.argtypes = [_PTR, _I64, _PTR, _PTR, _PTR, _I64, _I64, _I64, ctypes.c_int]
+            rope.restype = None
+            self.rope[dtype] = rope
 
     def rms_norm(self, x: torch.Tensor, residual: torch.Tensor | None, weight, eps: float):
         """As RMSNorm.forward, or None where these kernels do not apply."""
@@ -94,6 +98,40 @@ class RowKernels:
         fn(x.data_ptr(), out.data_ptr(), rows, d, block, threads)
         return out
 
+    def rotary(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """As RotaryEmbedding.apply: x [tokens, heads, head_dim], each token's heads side by
+        side (a column slice of the fused q/k/v output is fine), cos/sin [tokens, 1, head_dim]
+        in x's dtype. A new contiguous tensor, or None where the kernel does not apply."""
+        fn = self.rope.get(x.dtype)
+        tokens, heads, d = x.shape if x.dim() == 3 else (0, 0, 0)
+        if (
+            fn is None
+            or x.dim() != 3
+            or x.device.type != "cpu"
+            or x.stride(2) != 1
+            or (heads > 1 and x.stride(1) != d)
+            or d % 2
+            or cos.dtype != x.dtype
+            or sin.dtype != x.dtype
+            or cos.shape != (tokens, 1, d)
+            or sin.shape != cos.shape
+            or not (cos.is_contiguous() and sin.is_contiguous())
+        ):
+            return None
+        out = torch.empty(tokens, heads, d, dtype=x.dtype)
+        fn(
+            x.data_ptr(),
+            x.stride(0),
+            cos.data_ptr(),
+            sin.data_ptr(),
+            out.data_ptr(),
+            tokens,
+            heads,
+            d,
+            torch.get_num_threads(),
+        )
+        return out
+
 
 _SHARED: list[RowKernels] = []
 
@@ -136,6 +174,7 @@ def select_kernels(
     from tokenmill.layers.attention import TorchAttention
     from tokenmill.layers.cpu_attention import NativeCpuAttention
     from tokenmill.layers.norm import RMSNorm
+    from tokenmill.layers.rotary import RotaryEmbedding
 
     if choice not in CHOICES:
         raise ValueError(f"cpu_kernels must be one of {CHOICES}, got {choice!r}")
@@ -158,7 +197,7 @@ def select_kernels(
         log.info("torch kernels (%s)", why)
         return "torch"
     for module in model.modules():
-        if isinstance(module, RMSNorm | SiluAndMul):
+        if isinstance(module, RMSNorm | SiluAndMul | RotaryEmbedding):
             module.native = rows
         backend = getattr(module, "backend", None)
         if attention and type(backend) is TorchAttention:

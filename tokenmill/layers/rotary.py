@@ -38,6 +38,8 @@ def _llama3(inv_freq: torch.Tensor, s: dict[str, Any]) -> torch.Tensor:
 
 
 class RotaryEmbedding(nn.Module):
+    native = None  # a native_ops.RowKernels, given by the runner on CPU
+
     def __init__(
         self, head_dim: int, max_positions: int, theta: float, scaling: dict[str, Any] | None
     ) -> None:
@@ -57,9 +59,12 @@ class RotaryEmbedding(nn.Module):
             dtype
         )
 
-    @staticmethod
-    def apply(x: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    def apply(self, x: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         """Rotate x [num_tokens, heads, head_dim] (q, k, or both side by side)."""
+        if not torch.compiler.is_compiling() and self.native is not None:
+            out = self.native.rotary(x, *cos_sin)  # one pass, the same result (native_ops.py)
+            if out is not None:
+                return out
         cos, sin = cos_sin
         x1, x2 = x.chunk(2, dim=-1)
         return x * cos + torch.cat([-x2, x1], dim=-1) * sin
