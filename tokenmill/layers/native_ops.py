@@ -196,9 +196,17 @@ def select_kernels(
             raise RuntimeError(f"cpu_kernels=native is not available: {why}")
         log.info("torch kernels (%s)", why)
         return "torch"
+    fp4 = True
     for module in model.modules():
         if isinstance(module, RMSNorm | SiluAndMul | RotaryEmbedding):
             module.native = rows
+        attach = getattr(getattr(module, "quant_method", None), "attach_native", None)
+        if fp4 and attach is not None:  # weight-only nvfp4/mxfp4: quant/fp4_cpu.py
+            try:
+                attach(module)
+            except native.NativeUnavailable as e:
+                log.info("torch path for FP4 weights (%s)", e)
+                fp4 = False
         backend = getattr(module, "backend", None)
         if attention and type(backend) is TorchAttention:
             module.backend = NativeCpuAttention(backend.scale)

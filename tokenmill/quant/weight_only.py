@@ -84,11 +84,31 @@ class WeightOnlyMethod(QuantMethod):
         else:
             self.kernel = f"dequantize {qweight.format} on the fly + GEMM (no fused kernel)"
 
+    def attach_native(self, layer) -> bool:
+        """Use the native CPU kernels for nvfp4/mxfp4 (quant/fp4_cpu.py) where they apply;
+        called by layers/native_ops.select_kernels when the runner's cpu_kernels allows."""
+        from tokenmill.quant import fp4_cpu
+
+        q = getattr(layer, "qweight", None)
+        if q is None or q.format not in fp4_cpu.FORMATS or hasattr(layer, "triton_weight"):
+            return False
+        if layer.params_dtype not in (torch.float32, torch.bfloat16):
+            return False
+        kernels = fp4_cpu.shared_kernels()
+        weight = kernels.prepare(q)
+        if weight is None:
+            return False
+        layer.fp4_weight, layer.fp4_kernels = weight, kernels
+        self.kernel = f"native {q.format}: fused decode-GEMV up to 8 rows, else decode + GEMM"
+        return True
+
     def apply(self, layer, x):
         q: QuantizedTensor = layer.qweight
         x2 = _rows(x)
         if hasattr(layer, "smooth_inv"):
             x2 = x2 * layer.smooth_inv
+        if hasattr(layer, "fp4_weight") and not torch.compiler.is_compiling():
+            return _finish(layer.fp4_kernels.matmul(x2, layer.fp4_weight), x, layer.bias)
         if hasattr(layer, "triton_weight"):
             from tokenmill.quant.triton_dequant import dequant_matmul
 

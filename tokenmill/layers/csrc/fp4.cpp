@@ -1,0 +1,172 @@
+// E2M1 (FP4) weights on CPU, read from their packed codes: nvfp4 (16-element blocks, an E4M3
+// scale each, times a fp32 scale per row) and mxfp4 (32-element blocks, an E8M0 scale each).
+//
+// Layout (tokenmill/quant/formats.py): codes uint8 [rows, cols / 2], element 2i in the low nibble;
+// block scale codes uint8 [rows, cols / block]; `scale_lut` holds the value of each of the 256
+// scale codes (E4M3 or E8M0, NaN where the format says), so the kernel needs no format logic;
+// `row_scale` is nvfp4's per-tensor (per merged shard's rows) fp32 scale, or null.
+//
+// A weight is value(code) * scale, rounded once in fp32, as quant/weight_only.dequantize_fast
+// computes it, then (round_bf16) to bfloat16 as that function does for a bf16 model, so both
+// entry points use exactly the weights of the torch path:
+//   tm_fp4_gemv     y[m, r] = sum_c x[m, c] w[r, c] for a few rows of x (decode): reads 4.5 bits
+//                   per weight once for all m, fp32 accumulation
+//   tm_fp4_dequant  w as a dense fp32 or bf16 matrix, for a GEMM at larger batches
+//
+// Built at run time by tokenmill/layers/native.py; plain C ABI, called through ctypes.
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+#include <immintrin.h>
+#define TM_FP4_AVX512 1
+#endif
+
+namespace {
+
+constexpr float kE2M1[16] = {0.f,  0.5f,  1.f,  1.5f,  2.f,  3.f,  4.f,  6.f,
+                             -0.f, -0.5f, -1.f, -1.5f, -2.f, -3.f, -4.f, -6.f};
+constexpr int kMaxRows = 8;  // rows of x per gemv call (decode batches); the caller splits
+
+inline float bf16_round(float v) {  // round to nearest even, NaN kept
+  uint32_t bits;
+  std::memcpy(&bits, &v, sizeof bits);
+  if ((bits & 0x7f800000u) == 0x7f800000u) return v;
+  bits = (bits + 0x7fffu + ((bits >> 16) & 1u)) & 0xffff0000u;
+  std::memcpy(&v, &bits, sizeof v);
+  return v;
+}
+
+inline float block_scale(const uint8_t* scales, const float* lut, const float* row_scale,
+                         int64_t r, int64_t b) {
+  const float s = lut[scales[b]];
+  return row_scale ? s * row_scale[r] : s;
+}
+
+#if TM_FP4_AVX512
+// 16 weights from 8 bytes of codes: nibbles in element order, looked up in the E2M1 table.
+inline __m512 decode16(const uint8_t* codes, __m512 table) {
+  uint64_t raw;
+  std::memcpy(&raw, codes, sizeof raw);
+  const __m128i b = _mm_cvtsi64_si128(static_cast<long long>(raw));
+  const __m128i mask = _mm_set1_epi8(0x0f);
+  const __m128i lo = _mm_and_si128(b, mask);
+  const __m128i hi = _mm_and_si128(_mm_srli_epi16(b, 4), mask);
+  const __m512i idx = _mm512_cvtepu8_epi32(_mm_unpacklo_epi8(lo, hi));
+  return _mm512_permutexvar_ps(idx, table);
+}
+
+inline __m512 bf16_round16(__m512 v) {  // finite values (weights): round to nearest even
+  const __m512i bits = _mm512_castps_si512(v);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+  const __m512i up = _mm512_add_epi32(_mm512_add_epi32(bits, _mm512_set1_epi32(0x7fff)), lsb);
+  return _mm512_castsi512_ps(_mm512_and_si512(up, _mm512_set1_epi32(0xffff0000)));
+}
+#endif
+
+void gemv(const float* x, int64_t m, const uint8_t* codes, const uint8_t* scales,
+          const float* lut, const float* row_scale, float* y, int64_t rows, int64_t cols,
+          int64_t block, bool round_bf16, int num_threads) {
+  const int64_t blocks = cols / block;
+#pragma omp parallel for num_threads(num_threads) schedule(static) if (rows * cols >= 65536)
+  for (int64_t r = 0; r < rows; ++r) {
+    const uint8_t* cr = codes + r * (cols / 2);
+    const uint8_t* sr = scales + r * blocks;
+#if TM_FP4_AVX512
+    const __m512 table = _mm512_loadu_ps(kE2M1);
+    __m512 acc[kMaxRows];
+    for (int64_t i = 0; i < m; ++i) acc[i] = _mm512_setzero_ps();
+    for (int64_t c = 0; c < cols; c += 16) {
+      __m512 w = _mm512_mul_ps(decode16(cr + c / 2, table),
+                               _mm512_set1_ps(block_scale(sr, lut, row_scale, r, c / block)));
+      if (round_bf16) w = bf16_round16(w);
+      for (int64_t i = 0; i < m; ++i)
+        acc[i] = _mm512_fmadd_ps(w, _mm512_loadu_ps(x + i * cols + c), acc[i]);
+    }
+    for (int64_t i = 0; i < m; ++i) y[i * rows + r] = _mm512_reduce_add_ps(acc[i]);
+#else
+    float acc[kMaxRows] = {};
+    for (int64_t c = 0; c < cols; ++c) {
+      const uint8_t byte = cr[c / 2];
+      float w = kE2M1[(c & 1) ? byte >> 4 : byte & 15] *
+                block_scale(sr, lut, row_scale, r, c / block);
+      if (round_bf16) w = bf16_round(w);
+      for (int64_t i = 0; i < m; ++i) acc[i] += w * x[i * cols + c];
+    }
+    for (int64_t i = 0; i < m; ++i) y[i * rows + r] = acc[i];
+#endif
+  }
+}
+
+template <typename T>
+void dequant(const uint8_t* codes, const uint8_t* scales, const float* lut,
+             const float* row_scale, T* out, int64_t rows, int64_t cols, int64_t block,
+             int num_threads) {
+  const int64_t blocks = cols / block;
+  constexpr bool kBf16 = sizeof(T) == 2;
+#pragma omp parallel for num_threads(num_threads) schedule(static) if (rows * cols >= 65536)
+  for (int64_t r = 0; r < rows; ++r) {
+    const uint8_t* cr = codes + r * (cols / 2);
+    const uint8_t* sr = scales + r * blocks;
+    T* o = out + r * cols;
+#if TM_FP4_AVX512
+    const __m512 table = _mm512_loadu_ps(kE2M1);
+    for (int64_t c = 0; c < cols; c += 16) {
+      const __m512 w = _mm512_mul_ps(decode16(cr + c / 2, table),
+                                     _mm512_set1_ps(block_scale(sr, lut, row_scale, r, c / block)));
+      if constexpr (kBf16) {
+        const __m512i bits = _mm512_castps_si512(bf16_round16(w));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + c),
+                            _mm512_cvtepi32_epi16(_mm512_srli_epi32(bits, 16)));
+      } else {
+        _mm512_storeu_ps(reinterpret_cast<float*>(o) + c, w);
+      }
+    }
+#else
+    for (int64_t c = 0; c < cols; ++c) {
+      const uint8_t byte = cr[c / 2];
+      const float w = kE2M1[(c & 1) ? byte >> 4 : byte & 15] *
+                      block_scale(sr, lut, row_scale, r, c / block);
+      if constexpr (kBf16) {
+        uint32_t bits;
+        const float v = bf16_round(w);
+        std::memcpy(&bits, &v, sizeof bits);
+        o[c] = static_cast<T>(bits >> 16);
+      } else {
+        o[c] = w;
+      }
+    }
+#endif
+  }
+}
+
+}  // namespace
+
+extern "C" {
+
+// x: fp32 [m, cols], m <= 8; y: fp32 [m, rows]; cols a multiple of 16 and of block (16 or 32).
+// Returns 1 (nothing done) where the shapes are outside that.
+int tm_fp4_gemv(const float* x, int64_t m, const uint8_t* codes, const uint8_t* scales,
+                const float* lut, const float* row_scale, float* y, int64_t rows, int64_t cols,
+                int64_t block, int round_bf16, int nt) {
+  if (m < 1 || m > kMaxRows || cols % 16 || (block != 16 && block != 32) || cols % block)
+    return 1;
+  gemv(x, m, codes, scales, lut, row_scale, y, rows, cols, block, round_bf16 != 0, nt);
+  return 0;
+}
+
+// out: [rows, cols] fp32 (bf16 == 0) or bfloat16 bits (bf16 == 1)
+int tm_fp4_dequant(const uint8_t* codes, const uint8_t* scales, const float* lut,
+                   const float* row_scale, void* out, int64_t rows, int64_t cols, int64_t block,
+                   int bf16, int nt) {
+  if (cols % 16 || (block != 16 && block != 32) || cols % block) return 1;
+  if (bf16)
+    dequant(codes, scales, lut, row_scale, static_cast<uint16_t*>(out), rows, cols, block, nt);
+  else
+    dequant(codes, scales, lut, row_scale, static_cast<float*>(out), rows, cols, block, nt);
+  return 0;
+}
+
+}  // extern "C"
