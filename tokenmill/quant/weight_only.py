@@ -1,9 +1,11 @@
 """Weight-only quantization: weights stored in any format, activations in the model dtype.
 
 On CUDA every format goes through the Triton kernels of triton_dequant.py (fused tiles, gemv,
-or decode-once + cuBLAS: the fastest measured per shape). On CPU, fused kernels where torch has them (int8: `_weight_int8pack_mm`,
-int4: `_weight_int4pack_mm_for_cpu`, both for bf16 activations); every other format and dtype
-dequantizes the weight on the fly before the GEMM, which saves memory, not time (BENCHMARKS.md).
+or decode-once + cuBLAS: the fastest measured per shape). On CPU, fused kernels where torch has
+them (int8: `_weight_int8pack_mm`, int4: `_weight_int4pack_mm_for_cpu`, both for bf16
+activations), tokenmill's own for nvfp4 and mxfp4 (fp4_cpu.py: a fused decode-GEMV at decode
+sizes, faster than bf16 at batch 1); the other formats (fp8 and fp6 weight-only) dequantize the
+weight on the fly before the GEMM, which saves memory, not time (BENCHMARKS.md).
 """
 
 from __future__ import annotations
