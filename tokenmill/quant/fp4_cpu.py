@@ -83,10 +83,10 @@ class Fp4Kernels:
         row_scale = w.row_scale.data_ptr() if w.row_scale is not None else None
         bf16 = int(x2.dtype == torch.bfloat16)
         if 0 < n <= GEMV_ROWS:
-            xf = x2.float().contiguous()
+            xc = x2.contiguous()
             y = torch.empty(n, w.rows, dtype=torch.float32)
             self.gemv(
-                xf.data_ptr(),
+                xc.data_ptr(),
                 n,
                 w.codes.data_ptr(),
                 w.scales.data_ptr(),

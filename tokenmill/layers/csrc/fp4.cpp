@@ -10,7 +10,8 @@
 // computes it, then (round_bf16) to bfloat16 as that function does for a bf16 model, so both
 // entry points use exactly the weights of the torch path:
 //   tm_fp4_gemv     y[m, r] = sum_c x[m, c] w[r, c] for a few rows of x (decode): reads 4.5 bits
-//                   per weight once for all m, fp32 accumulation
+//                   per weight once for all m, fp32 accumulation (bf16 models on CPUs with
+//                   AVX512-BF16: bf16 dot products of the rounded weights, exact products)
 //   tm_fp4_dequant  w as a dense fp32 or bf16 matrix, for a GEMM at larger batches
 //
 // Built at run time by tokenmill/layers/native.py; plain C ABI, called through ctypes.
@@ -18,6 +19,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <vector>
 
 #if defined(__AVX512F__) && defined(__AVX512BW__)
 #include <immintrin.h>
@@ -66,6 +68,54 @@ inline __m512 bf16_round16(__m512 v) {  // finite values (weights): round to nea
 }
 #endif
 
+#if TM_FP4_AVX512 && defined(__AVX512BF16__)
+// bf16 model: 32 weights rounded to bf16 by one conversion, then one bf16 dot-product
+// instruction per row of x (pairs of exact bf16 products, summed in fp32).
+void gemv_bf16(const uint16_t* x, int64_t m, const uint8_t* codes, const uint8_t* scales,
+               const float* lut, const float* row_scale, float* y, int64_t rows, int64_t cols,
+               int64_t block, int num_threads) {
+  const int64_t blocks = cols / block;
+#pragma omp parallel for num_threads(num_threads) schedule(static) if (rows * cols >= 65536)
+  for (int64_t r = 0; r < rows; ++r) {
+    const uint8_t* cr = codes + r * (cols / 2);
+    const uint8_t* sr = scales + r * blocks;
+    const __m512 table = _mm512_loadu_ps(kE2M1);
+    const __m128i mask = _mm_set1_epi8(0x0f);
+    const float rs = row_scale ? row_scale[r] : 1.0f;
+    __m512 acc[kMaxRows];
+    for (int64_t i = 0; i < m; ++i) acc[i] = _mm512_setzero_ps();
+    int64_t c = 0;
+    for (; c + 32 <= cols; c += 32) {
+      const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(cr + c / 2));
+      const __m128i lo = _mm_and_si128(b, mask);
+      const __m128i hi = _mm_and_si128(_mm_srli_epi16(b, 4), mask);
+      const __m512 w0 = _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(_mm_unpacklo_epi8(lo, hi)), table);
+      const __m512 w1 = _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(_mm_unpackhi_epi8(lo, hi)), table);
+      const float s0 = lut[sr[c / block]] * rs;
+      const float s1 = block == 32 ? s0 : lut[sr[c / block + 1]] * rs;
+      const __m512bh w = _mm512_cvtne2ps_pbh(_mm512_mul_ps(w1, _mm512_set1_ps(s1)),
+                                             _mm512_mul_ps(w0, _mm512_set1_ps(s0)));
+      for (int64_t i = 0; i < m; ++i) {
+        const __m512bh xi = reinterpret_cast<__m512bh>(_mm512_loadu_si512(x + i * cols + c));
+        acc[i] = _mm512_dpbf16_ps(acc[i], w, xi);
+      }
+    }
+    float tail[kMaxRows] = {};
+    for (; c < cols; ++c) {  // a last 16 (cols = 16 mod 32)
+      const uint8_t byte = cr[c / 2];
+      const float w = bf16_round(kE2M1[(c & 1) ? byte >> 4 : byte & 15] * (lut[sr[c / block]] * rs));
+      for (int64_t i = 0; i < m; ++i) {
+        uint32_t bits = static_cast<uint32_t>(x[i * cols + c]) << 16;
+        float xv;
+        std::memcpy(&xv, &bits, sizeof xv);
+        tail[i] += w * xv;
+      }
+    }
+    for (int64_t i = 0; i < m; ++i) y[i * rows + r] = _mm512_reduce_add_ps(acc[i]) + tail[i];
+  }
+}
+#endif
+
 void gemv(const float* x, int64_t m, const uint8_t* codes, const uint8_t* scales,
           const float* lut, const float* row_scale, float* y, int64_t rows, int64_t cols,
           int64_t block, bool round_bf16, int num_threads) {
@@ -76,16 +126,41 @@ void gemv(const float* x, int64_t m, const uint8_t* codes, const uint8_t* scales
     const uint8_t* sr = scales + r * blocks;
 #if TM_FP4_AVX512
     const __m512 table = _mm512_loadu_ps(kE2M1);
-    __m512 acc[kMaxRows];
-    for (int64_t i = 0; i < m; ++i) acc[i] = _mm512_setzero_ps();
-    for (int64_t c = 0; c < cols; c += 16) {
+    const __m128i mask = _mm_set1_epi8(0x0f);
+    const float rs = row_scale ? row_scale[r] : 1.0f;
+    // two accumulators per row of x (even and odd 16-weight halves): independent FMA chains
+    __m512 acc[2 * kMaxRows];
+    for (int64_t i = 0; i < 2 * m; ++i) acc[i] = _mm512_setzero_ps();
+    int64_t c = 0;
+    for (; c + 32 <= cols; c += 32) {  // 16 bytes of codes: 32 weights
+      const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(cr + c / 2));
+      const __m128i lo = _mm_and_si128(b, mask);
+      const __m128i hi = _mm_and_si128(_mm_srli_epi16(b, 4), mask);
+      __m512 w0 = _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(_mm_unpacklo_epi8(lo, hi)), table);
+      __m512 w1 = _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(_mm_unpackhi_epi8(lo, hi)), table);
+      const float s0 = lut[sr[c / block]] * rs;
+      const float s1 = block == 32 ? s0 : lut[sr[c / block + 1]] * rs;
+      w0 = _mm512_mul_ps(w0, _mm512_set1_ps(s0));
+      w1 = _mm512_mul_ps(w1, _mm512_set1_ps(s1));
+      if (round_bf16) {
+        w0 = bf16_round16(w0);
+        w1 = bf16_round16(w1);
+      }
+      for (int64_t i = 0; i < m; ++i) {
+        const float* xi = x + i * cols + c;
+        acc[2 * i] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(xi), acc[2 * i]);
+        acc[2 * i + 1] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(xi + 16), acc[2 * i + 1]);
+      }
+    }
+    for (; c < cols; c += 16) {  // a last half (cols = 16 mod 32)
       __m512 w = _mm512_mul_ps(decode16(cr + c / 2, table),
-                               _mm512_set1_ps(block_scale(sr, lut, row_scale, r, c / block)));
+                               _mm512_set1_ps(lut[sr[c / block]] * rs));
       if (round_bf16) w = bf16_round16(w);
       for (int64_t i = 0; i < m; ++i)
-        acc[i] = _mm512_fmadd_ps(w, _mm512_loadu_ps(x + i * cols + c), acc[i]);
+        acc[2 * i] = _mm512_fmadd_ps(w, _mm512_loadu_ps(x + i * cols + c), acc[2 * i]);
     }
-    for (int64_t i = 0; i < m; ++i) y[i * rows + r] = _mm512_reduce_add_ps(acc[i]);
+    for (int64_t i = 0; i < m; ++i)
+      y[i * rows + r] = _mm512_reduce_add_ps(_mm512_add_ps(acc[2 * i], acc[2 * i + 1]));
 #else
     float acc[kMaxRows] = {};
     for (int64_t c = 0; c < cols; ++c) {
@@ -146,14 +221,30 @@ void dequant(const uint8_t* codes, const uint8_t* scales, const float* lut,
 
 extern "C" {
 
-// x: fp32 [m, cols], m <= 8; y: fp32 [m, rows]; cols a multiple of 16 and of block (16 or 32).
+// x: [m, cols], m <= 8, fp32 (x_bf16 == 0) or bfloat16 bits (a bf16 model: the weights are
+// rounded to bf16 as well); y: fp32 [m, rows]; cols a multiple of 16 and of block (16 or 32).
 // Returns 1 (nothing done) where the shapes are outside that.
-int tm_fp4_gemv(const float* x, int64_t m, const uint8_t* codes, const uint8_t* scales,
+int tm_fp4_gemv(const void* x, int64_t m, const uint8_t* codes, const uint8_t* scales,
                 const float* lut, const float* row_scale, float* y, int64_t rows, int64_t cols,
-                int64_t block, int round_bf16, int nt) {
+                int64_t block, int x_bf16, int nt) {
   if (m < 1 || m > kMaxRows || cols % 16 || (block != 16 && block != 32) || cols % block)
     return 1;
-  gemv(x, m, codes, scales, lut, row_scale, y, rows, cols, block, round_bf16 != 0, nt);
+  if (!x_bf16) {
+    gemv(static_cast<const float*>(x), m, codes, scales, lut, row_scale, y, rows, cols, block,
+         false, nt);
+    return 0;
+  }
+  const uint16_t* xb = static_cast<const uint16_t*>(x);
+#if TM_FP4_AVX512 && defined(__AVX512BF16__)
+  gemv_bf16(xb, m, codes, scales, lut, row_scale, y, rows, cols, block, nt);
+#else
+  std::vector<float> xf(static_cast<size_t>(m * cols));  // bf16 -> fp32 is exact
+  for (int64_t i = 0; i < m * cols; ++i) {
+    const uint32_t bits = static_cast<uint32_t>(xb[i]) << 16;
+    std::memcpy(&xf[static_cast<size_t>(i)], &bits, sizeof(float));
+  }
+  gemv(xf.data(), m, codes, scales, lut, row_scale, y, rows, cols, block, true, nt);
+#endif
   return 0;
 }
 
