@@ -6,7 +6,8 @@ registers and multiplies it into every row, so a step reads 4.5 bits per weight 
 More rows (prefill, large batches): the codes are expanded into a dense matrix of the model
 dtype by the native kernel, then one GEMM. Both use exactly the weights of the torch path
 (weight_only.dequantize_fast: value x scale in fp32, then rounded to the model dtype); only the
-order of the sums differs. Weight-only layers get them from `attach` where the runner's
+order of the sums differs (and, for bf16 models on AVX512-BF16 CPUs, whose conversion flushes
+them, weights below 1e-38 count as zero). Weight-only layers get them from `attach` where the runner's
 `cpu_kernels` allows (layers/native_ops.select_kernels), never inside torch.compile.
 """
 
