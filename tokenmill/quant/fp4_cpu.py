@@ -82,38 +82,15 @@ class Fp4Kernels:
         """x2 [n, cols] (fp32 or bf16) @ W^T -> [n, rows] in x2's dtype."""
         n, threads = x2.shape[0], torch.get_num_threads()
         row_scale = w.row_scale.data_ptr() if w.row_scale is not None else None
-        bf16 = int(x2.dtype == torch.bfloat16)
+        table = (w.codes.data_ptr(), w.scales.data_ptr(), w.lut.data_ptr(), row_scale)
+        shape = (w.rows, w.cols, w.block, int(x2.dtype == torch.bfloat16), threads)
         if 0 < n <= GEMV_ROWS:
             xc = x2.contiguous()
             y = torch.empty(n, w.rows, dtype=torch.float32)
-            self.gemv(
-                xc.data_ptr(),
-                n,
-                w.codes.data_ptr(),
-                w.scales.data_ptr(),
-                w.lut.data_ptr(),
-                row_scale,
-                y.data_ptr(),
-                w.rows,
-                w.cols,
-                w.block,
-                bf16,
-                threads,
-            )
+            self.gemv(xc.data_ptr(), n, *table, y.data_ptr(), *shape)
             return y.to(x2.dtype)
         dense = torch.empty(w.rows, w.cols, dtype=x2.dtype)
-        self.dequant(
-            w.codes.data_ptr(),
-            w.scales.data_ptr(),
-            w.lut.data_ptr(),
-            row_scale,
-            dense.data_ptr(),
-            w.rows,
-            w.cols,
-            w.block,
-            bf16,
-            threads,
-        )
+        self.dequant(*table, dense.data_ptr(), *shape)
         return F.linear(x2, dense)
 
 
