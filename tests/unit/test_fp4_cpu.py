@@ -1,5 +1,6 @@
-"""The native nvfp4/mxfp4 CPU kernels (quant/fp4_cpu.py, layers/csrc/fp4.cpp) against the
-float64 reference of the format: the dense weights bit for bit, products to fp32 rounding."""
+"""The native nvfp4/mxfp4/fp8 weight-only CPU kernels (quant/fp4_cpu.py, layers/csrc/fp4.cpp)
+against the float64 reference of the format: the dense weights bit for bit, products to fp32
+rounding."""
 
 from __future__ import annotations
 
@@ -37,7 +38,7 @@ def test_scale_tables_are_the_format_definitions():
     assert torch.isnan(e8m0[255])
 
 
-@pytest.mark.parametrize("fmt", ["nvfp4", "mxfp4"])
+@pytest.mark.parametrize("fmt", ["nvfp4", "mxfp4", "fp8_e4m3", "fp8_e5m2"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("n", [1, 3, GEMV_ROWS, GEMV_ROWS + 1, 40])
 def test_products_match_the_float64_reference(kernels, fmt, dtype, n):
@@ -68,6 +69,24 @@ def test_dense_weights_are_exactly_the_torch_paths(kernels, fmt, dtype):
         kernels.dequant(*args, dense.data_ptr(), 33, 576, w.block, dtype == torch.bfloat16, 2) == 0
     )
     assert torch.equal(dense, dequantize_fast(q, dtype))
+
+
+@pytest.mark.parametrize("fmt", ["fp8_e4m3", "fp8_e5m2"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fp8_dense_weights_are_exactly_the_torch_paths(kernels, fmt, dtype):
+    w = weight(fmt, rows=33)
+    w[1, :24] = 1e-9 * w[1, :24].sign()  # subnormal codes, and saturation below
+    w[2, 0] = 1e6
+    q = quantize(w, fmt)
+    fw = kernels.prepare(q)
+    dense = torch.empty(33, 576, dtype=dtype)
+    bf16 = int(dtype == torch.bfloat16)
+    args = (fw.codes.data_ptr(), fw.row_scale.data_ptr(), dense.data_ptr(), 33, 576, fw.e5m2)
+    assert kernels.dequant8(*args, bf16, 2) == 0
+    assert torch.equal(dense, dequantize_fast(q, dtype))
+    per_tensor = quantize(w, fmt, granularity="tensor")  # one scale, expanded to the rows
+    got = kernels.matmul(torch.eye(576)[:4], kernels.prepare(per_tensor))
+    assert torch.equal(got, dequantize_fast(per_tensor, torch.float32)[:, :4].T)
 
 
 def test_shapes_outside_the_kernels_are_declined(kernels):

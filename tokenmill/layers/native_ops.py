@@ -201,11 +201,11 @@ def select_kernels(
         if isinstance(module, RMSNorm | SiluAndMul | RotaryEmbedding):
             module.native = rows
         attach = getattr(getattr(module, "quant_method", None), "attach_native", None)
-        if fp4 and attach is not None:  # weight-only nvfp4/mxfp4: quant/fp4_cpu.py
+        if fp4 and attach is not None:  # weight-only nvfp4/mxfp4/fp8: quant/fp4_cpu.py
             try:
                 attach(module)
             except native.NativeUnavailable as e:
-                log.info("torch path for FP4 weights (%s)", e)
+                log.info("torch path for FP4/FP8 weights (%s)", e)
                 fp4 = False
         backend = getattr(module, "backend", None)
         if attention and type(backend) is TorchAttention:

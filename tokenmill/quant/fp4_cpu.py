@@ -1,5 +1,6 @@
 """nvfp4 and mxfp4 weights on CPU through native kernels (`layers/csrc/fp4.cpp`), read from
-their packed 4-bit codes.
+their packed 4-bit codes; the weight-only FP8 formats (fp8_e4m3, fp8_e5m2) the same way, from
+their code bytes.
 
 Up to `GEMV_ROWS` rows of input (decode): one fused pass that decodes each weight block in
 registers and multiplies it into every row, so a step reads 4.5 bits per weight instead of 16.
@@ -22,7 +23,9 @@ import torch.nn.functional as F
 from tokenmill.quant import elements as el
 from tokenmill.quant.formats import E8M0_NAN, QuantizedTensor
 
-FORMATS = ("nvfp4", "mxfp4")
+FP4 = ("nvfp4", "mxfp4")
+FP8 = ("fp8_e4m3", "fp8_e5m2")  # weight-only FP8: a code byte per weight, a scale per row
+FORMATS = (*FP4, *FP8)
 GEMV_ROWS = 8  # the kernel's limit of input rows per fused pass (csrc/fp4.cpp kMaxRows)
 _I64, _PTR, _INT = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
 
@@ -35,7 +38,8 @@ class Fp4Weight:
     row_scale: torch.Tensor | None  # fp32 [rows] (nvfp4), None (mxfp4)
     rows: int
     cols: int
-    block: int
+    block: int  # 16 or 32 (FP4); 0 for FP8
+    e5m2: bool = False
 
 
 def scale_table(fmt: str) -> torch.Tensor:
@@ -59,14 +63,27 @@ class Fp4Kernels:
         self.dequant = lib.tm_fp4_dequant
         self.dequant.argtypes = [_PTR] * 5 + [_I64, _I64, _I64, _INT, _INT]
         self.dequant.restype = _INT
-        self.tables = {fmt: scale_table(fmt) for fmt in FORMATS}
+        self.gemv8 = lib.tm_fp8_gemv
+        self.gemv8.argtypes = [_PTR, _I64, _PTR, _PTR, _PTR, _I64, _I64, _INT, _INT, _INT]
+        self.gemv8.restype = _INT
+        self.dequant8 = lib.tm_fp8_dequant
+        self.dequant8.argtypes = [_PTR, _PTR, _PTR, _I64, _I64, _INT, _INT, _INT]
+        self.dequant8.restype = _INT
+        self.tables = {fmt: scale_table(fmt) for fmt in FP4}
 
     def prepare(self, q: QuantizedTensor) -> Fp4Weight | None:
-        """The kernels' view of a 2-D nvfp4/mxfp4 weight on CPU, or None where they do not
+        """The kernels' view of a 2-D nvfp4/mxfp4/fp8 weight on CPU, or None where they do not
         apply."""
         if q.format not in FORMATS or len(q.shape) != 2 or q.data.device.type != "cpu":
             return None
         rows, cols = q.shape
+        if q.format in FP8:
+            if cols % 16 or q.group_size is not None:
+                return None
+            codes = q.data.view(torch.uint8).contiguous()
+            scale = q.scale.float().expand(rows).contiguous()  # per tensor or per row
+            lut = torch.empty(0)
+            return Fp4Weight(codes, codes[:0], lut, scale, rows, cols, 0, q.format == "fp8_e5m2")
         block = q.group_size or 0
         if block not in (16, 32) or cols % 16 or cols % block:
             return None
@@ -81,6 +98,8 @@ class Fp4Kernels:
     def matmul(self, x2: torch.Tensor, w: Fp4Weight) -> torch.Tensor:
         """x2 [n, cols] (fp32 or bf16) @ W^T -> [n, rows] in x2's dtype."""
         n, threads = x2.shape[0], torch.get_num_threads()
+        if not w.block:
+            return self._matmul_fp8(x2, w, n, threads)
         row_scale = w.row_scale.data_ptr() if w.row_scale is not None else None
         table = (w.codes.data_ptr(), w.scales.data_ptr(), w.lut.data_ptr(), row_scale)
         shape = (w.rows, w.cols, w.block, int(x2.dtype == torch.bfloat16), threads)
@@ -91,6 +110,21 @@ class Fp4Kernels:
             return y.to(x2.dtype)
         dense = torch.empty(w.rows, w.cols, dtype=x2.dtype)
         self.dequant(*table, dense.data_ptr(), *shape)
+        return F.linear(x2, dense)
+
+    def _matmul_fp8(self, x2: torch.Tensor, w: Fp4Weight, n: int, threads: int) -> torch.Tensor:
+        assert w.row_scale is not None
+        weight = (w.codes.data_ptr(), w.row_scale.data_ptr())
+        bf16 = int(x2.dtype == torch.bfloat16)
+        if 0 < n <= GEMV_ROWS:
+            xc = x2.contiguous()
+            y = torch.empty(n, w.rows, dtype=torch.float32)
+            self.gemv8(
+                xc.data_ptr(), n, *weight, y.data_ptr(), w.rows, w.cols, w.e5m2, bf16, threads
+            )
+            return y.to(x2.dtype)
+        dense = torch.empty(w.rows, w.cols, dtype=x2.dtype)
+        self.dequant8(*weight, dense.data_ptr(), w.rows, w.cols, w.e5m2, bf16, threads)
         return F.linear(x2, dense)
 
 

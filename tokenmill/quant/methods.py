@@ -15,7 +15,7 @@ Fast paths, each measured in BENCHMARKS.md, and where none exists the method say
               (2.7 ms vs 0.03 ms bf16 for 576x1536), the same FP8 values go through bf16/fp32
               GEMMs: exact FP8 numerics, fp32 accumulation, no FP8 memory saving
   weight-only (weight_only.py): int8 _weight_int8pack_mm and int4 _weight_int4pack_mm_for_cpu
-              (bf16 on CPU); nvfp4/mxfp4 native kernels on CPU (fp4_cpu.py); other formats
+              (bf16 on CPU); nvfp4/mxfp4/fp8 native kernels on CPU (fp4_cpu.py); fp6
               and dtypes dequantize on the fly, then the GEMM
 """
 

@@ -3,9 +3,9 @@
 On CUDA every format goes through the Triton kernels of triton_dequant.py (fused tiles, gemv,
 or decode-once + cuBLAS: the fastest measured per shape). On CPU, fused kernels where torch has
 them (int8: `_weight_int8pack_mm`, int4: `_weight_int4pack_mm_for_cpu`, both for bf16
-activations), tokenmill's own for nvfp4 and mxfp4 (fp4_cpu.py: a fused decode-GEMV at decode
-sizes, faster than bf16 at batch 1); the other formats (fp8 and fp6 weight-only) dequantize the
-weight on the fly before the GEMM, which saves memory, not time (BENCHMARKS.md).
+activations), tokenmill's own for nvfp4, mxfp4, fp8_e4m3 and fp8_e5m2 (fp4_cpu.py: a fused
+decode-GEMV at decode sizes, faster than bf16 at batch 1); the fp6 formats dequantize the weight
+on the fly before the GEMM, which saves memory, not time (BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -87,7 +87,7 @@ class WeightOnlyMethod(QuantMethod):
             self.kernel = f"dequantize {qweight.format} on the fly + GEMM (no fused kernel)"
 
     def attach_native(self, layer) -> bool:
-        """Use the native CPU kernels for nvfp4/mxfp4 (quant/fp4_cpu.py) where they apply;
+        """Use the native CPU kernels for nvfp4/mxfp4/fp8 (quant/fp4_cpu.py) where they apply;
         called by layers/native_ops.select_kernels when the runner's cpu_kernels allows."""
         from tokenmill.quant import fp4_cpu
 

@@ -1,5 +1,7 @@
 // E2M1 (FP4) weights on CPU, read from their packed codes: nvfp4 (16-element blocks, an E4M3
-// scale each, times a fp32 scale per row) and mxfp4 (32-element blocks, an E8M0 scale each).
+// scale each, times a fp32 scale per row) and mxfp4 (32-element blocks, an E8M0 scale each);
+// and, further down, weight-only FP8 (tm_fp8_gemv / tm_fp8_dequant: a code byte per weight, a
+// fp32 scale per row).
 //
 // Layout (tokenmill/quant/formats.py): codes uint8 [rows, cols / 2], element 2i in the low nibble;
 // block scale codes uint8 [rows, cols / block]; `scale_lut` holds the value of each of the 256
@@ -217,6 +219,101 @@ void dequant(const uint8_t* codes, const uint8_t* scales, const float* lut,
   }
 }
 
+// ---- FP8 weights (weight-only fp8_e4m3 / fp8_e5m2): one code byte per weight, one fp32 scale
+// per row. A code becomes FP16 bits (E5M2: the high byte of an FP16; E4M3 with its 4-bit
+// exponent in FP16's exponent field, exact for normals and subnormals once multiplied by 2^8),
+// then one vcvtph2ps. The NaN code of E4M3 would read 480; quantized weights never hold it.
+float fp8_value(uint8_t code, bool e5m2) {  // the scalar path: the same decoding, no vectors
+  const uint16_t bits = e5m2 ? static_cast<uint16_t>(code << 8)
+                             : static_cast<uint16_t>(((code & 0x7f) << 7) | ((code & 0x80) << 8));
+  const uint32_t sign = (bits & 0x8000u) << 16;
+  const int exp = (bits >> 10) & 0x1f;
+  const float mant = static_cast<float>(bits & 0x3ff);
+  float v = exp ? std::ldexp(1.0f + mant / 1024.0f, exp - 15) : std::ldexp(mant / 1024.0f, -14);
+  if (exp == 31) v = mant ? NAN : INFINITY;
+  uint32_t out;
+  std::memcpy(&out, &v, sizeof out);
+  out |= sign;
+  std::memcpy(&v, &out, sizeof v);
+  return e5m2 ? v : v * 256.0f;
+}
+
+#if TM_FP4_AVX512
+inline __m512 decode16_fp8(const uint8_t* codes, bool e5m2) {
+  const __m256i h = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(codes)));
+  if (e5m2) return _mm512_cvtph_ps(_mm256_slli_epi16(h, 8));
+  const __m256i mag = _mm256_slli_epi16(_mm256_and_si256(h, _mm256_set1_epi16(0x7f)), 7);
+  const __m256i sign = _mm256_slli_epi16(_mm256_and_si256(h, _mm256_set1_epi16(0x80)), 8);
+  return _mm512_mul_ps(_mm512_cvtph_ps(_mm256_or_si256(mag, sign)), _mm512_set1_ps(256.0f));
+}
+#endif
+
+// y[m, r] = sum_c x[m, c] w[r, c]; x fp32 [m, cols] (weights rounded to bf16 if round_bf16)
+void gemv_fp8(const float* x, int64_t m, const uint8_t* codes, const float* row_scale, float* y,
+              int64_t rows, int64_t cols, bool e5m2, bool round_bf16, int num_threads) {
+#pragma omp parallel for num_threads(num_threads) schedule(static) if (rows * cols >= 65536)
+  for (int64_t r = 0; r < rows; ++r) {
+    const uint8_t* cr = codes + r * cols;
+    const float rs = row_scale[r];
+#if TM_FP4_AVX512
+    __m512 acc[kMaxRows];
+    for (int64_t i = 0; i < m; ++i) acc[i] = _mm512_setzero_ps();
+    const __m512 scale = _mm512_set1_ps(rs);
+    for (int64_t c = 0; c < cols; c += 16) {
+      __m512 w = _mm512_mul_ps(decode16_fp8(cr + c, e5m2), scale);
+      if (round_bf16) w = bf16_round16(w);
+      for (int64_t i = 0; i < m; ++i)
+        acc[i] = _mm512_fmadd_ps(w, _mm512_loadu_ps(x + i * cols + c), acc[i]);
+    }
+    for (int64_t i = 0; i < m; ++i) y[i * rows + r] = _mm512_reduce_add_ps(acc[i]);
+#else
+    float acc[kMaxRows] = {};
+    for (int64_t c = 0; c < cols; ++c) {
+      float w = fp8_value(cr[c], e5m2) * rs;
+      if (round_bf16) w = bf16_round(w);
+      for (int64_t i = 0; i < m; ++i) acc[i] += w * x[i * cols + c];
+    }
+    for (int64_t i = 0; i < m; ++i) y[i * rows + r] = acc[i];
+#endif
+  }
+}
+
+template <typename T>
+void dequant_fp8(const uint8_t* codes, const float* row_scale, T* out, int64_t rows, int64_t cols,
+                 bool e5m2, int num_threads) {
+  constexpr bool kBf16 = sizeof(T) == 2;
+#pragma omp parallel for num_threads(num_threads) schedule(static) if (rows * cols >= 65536)
+  for (int64_t r = 0; r < rows; ++r) {
+    const uint8_t* cr = codes + r * cols;
+    T* o = out + r * cols;
+#if TM_FP4_AVX512
+    const __m512 scale = _mm512_set1_ps(row_scale[r]);
+    for (int64_t c = 0; c < cols; c += 16) {
+      const __m512 w = _mm512_mul_ps(decode16_fp8(cr + c, e5m2), scale);
+      if constexpr (kBf16) {
+        const __m512i bits = _mm512_castps_si512(bf16_round16(w));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + c),
+                            _mm512_cvtepi32_epi16(_mm512_srli_epi32(bits, 16)));
+      } else {
+        _mm512_storeu_ps(reinterpret_cast<float*>(o) + c, w);
+      }
+    }
+#else
+    for (int64_t c = 0; c < cols; ++c) {
+      const float w = fp8_value(cr[c], e5m2) * row_scale[r];
+      if constexpr (kBf16) {
+        uint32_t bits;
+        const float v = bf16_round(w);
+        std::memcpy(&bits, &v, sizeof bits);
+        o[c] = static_cast<T>(bits >> 16);
+      } else {
+        o[c] = w;
+      }
+    }
+#endif
+  }
+}
+
 }  // namespace
 
 extern "C" {
@@ -257,6 +354,35 @@ int tm_fp4_dequant(const uint8_t* codes, const uint8_t* scales, const float* lut
     dequant(codes, scales, lut, row_scale, static_cast<uint16_t*>(out), rows, cols, block, nt);
   else
     dequant(codes, scales, lut, row_scale, static_cast<float*>(out), rows, cols, block, nt);
+  return 0;
+}
+
+// FP8 weight-only: codes uint8 [rows, cols] (E4M3 fn when e5m2 == 0), row_scale fp32 [rows];
+// x [m, cols] fp32 or bfloat16 bits (x_bf16); y fp32 [m, rows]; cols a multiple of 16.
+int tm_fp8_gemv(const void* x, int64_t m, const uint8_t* codes, const float* row_scale, float* y,
+                int64_t rows, int64_t cols, int e5m2, int x_bf16, int nt) {
+  if (m < 1 || m > kMaxRows || cols % 16) return 1;
+  if (!x_bf16) {
+    gemv_fp8(static_cast<const float*>(x), m, codes, row_scale, y, rows, cols, e5m2, false, nt);
+    return 0;
+  }
+  const uint16_t* xb = static_cast<const uint16_t*>(x);
+  std::vector<float> xf(static_cast<size_t>(m * cols));  // bf16 -> fp32 is exact
+  for (int64_t i = 0; i < m * cols; ++i) {
+    const uint32_t bits = static_cast<uint32_t>(xb[i]) << 16;
+    std::memcpy(&xf[static_cast<size_t>(i)], &bits, sizeof(float));
+  }
+  gemv_fp8(xf.data(), m, codes, row_scale, y, rows, cols, e5m2, true, nt);
+  return 0;
+}
+
+int tm_fp8_dequant(const uint8_t* codes, const float* row_scale, void* out, int64_t rows,
+                   int64_t cols, int e5m2, int bf16, int nt) {
+  if (cols % 16) return 1;
+  if (bf16)
+    dequant_fp8(codes, row_scale, static_cast<uint16_t*>(out), rows, cols, e5m2, nt);
+  else
+    dequant_fp8(codes, row_scale, static_cast<float*>(out), rows, cols, e5m2, nt);
   return 0;
 }
 
