@@ -43,6 +43,15 @@ inline float bf16_round(float v) {  // round to nearest even, NaN kept
   return v;
 }
 
+// one weight of a dense matrix: fp32, or bfloat16 bits rounded as bf16_round does
+inline void store1(float* o, float w) { *o = w; }
+inline void store1(uint16_t* o, float w) {
+  uint32_t bits;
+  const float v = bf16_round(w);
+  std::memcpy(&bits, &v, sizeof bits);
+  *o = static_cast<uint16_t>(bits >> 16);
+}
+
 inline float block_scale(const uint8_t* scales, const float* lut, const float* row_scale,
                          int64_t r, int64_t b) {
   const float s = lut[scales[b]];
@@ -67,6 +76,14 @@ inline __m512 bf16_round16(__m512 v) {  // finite values (weights): round to nea
   const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
   const __m512i up = _mm512_add_epi32(_mm512_add_epi32(bits, _mm512_set1_epi32(0x7fff)), lsb);
   return _mm512_castsi512_ps(_mm512_and_si512(up, _mm512_set1_epi32(0xffff0000)));
+}
+
+// 16 weights of a dense matrix: fp32, or bfloat16 bits (rounded to nearest even)
+inline void store16(float* o, __m512 w) { _mm512_storeu_ps(o, w); }
+inline void store16(uint16_t* o, __m512 w) {
+  const __m512i bits = _mm512_castps_si512(bf16_round16(w));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(o),
+                      _mm512_cvtepi32_epi16(_mm512_srli_epi32(bits, 16)));
 }
 #endif
 
@@ -182,7 +199,6 @@ void dequant(const uint8_t* codes, const uint8_t* scales, const float* lut,
              const float* row_scale, T* out, int64_t rows, int64_t cols, int64_t block,
              int num_threads) {
   const int64_t blocks = cols / block;
-  constexpr bool kBf16 = sizeof(T) == 2;
 #pragma omp parallel for num_threads(num_threads) schedule(static) if (rows * cols >= 65536)
   for (int64_t r = 0; r < rows; ++r) {
     const uint8_t* cr = codes + r * (cols / 2);
@@ -193,27 +209,14 @@ void dequant(const uint8_t* codes, const uint8_t* scales, const float* lut,
     for (int64_t c = 0; c < cols; c += 16) {
       const __m512 w = _mm512_mul_ps(decode16(cr + c / 2, table),
                                      _mm512_set1_ps(block_scale(sr, lut, row_scale, r, c / block)));
-      if constexpr (kBf16) {
-        const __m512i bits = _mm512_castps_si512(bf16_round16(w));
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + c),
-                            _mm512_cvtepi32_epi16(_mm512_srli_epi32(bits, 16)));
-      } else {
-        _mm512_storeu_ps(reinterpret_cast<float*>(o) + c, w);
-      }
+      store16(o + c, w);
     }
 #else
     for (int64_t c = 0; c < cols; ++c) {
       const uint8_t byte = cr[c / 2];
       const float w = kE2M1[(c & 1) ? byte >> 4 : byte & 15] *
                       block_scale(sr, lut, row_scale, r, c / block);
-      if constexpr (kBf16) {
-        uint32_t bits;
-        const float v = bf16_round(w);
-        std::memcpy(&bits, &v, sizeof bits);
-        o[c] = static_cast<T>(bits >> 16);
-      } else {
-        o[c] = w;
-      }
+      store1(o + c, w);
     }
 #endif
   }
@@ -223,7 +226,7 @@ void dequant(const uint8_t* codes, const uint8_t* scales, const float* lut,
 // per row. A code becomes FP16 bits (E5M2: the high byte of an FP16; E4M3 with its 4-bit
 // exponent in FP16's exponent field, exact for normals and subnormals once multiplied by 2^8),
 // then one vcvtph2ps. The NaN code of E4M3 would read 480; quantized weights never hold it.
-float fp8_value(uint8_t code, bool e5m2) {  // the scalar path: the same decoding, no vectors
+[[maybe_unused]] float fp8_value(uint8_t code, bool e5m2) {  // the scalar path
   const uint16_t bits = e5m2 ? static_cast<uint16_t>(code << 8)
                              : static_cast<uint16_t>(((code & 0x7f) << 7) | ((code & 0x80) << 8));
   const uint32_t sign = (bits & 0x8000u) << 16;
@@ -281,7 +284,6 @@ void gemv_fp8(const float* x, int64_t m, const uint8_t* codes, const float* row_
 template <typename T>
 void dequant_fp8(const uint8_t* codes, const float* row_scale, T* out, int64_t rows, int64_t cols,
                  bool e5m2, int num_threads) {
-  constexpr bool kBf16 = sizeof(T) == 2;
 #pragma omp parallel for num_threads(num_threads) schedule(static) if (rows * cols >= 65536)
   for (int64_t r = 0; r < rows; ++r) {
     const uint8_t* cr = codes + r * cols;
@@ -290,25 +292,12 @@ void dequant_fp8(const uint8_t* codes, const float* row_scale, T* out, int64_t r
     const __m512 scale = _mm512_set1_ps(row_scale[r]);
     for (int64_t c = 0; c < cols; c += 16) {
       const __m512 w = _mm512_mul_ps(decode16_fp8(cr + c, e5m2), scale);
-      if constexpr (kBf16) {
-        const __m512i bits = _mm512_castps_si512(bf16_round16(w));
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + c),
-                            _mm512_cvtepi32_epi16(_mm512_srli_epi32(bits, 16)));
-      } else {
-        _mm512_storeu_ps(reinterpret_cast<float*>(o) + c, w);
-      }
+      store16(o + c, w);
     }
 #else
     for (int64_t c = 0; c < cols; ++c) {
       const float w = fp8_value(cr[c], e5m2) * row_scale[r];
-      if constexpr (kBf16) {
-        uint32_t bits;
-        const float v = bf16_round(w);
-        std::memcpy(&bits, &v, sizeof bits);
-        o[c] = static_cast<T>(bits >> 16);
-      } else {
-        o[c] = w;
-      }
+      store1(o + c, w);
     }
 #endif
   }
