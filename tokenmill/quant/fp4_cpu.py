@@ -31,15 +31,15 @@ _I64, _PTR, _INT = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
 
 
 @dataclass
-class Fp4Weight:
-    codes: torch.Tensor  # uint8 [rows, cols / 2]
-    scales: torch.Tensor  # uint8 [rows, cols / block]: the block scale codes
-    lut: torch.Tensor  # fp32 [256]: each scale code's value
-    row_scale: torch.Tensor | None  # fp32 [rows] (nvfp4), None (mxfp4)
+class PackedWeight:
+    codes: torch.Tensor  # uint8: FP4 [rows, cols / 2] (two codes a byte), FP8 [rows, cols]
+    scales: torch.Tensor | None  # FP4: uint8 [rows, cols / block], the block scale codes
+    lut: torch.Tensor | None  # FP4: fp32 [256], each scale code's value
+    row_scale: torch.Tensor | None  # fp32 [rows]: nvfp4's and FP8's; None for mxfp4
     rows: int
     cols: int
-    block: int  # 16 or 32 (FP4); 0 for FP8
-    e5m2: bool = False
+    block: int  # FP4: 16 or 32; 0 for FP8
+    e5m2: bool = False  # FP8: E5M2 codes, else E4M3
 
 
 def scale_table(fmt: str) -> torch.Tensor:
@@ -71,7 +71,7 @@ class Fp4Kernels:
         self.dequant8.restype = _INT
         self.tables = {fmt: scale_table(fmt) for fmt in FP4}
 
-    def prepare(self, q: QuantizedTensor) -> Fp4Weight | None:
+    def prepare(self, q: QuantizedTensor) -> PackedWeight | None:
         """The kernels' view of a 2-D nvfp4/mxfp4/fp8 weight on CPU, or None where they do not
         apply."""
         if q.format not in FORMATS or len(q.shape) != 2 or q.data.device.type != "cpu":
@@ -82,8 +82,7 @@ class Fp4Kernels:
                 return None
             codes = q.data.view(torch.uint8).contiguous()
             scale = q.scale.float().expand(rows).contiguous()  # per tensor or per row
-            lut = torch.empty(0)
-            return Fp4Weight(codes, codes[:0], lut, scale, rows, cols, 0, q.format == "fp8_e5m2")
+            return PackedWeight(codes, None, None, scale, rows, cols, 0, q.format == "fp8_e5m2")
         block = q.group_size or 0
         if block not in (16, 32) or cols % 16 or cols % block:
             return None
@@ -91,40 +90,28 @@ class Fp4Kernels:
         if q.global_scale is not None:
             row_scale = q.global_scale.float().expand(rows).contiguous()
         scales = q.scale.view(torch.uint8).contiguous()
-        return Fp4Weight(
+        return PackedWeight(
             q.data.contiguous(), scales, self.tables[q.format], row_scale, rows, cols, block
         )
 
-    def matmul(self, x2: torch.Tensor, w: Fp4Weight) -> torch.Tensor:
+    def matmul(self, x2: torch.Tensor, w: PackedWeight) -> torch.Tensor:
         """x2 [n, cols] (fp32 or bf16) @ W^T -> [n, rows] in x2's dtype."""
         n, threads = x2.shape[0], torch.get_num_threads()
-        if not w.block:
-            return self._matmul_fp8(x2, w, n, threads)
-        row_scale = w.row_scale.data_ptr() if w.row_scale is not None else None
-        table = (w.codes.data_ptr(), w.scales.data_ptr(), w.lut.data_ptr(), row_scale)
-        shape = (w.rows, w.cols, w.block, int(x2.dtype == torch.bfloat16), threads)
-        if 0 < n <= GEMV_ROWS:
-            xc = x2.contiguous()
-            y = torch.empty(n, w.rows, dtype=torch.float32)
-            self.gemv(xc.data_ptr(), n, *table, y.data_ptr(), *shape)
-            return y.to(x2.dtype)
-        dense = torch.empty(w.rows, w.cols, dtype=x2.dtype)
-        self.dequant(*table, dense.data_ptr(), *shape)
-        return F.linear(x2, dense)
-
-    def _matmul_fp8(self, x2: torch.Tensor, w: Fp4Weight, n: int, threads: int) -> torch.Tensor:
-        assert w.row_scale is not None
-        weight = (w.codes.data_ptr(), w.row_scale.data_ptr())
         bf16 = int(x2.dtype == torch.bfloat16)
+        ptr = lambda t: None if t is None else t.data_ptr()  # noqa: E731
+        if w.block:  # FP4: codes, block scales and their table, row scales
+            weight = (ptr(w.codes), ptr(w.scales), ptr(w.lut), ptr(w.row_scale))
+            gemv, dequant, shape = self.gemv, self.dequant, (w.rows, w.cols, w.block)
+        else:  # FP8: codes, row scales
+            weight = (ptr(w.codes), ptr(w.row_scale))
+            gemv, dequant, shape = self.gemv8, self.dequant8, (w.rows, w.cols, int(w.e5m2))
         if 0 < n <= GEMV_ROWS:
             xc = x2.contiguous()
             y = torch.empty(n, w.rows, dtype=torch.float32)
-            self.gemv8(
-                xc.data_ptr(), n, *weight, y.data_ptr(), w.rows, w.cols, w.e5m2, bf16, threads
-            )
+            gemv(xc.data_ptr(), n, *weight, y.data_ptr(), *shape, bf16, threads)
             return y.to(x2.dtype)
         dense = torch.empty(w.rows, w.cols, dtype=x2.dtype)
-        self.dequant8(*weight, dense.data_ptr(), w.rows, w.cols, w.e5m2, bf16, threads)
+        dequant(*weight, dense.data_ptr(), *shape, bf16, threads)
         return F.linear(x2, dense)
 
 
