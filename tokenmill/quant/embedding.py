@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from tokenmill.quant.formats import QuantizedTensor, take_rows
+from tokenmill.quant.weight_only import dequantize_fast
 
 
 class QuantizedEmbedding(nn.Module):
@@ -35,8 +36,6 @@ class QuantizedEmbedding(nn.Module):
         self.num_embeddings, self.embedding_dim = qweight.shape
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:  # [...] -> [..., hidden]
-        from tokenmill.quant.weight_only import dequantize_fast
-
         x = dequantize_fast(take_rows(self.qweight, ids.reshape(-1)), torch.float32)
         if self.column_scale is not None:
             x = x * self.column_scale
