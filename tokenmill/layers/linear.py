@@ -9,6 +9,8 @@ model keeps Hugging Face names and checkpoints load without conversion.
 
 from __future__ import annotations
 
+import functools
+
 from collections.abc import Sequence
 
 import torch
@@ -44,11 +46,24 @@ class UnquantizedMethod:
         return F.linear(x, layer.weight, layer.bias)
 
 
+@functools.cache
+def _can_pack(dtype: torch.dtype) -> bool:
+    """Whether oneDNN packs `dtype` weights on this CPU: bf16 needs AVX512-BW/VL/DQ or
+    AVX-NE-CONVERT, which an AVX2-only CPU lacks (the op raises there)."""
+    if not torch.backends.mkldnn.is_available():
+        return False
+    try:
+        torch.ops.mkldnn._reorder_linear_weight(torch.ones(16, 16, dtype=dtype), None)
+    except RuntimeError:
+        return False
+    return True
+
+
 def pack_for_cpu(weight: torch.Tensor) -> torch.Tensor | None:
     """[out, in] fp32/bf16 CPU weight -> oneDNN-packed weight, or None where that does not apply."""
     if weight.device.type != "cpu" or weight.dtype not in (torch.float32, torch.bfloat16):
         return None
-    if not torch.backends.mkldnn.is_available():
+    if not _can_pack(weight.dtype):
         return None
     return torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), None)
 
