@@ -8,7 +8,7 @@ import sys
 import types
 from typing import Any, Union, get_args, get_origin
 
-from tokenmill.config import EngineConfig, option_help
+from tokenmill.config import EngineConfig, ServeConfig, option_help
 
 
 def _arg_type(annotation: Any) -> Any:
@@ -23,14 +23,24 @@ def _arg_type(annotation: Any) -> Any:
 
 
 def add_engine_options(p: argparse.ArgumentParser) -> None:
-    group = p.add_argument_group("engine options")
-    for name, (text, default, annotation) in option_help().items():
+    _add_options(p.add_argument_group("engine options"), option_help(), skip={"model"})
+
+
+def add_serve_options(p: argparse.ArgumentParser) -> None:
+    _add_options(p.add_argument_group("server options"), option_help((ServeConfig,)))
+
+
+def _add_options(group, options: dict[str, tuple[str, Any, Any]], skip=frozenset()) -> None:
+    """One flag per config field, its --help from the field's documentation."""
+    for name, (text, default, annotation) in options.items():
         flag = "--" + name.replace("_", "-")
         text = text.replace("%", "%%")  # argparse formats help strings with %
         kind = _arg_type(annotation)
-        if name == "model":
+        if name in skip:
             continue
-        if kind is bool:
+        if str(annotation).startswith("tuple"):
+            group.add_argument(flag, action="append", default=None, help=text)
+        elif kind is bool:
             group.add_argument(
                 flag,
                 action=argparse.BooleanOptionalAction,
@@ -39,6 +49,12 @@ def add_engine_options(p: argparse.ArgumentParser) -> None:
             )
         else:
             group.add_argument(flag, type=kind, default=None, help=f"{text} (default: {default})")
+
+
+def serve_config(args: argparse.Namespace) -> ServeConfig:
+    given = {n: getattr(args, n) for n in option_help((ServeConfig,))}
+    given = {n: tuple(v) if isinstance(v, list) else v for n, v in given.items() if v is not None}
+    return ServeConfig(**given)
 
 
 def engine_config(args: argparse.Namespace) -> EngineConfig:
@@ -67,27 +83,11 @@ def build_parser() -> argparse.ArgumentParser:
         default="default",
         help="HF folder, .gguf file, or 'default' (the bundled SmolLM2-135M-Instruct)",
     )
-    s.add_argument("--served-model-name", default=None, help="name clients use in 'model'")
-    s.add_argument("--host", default="127.0.0.1", help="address to bind (loopback by default)")
-    s.add_argument("--port", type=int, default=8000)
-    s.add_argument(
-        "--api-key",
-        action="append",
-        default=None,
-        help="require 'Authorization: Bearer KEY'; KEY or NAME=KEY (NAME is the tenant in usage "
-        "accounting); repeat for several keys",
-    )
-    s.add_argument(
-        "--grace-period",
-        type=float,
-        default=30.0,
-        help="seconds in-flight requests get to finish on SIGTERM",
-    )
-    s.add_argument("--max-body-bytes", type=int, default=4 << 20, help="largest request body")
     from tokenmill.cost.commands import add_parsers as add_cost_parsers
     from tokenmill.cost.commands import add_usage_options
 
     add_usage_options(s)
+    add_serve_options(s)
     add_engine_options(s)
 
     g = sub.add_parser("generate", help="complete one prompt, streaming to the terminal")
@@ -290,18 +290,7 @@ def main(argv: list[str] | None = None) -> int:
         from tokenmill.cost.commands import usage_options
         from tokenmill.serve.server import serve
 
-        serve(
-            engine_config(args),
-            args.host,
-            args.port,
-            args.served_model_name,
-            args.api_key,
-            args.max_waiting,
-            args.grace_period,
-            args.max_body_bytes,
-            usage_options(args),
-        )
-        return 0
+        return serve(engine_config(args), serve_config(args), usage_options(args))
     except (ValueError, FileNotFoundError) as e:
         print(f"tokenmill: error: {e}", file=sys.stderr)
         return 2

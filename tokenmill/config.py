@@ -21,6 +21,7 @@ __all__ = [
     "ModelConfig",
     "QuantConfig",
     "SchedulerConfig",
+    "ServeConfig",
     "option_help",
 ]
 
@@ -104,24 +105,14 @@ class SchedulerConfig:
     enable_chunked_prefill: bool = doc_field(
         "Split long prompts over several steps, mixed with decodes.", default=True
     )
-    max_model_len: int = doc_field("Set from the model config by the engine.", default=2048)
-    max_waiting: int | None = doc_field(
-        "Most requests waiting for admission; beyond it new requests are refused (HTTP 429).",
-        default=None,
-    )
 
     def __post_init__(self) -> None:
+        # Checks against max_model_len wait for the model (the Scheduler): it is derived there.
         if self.max_num_seqs < 1:
             raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
         if self.max_num_batched_tokens < 1:
             raise ValueError(
                 f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}"
-            )
-        if not self.enable_chunked_prefill and self.max_num_batched_tokens < self.max_model_len:
-            raise ValueError(
-                "without chunked prefill, max_num_batched_tokens "
-                f"({self.max_num_batched_tokens}) must be >= max_model_len ({self.max_model_len}); "
-                "raise it or enable chunked prefill"
             )
 
 
@@ -155,6 +146,49 @@ class DeviceConfig:
 
 
 @dataclass(frozen=True)
+class ServeConfig:
+    """The HTTP front: where it listens, who may call it, and its limits."""
+
+    host: str = doc_field("Address to bind (loopback by default).", default="127.0.0.1")
+    port: int = doc_field("TCP port.", default=8000)
+    served_model_name: str | None = doc_field(
+        "The name clients put in 'model'; default: the model folder's or file's name.",
+        default=None,
+    )
+    api_key: tuple[str, ...] = doc_field(
+        "Require 'Authorization: Bearer KEY'; KEY or NAME=KEY (NAME is the tenant in usage "
+        "accounting); repeat for several keys.",
+        default=(),
+    )
+    grace_period: float = doc_field(
+        "Seconds in-flight requests get to finish on SIGTERM.", default=30.0
+    )
+    max_body_bytes: int = doc_field("Largest request body in bytes.", default=4 << 20)
+    max_waiting: int | None = doc_field(
+        "Most requests waiting for their first token; beyond it new requests are refused "
+        "(HTTP 429 with Retry-After).",
+        default=None,
+    )
+    engine_process: bool = doc_field(
+        "Run the engine core in its own process (HTTP, templating, tokenizing and "
+        "detokenizing stay in the front process). If the core dies, the server answers every "
+        "request in flight with an error and exits with status 1 for the orchestrator to "
+        "restart it. --no-engine-process steps the core on a thread of the front process.",
+        default=True,
+    )
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port < 65536:
+            raise ValueError(f"port must be in [0, 65535], got {self.port}")
+        if self.grace_period < 0:
+            raise ValueError(f"grace_period must be >= 0 seconds, got {self.grace_period}")
+        if self.max_body_bytes < 1:
+            raise ValueError(f"max_body_bytes must be >= 1, got {self.max_body_bytes}")
+        if self.max_waiting is not None and self.max_waiting < 0:
+            raise ValueError(f"max_waiting must be >= 0, got {self.max_waiting}")
+
+
+@dataclass(frozen=True)
 class EngineConfig:
     """Everything the engine needs, one sub-config per subsystem."""
 
@@ -175,9 +209,6 @@ class EngineConfig:
         for key, value in kwargs.items():
             if key not in owners:
                 raise TypeError(f"unknown engine option {key!r}; known: {sorted(owners)}")
-            if key == "max_model_len":
-                parts["model"][key] = value
-                continue
             parts[owners[key]][key] = value
         return cls(
             model=ModelConfig(**parts["model"]),
@@ -197,14 +228,10 @@ PARTS: dict[str, type] = {
 }
 
 
-def option_help() -> dict[str, tuple[str, Any, Any]]:
-    """Flat option name -> (help, default, type) for the CLI."""
+def option_help(parts: tuple[type, ...] | None = None) -> dict[str, tuple[str, Any, Any]]:
+    """Flat option name -> (help, default, type) for the CLI; the engine's parts by default."""
     out: dict[str, tuple[str, Any, Any]] = {}
-    for sub in PARTS.values():
+    for sub in parts or tuple(PARTS.values()):
         for f in fields(sub):
-            if f.name in out:
-                continue
-            if sub is SchedulerConfig and f.name == "max_model_len":
-                continue
             out[f.name] = (f.metadata.get("help", ""), f.default, f.type)
     return out

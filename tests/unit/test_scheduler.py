@@ -1,18 +1,17 @@
 """Scheduler: budgets, chunked prefill, FCFS, preemption of the newest, aborts, no leaks."""
 
 from tokenmill.config import SchedulerConfig
+from tokenmill.engine.messages import RunnerOutput, SampledToken
 from tokenmill.engine.request import Request, RequestStatus
-from tokenmill.engine.scheduler import RunnerOutput, SampledToken, Scheduler
+from tokenmill.engine.scheduler import Scheduler
 from tokenmill.kv.manager import KVCacheManager
 from tokenmill.sampling_params import SamplingParams
 
 
 def make(num_blocks=64, block_size=4, **cfg):
     kv = KVCacheManager(num_blocks, block_size, enable_prefix_caching=True)
-    config = SchedulerConfig(
-        **{"max_num_seqs": 8, "max_num_batched_tokens": 32, "max_model_len": 64, **cfg}
-    )
-    return Scheduler(config, kv)
+    config = SchedulerConfig(**{"max_num_seqs": 8, "max_num_batched_tokens": 32, **cfg})
+    return Scheduler(config, kv, max_model_len=64)
 
 
 def req(rid, n_prompt, max_tokens=4, start=0):
@@ -20,9 +19,23 @@ def req(rid, n_prompt, max_tokens=4, start=0):
     return Request(rid, list(range(start, start + n_prompt)), params, frozenset({0}), 64)
 
 
+def computed(out):
+    """request id -> tokens cached before the step, from the output's values alone."""
+    data = (*out.new_requests, *out.cached_requests)
+    return {d.request_id: d.num_computed_tokens for d in data}
+
+
+def scheduled(out):
+    """[(request id, computed before, new this step)] in schedule order."""
+    before = computed(out)
+    return [(r, before[r], n) for r, n in out.num_scheduled_tokens.items()]
+
+
 def run_step(s, token=7):
     out = s.schedule()
-    sampled = {x.request.request_id: SampledToken(token) for x in out.scheduled if x.samples}
+    sampled = {
+        r: SampledToken(token) for r, c, n in scheduled(out) if c + n == s.requests[r].num_tokens
+    }
     s.update(out, RunnerOutput(sampled))
     return out
 
@@ -31,7 +44,7 @@ def test_chunked_prefill_splits_long_prompt_under_budget():
     s = make(max_num_batched_tokens=16)
     r = req("a", 40)
     s.add(r)
-    sizes = [run_step(s).scheduled[0].num_new_tokens for _ in range(3)]
+    sizes = [scheduled(run_step(s))[0][2] for _ in range(3)]
     assert sizes == [16, 16, 8]
     assert r.num_output_tokens == 1  # sampled only when the prompt was complete
 
@@ -42,7 +55,7 @@ def test_decodes_first_then_prefill_chunks_fill_budget():
     run_step(s)  # a prefilled, has 1 token
     s.add(req("b", 20, start=100))
     out = run_step(s)
-    assert [(x.request.request_id, x.num_new_tokens) for x in out.scheduled] == [("a", 1), ("b", 9)]
+    assert list(out.num_scheduled_tokens.items()) == [("a", 1), ("b", 9)]
 
 
 def test_fcfs_and_max_num_seqs():
@@ -50,7 +63,7 @@ def test_fcfs_and_max_num_seqs():
     for i in range(3):
         s.add(req(f"r{i}", 2, start=10 * i))
     out = s.schedule()
-    assert [x.request.request_id for x in out.scheduled] == ["r0", "r1"]
+    assert list(out.num_scheduled_tokens) == ["r0", "r1"]
 
 
 def test_preempts_newest_when_blocks_run_out_and_recomputes():
@@ -109,6 +122,5 @@ def test_prefix_cache_hit_skips_computed_tokens():
     run_step(s)
     s.add(req("b", 12))
     out = run_step(s)
-    b = [x for x in out.scheduled if x.request.request_id == "b"][0]
-    assert b.num_computed_tokens == 8 and b.num_new_tokens == 4
-    assert b.request.num_cached_tokens == 8
+    assert [x for x in scheduled(out) if x[0] == "b"] == [("b", 8, 4)]
+    assert s.requests["b"].num_cached_tokens == 8

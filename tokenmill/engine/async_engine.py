@@ -1,27 +1,38 @@
-"""AsyncEngine: the LLMEngine stepped on its own thread, one async stream per request.
+"""AsyncEngine: the server's front: one async stream per request over a core client.
 
-The HTTP event loop never waits for a model step: adds and aborts are queued to the engine
-thread and applied between steps; outputs come back through each request's asyncio.Queue.
-A stream that is closed before its request finished (client gone, task cancelled) aborts the
-request, so its KV blocks are freed at the next step boundary.
+The core runs in its own process (`ProcessCoreClient`, the server's default) or on a thread
+(`InprocCoreClient`); either way the front tokenizes in a worker thread (never on the event
+loop), sends values, and turns the core's deltas into `RequestOutput`s on the client's thread
+(detokenizing, stop strings), handing each stream its own copies. A stream closed before its
+request finished (client gone, task cancelled) aborts the request in the core, which frees its
+KV blocks before the next step. If the core dies, every stream gets `EngineDeadError` at once.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import queue
 import threading
-import time
-from collections.abc import AsyncIterator
-from concurrent.futures import Future
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
-from tokenmill.engine.engine import EngineStats, LLMEngine, PromptType
+from tokenmill.config import EngineConfig
+from tokenmill.engine.core_client import (
+    CoreClient,
+    EngineDeadError,
+    InprocCoreClient,
+    ProcessCoreClient,
+)
+from tokenmill.engine.input_processor import InputProcessor, PromptType
+from tokenmill.engine.messages import EngineCoreOutputs, EngineStats, ModelInfo
+from tokenmill.engine.output_processor import OutputProcessor
 from tokenmill.engine.outputs import RequestOutput
+from tokenmill.models.tokenizer import Tokenizer
 from tokenmill.sampling_params import SamplingParams
 
 log = logging.getLogger(__name__)
+
+__all__ = ["AsyncEngine", "EngineDeadError", "QueueFullError", "RequestStream"]
 
 
 class QueueFullError(RuntimeError):
@@ -35,25 +46,61 @@ class _Stream:
 
 
 class AsyncEngine:
-    def __init__(self, engine: LLMEngine, max_waiting: int | None = None) -> None:
-        self.engine = engine
+    def __init__(
+        self, client: CoreClient, tokenizer: Tokenizer, max_waiting: int | None = None
+    ) -> None:
+        self.client = client
+        self.info: ModelInfo = client.info
+        self.tokenizer = tokenizer
         self.max_waiting = max_waiting
-        self._commands: queue.Queue = queue.Queue()
+        self.inputs = InputProcessor(tokenizer, self.info.vocab_size, self.info.max_model_len)
+        self.outputs = OutputProcessor(tokenizer)
+        self._lock = threading.Lock()  # outputs, streams and tenants: event loop vs client thread
         self._streams: dict[str, _Stream] = {}
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="tokenmill-engine", daemon=True)
-        self._stats = engine.stats()
-        self.on_output = None  # callable(RequestOutput) run on the engine thread (metrics)
+        self._no_output_yet: set[str] = set()  # "waiting": added, no token back yet
+        self._stats = EngineStats(0, 0, 0, self.info.num_blocks, 0.0, 0.0, 0)
+        self.on_output: Callable[[RequestOutput], None] | None = None  # metrics, client thread
+        self.on_dead: Callable[[str], None] | None = None  # the server's exit policy
         self.tenants: dict[str, str] = {}  # request id -> who it is served for (accounting)
         self.busy_s = 0.0  # seconds spent in engine steps: utilization for modeled power
+        client.on_outputs = self._on_core_outputs
+        client.on_dead = self._on_core_dead
+
+    @classmethod
+    def build(
+        cls, config: EngineConfig, engine_process: bool = True, max_waiting: int | None = None
+    ) -> AsyncEngine:
+        """Load the model (in the core's process, or here) and make the front for it."""
+        if engine_process:
+            from tokenmill.models.loader import load_tokenizer
+
+            client: CoreClient = ProcessCoreClient(config)
+            try:
+                tokenizer = load_tokenizer(config.model.model)
+            except BaseException:
+                client.shutdown()
+                raise
+            return cls(client, tokenizer, max_waiting)
+        from tokenmill.engine.core import EngineCore
+        from tokenmill.executor.uniproc import UniprocExecutor
+
+        executor = UniprocExecutor(config)
+        core = EngineCore(config, executor)
+        return cls(InprocCoreClient(core), executor.worker.loaded.tokenizer, max_waiting)
 
     def start(self) -> None:
-        self._thread.start()
+        self.client.start()
 
     def shutdown(self, timeout: float = 5.0) -> None:
-        self._stop.set()
-        self._commands.put(None)
-        self._thread.join(timeout)
+        self.client.shutdown(timeout)
+
+    @property
+    def max_model_len(self) -> int:
+        return self.info.max_model_len
+
+    @property
+    def is_dead(self) -> bool:
+        return self.client.dead_reason is not None
 
     @property
     def num_in_flight(self) -> int:
@@ -62,7 +109,7 @@ class AsyncEngine:
     def stats(self) -> EngineStats:
         return self._stats
 
-    # ---- caller side (event loop) ------------------------------------------------------
+    # ---- caller side (event loop) --------------------------------------------------------
     async def add(
         self,
         request_id: str,
@@ -70,14 +117,25 @@ class AsyncEngine:
         params: SamplingParams,
         tenant: str | None = None,
     ) -> RequestStream:
-        """Queue a request; raises ValueError for invalid input, QueueFullError when full."""
-        if tenant is not None:
-            self.tenants[request_id] = tenant
-        loop = asyncio.get_running_loop()
-        stream = _Stream(loop, asyncio.Queue())
-        done: Future = Future()
-        self._commands.put(("add", request_id, prompt, params, stream, done))
-        await asyncio.wrap_future(done)
+        """Queue a request; ValueError for invalid input, QueueFullError when full,
+        EngineDeadError when the core is gone."""
+        text, request = await asyncio.to_thread(self.inputs.process, request_id, prompt, params)
+        stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
+        with self._lock:
+            if self.is_dead:
+                raise EngineDeadError(f"the engine core is gone: {self.client.dead_reason}")
+            if self.max_waiting is not None and len(self._no_output_yet) >= self.max_waiting:
+                raise QueueFullError(f"{len(self._no_output_yet)} requests are waiting")
+            if request_id in self.outputs.requests:
+                raise ValueError(f"request_id {request_id!r} is already in use")
+            self.outputs.add(
+                request_id, text, request.prompt_token_ids, params, request.arrival_time
+            )
+            self._streams[request_id] = stream
+            self._no_output_yet.add(request_id)
+            if tenant is not None:
+                self.tenants[request_id] = tenant
+        self.client.add(request)
         return RequestStream(self, request_id, stream)
 
     async def generate(
@@ -89,67 +147,53 @@ class AsyncEngine:
             yield out
 
     def abort(self, request_id: str) -> None:
-        self._commands.put(("abort", request_id))
+        """End a request now: its final output (finish_reason "abort") goes to its stream."""
+        with self._lock:
+            final = self.outputs.abort(request_id)
+            if final is not None:
+                self._deliver([final])
+        self.client.abort([request_id])
 
-    # ---- engine thread -----------------------------------------------------------------
-    def _loop(self) -> None:
-        while not self._stop.is_set():
-            block = not self.engine.has_unfinished()
-            self._apply_commands(block)
-            if self._stop.is_set():
-                break
-            start = time.perf_counter()
-            try:
-                outputs = self.engine.step()
-            except Exception as exc:  # a bug, not bad input: fail the requests, keep serving
-                log.exception("engine step failed")
-                outputs = self.engine.abort(list(self.engine.groups))
-                for stream in list(self._streams.values()):
-                    stream.loop.call_soon_threadsafe(stream.queue.put_nowait, exc)
-            self.busy_s += time.perf_counter() - start
-            self._stats = self.engine.stats()
+    # ---- client thread -------------------------------------------------------------------
+    def _on_core_outputs(self, result: EngineCoreOutputs) -> None:
+        with self._lock:
+            self._stats = result.stats
+            self.busy_s += result.step_s
+            outputs, to_abort = self.outputs.process(result.outputs)
             self._deliver(outputs)
+        if to_abort:
+            self.client.abort(to_abort)
 
-    def _apply_commands(self, block: bool) -> None:
-        while True:
-            try:
-                cmd = self._commands.get(block=block, timeout=0.5 if block else None)
-            except queue.Empty:
-                return
-            if cmd is None:
-                return
-            block = False
-            if cmd[0] == "add":
-                self._add(*cmd[1:])
-            else:
-                self._deliver(self.engine.abort([cmd[1]]))
+    def _on_core_dead(self, reason: str) -> None:
+        error = EngineDeadError(f"the engine core is gone: {reason}")
+        with self._lock:
+            for request_id in list(self.outputs.requests):
+                final = self.outputs.abort(request_id, "error")
+                if final is not None and self.on_output is not None:
+                    self._observe(final)
+            for stream in self._streams.values():
+                stream.loop.call_soon_threadsafe(stream.queue.put_nowait, error)
+            self._streams.clear()
+            self._no_output_yet.clear()
+            self.tenants.clear()
+        if self.on_dead is not None:
+            self.on_dead(reason)
 
-    def _add(self, request_id, prompt, params, stream: _Stream, done: Future) -> None:
+    def _observe(self, out: RequestOutput) -> None:
         try:
-            if (
-                self.max_waiting is not None
-                and self.engine.scheduler.num_waiting >= self.max_waiting
-            ):
-                raise QueueFullError(f"{self.engine.scheduler.num_waiting} requests are waiting")
-            self.engine.add_request(request_id, prompt, params)
-        except Exception as exc:  # validation errors go back to the caller
-            self.tenants.pop(request_id, None)
-            done.set_exception(exc)
-            return
-        self._streams[request_id] = stream
-        self._stats = self.engine.stats()
-        done.set_result(None)
+            self.on_output(out)  # type: ignore[misc]
+        except Exception:
+            log.exception("metrics observer failed")
 
     def _deliver(self, outputs: list[RequestOutput]) -> None:
+        """Caller holds the lock."""
         for out in outputs:
+            self._no_output_yet.discard(out.request_id)
             stream = self._streams.get(out.request_id)
             if out.finished:
                 self._streams.pop(out.request_id, None)
             if self.on_output is not None:
-                try:
-                    self.on_output(out)
-                except Exception:
-                    log.exception("metrics observer failed")
+                self._observe(out)
             if out.finished:
                 self.tenants.pop(out.request_id, None)
             if stream is not None:
@@ -173,6 +217,7 @@ class RequestStream:
             while not self.finished:
                 out = await self._stream.queue.get()
                 if isinstance(out, BaseException):
+                    self.finished = True
                     raise out
                 self.finished = out.finished
                 yield out
@@ -186,7 +231,10 @@ class RequestStream:
 
     async def final(self) -> RequestOutput:
         last = None
-        async for out in self:
-            last = out
+        try:
+            async for out in self:
+                last = out
+        finally:
+            self.close()
         assert last is not None
         return last

@@ -3,10 +3,13 @@
 Decoding a growing window of ids (not one token at a time) keeps multi-byte characters and
 word-boundary spaces right; a window ending in U+FFFD waits for the next token. While a request
 runs, the last (longest stop string - 1) characters are held back, because they could be the
-start of a stop string split across tokens.
+start of a stop string split across tokens. What is shown is cut at a token boundary
+(`visible`), so shown text and shown tokens always belong together.
 """
 
 from __future__ import annotations
+
+from bisect import bisect_right
 
 from tokenmill.models.tokenizer import Tokenizer
 
@@ -32,10 +35,13 @@ class IncrementalDetokenizer:
         self.holdback = max((len(s) for s in stop), default=1) - 1
         self.text = ""
         self.finished = False
+        self.num_tokens = 0  # output tokens added
+        self.token_ends: list[int] = []  # per committed output token: where its text ends
 
     def add(self, token_id: int) -> str | None:
         """Append a token; returns the stop string if the text now contains one (text cut)."""
         self.ids.append(token_id)
+        self.num_tokens += 1
         decode = self.tokenizer.decode
         prefix = decode(self.ids[self.prefix_offset : self.read_offset], self.skip)
         full = decode(self.ids[self.prefix_offset :], self.skip)
@@ -44,6 +50,7 @@ class IncrementalDetokenizer:
         old_len = len(self.text)
         self.text += full[len(prefix) :]
         self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
+        self.token_ends.extend([len(self.text)] * (self.num_tokens - len(self.token_ends)))
         return self._check_stop(old_len)
 
     def _check_stop(self, old_len: int) -> str | None:
@@ -62,8 +69,10 @@ class IncrementalDetokenizer:
         self.finished = True
         return s
 
-    def visible_text(self, finished: bool) -> str:
-        """Text that is safe to show: all of it once finished, else less the held-back tail."""
-        if finished or self.finished or not self.holdback:
-            return self.text
-        return self.text[: max(len(self.text) - self.holdback, 0)]
+    def visible(self, finished: bool) -> tuple[str, int]:
+        """(text, number of output tokens) safe to show: all of it once finished; else the
+        tokens whose text is complete and ends before the held-back tail, and their text."""
+        if finished or self.finished:
+            return self.text, self.num_tokens
+        k = bisect_right(self.token_ends, len(self.text) - self.holdback)
+        return (self.text[: self.token_ends[k - 1]] if k else ""), k

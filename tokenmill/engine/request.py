@@ -12,6 +12,7 @@ import enum
 import time
 from dataclasses import dataclass, field
 
+from tokenmill.engine.messages import TokenLogprobs
 from tokenmill.sampling_params import SamplingParams
 
 
@@ -39,9 +40,6 @@ _FINISHED = {
     RequestStatus.FINISHED_ABORTED,
     RequestStatus.FINISHED_ERROR,
 }
-
-# A token's logprob entry: the chosen token's logprob and its rank, plus the top-k alternatives.
-TokenLogprobs = dict[int, float]
 
 
 @dataclass

@@ -4,7 +4,9 @@ Each step hands out `num_new_tokens` per request: running requests first (decode
 chunked prompts), oldest first; then waiting requests in arrival order (FCFS), each starting
 after its longest cached prefix. When the KV blocks run out, the newest running request is
 preempted (its blocks freed, its tokens recomputed later) instead of failing.
-It does not run the model or look at text: stop strings are the engine's.
+Its output is a value (`SchedulerOutput`): a request new to the workers is sent whole once, then
+only per-step deltas (tokens to feed, changed blocks, finished and preempted ids).
+It does not run the model or look at text: stop strings are the front's.
 Pure Python; no torch.
 """
 
@@ -13,57 +15,40 @@ from __future__ import annotations
 import time
 from collections import deque
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from tokenmill.config import SchedulerConfig
-from tokenmill.engine.request import Request, RequestStatus, TokenLogprobs
+from tokenmill.engine.messages import (
+    CachedRequestData,
+    NewRequestData,
+    RunnerOutput,
+    SchedulerOutput,
+)
+from tokenmill.engine.request import Request, RequestStatus
 from tokenmill.kv.manager import KVCacheManager
 
 
-@dataclass(frozen=True)
-class ScheduledRequest:
-    request: Request  # the runner reads token ids and params; only the scheduler mutates it
-    num_computed_tokens: int  # tokens whose K/V is cached before this step
-    num_new_tokens: int  # tokens computed this step
-    block_table: list[int]  # physical blocks covering computed + new tokens
+@dataclass
+class _WorkerView:
+    """What the workers were last told of a request: the base of the next delta."""
 
-    @property
-    def samples(self) -> bool:
-        """Whether this step reaches the end of the sequence, so a token is sampled."""
-        return self.num_computed_tokens + self.num_new_tokens == self.request.num_tokens
-
-
-@dataclass(frozen=True)
-class SchedulerOutput:
-    scheduled: list[ScheduledRequest]  # the runner packs them in this order
-    block_copies: list[tuple[int, int]]  # (src, dst) copy-on-write moves, before the forward
-    num_preempted: int  # requests preempted this step (metrics)
-
-    @property
-    def num_tokens(self) -> int:
-        return sum(s.num_new_tokens for s in self.scheduled)
-
-    @property
-    def is_empty(self) -> bool:
-        return not self.scheduled
-
-
-@dataclass(frozen=True)
-class SampledToken:
-    token_id: int
-    logprobs: TokenLogprobs | None = None  # the chosen token and top-k, when asked for
-
-
-@dataclass(frozen=True)
-class RunnerOutput:
-    sampled: dict[str, SampledToken]  # request id -> its new token (requests that sample)
-    prompt_logprobs: dict[str, list[TokenLogprobs | None]] = field(default_factory=dict)
+    num_token_ids: int  # token ids sent so far
+    block_ids: list[int]  # the block table as sent
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, kv: KVCacheManager) -> None:
+    def __init__(self, config: SchedulerConfig, kv: KVCacheManager, max_model_len: int) -> None:
+        if not config.enable_chunked_prefill and config.max_num_batched_tokens < max_model_len:
+            raise ValueError(
+                "without chunked prefill, max_num_batched_tokens "
+                f"({config.max_num_batched_tokens}) must be >= max_model_len ({max_model_len}); "
+                "raise it, lower max_model_len or enable chunked prefill"
+            )
         self.config = config
         self.kv = kv
+        self.max_model_len = max_model_len
+        self._views: dict[str, _WorkerView] = {}  # requests the workers hold state for
+        self._finished_ids: list[str] = []  # ended since the last output: workers forget them
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.requests: dict[str, Request] = {}
@@ -98,6 +83,8 @@ class Scheduler:
         req.times.finished = time.monotonic()
         self.kv.free(req.request_id)
         self.requests.pop(req.request_id, None)
+        self._views.pop(req.request_id, None)
+        self._finished_ids.append(req.request_id)
         for child in req.fork_children:  # never forked: they end with their parent
             self._finish(child, status)
         req.fork_children = []
@@ -116,8 +103,8 @@ class Scheduler:
     # ---- one step ------------------------------------------------------------------------
     def schedule(self) -> SchedulerOutput:
         budget = self.config.max_num_batched_tokens
-        scheduled: list[ScheduledRequest] = []
-        num_preempted = 0
+        scheduled: list[tuple[Request, int]] = []
+        preempted: list[str] = []
         index = 0
         while index < len(self.running) and budget > 0:
             req = self.running[index]
@@ -127,20 +114,72 @@ class Scheduler:
             ):
                 victim = self.running.pop()
                 self._preempt(victim)
-                num_preempted += 1
+                preempted.append(victim.request_id)
                 if victim is req:
                     break
             else:
-                scheduled.append(self._scheduled(req, num_new))
+                scheduled.append((req, num_new))
                 budget -= num_new
                 index += 1
                 continue
             break
-        if not num_preempted:
-            budget = self._admit_waiting(budget, scheduled)
-        return SchedulerOutput(scheduled, self.kv.take_copies(), num_preempted)
+        if not preempted:
+            self._admit_waiting(budget, scheduled)
+        return self._output(scheduled, preempted)
 
-    def _admit_waiting(self, budget: int, scheduled: list[ScheduledRequest]) -> int:
+    def _output(
+        self, scheduled: list[tuple[Request, int]], preempted: list[str]
+    ) -> SchedulerOutput:
+        new: list[NewRequestData] = []
+        cached: list[CachedRequestData] = []
+        for req, _ in scheduled:
+            table = self.kv.block_tables[req.request_id]
+            view = self._views.get(req.request_id)
+            if view is None:
+                new.append(self._new_data(req, table))
+                self._views[req.request_id] = _WorkerView(req.num_tokens, list(table))
+            else:
+                cached.append(self._delta(req, table, view))
+        finished, self._finished_ids = tuple(self._finished_ids), []
+        return SchedulerOutput(
+            num_scheduled_tokens={req.request_id: n for req, n in scheduled},
+            new_requests=tuple(new),
+            cached_requests=tuple(cached),
+            block_copies=tuple(self.kv.take_copies()),
+            finished_request_ids=finished,
+            preempted_request_ids=tuple(preempted),
+        )
+
+    @staticmethod
+    def _new_data(req: Request, table: list[int]) -> NewRequestData:
+        return NewRequestData(
+            request_id=req.request_id,
+            token_ids=tuple(req.all_token_ids),
+            num_prompt_tokens=req.num_prompt_tokens,
+            params=req.params,
+            block_ids=tuple(table),
+            num_computed_tokens=req.num_computed_tokens,
+            num_prompt_logprobs=len(req.prompt_logprobs),
+        )
+
+    def _delta(self, req: Request, table: list[int], view: _WorkerView) -> CachedRequestData:
+        # Blocks before the one being written are immutable for a running request; only the
+        # write block (copy-on-write) and the tail can differ from what the workers hold.
+        start = min(len(view.block_ids), req.num_computed_tokens // self.kv.block_size)
+        while start < len(view.block_ids) and view.block_ids[start] == table[start]:
+            start += 1
+        new_tokens = tuple(req.all_token_ids[view.num_token_ids :])
+        view.num_token_ids = req.num_tokens
+        view.block_ids[start:] = table[start:]
+        return CachedRequestData(
+            request_id=req.request_id,
+            new_token_ids=new_tokens,
+            block_table_start=start,
+            new_block_ids=tuple(table[start:]),
+            num_computed_tokens=req.num_computed_tokens,
+        )
+
+    def _admit_waiting(self, budget: int, scheduled: list[tuple[Request, int]]) -> int:
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             req = self.waiting[0]
             hits: list[int] = []
@@ -162,16 +201,13 @@ class Scheduler:
             req.status = RequestStatus.RUNNING
             req.num_computed_tokens = num_cached
             self.running.append(req)
-            scheduled.append(self._scheduled(req, num_new))
+            scheduled.append((req, num_new))
             budget -= num_new
         return budget
 
-    def _scheduled(self, req: Request, num_new: int) -> ScheduledRequest:
-        table = self.kv.block_tables[req.request_id]
-        return ScheduledRequest(req, req.num_computed_tokens, num_new, table)
-
     def _preempt(self, req: Request) -> None:
         self.kv.free(req.request_id)
+        self._views.pop(req.request_id, None)  # it returns to the workers as a new request
         req.status = RequestStatus.PREEMPTED
         req.num_computed_tokens = 0
         req.num_preemptions += 1
@@ -186,14 +222,16 @@ class Scheduler:
         """
         now = time.monotonic()
         changed: list[Request] = []
-        for item in out.scheduled:
-            req = item.request
-            if req.status is not RequestStatus.RUNNING:
-                continue  # preempted later in the same step cannot happen; aborted can
-            req.num_computed_tokens = item.num_computed_tokens + item.num_new_tokens
-            if req.request_id in result.prompt_logprobs:
-                req.prompt_logprobs.extend(result.prompt_logprobs[req.request_id])
-            sampled = result.sampled.get(req.request_id)
+        computed = {d.request_id: d.num_computed_tokens for d in out.new_requests}
+        computed.update((d.request_id, d.num_computed_tokens) for d in out.cached_requests)
+        for request_id, num_new in out.num_scheduled_tokens.items():
+            req = self.requests.get(request_id)
+            if req is None or req.status is not RequestStatus.RUNNING:
+                continue  # aborted while the step ran
+            req.num_computed_tokens = computed[request_id] + num_new
+            if request_id in result.prompt_logprobs:
+                req.prompt_logprobs.extend(result.prompt_logprobs[request_id])
+            sampled = result.sampled.get(request_id)
             if sampled is None:
                 continue
             req.append_token(sampled.token_id, now)

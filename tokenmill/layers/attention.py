@@ -4,7 +4,8 @@ The KV cache of one layer is a tensor [2, num_kv_heads, num_slots, head_dim] whe
 num_slots = num_blocks * block_size: slot `block_id * block_size + offset` holds one token's K
 and V. Heads lead, so a gathered sequence is [kv_heads, len, head_dim] with each head's keys
 contiguous, the layout SDPA reads fastest (1.4x over token-major on this CPU). The runner builds
-`AttentionMetadata` once per step; every layer reads it.
+`AttentionMetadata` once per step through `AttentionBackend.prepare_metadata`; every layer
+reads it.
 
 Batch layout (the runner's promise): the first `num_decode_tokens` tokens belong to requests
 computing exactly one token (decodes); then come prefill spans, one per request, each computing
@@ -16,8 +17,10 @@ scaled_dot_product_attention. Faster kernels become other backends; this one sta
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -44,8 +47,85 @@ class AttentionMetadata:
     prefills: list[PrefillSpan] = field(default_factory=list)
 
 
+@dataclass(frozen=True)
+class SequenceSlice:
+    """One request's part of a step, as the metadata needs it."""
+
+    block_ids: Sequence[int]  # its block table
+    num_computed_tokens: int  # keys cached before this step
+    num_new_tokens: int  # tokens computed this step
+
+
+def slots_of(table: Sequence[int], start: int, end: int, block_size: int) -> np.ndarray:
+    """Cache slots of positions [start, end) of a sequence with block table `table`."""
+    pos = np.arange(start, end)
+    return np.asarray(table, dtype=np.int64)[pos // block_size] * block_size + pos % block_size
+
+
+def _decode_keys(decodes: list[SequenceSlice], block_size: int, pad_slot: int, device):
+    """Block tables of the decodes, padded with the zeroed pad block, the key mask and the
+    number of keys of each."""
+    if not decodes:
+        return None, None, None
+    lens = [s.num_computed_tokens + 1 for s in decodes]
+    max_blocks = -(-max(lens) // block_size)
+    tables = np.full((len(decodes), max_blocks), pad_slot // block_size, dtype=np.int64)
+    for row, (s, n) in enumerate(zip(decodes, lens)):
+        used = -(-n // block_size)
+        tables[row, :used] = s.block_ids[:used]
+    mask = np.arange(max_blocks * block_size)[None, :] < np.asarray(lens)[:, None]
+    return (
+        torch.from_numpy(tables).to(device),
+        torch.from_numpy(mask[:, None, None, :]).to(device),
+        torch.tensor(lens, dtype=torch.int32, device=device),
+    )
+
+
+def _prefill_span(s: SequenceSlice, start: int, block_size: int, device) -> PrefillSpan:
+    c, n = s.num_computed_tokens, s.num_new_tokens
+    if c == 0:
+        return PrefillSpan(start, start + n, 0, None, None)
+    slots = torch.from_numpy(slots_of(s.block_ids, 0, c + n, block_size)).to(device)
+    mask = np.arange(c + n)[None, :] <= (c + np.arange(n))[:, None]  # [n, c + n]
+    return PrefillSpan(start, start + n, c, slots, torch.from_numpy(mask).to(device))
+
+
 class AttentionBackend:
     """Interface: write the new K/V into the cache, then attend over cached keys."""
+
+    @staticmethod
+    def prepare_metadata(
+        seqs: Sequence[SequenceSlice], block_size: int, pad_slot: int, device: torch.device
+    ) -> AttentionMetadata:
+        """The step's metadata; `seqs` in batch order, single-token decodes first. Every
+        backend here reads this one layout (storage differs, the block walk does not)."""
+        num_decodes = 0
+        while num_decodes < len(seqs) and seqs[num_decodes].num_new_tokens == 1:
+            num_decodes += 1
+        slot_mapping = [
+            slots_of(
+                s.block_ids,
+                s.num_computed_tokens,
+                s.num_computed_tokens + s.num_new_tokens,
+                block_size,
+            )
+            for s in seqs
+        ]
+        tables, mask, lens = _decode_keys(list(seqs[:num_decodes]), block_size, pad_slot, device)
+        spans, start = [], 0
+        for i, s in enumerate(seqs):
+            if i >= num_decodes:
+                spans.append(_prefill_span(s, start, block_size, device))
+            start += s.num_new_tokens
+        return AttentionMetadata(
+            slot_mapping=torch.as_tensor(np.concatenate(slot_mapping)).to(device),
+            num_decode_tokens=num_decodes,
+            block_size=block_size,
+            decode_block_tables=tables,
+            decode_mask=mask,
+            decode_lens=lens,
+            prefills=spans,
+        )
 
     def forward(
         self,

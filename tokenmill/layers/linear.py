@@ -10,7 +10,6 @@ model keeps Hugging Face names and checkpoints load without conversion.
 from __future__ import annotations
 
 import functools
-
 from collections.abc import Sequence
 
 import torch

@@ -146,6 +146,10 @@ class LlamaForCausalLM(nn.Module):
         x, _ = self.model.norm(x, residual)
         return x
 
+    def cache_layers(self) -> list[tuple[int, int]]:
+        """(num_kv_heads, head_dim) of each layer's K/V cache, in layer order: the cache spec."""
+        return [(lyr.self_attn.num_kv_heads, lyr.self_attn.head_dim) for lyr in self.model.layers]
+
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:  # [n, vocab]
         if self.lm_head is None:
             if self.tied_head_packed is not None:

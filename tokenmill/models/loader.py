@@ -116,6 +116,17 @@ def load_model(
     return loaded
 
 
+def load_tokenizer(model: str) -> Tokenizer:
+    """The tokenizer alone (no weights): what a front process needs to serve `model`."""
+    from tokenmill.models.gguf import GGUFFile, is_gguf, resolve_default_model
+    from tokenmill.models.gguf_tokenizer import tokenizer_from_gguf
+
+    path = Path(resolve_default_model() if model == "default" else model)
+    if is_gguf(path):
+        return tokenizer_from_gguf(GGUFFile(path).metadata)
+    return Tokenizer.from_folder(path)
+
+
 def _load_hf_folder(
     folder: Path, dtype: str, device: torch.device, max_model_len: int | None, quant: QuantConfig
 ) -> LoadedModel:

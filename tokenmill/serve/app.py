@@ -6,6 +6,8 @@ says whose fault it is; nothing a client sends can crash the server or leak a st
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hmac
 import logging
 import re
@@ -18,7 +20,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import tokenmill
-from tokenmill.engine.async_engine import AsyncEngine, QueueFullError
+from tokenmill.engine.async_engine import AsyncEngine, EngineDeadError, QueueFullError
 from tokenmill.serve import handlers
 from tokenmill.serve import protocol as P
 from tokenmill.serve.metrics import ServingMetrics
@@ -77,12 +79,12 @@ class ServerState:
             engine.on_output = observe
         else:
             engine.on_output = self.metrics.observe
-        self.max_model_len = engine.engine.max_model_len
+        self.max_model_len = engine.max_model_len
         self.engine = engine
 
     @property
     def ready(self) -> bool:
-        return self.engine is not None and not self.draining
+        return self.engine is not None and not self.draining and not self.engine.is_dead
 
 
 def error_response(e: APIError) -> JSONResponse:
@@ -97,6 +99,28 @@ def value_error(exc: ValueError) -> APIError:
     param = re.match(r"^([a-z_]+) ", text)
     code = "context_length_exceeded" if "context_length_exceeded" in text else None
     return APIError(400, text, param=param.group(1) if param else None, code=code)
+
+
+async def until_disconnect(coro, request: Request):
+    """Await `coro`; if the client disconnects first, cancel it and return None."""
+    task = asyncio.ensure_future(coro)
+
+    async def disconnected() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    watcher = asyncio.ensure_future(disconnected())
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+    if task.done():
+        return task.result()
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    log.info("client disconnected; request aborted")
+    return None
 
 
 def build_app(state: ServerState) -> FastAPI:
@@ -178,11 +202,17 @@ def build_app(state: ServerState) -> FastAPI:
                 headers={"Retry-After": "1"},
             )
 
-    async def run(coro):
+    async def run(coro, request: Request):
+        """The handler's result; a client that disconnects first cancels it, which closes its
+        request streams and so aborts them in the core (streaming or not)."""
         try:
-            result = await coro
+            result = await until_disconnect(coro, request)
         except ValueError as e:
             raise value_error(e) from None
+        except EngineDeadError as e:
+            raise APIError(
+                503, str(e), "service_unavailable", headers={"Retry-After": "5"}
+            ) from None
         except QueueFullError as e:
             raise APIError(
                 429,
@@ -190,9 +220,11 @@ def build_app(state: ServerState) -> FastAPI:
                 "rate_limit_error",
                 headers={"Retry-After": "1"},
             ) from None
+        if result is None:  # the client is gone; nobody reads this
+            return Response(status_code=499)
         if isinstance(result, P.BaseModel):
             return result
-        return StreamingResponse(result, media_type="text/event-stream")
+        return StreamingResponse(handlers.ending_on_error(result), media_type="text/event-stream")
 
     def tenant(request: Request, user: str | None) -> str:
         """The API key's name, else the request's `user`, else anonymous."""
@@ -202,13 +234,15 @@ def build_app(state: ServerState) -> FastAPI:
     async def completions(req: P.CompletionRequest, request: Request):
         check_model(req.model)
         who = tenant(request, req.user)
-        return await run(handlers.completions(engine(), tokenizer(), state.model_name, req, who))
+        coro = handlers.completions(engine(), tokenizer(), state.model_name, req, who)
+        return await run(coro, request)
 
     @app.post("/v1/chat/completions", response_model=P.ChatCompletionResponse)
     async def chat(req: P.ChatCompletionRequest, request: Request):
         check_model(req.model)
         who = tenant(request, req.user)
-        return await run(handlers.chat(engine(), tokenizer(), state.model_name, req, who))
+        coro = handlers.chat(engine(), tokenizer(), state.model_name, req, who)
+        return await run(coro, request)
 
     @app.get("/v1/usage")
     async def usage():
@@ -223,7 +257,7 @@ def build_app(state: ServerState) -> FastAPI:
 
     def tokenizer():
         assert state.engine is not None
-        return state.engine.engine.tokenizer
+        return state.engine.tokenizer
 
     @app.get("/v1/models", response_model=P.ModelList)
     async def models():

@@ -12,7 +12,7 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
-from tokenmill.engine.async_engine import AsyncEngine, RequestStream
+from tokenmill.engine.async_engine import AsyncEngine, EngineDeadError, RequestStream
 from tokenmill.engine.outputs import CompletionOutput, RequestOutput
 from tokenmill.models.tokenizer import Tokenizer
 from tokenmill.sampling_params import SamplingParams
@@ -45,6 +45,29 @@ def sampling_params(
         skip_special_tokens=req.skip_special_tokens,
         include_stop_str_in_output=req.include_stop_str_in_output,
     )
+
+
+async def ending_on_error(events: AsyncIterator[str]) -> AsyncIterator[str]:
+    """A stream whose engine core died ends with an error event and [DONE], never a hang or a
+    cut connection."""
+    try:
+        async for event in events:
+            yield event
+    except EngineDeadError as e:
+        body = P.ErrorResponse(
+            error=P.ErrorDetail(message=str(e), type="service_unavailable", param=None, code=None)
+        )
+        yield sse(body)
+        yield "data: [DONE]\n\n"
+
+
+async def finals(streams: list[RequestStream]) -> list[RequestOutput]:
+    """Every stream's final output; if this is cancelled (client gone), all streams close."""
+    try:
+        return [await s.final() for s in streams]
+    finally:
+        for s in streams:
+            s.close()
 
 
 def sse(data: Any) -> str:
@@ -141,7 +164,7 @@ async def completions(
     streams = await add_all(engine, rid, prompts, params, tenant)
     if req.stream:
         return _stream_completions(tok, model, req, rid, streams)
-    outs = [await s.final() for s in streams]
+    outs = await finals(streams)
     choices = []
     for i, out in enumerate(outs):
         prefix = (out.prompt or tok.decode(out.prompt_token_ids)) if req.echo else ""
@@ -265,12 +288,12 @@ async def chat(
     max_tokens = req.max_completion_tokens or req.max_tokens
     k = (req.top_logprobs or 0) if req.logprobs else None
     params = sampling_params(req, max_tokens, k)
-    prompt = render_chat(tok, req)
+    prompt = await asyncio.to_thread(render_chat, tok, req)  # templating and tokenizing
     rid = f"chatcmpl-{uuid.uuid4().hex}"
     streams = await add_all(engine, rid, [prompt], params, tenant)
     if req.stream:
         return _stream_chat(tok, model, req, rid, streams)
-    out = await streams[0].final()
+    (out,) = await finals(streams)
     choices = [
         P.ChatChoice(
             index=c.index,

@@ -11,7 +11,7 @@ from collections.abc import Callable
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from tokenmill.engine.async_engine import AsyncEngine
-from tokenmill.engine.engine import EngineStats
+from tokenmill.engine.messages import EngineStats
 from tokenmill.engine.outputs import RequestOutput
 
 LATENCY_BUCKETS = (

@@ -1,9 +1,11 @@
 """Running the service: uvicorn, the model loaded in the background, a graceful drain on SIGTERM.
 
-The HTTP port is up at once (live = 200, ready = 503) while the model loads; if loading fails,
-the server exits with the error. On SIGTERM (or
+The HTTP port is up at once (live = 200, ready = 503) while the engine core loads the model (in
+its own process by default); if loading fails, the server exits with the error. On SIGTERM (or
 Ctrl-C) the server stops admitting work (ready -> 503), lets in-flight requests finish within a
-grace period, then exits with status 0. A second signal stops it at once.
+grace period, then exits with status 0. A second signal stops it at once. If the engine core
+dies, readiness turns 503 at once, every request in flight ends with an error, and the server
+exits with status 1 so that an orchestrator restarts it.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from pathlib import Path
 
 import uvicorn
 
-from tokenmill.config import EngineConfig
+from tokenmill.config import EngineConfig, ServeConfig
 from tokenmill.engine.async_engine import AsyncEngine
 from tokenmill.serve.app import ServerState, build_app
 from tokenmill.serve.usage import UsageOptions, UsageTracker
@@ -71,38 +73,43 @@ def parse_api_keys(values: list[str] | None) -> dict[str, str | None] | None:
     return keys
 
 
-def serve(
-    config: EngineConfig,
-    host: str,
-    port: int,
-    served_model_name: str | None = None,
-    api_keys: list[str] | None = None,
-    max_waiting: int | None = None,
-    grace_s: float = 30.0,
-    max_body_bytes: int = 4 << 20,
-    usage: UsageOptions | None = None,
-) -> None:
-    from tokenmill.engine.engine import LLMEngine
-
-    name = served_model_name or default_model_name(config.model.model)
+def serve(config: EngineConfig, opts: ServeConfig, usage: UsageOptions | None = None) -> int:
+    """Serve until stopped; the exit status (0 drained, 1 engine core lost)."""
+    name = opts.served_model_name or default_model_name(config.model.model)
     tracker = UsageTracker(usage, name, usage.instance) if usage else None
-    state = ServerState(name, parse_api_keys(api_keys), max_body_bytes, usage=tracker)
+    keys = parse_api_keys(list(opts.api_key))
+    state = ServerState(name, keys, opts.max_body_bytes, usage=tracker)
     app = build_app(state)
     holder: dict[str, AsyncEngine] = {}
     failed: list[BaseException] = []
+    lost: list[str] = []
+
+    def on_dead(reason: str) -> None:
+        lost.append(reason)
+        server.should_exit = True
 
     def load() -> None:
         try:
-            engine = AsyncEngine(LLMEngine(config), max_waiting)
+            engine = AsyncEngine.build(config, opts.engine_process, opts.max_waiting)
         except Exception as exc:  # a server that can never be ready should not linger
             log.error("could not load the model: %s", exc)
             failed.append(exc)
             server.should_exit = True
             return
-        engine.start()
+        engine.on_dead = on_dead
         holder["engine"] = engine
+        if server.should_exit:  # stopped while loading
+            return
+        engine.start()
         state.attach(engine)
-        log.info("ready: serving %r on http://%s:%d/v1", state.model_name, host, port)
+        mode = "its own process" if opts.engine_process else "a thread"
+        log.info(
+            "ready: serving %r on http://%s:%d/v1 (engine core in %s)",
+            state.model_name,
+            opts.host,
+            opts.port,
+            mode,
+        )
 
     @contextlib.asynccontextmanager
     async def lifespan(_):
@@ -119,9 +126,18 @@ def serve(
 
     app.router.lifespan_context = lifespan
     cfg = uvicorn.Config(
-        app, host=host, port=port, log_level="info", timeout_graceful_shutdown=5, access_log=False
+        app,
+        host=opts.host,
+        port=opts.port,
+        log_level="info",
+        timeout_graceful_shutdown=5,
+        access_log=False,
     )
-    server = DrainingServer(cfg, state, grace_s)
+    server = DrainingServer(cfg, state, opts.grace_period)
     asyncio.run(server.serve())
     if failed:
         raise failed[0]
+    if lost:
+        log.error("exiting with status 1: the engine core died (%s)", lost[0])
+        return 1
+    return 0

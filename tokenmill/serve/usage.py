@@ -61,21 +61,16 @@ class UsageTracker:
 
     def start(self, engine) -> None:
         """The model is loaded: choose hardware and meter, start sampling."""
-        device = engine.engine.loaded.device
-        name = ""
-        if device.type == "cuda":
-            import torch
-
-            name = torch.cuda.get_device_name(device)
+        device_type, name = engine.info.device_type, engine.info.device_name
         hw_name = self.opts.hardware
         if hw_name == "auto":
-            hw_name = pick_hardware(device.type, name, list(self.catalog))
+            hw_name = pick_hardware(device_type, name, list(self.catalog))
         if hw_name not in self.catalog:
             raise ValueError(
                 f"hardware {hw_name!r} is not in the catalogue: {sorted(self.catalog)}"
             )
         hw = self.catalog[hw_name]
-        meter = choose_meter(device.type, hw.idle_watts, hw.peak_watts, _utilization(engine))
+        meter = choose_meter(device_type, hw.idle_watts, hw.peak_watts, _utilization(engine))
         log.info("energy: %s (%s); usage kept in %s", meter.label, hw_name, self.opts.db_path)
         self.accountant = Accountant(self.model, self.instance, hw_name, meter.label, self.store)
         self.engine = engine

@@ -1,8 +1,10 @@
-"""ModelRunner: owns the model, the KV tensors and the sampler; runs one scheduled step.
+"""ModelRunner: owns the model, the KV tensors, the sampler and its own request states; runs
+one scheduled step.
 
-It flattens a `SchedulerOutput` into one packed batch (`engine/batch.py`), runs the model once,
-computes logits only where they are needed (the last token of requests that sample, every
-prompt position of requests asking for prompt logprobs), and samples.
+It folds a `SchedulerOutput` into its persistent input batch (`worker/input_batch.py`), flattens
+the step into one packed batch (`worker/batch.py`), runs the model once, computes logits only
+where they are needed (the last token of requests that sample, every prompt position of requests
+asking for prompt logprobs), and samples. Compile policy lives here too (`compile_model`).
 """
 
 from __future__ import annotations
@@ -13,9 +15,8 @@ import os
 import torch
 
 from tokenmill.config import CacheConfig
-from tokenmill.engine.batch import build_model_input, build_sampling_batch
-from tokenmill.engine.kv_memory import Prefaulter, host_zeros
-from tokenmill.engine.scheduler import RunnerOutput, SampledToken, SchedulerOutput
+from tokenmill.engine.messages import RunnerOutput, SampledToken, SchedulerOutput
+from tokenmill.kv.specs import AttentionSpec
 from tokenmill.layers import native
 from tokenmill.layers.attention import TorchAttention
 from tokenmill.layers.kv_quant import (
@@ -28,21 +29,29 @@ from tokenmill.layers.native_ops import select_kernels
 from tokenmill.layers.sampler import Sampler
 from tokenmill.models.loader import LoadedModel
 from tokenmill.quant.calibrate import single_sequence_metadata
+from tokenmill.worker.batch import build_model_input, build_sampling_batch
+from tokenmill.worker.input_batch import InputBatch
+from tokenmill.worker.kv_memory import Prefaulter, host_zeros
 
 log = logging.getLogger(__name__)
 
 CPU_DEFAULT_KV_BYTES = 4 << 30
 
 
-def kv_bytes_per_token(loaded: LoadedModel, kv_cache_dtype: str = "auto") -> int:
-    a = loaded.arch
-    per_head = kv_bytes_per_element_and_token(kv_cache_dtype, loaded.dtype, a.head_dim)
-    return 2 * a.num_layers * a.num_kv_heads * per_head
+def cache_specs(loaded: LoadedModel, kv_cache_dtype: str) -> list[AttentionSpec]:
+    """What each attention layer of the model caches, in this dtype."""
+    specs = []
+    for num_kv_heads, head_dim in loaded.model.cache_layers():
+        per_head = kv_bytes_per_element_and_token(kv_cache_dtype, loaded.dtype, head_dim)
+        specs.append(AttentionSpec(num_kv_heads, head_dim, per_head))
+    return specs
 
 
-def default_kv_cache_memory(loaded: LoadedModel, cache: CacheConfig, max_tokens: int) -> int:
+def default_kv_cache_memory(
+    loaded: LoadedModel, cache: CacheConfig, bytes_per_token: int, max_tokens: int
+) -> int:
     """The KV budget when none is given: see CacheConfig.kv_cache_memory."""
-    needed = max_tokens * kv_bytes_per_token(loaded, cache.kv_cache_dtype)
+    needed = max_tokens * bytes_per_token
     if loaded.device.type == "cuda":
         _, total = torch.cuda.mem_get_info(loaded.device)
         used = torch.cuda.memory_allocated(loaded.device)
@@ -100,6 +109,7 @@ class ModelRunner:
         gen.manual_seed(seed)
         self.sampler = Sampler(gen)
         self.generators: dict[str, torch.Generator] = {}  # seeded requests' own generators
+        self.input_batch = InputBatch()
 
     def compile_model(self) -> None:
         """torch.compile the model's layers where it can (config `compile`)."""
@@ -128,23 +138,25 @@ class ModelRunner:
         codes = zeros(shape, STORAGE[kv_dtype], self.device)
         return codes, zeros((*shape[:-1], 1), torch.float32, self.device)
 
-    def release(self, request_ids: list[str]) -> None:
-        """Forget per-request state of finished requests."""
-        for request_id in request_ids:
-            self.generators.pop(request_id, None)
-
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> RunnerOutput:
+        for request_id in out.finished_request_ids:  # a preempted one keeps its generator
+            self.generators.pop(request_id, None)
+        scheduled = self.input_batch.apply(out)
+        if not scheduled:
+            return RunnerOutput()
         self._copy_blocks(out.block_copies)
-        inp = build_model_input(out, self.block_size, self.pad_slot, self.device)
+        inp = build_model_input(scheduled, self.block_size, self.pad_slot, self.device)
         hidden = self.model(inp.input_ids, inp.positions, self.kv_caches, inp.attn)
         sampled: dict[str, SampledToken] = {}
-        if inp.sample_requests:
+        if inp.sample_states:
             logits = self.model.compute_logits(hidden[inp.logits_indices])
-            batch = build_sampling_batch(inp.sample_requests, self.generators, self.device)
+            batch = build_sampling_batch(
+                inp.sample_states, self.generators, self.loaded.eos_token_ids, self.device
+            )
             result = self.sampler(logits, batch)
-            for req, token, lps in zip(inp.sample_requests, result.token_ids, result.logprobs):
-                sampled[req.request_id] = SampledToken(token, lps)
+            for state, token, lps in zip(inp.sample_states, result.token_ids, result.logprobs):
+                sampled[state.request_id] = SampledToken(token, lps)
         return RunnerOutput(sampled, self._prompt_logprobs(hidden, inp.prompt_logprob_spans))
 
     @torch.inference_mode()
@@ -166,10 +178,9 @@ class ModelRunner:
         """Per prompt position p >= 1: {token p: logprob, top-k}, from the logits at p - 1,
         one batched log_softmax per span."""
         out = {}
-        for req, start, end, first_pos in spans:
-            n = min(
-                end - start, req.num_prompt_tokens - 1 - first_pos
-            )  # positions with a next token
+        for span in spans:
+            req, start, first_pos = span.state, span.start, span.first_position
+            n = min(span.end - start, req.num_prompt_tokens - 1 - first_pos)  # have a next token
             entries: list[dict[int, float] | None] = [None] if first_pos == 0 else []
             if n > 0:
                 lp = self.model.compute_logits(hidden[start : start + n]).float().log_softmax(-1)
@@ -183,10 +194,11 @@ class ModelRunner:
                         for tid, val in zip(top.indices[i].tolist(), top.values[i].tolist()):
                             entry.setdefault(tid, val)
                     entries.append(entry)
+            req.num_prompt_logprobs += len(entries)
             out[req.request_id] = entries
         return out
 
-    def _copy_blocks(self, copies: list[tuple[int, int]]) -> None:
+    def _copy_blocks(self, copies: tuple[tuple[int, int], ...]) -> None:
         bs = self.block_size
         tensors = [t for c in self.kv_caches for t in (c if isinstance(c, tuple) else (c,))]
         for src, dst in copies:

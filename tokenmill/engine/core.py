@@ -1,0 +1,219 @@
+"""EngineCore: the step loop. `step()` = schedule -> execute -> update, returning value deltas.
+
+It owns the scheduler (which owns the KV manager) and an executor. Requests come in as
+`EngineCoreRequest`s (already tokenized and validated by the front); n > 1 becomes n sequences
+"{id}#{i}" that share the prompt's blocks. Each step returns `EngineCoreOutputs`: per sequence,
+the tokens and logprobs it gained, and its finish reason. Text, stop strings and user-facing
+outputs are the front's (engine/output_processor.py). A failed model step ends only the
+requests of that step with finish_reason "error"; the core stays usable.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+from tokenmill.config import EngineConfig
+from tokenmill.engine.messages import (
+    EngineCoreOutput,
+    EngineCoreOutputs,
+    EngineCoreRequest,
+    EngineStats,
+    ModelInfo,
+    RequestMetrics,
+)
+from tokenmill.engine.request import Request, RequestStatus
+from tokenmill.engine.scheduler import Scheduler
+from tokenmill.executor.base import Executor
+from tokenmill.kv.manager import KVCacheManager
+from tokenmill.kv.specs import plan_kv_cache
+from tokenmill.sampling_params import SamplingParams
+
+log = logging.getLogger(__name__)
+
+
+def sequence_id(request_id: str, index: int, n: int) -> str:
+    """The core's id of sequence `index` of a request with n sequences."""
+    return request_id if n == 1 else f"{request_id}#{index}"
+
+
+def metrics_of(req: Request) -> RequestMetrics:
+    t = req.times
+    return RequestMetrics(
+        t.arrival, t.first_scheduled, t.first_token, t.last_token, t.finished, req.num_output_tokens
+    )
+
+
+@dataclass
+class _Sequence:
+    request_id: str  # the user request
+    index: int
+    request: Request
+    num_sent_tokens: int = 0  # output tokens already in an EngineCoreOutput
+    num_sent_prompt_logprobs: int = 0
+
+
+class EngineCore:
+    def __init__(self, config: EngineConfig, executor: Executor | None = None) -> None:
+        if executor is None:
+            from tokenmill.executor.uniproc import UniprocExecutor
+
+            executor = UniprocExecutor(config)
+        self.executor = executor
+        self.config = config
+        worker = executor.describe()
+        self.max_model_len = worker.max_model_len
+        cache, sched = config.cache, config.scheduler
+        specs = executor.cache_specs()
+        memory = cache.kv_cache_memory or executor.default_kv_cache_memory(
+            sched.max_num_seqs * self.max_model_len
+        )
+        plan = plan_kv_cache(specs, memory, cache.block_size, self.max_model_len)
+        executor.initialize_cache(plan.num_blocks)
+        self.kv = KVCacheManager(plan.num_blocks, cache.block_size, cache.enable_prefix_caching)
+        self.scheduler = Scheduler(sched, self.kv, self.max_model_len)
+        self.eos_token_ids = worker.eos_token_ids
+        self.info = ModelInfo(
+            vocab_size=worker.vocab_size,
+            max_model_len=self.max_model_len,
+            eos_token_ids=worker.eos_token_ids,
+            device_type=worker.device_type,
+            device_name=worker.device_name,
+            num_blocks=plan.num_blocks,
+            block_size=cache.block_size,
+        )
+        self._sequences: dict[str, _Sequence] = {}  # sequence id -> its state
+        self._requests: dict[str, list[str]] = {}  # request id -> its sequence ids
+        log.info(
+            "KV cache: %d blocks of %d tokens (%.1f MiB), max_model_len %d",
+            plan.num_blocks,
+            cache.block_size,
+            plan.num_bytes / 2**20,
+            self.max_model_len,
+        )
+        if config.device.compile:
+            self._warm_up()
+
+    def _warm_up(self) -> None:
+        """Step through each shape class once (a prefill, a decode of several rows, a decode of
+        one), so that compiled graphs are built at start-up rather than in a request's time."""
+        params = SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True)
+        started = time.monotonic()
+        for batch in (2, 1):
+            for i in range(batch):
+                ids = tuple((i + j) % self.info.vocab_size for j in range(1, 6))
+                self.add_request(EngineCoreRequest(f"warm-up-{batch}-{i}", ids, params, started))
+            while self.has_unfinished():
+                self.step()
+        log.info("warm-up (graph compilation) took %.1f s", time.monotonic() - started)
+
+    # ---- requests in -----------------------------------------------------------------------
+    def add_request(self, r: EngineCoreRequest) -> None:
+        """Queue a validated request (the front checked ids and lengths)."""
+        if r.request_id in self._requests:
+            raise ValueError(f"request_id {r.request_id!r} is already in use")
+        n = r.params.n
+        children = []
+        for i in range(n):
+            params = r.params if n == 1 else r.params.for_child(i)
+            seq_id = sequence_id(r.request_id, i, n)
+            req = Request(
+                seq_id,
+                list(r.prompt_token_ids),
+                params,
+                self.eos_token_ids,
+                self.max_model_len,
+                r.arrival_time,
+            )
+            self._sequences[seq_id] = _Sequence(r.request_id, i, req)
+            children.append(req)
+        self._requests[r.request_id] = [c.request_id for c in children]
+        first, rest = children[0], children[1:]
+        first.fork_children = rest
+        for child in rest:
+            self.scheduler.add_forked(child)
+        self.scheduler.add(first)
+
+    def abort(self, ids: list[str] | tuple[str, ...]) -> None:
+        """End requests (all their sequences) or single sequences now, freeing their blocks.
+        No output is emitted: whoever aborts knows. Unknown ids are ignored."""
+        seq_ids = []
+        for i in ids:
+            seq_ids.extend(self._requests.get(i, [i] if i in self._sequences else []))
+        self.scheduler.finish(seq_ids, RequestStatus.FINISHED_ABORTED)
+        for seq_id in seq_ids:
+            self._forget(seq_id)
+
+    # ---- the step ----------------------------------------------------------------------------
+    def step(self) -> EngineCoreOutputs:
+        started = time.perf_counter()
+        out = self.scheduler.schedule()
+        if out.is_empty and not out.finished_request_ids:
+            return EngineCoreOutputs((), self.stats())
+        try:
+            result = self.executor.execute(out)
+        except Exception:
+            log.exception("model step failed; ending the requests in it")
+            outputs = self._fail(list(out.num_scheduled_tokens))
+            return EngineCoreOutputs(outputs, self.stats(), time.perf_counter() - started)
+        changed = self.scheduler.update(out, result)
+        outputs = tuple(self._output(req) for req in changed)
+        return EngineCoreOutputs(outputs, self.stats(), time.perf_counter() - started)
+
+    def _fail(self, seq_ids: list[str]) -> tuple[EngineCoreOutput, ...]:
+        """End every sequence of the requests these sequences belong to, with "error"."""
+        groups = {self._sequences[s].request_id for s in seq_ids if s in self._sequences}
+        seqs = [self._sequences[s] for g in sorted(groups) for s in self._requests[g]]
+        self.scheduler.finish([s.request.request_id for s in seqs], RequestStatus.FINISHED_ERROR)
+        return tuple(self._output(s.request) for s in seqs)
+
+    def _output(self, req: Request) -> EngineCoreOutput:
+        seq = self._sequences[req.request_id]
+        start = seq.num_sent_tokens
+        seq.num_sent_tokens = req.num_output_tokens
+        new_prompt_lps = None
+        if req.params.prompt_logprobs is not None and seq.index == 0:
+            new_prompt_lps = tuple(req.prompt_logprobs[seq.num_sent_prompt_logprobs :])
+            seq.num_sent_prompt_logprobs = len(req.prompt_logprobs)
+        out = EngineCoreOutput(
+            request_id=seq.request_id,
+            index=seq.index,
+            new_token_ids=tuple(req.output_token_ids[start:]),
+            new_logprobs=tuple(req.logprobs[start:]) if req.params.logprobs is not None else None,
+            new_prompt_logprobs=new_prompt_lps,
+            finish_reason=req.status.finish_reason,
+            stop_reason=req.stop_reason,
+            num_cached_tokens=req.num_cached_tokens,
+            metrics=metrics_of(req),
+        )
+        if req.is_finished:
+            self._forget(req.request_id)
+        return out
+
+    def _forget(self, seq_id: str) -> None:
+        seq = self._sequences.pop(seq_id, None)
+        if seq is None:
+            return
+        siblings = self._requests.get(seq.request_id, [])
+        if all(s not in self._sequences for s in siblings):
+            self._requests.pop(seq.request_id, None)
+
+    # ---- state -------------------------------------------------------------------------------
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    def stats(self) -> EngineStats:
+        pool = self.kv.pool
+        return EngineStats(
+            num_running=self.scheduler.num_running,
+            num_waiting=self.scheduler.num_waiting,
+            num_used_blocks=pool.num_used_blocks,
+            num_blocks=pool.num_blocks,
+            kv_usage=pool.usage,
+            prefix_cache_hit_rate=pool.hit_rate,
+            num_preemptions=self.scheduler.num_preemptions,
+        )
+
+    def shutdown(self) -> None:
+        self.executor.shutdown()

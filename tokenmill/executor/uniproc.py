@@ -1,0 +1,33 @@
+"""UniprocExecutor: one worker in the engine core's own process (the default)."""
+
+from __future__ import annotations
+
+from tokenmill.config import EngineConfig
+from tokenmill.engine.messages import RunnerOutput, SchedulerOutput, WorkerInfo
+from tokenmill.executor.base import Executor
+from tokenmill.kv.specs import CacheSpec
+from tokenmill.models.loader import LoadedModel
+from tokenmill.worker.worker import Worker
+
+
+class UniprocExecutor(Executor):
+    def __init__(self, config: EngineConfig, loaded: LoadedModel | None = None) -> None:
+        self.worker = Worker(config, loaded)
+
+    def describe(self) -> WorkerInfo:
+        return self.worker.describe()
+
+    def cache_specs(self) -> list[CacheSpec]:
+        return self.worker.cache_specs()
+
+    def default_kv_cache_memory(self, max_tokens: int) -> int:
+        return self.worker.default_kv_cache_memory(max_tokens)
+
+    def initialize_cache(self, num_blocks: int) -> None:
+        self.worker.initialize_cache(num_blocks)
+
+    def execute(self, out: SchedulerOutput) -> RunnerOutput:
+        return self.worker.execute(out)
+
+    def shutdown(self) -> None:
+        pass  # the worker lives and ends with this process
