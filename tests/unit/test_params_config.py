@@ -48,3 +48,45 @@ def test_cache_config_validation():
         CacheConfig(block_size=12)
     with pytest.raises(ValueError, match="kv_cache_memory"):
         CacheConfig(kv_cache_memory=0)
+
+
+def test_no_placeholder_for_the_derived_max_model_len():
+    """Without chunked prefill the budget must cover max_model_len, which is known only once
+    the model is: the config accepts it, the scheduler checks it against the real length."""
+    from tokenmill.config import EngineConfig
+    from tokenmill.engine.scheduler import Scheduler
+    from tokenmill.kv.manager import KVCacheManager
+
+    cfg = EngineConfig.from_kwargs(
+        enable_chunked_prefill=False, max_num_batched_tokens=1024, max_model_len=512
+    )
+    assert cfg.model.max_model_len == 512
+    kv = KVCacheManager(64, 16)
+    Scheduler(cfg.scheduler, kv, max_model_len=512)  # fits
+    with pytest.raises(ValueError, match="max_num_batched_tokens"):
+        Scheduler(cfg.scheduler, kv, max_model_len=2048)
+
+
+def test_serve_config_validates_and_the_cli_is_generated_from_it():
+    from tokenmill.cli import build_parser, serve_config
+    from tokenmill.config import ServeConfig
+
+    args = build_parser().parse_args(
+        [
+            "serve",
+            "--port",
+            "9",
+            "--api-key",
+            "a=1",
+            "--api-key",
+            "2",
+            "--max-waiting",
+            "3",
+            "--no-engine-process",
+        ]
+    )
+    opts = serve_config(args)
+    assert opts == ServeConfig(port=9, api_key=("a=1", "2"), max_waiting=3, engine_process=False)
+    for bad in ({"port": 70000}, {"grace_period": -1}, {"max_waiting": -2}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            ServeConfig(**bad)
