@@ -15,9 +15,9 @@ from tests.models.test_engine_vs_hf import PROMPTS, hf_greedy, hf_model
 from tokenmill import LLM, SamplingParams
 from tokenmill.cli import main
 from tokenmill.quant import quantize
-from tokenmill.quant.checkpoint import quantize_checkpoint
+from tokenmill.quant.checkpoint_writer import quantize_checkpoint
 from tokenmill.quant.methods import CALIBRATION_STATS, QuantMethod
-from tokenmill.quant.weight_only import int4_group
+from tokenmill.quant.methods.weight_only import int4_group
 
 GREEDY = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
 SCORE = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0, ignore_eos=True)

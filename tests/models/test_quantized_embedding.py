@@ -26,7 +26,7 @@ from tokenmill import LLM
 from tokenmill.bench.quant import model_bytes
 from tokenmill.config import QuantConfig
 from tokenmill.quant import quantize
-from tokenmill.quant.checkpoint import quantize_checkpoint
+from tokenmill.quant.checkpoint_writer import quantize_checkpoint
 from tokenmill.quant.embedding import QuantizedEmbedding
 from tokenmill.quant.formats import FORMATS, take_rows
 from tokenmill.quant.methods import CALIBRATION_STATS

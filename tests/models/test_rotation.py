@@ -15,9 +15,10 @@ from tests.tiny_models import make_tiny_model
 from tokenmill import LLM
 from tokenmill.config import QuantConfig
 from tokenmill.models.arch import arch_from_hf_config
-from tokenmill.models.loader import _safetensors, build_model, fill_weights, linear_layer_names
+from tokenmill.models.build import build_model, fill_weights, linear_layer_names
+from tokenmill.models.hf import read_safetensors
 from tokenmill.quant.calibrate import calibrate, calibration_windows, single_sequence_metadata
-from tokenmill.quant.checkpoint import quantize_checkpoint
+from tokenmill.quant.checkpoint_writer import quantize_checkpoint
 from tokenmill.quant.rotation import (
     ONLINE_BLOCK,
     OnlineRotation,
@@ -49,7 +50,9 @@ def run_model(folder, ids: list[int], seed: int | None, hook=None):
         for name in linear_layer_names(model):
             float_weights[name] = model.get_submodule(name).weight.detach().clone()
 
-    fill_weights(model, _safetensors(folder, torch.device("cpu"), "loading"), None, before_packing)
+    fill_weights(
+        model, read_safetensors(folder, torch.device("cpu"), "loading"), None, before_packing
+    )
     if hook is not None:
         for name, weight in float_weights.items():
             model.get_submodule(name).register_forward_pre_hook(
@@ -220,7 +223,7 @@ def test_rotation_search_keeps_the_seed_closest_on_calibration_text(tmp_path):
 
     def loaded():
         model = build_model(arch, torch.float32, torch.device("cpu"), max_len, "w8a8")
-        model.load_weights(_safetensors(folder, torch.device("cpu"), "loading"))
+        model.load_weights(read_safetensors(folder, torch.device("cpu"), "loading"))
         return model
 
     windows = calibration_windows(tokenizer, min(512, max_len), SEARCH_WINDOWS)

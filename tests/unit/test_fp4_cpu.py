@@ -13,7 +13,7 @@ from tokenmill.layers.native_ops import select_kernels
 from tokenmill.quant import quantize
 from tokenmill.quant.fp4_cpu import GEMV_ROWS, Fp4Kernels, scale_table
 from tokenmill.quant.methods import make_method
-from tokenmill.quant.weight_only import dequantize_fast
+from tokenmill.quant.methods.weight_only import dequantize_fast
 
 pytestmark = pytest.mark.skipif(native.compiler() is None, reason="no C++ compiler")
 

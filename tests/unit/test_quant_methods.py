@@ -11,9 +11,9 @@ from tokenmill.quant import elements as el
 from tokenmill.quant import quantize
 from tokenmill.quant.formats import cat_rows
 from tokenmill.quant.methods import METHODS, make_method
+from tokenmill.quant.methods.weight_only import int4_group
 from tokenmill.quant.scaled_mm import scaled_mm_form
 from tokenmill.quant.smoothquant import smoothing_scale
-from tokenmill.quant.weight_only import int4_group
 
 WEIGHT_ONLY = [m for m in METHODS if m not in ("w8a8", "fp8")]
 TOL = {torch.float32: 2e-5, torch.bfloat16: 2e-2}  # relative to the output's scale

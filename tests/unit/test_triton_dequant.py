@@ -17,13 +17,13 @@ pytest.importorskip("triton")
 
 from tokenmill.quant import quantize  # noqa: E402
 from tokenmill.quant.formats import FORMATS  # noqa: E402
+from tokenmill.quant.methods.weight_only import dequantize_fast  # noqa: E402
 from tokenmill.quant.triton_dequant import (  # noqa: E402
     TritonWeight,
     choose_path,
     dequant_matmul,
     dequantize,
 )
-from tokenmill.quant.weight_only import dequantize_fast  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])

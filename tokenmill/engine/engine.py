@@ -17,7 +17,7 @@ from tokenmill.engine.output_processor import OutputProcessor
 from tokenmill.engine.outputs import RequestOutput
 from tokenmill.executor.base import Executor
 from tokenmill.executor.uniproc import UniprocExecutor
-from tokenmill.models.loader import LoadedModel
+from tokenmill.models.build import LoadedModel
 from tokenmill.models.tokenizer import Tokenizer
 from tokenmill.sampling_params import SamplingParams
 

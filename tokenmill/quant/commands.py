@@ -87,7 +87,7 @@ def run(args: argparse.Namespace, engine_config) -> int:
 
 
 def quantize(args) -> int:
-    from tokenmill.quant.checkpoint import quantize_checkpoint
+    from tokenmill.quant.checkpoint_writer import quantize_checkpoint
 
     src = Path(args.model)
     if not (src / "config.json").exists():

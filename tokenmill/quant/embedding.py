@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from tokenmill.quant.formats import QuantizedTensor, take_rows
-from tokenmill.quant.weight_only import dequantize_fast
+from tokenmill.quant.methods.weight_only import dequantize_fast
 
 
 class QuantizedEmbedding(nn.Module):

@@ -27,7 +27,7 @@ from tokenmill.layers.kv_quant import (
 )
 from tokenmill.layers.native_ops import select_kernels
 from tokenmill.layers.sampler import Sampler
-from tokenmill.models.loader import LoadedModel
+from tokenmill.models.build import LoadedModel
 from tokenmill.quant.calibrate import single_sequence_metadata
 from tokenmill.worker.batch import build_model_input, build_sampling_batch
 from tokenmill.worker.input_batch import InputBatch

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from tokenmill.quant import elements as el
 from tokenmill.quant.formats import QuantizedTensor, element_values, expanded_scale, quantize
-from tokenmill.quant.methods import QuantMethod, _finish, _rows
+from tokenmill.quant.methods.base import QuantMethod, finish, rows
 
 
 class WeightOnlyMethod(QuantMethod):
@@ -106,11 +106,11 @@ class WeightOnlyMethod(QuantMethod):
 
     def apply(self, layer, x):
         q: QuantizedTensor = layer.qweight
-        x2 = _rows(x)
+        x2 = rows(x)
         if hasattr(layer, "smooth_inv"):
             x2 = x2 * layer.smooth_inv
         if hasattr(layer, "fp4_weight") and not torch.compiler.is_compiling():
-            return _finish(layer.fp4_kernels.matmul(x2, layer.fp4_weight), x, layer.bias)
+            return finish(layer.fp4_kernels.matmul(x2, layer.fp4_weight), x, layer.bias)
         if hasattr(layer, "triton_weight"):
             from tokenmill.quant.triton_dequant import dequant_matmul
 
@@ -123,7 +123,7 @@ class WeightOnlyMethod(QuantMethod):
             )
         else:
             y = F.linear(x2, dequantize_fast(q, x.dtype))
-        return _finish(y, x, layer.bias)
+        return finish(y, x, layer.bias)
 
 
 def triton_available() -> bool:
