@@ -31,20 +31,19 @@ def exact_weights():
     so only the activations are rounded to E4M3."""
     from tokenmill.layers.linear import pack_for_cpu
     from tokenmill.quant.methods import FP8Method, QuantMethod
+    from tokenmill.quant.methods.fp8 import EmulatedFp8Kernel
 
     def process(self, layer) -> None:
         weight = layer.weight.data.clone()
         QuantMethod.process_weights_after_loading(self, layer)
-        if getattr(layer, "input_smooth", None) is not None:
+        if self.input_smooth is not None:
             raise ValueError("activations-only needs smoothquant_alpha=0")
-        packed = pack_for_cpu(weight)
-        if packed is not None:
-            layer.weight_packed = packed
-        else:
-            layer.weight_values = weight
-        layer.weight_scale = torch.ones_like(layer.weight_scale)
-        if hasattr(layer, "weight_fp8"):
+        kernel = self.impl
+        if not isinstance(kernel, EmulatedFp8Kernel):
             raise ValueError("activations-only runs the emulated (CPU) fp8 path")
+        kernel.packed = pack_for_cpu(weight)  # the float weight itself, at scale 1
+        kernel.values = weight if kernel.packed is None else None
+        kernel.weight_scale = torch.ones_like(kernel.weight_scale)
 
     FP8Method.process_weights_after_loading = process
     try:

@@ -23,6 +23,7 @@ import torch
 from tokenmill.layers.linear import Linear
 from tokenmill.quant import quantize
 from tokenmill.quant.methods import make_method
+from tokenmill.quant.methods.weight_only import TritonKernel
 from tokenmill.quant.scaled_mm import scaled_mm_form
 
 try:
@@ -55,10 +56,9 @@ def timed(fn, device: torch.device, repeats: int) -> float:
 
 
 def layer_for(method: str | None, weight: torch.Tensor, device) -> Linear:
-    layer = Linear(weight.shape[1], [weight.shape[0]], params_dtype=torch.bfloat16)
-    if method is not None:
-        options = {"smoothquant_alpha": None} if method in ("w8a8", "fp8") else {}
-        layer.quant_method = make_method(method, **options)
+    options = {"smoothquant_alpha": None} if method in ("w8a8", "fp8") else {}
+    qm = make_method(method, **options) if method is not None else None
+    layer = Linear(weight.shape[1], [weight.shape[0]], params_dtype=torch.bfloat16, quant_method=qm)
     layer.weight.data.copy_(weight)
     layer.to(device)
     layer.quant_method.process_weights_after_loading(layer)
@@ -90,6 +90,7 @@ def bench_shape(n: int, k: int, ms: list[int], device, repeats: int) -> list[dic
         layer = layer_for(method, weight, device)
         name = method or "bf16"
         kernel = getattr(layer.quant_method, "kernel", "") or "F.linear"
+        impl = getattr(layer.quant_method, "impl", None)  # the layer's kernel object
         x = torch.randn(max(ms), k, generator=gen).bfloat16().to(device)
         check = x[:7]
         ref = reference(method, weight, check)
@@ -98,13 +99,13 @@ def bench_shape(n: int, k: int, ms: list[int], device, repeats: int) -> list[dic
             xm = x[:m]
             seconds = timed(lambda layer=layer, xm=xm: layer(xm), device, repeats)
             label = kernel
-            if hasattr(layer, "triton_weight"):
-                label = f"{kernel}: {choose_path(xm, layer.triton_weight)} (measured choice)"
+            if isinstance(impl, TritonKernel):
+                label = f"{kernel}: {choose_path(xm, impl.weight)} (measured choice)"
             rows.append(dict(shape=f"{n}x{k}", m=m, variant=f"layer {name}", kernel=label,
                              seconds=seconds, tflops=2 * m * n * k / seconds / 1e12,
                              rel_err=err))  # fmt: skip
-        if method in SWEPT and hasattr(layer, "triton_weight"):
-            rows += _paths(layer.triton_weight, x, ms, name, device, repeats)
+        if method in SWEPT and isinstance(impl, TritonKernel):
+            rows += _paths(impl.weight, x, ms, name, device, repeats)
         if method == "fp8" and device.type == "cuda":
             rows += _gemm_only_fp8(layer, x, ms, n, k, device, repeats)
         del layer
@@ -138,8 +139,8 @@ def _gemm_only_fp8(layer, x, ms, n, k, device, repeats) -> list[dict]:
 
         def run(a=a, sa=sa):
             return torch._scaled_mm(
-                a, layer.weight_fp8.t(), scale_a=sa, scale_b=layer.weight_scale[None, :],
-                out_dtype=out_dtype,
+                a, layer.quant_method.impl.weight_fp8.t(), scale_a=sa,
+                scale_b=layer.quant_method.impl.weight_scale[None, :], out_dtype=out_dtype,
             )  # fmt: skip
 
         seconds = timed(run, device, repeats)

@@ -14,9 +14,10 @@ from safetensors.torch import load_file
 from tests.models.test_engine_vs_hf import PROMPTS, hf_greedy, hf_model
 from tokenmill import LLM, SamplingParams
 from tokenmill.cli import main
+from tokenmill.layers.linear import Linear
 from tokenmill.quant import quantize
 from tokenmill.quant.checkpoint_writer import quantize_checkpoint
-from tokenmill.quant.methods import CALIBRATION_STATS, QuantMethod
+from tokenmill.quant.methods import QuantMethod
 from tokenmill.quant.methods.weight_only import int4_group
 
 GREEDY = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
@@ -118,20 +119,25 @@ def test_w8a8_calibrates_smoothing_at_load(tiny_model_dir):
         folder, dtype="float32", quantization="w8a8", smoothquant_alpha=0.0, kv_cache_memory=1 << 22
     )
     layer = smooth.engine.loaded.model.model.layers[0].mlp.down_proj
-    assert layer.smooth_inv.shape == (layer.in_features,) and (layer.smooth_inv != 1).any()
-    assert not hasattr(plain.engine.loaded.model.model.layers[0].mlp.down_proj, "smooth_inv")
+    inv = layer.quant_method.smooth_inv
+    assert inv.shape == (layer.in_features,) and (inv != 1).any()
+    assert plain.engine.loaded.model.model.layers[0].mlp.down_proj.quant_method.smooth_inv is None
 
 
 def test_w8a8_searches_alpha_per_layer_at_load(tiny_model_dir, tmp_path):
     folder = tiny_model_dir("llama")
     kw = dict(dtype="float32", quantization="w8a8", kv_cache_memory=1 << 22)
     searched = LLM(folder, smoothquant_search=True, **kw)
-    layers = [m for m in searched.engine.loaded.model.modules() if hasattr(m, "smoothquant_alpha")]
-    assert len(layers) == 4 * 2  # qkv, o, gate_up, down in each of the 2 layers
-    assert not any(hasattr(m, "input_samples") for m in layers)  # freed once used
-    assert {m.smoothquant_alpha for m in layers} != {0.5}
+    methods = [
+        m.quant_method
+        for m in searched.engine.loaded.model.modules()
+        if isinstance(m, Linear) and getattr(m.quant_method, "chosen_alpha", None) is not None
+    ]
+    assert len(methods) == 4 * 2  # qkv, o, gate_up, down in each of the 2 layers
+    assert all(m.calibration is None for m in methods)  # samples and statistics freed once used
+    assert {m.chosen_alpha for m in methods} != {0.5}
     plain = LLM(folder, **kw).engine.loaded.model.model.layers[0].mlp.down_proj
-    assert not hasattr(plain, "smoothquant_alpha")
+    assert plain.quant_method.chosen_alpha is None
     reference = LLM(folder, dtype="float32", kv_cache_memory=1 << 22)
     base = sum(prompt_logprobs(reference.generate(PROMPTS, SCORE, use_tqdm=False)), [])
     got = sum(prompt_logprobs(searched.generate(PROMPTS, SCORE, use_tqdm=False)), [])
@@ -149,7 +155,7 @@ def test_gptq_checkpoint_equals_gptq_on_load(tiny_model_dir, tmp_path):
     on_load = LLM(folder, dtype="float32", quantization="nvfp4", gptq=True, kv_cache_memory=1 << 22)
     layer = on_load.engine.loaded.model.model.layers[0].self_attn.qkv_proj
     # the calibration statistics (Hessians) are gone once the layer is quantized
-    assert not any(hasattr(layer, name) for name in CALIBRATION_STATS)
+    assert layer.quant_method.calibration is None
     rtn = LLM(folder, dtype="float32", quantization="nvfp4", kv_cache_memory=1 << 22)
     expected = prompt_logprobs(on_load.generate(PROMPTS, SCORE, use_tqdm=False))
     assert expected != prompt_logprobs(rtn.generate(PROMPTS, SCORE, use_tqdm=False))
@@ -170,11 +176,11 @@ def test_searched_checkpoint_equals_search_on_load(tiny_model_dir, tmp_path, opt
         return llm.engine.loaded.model.model.layers[0].mlp.down_proj
 
     def scales(llm):
-        return layer(llm).qweight.scale.view(torch.uint8)
+        return layer(llm).quant_method.qweight.scale.view(torch.uint8)
 
     assert not torch.equal(scales(searched), scales(rtn))  # the search moved some block scales
     if option == "awq":
-        assert layer(searched).input_smooth is not None
+        assert layer(searched).quant_method.input_smooth is not None
     expected = prompt_logprobs(searched.generate(PROMPTS, SCORE, use_tqdm=False))
     assert expected != prompt_logprobs(rtn.generate(PROMPTS, SCORE, use_tqdm=False))
     qcfg = quantize_checkpoint(folder, tmp_path / "q", "nvfp4", {option: True})
@@ -182,7 +188,9 @@ def test_searched_checkpoint_equals_search_on_load(tiny_model_dir, tmp_path, opt
     again = LLM(tmp_path / "q", **kw)
     assert torch.equal(scales(again), scales(searched))
     if option == "awq":
-        assert torch.equal(layer(again).input_smooth, layer(searched).input_smooth)
+        assert torch.equal(
+            layer(again).quant_method.input_smooth, layer(searched).quant_method.input_smooth
+        )
     assert prompt_logprobs(again.generate(PROMPTS, SCORE, use_tqdm=False)) == expected
 
 

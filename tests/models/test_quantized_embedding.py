@@ -25,11 +25,11 @@ from tests.models.test_quant_models import (
 from tokenmill import LLM
 from tokenmill.bench.quant import model_bytes
 from tokenmill.config import QuantConfig
+from tokenmill.layers.linear import Linear
 from tokenmill.quant import quantize
 from tokenmill.quant.checkpoint_writer import quantize_checkpoint
 from tokenmill.quant.embedding import QuantizedEmbedding
 from tokenmill.quant.formats import FORMATS, take_rows
-from tokenmill.quant.methods import CALIBRATION_STATS
 
 KW = {"dtype": "float32", "kv_cache_memory": 1 << 22}
 
@@ -76,7 +76,7 @@ def test_quantized_embedding_model_equals_transformers(tiny_model_dir, kind, fmt
     tied = json.loads((folder / "config.json").read_text()).get("tie_word_embeddings")
     assert model.embedding_source == ("head" if tied else "own")
     # a tied table is one set of codes, read by the lookup and by the head
-    shared = embed.qweight.data.data_ptr() == model.lm_head.qweight.data.data_ptr()
+    shared = embed.qweight.data.data_ptr() == model.lm_head.quant_method.qweight.data.data_ptr()
     assert shared == bool(tied)
     reference = dequantized_hf_all(folder, fmt)
     ours = prompt_logprobs(llm.generate(PROMPTS, SCORE, use_tqdm=False))
@@ -111,9 +111,9 @@ def test_nvfp4_with_embedding_stores_4_5_bits_per_weight(tiny_model_dir):
     )
     # what the model holds is exactly its quantized tables (a tied one once) and the bf16
     # norms and biases: nothing else stays behind (calibration statistics, float copies)
-    tables = {
-        m.qweight.data.data_ptr(): m.qweight for m in everything.modules() if hasattr(m, "qweight")
-    }
+    held = [m.quant_method.qweight if isinstance(m, Linear) else m.qweight
+            for m in everything.modules() if isinstance(m, Linear | QuantizedEmbedding)]  # fmt: skip
+    tables = {q.data.data_ptr(): q for q in held}
     plain = sum(p.numel() * 2 for p in everything.parameters())
     assert weight_bytes(everything) == sum(q.nbytes for q in tables.values()) + plain
     for q in tables.values():  # 4-bit codes + one E4M3 per 16: 4.5 bits, 2 / 0.5625 = 3.56x bf16
@@ -126,7 +126,7 @@ def test_calibrated_head_checkpoint_loads_as_on_load(tiny_model_dir, tmp_path):
     options = {"quantization": "nvfp4", "gptq": True, "scale_search": True}
     on_load = LLM(folder, quantize_embedding=True, **options, **KW)
     head = model_of(on_load).lm_head
-    assert not any(hasattr(head, name) for name in CALIBRATION_STATS)
+    assert head.quant_method.calibration is None  # statistics dropped once quantized
     rtn = LLM(folder, quantization="nvfp4", quantize_embedding=True, **KW)
     expected = prompt_logprobs(on_load.generate(PROMPTS, SCORE, use_tqdm=False))
     assert expected != prompt_logprobs(rtn.generate(PROMPTS, SCORE, use_tqdm=False))
@@ -159,7 +159,10 @@ def test_rotation_unties_a_quantized_embedding(tiny_model_dir):
     llm = LLM(folder, quantization="int8", quantize_embedding=True, rotate=True, **KW)
     model = model_of(llm)
     assert model.embedding_source == "own" and not model.arch.tie_word_embeddings
-    assert model.model.embed_tokens.qweight.data.data_ptr() != model.lm_head.qweight.data.data_ptr()
+    assert (
+        model.model.embed_tokens.qweight.data.data_ptr()
+        != model.lm_head.quant_method.qweight.data.data_ptr()
+    )
     plain = LLM(folder, **KW)
     a = prompt_logprobs(plain.generate(PROMPTS, SCORE, use_tqdm=False))
     b = prompt_logprobs(llm.generate(PROMPTS, SCORE, use_tqdm=False))

@@ -14,6 +14,7 @@ from tests.models.test_quant_models import PROMPTS, SCORE, prompt_logprobs
 from tests.tiny_models import make_tiny_model
 from tokenmill import LLM
 from tokenmill.config import QuantConfig
+from tokenmill.layers.linear import Linear
 from tokenmill.models.arch import arch_from_hf_config
 from tokenmill.models.build import build_model, fill_weights, linear_layer_names
 from tokenmill.models.hf import read_safetensors
@@ -257,5 +258,9 @@ def test_alpha_search_runs_on_the_rotated_model(tiny_model_dir):
         smoothquant_search=True,
         kv_cache_memory=1 << 22,
     )
-    layers = [m for m in llm.engine.loaded.model.modules() if hasattr(m, "smoothquant_alpha")]
+    layers = [
+        m
+        for m in llm.engine.loaded.model.modules()
+        if isinstance(m, Linear) and getattr(m.quant_method, "chosen_alpha", None) is not None
+    ]
     assert len(layers) == 4 * 2

@@ -12,6 +12,7 @@ from tokenmill.layers.linear import Linear
 from tokenmill.quant import quantize
 from tokenmill.quant.awq import awq_scale
 from tokenmill.quant.methods import make_method
+from tokenmill.quant.methods.base import CalibrationStats
 
 
 def output_error(w, importance, fmt, s=None):
@@ -61,11 +62,12 @@ def test_awq_linear_computes_the_same_product():
     layer = Linear(256, [64, 32], quant_method=make_method("nvfp4", awq=True))
     w = torch.randn(96, 256, generator=gen)
     layer.weight.data.copy_(w)
-    layer.input_mean_square = mean_square = loud_inputs(256)
+    mean_square = loud_inputs(256)
+    layer.quant_method.calibration = CalibrationStats(mean_square.sqrt(), mean_square)
     layer.quant_method.process_weights_after_loading(layer)
-    s = layer.input_smooth
+    s = layer.quant_method.input_smooth
     x = torch.randn(5, 256, generator=gen) * mean_square.sqrt()
-    ref = (x.double() / s.double()) @ layer.qweight.dequantize(torch.float64).T
+    ref = (x.double() / s.double()) @ layer.quant_method.qweight.dequantize(torch.float64).T
     torch.testing.assert_close(layer(x).double(), ref, rtol=1e-5, atol=1e-4)
     assert (layer(x) - x @ w.T).abs().mean() < 0.2 * (x @ w.T).abs().mean()  # near W x
 

@@ -13,7 +13,7 @@ from tokenmill.layers.native_ops import select_kernels
 from tokenmill.quant import quantize
 from tokenmill.quant.fp4_cpu import GEMV_ROWS, Fp4Kernels, scale_table
 from tokenmill.quant.methods import make_method
-from tokenmill.quant.methods.weight_only import dequantize_fast
+from tokenmill.quant.methods.weight_only import NativeFp4Kernel, dequantize_fast
 
 pytestmark = pytest.mark.skipif(native.compiler() is None, reason="no C++ compiler")
 
@@ -111,6 +111,6 @@ def test_layers_take_the_kernels_only_where_cpu_kernels_allows(choice):
     assert select_kernels(model, choice, torch.device("cpu"), torch.bfloat16) == choice.replace(
         "auto", "native"
     )
-    assert hasattr(layer, "fp4_weight") == (choice == "auto")
+    assert isinstance(layer.quant_method.impl, NativeFp4Kernel) == (choice == "auto")
     after = layer(x)
     torch.testing.assert_close(after, before, rtol=8e-3, atol=1e-2)

@@ -11,6 +11,7 @@ from tokenmill.quant import elements as el
 from tokenmill.quant import quantize
 from tokenmill.quant.formats import cat_rows
 from tokenmill.quant.methods import METHODS, make_method
+from tokenmill.quant.methods.base import CalibrationStats
 from tokenmill.quant.methods.weight_only import int4_group
 from tokenmill.quant.scaled_mm import scaled_mm_form
 from tokenmill.quant.smoothquant import smoothing_scale
@@ -56,7 +57,7 @@ def test_weight_only_matches_dequantized_float64_matmul(method, dtype, device):
     kw = {"group_size": int4_group(256)} if method == "int4" else {}
     shards = [quantize(w.to(dtype), method, **kw) for w in weight.split([96, 160])]
     expected = cat_rows(shards)
-    assert torch.equal(layer.qweight.scale.cpu(), expected.scale)
+    assert torch.equal(layer.quant_method.qweight.scale.cpu(), expected.scale)
     x = inputs(dtype)
     ref = x.double() @ expected.dequantize(torch.float64).T + layer.bias.double().cpu()
     assert_close(layer(x.to(device)), ref, dtype)
@@ -73,17 +74,19 @@ def test_w8a8_matches_reference(dtype, device):
     x64 = x.double()
     amax = x64.abs().amax(dim=1, keepdim=True)
     xq = torch.round(x64 * 127 / amax)  # dynamic per-token int8
-    wq = layer.qweight.data.double()
-    ref = (xq @ wq.T) * (amax / 127) * layer.qweight.scale.double() + layer.bias.double()
+    wq = layer.quant_method.qweight.data.double()
+    ref = (xq @ wq.T) * (
+        amax / 127
+    ) * layer.quant_method.qweight.scale.double() + layer.bias.double()
     assert_close(layer(x), ref, dtype)
-    assert layer.weight_t.dtype == torch.int8
+    assert layer.quant_method.impl.weight_t.dtype == torch.int8
 
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_w8a8_with_activation_zero_points_matches_reference(dtype, device):
     layer, _ = make_layer("w8a8", dtype, device, activation_zero_point=True)
-    wq = layer.qweight.data.double().cpu()
+    wq = layer.quant_method.qweight.data.double().cpu()
     skewed = torch.nn.functional.silu(inputs(dtype).float() * 3).to(dtype)  # as SiLU * up
     for x in (inputs(dtype), skewed):
         x64 = x.double()
@@ -91,7 +94,7 @@ def test_w8a8_with_activation_zero_points_matches_reference(dtype, device):
         scale = (hi - lo) / 255  # x ~ scale * (q - zero), q in [-128, 127]
         zero = torch.round(-lo / scale) - 128
         xq = (torch.round(x64 / scale) + zero).clamp(-128, 127) - zero
-        wscale = layer.qweight.scale.double().cpu()
+        wscale = layer.quant_method.qweight.scale.double().cpu()
         ref = (xq @ wq.T) * scale * wscale + layer.bias.double().cpu()
         assert_close(layer(x.to(device)), ref, dtype)
     amax = x64.abs().amax(1, keepdim=True)  # on skewed rows the zero point halves the error
@@ -104,7 +107,7 @@ def fp8_reference(x64: torch.Tensor, scale: torch.Tensor, layer, weight) -> torc
     """E4M3 activations (RNE, saturating) times E4M3 weights, exact products, float64 sums."""
     xv = el.decode(el.encode(x64 / scale, el.E4M3), el.E4M3, torch.float64)
     q = quantize(weight.to(layer.params_dtype), "fp8_e4m3")  # per row: shards change nothing
-    assert torch.equal(q.scale, layer.qweight.scale.cpu())
+    assert torch.equal(q.scale, layer.quant_method.qweight.scale.cpu())
     wv = q.data.double()
     return (xv @ wv.T) * scale * q.scale.double() + layer.bias.double().cpu()
 
@@ -154,7 +157,7 @@ def test_int4_group_follows_the_row_length():
     layer.quant_method = make_method("int4")
     layer.weight.data.normal_()
     layer.quant_method.process_weights_after_loading(layer)
-    assert layer.qweight.group_size == 64  # 128 does not divide 576
+    assert layer.quant_method.qweight.group_size == 64  # 128 does not divide 576
 
 
 def test_smoothquant_moves_outliers_and_keeps_the_product():
@@ -165,17 +168,17 @@ def test_smoothquant_moves_outliers_and_keeps_the_product():
     exact = x.double() @ weight.double().T
 
     def quantized(with_amax: bool) -> tuple[Linear, torch.Tensor]:
-        layer = Linear(256, [96])
-        layer.quant_method = make_method("w8a8")
+        layer = Linear(256, [96], quant_method=make_method("w8a8"))
         layer.weight.data.copy_(weight)
         if with_amax:
-            layer.input_amax = x.abs().amax(dim=0)
+            stats = CalibrationStats(x.abs().amax(dim=0), x.pow(2).mean(dim=0))
+            layer.quant_method.calibration = stats
         layer.quant_method.process_weights_after_loading(layer)
         return layer, layer(x).double()
 
     smoothed, y = quantized(True)
     s = smoothing_scale(x.abs().amax(dim=0), weight, 0.5)
-    assert torch.equal(smoothed.smooth_inv, 1 / s)
+    assert torch.equal(smoothed.quant_method.smooth_inv, 1 / s)
     xs = x.double() / s.double()  # the reference: per-token int8 of x / s, per-channel of W * s
     amax = xs.abs().amax(dim=1, keepdim=True)
     q = quantize(weight.float() * s, "int8")

@@ -10,6 +10,7 @@ from tokenmill.config import QuantConfig
 from tokenmill.layers.linear import Linear
 from tokenmill.quant import smoothquant as sq
 from tokenmill.quant.methods import make_method
+from tokenmill.quant.methods.base import CalibrationStats
 
 
 def calibration(seed: int, outlier: float):
@@ -24,18 +25,16 @@ def calibration(seed: int, outlier: float):
 @pytest.mark.parametrize("zero_point", [False, True])
 def test_the_searched_error_is_what_the_quantized_layer_computes(zero_point):
     x, weight = calibration(0, 60.0)
-    layer = Linear(192, [80])
-    layer.quant_method = make_method(
-        "w8a8", smoothquant_search=True, activation_zero_point=zero_point
-    )
+    method = make_method("w8a8", smoothquant_search=True, activation_zero_point=zero_point)
+    layer = Linear(192, [80], quant_method=method)
     layer.weight.data.copy_(weight)
-    layer.input_amax = x.abs().amax(dim=0)
-    layer.input_samples = x
+    method.calibration = CalibrationStats(x.abs().amax(dim=0), x.pow(2).mean(dim=0), x)
     layer.quant_method.process_weights_after_loading(layer)
     exact = x.double() @ weight.double().T
     measured = (layer(x).double() - exact).pow(2).sum() / exact.pow(2).sum()
-    assert layer.smoothquant_alpha in sq.ALPHAS and layer.smoothquant_alpha > 0
-    assert measured.item() == pytest.approx(layer.smoothquant_error, rel=1e-3)
+    assert method.chosen_alpha in sq.ALPHAS and method.chosen_alpha > 0
+    assert measured.item() == pytest.approx(method.chosen_error, rel=1e-3)
+    assert method.calibration is None  # statistics dropped once quantized
 
 
 @pytest.mark.parametrize("method", ["w8a8", "fp8"])

@@ -16,6 +16,9 @@ from dataclasses import asdict, dataclass
 import torch
 
 from tokenmill.bench.offline import Workload, touch_kv_cache
+from tokenmill.layers.linear import Linear
+from tokenmill.quant.embedding import QuantizedEmbedding
+from tokenmill.quant.methods.base import quantized_tensors
 from tokenmill.sampling_params import SamplingParams
 
 
@@ -47,12 +50,10 @@ def model_bytes(model: torch.nn.Module) -> int:
     for module in model.modules():
         tensors = [t for t in vars(module).values() if isinstance(t, torch.Tensor)]
         tensors += list(module._parameters.values()) + list(module._buffers.values())
-        q = getattr(module, "qweight", None)
-        if q is not None:
-            tensors += [q.data, q.scale, q.zero_point, q.global_scale]
-        tw = getattr(module, "triton_weight", None)
-        if tw is not None:
-            tensors += [tw.codes, tw.scale, tw.zero, tw.row_scale]
+        if isinstance(module, Linear):  # the weight in its quant method's layouts
+            tensors += module.quant_method.tensors()
+        elif isinstance(module, QuantizedEmbedding):
+            tensors += quantized_tensors(module.qweight)
         for t in tensors:
             if t is None or t.numel() == 0:
                 continue

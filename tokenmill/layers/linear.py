@@ -26,6 +26,9 @@ class UnquantizedMethod:
     backends"), and it shares torch's OpenMP threads, so nothing else competes for the cores.
     """
 
+    compilable = True  # apply is pure tensor code
+    packed: torch.Tensor | None = None  # the oneDNN layout of the weight, where it applies
+
     def create_weights(self, layer: Linear) -> None:
         layer.weight = nn.Parameter(
             torch.empty(layer.out_features, layer.in_features, dtype=layer.params_dtype),
@@ -33,15 +36,19 @@ class UnquantizedMethod:
         )
 
     def process_weights_after_loading(self, layer: Linear) -> None:
-        packed = pack_for_cpu(layer.weight.data)
-        if packed is not None:
-            layer.packed_weight = packed
-            del layer.weight
+        self.packed = pack_for_cpu(layer.weight.data)
+        if self.packed is not None:
+            del layer.weight  # the packed copy is the weight now
+
+    def attach_native(self, layer: Linear) -> bool:
+        return False
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [self.packed] if self.packed is not None else []
 
     def apply(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
-        packed = getattr(layer, "packed_weight", None)
-        if packed is not None:
-            return packed_linear(x, packed, layer.bias)
+        if self.packed is not None:
+            return packed_linear(x, self.packed, layer.bias)
         return F.linear(x, layer.weight, layer.bias)
 
 

@@ -173,6 +173,7 @@ def select_kernels(
     from tokenmill.layers.activation import SiluAndMul
     from tokenmill.layers.attention import TorchAttention
     from tokenmill.layers.cpu_attention import NativeCpuAttention
+    from tokenmill.layers.linear import Linear
     from tokenmill.layers.norm import RMSNorm
     from tokenmill.layers.rotary import RotaryEmbedding
 
@@ -200,10 +201,9 @@ def select_kernels(
     for module in model.modules():
         if isinstance(module, RMSNorm | SiluAndMul | RotaryEmbedding):
             module.native = rows
-        attach = getattr(getattr(module, "quant_method", None), "attach_native", None)
-        if fp4 and attach is not None:  # weight-only nvfp4/mxfp4/fp8: quant/fp4_cpu.py
+        if fp4 and isinstance(module, Linear):  # weight-only nvfp4/mxfp4/fp8: quant/fp4_cpu.py
             try:
-                attach(module)
+                module.quant_method.attach_native(module)
             except native.NativeUnavailable as e:
                 log.info("torch path for FP4/FP8 weights (%s)", e)
                 fp4 = False

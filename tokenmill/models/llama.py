@@ -162,11 +162,7 @@ class LlamaForCausalLM(nn.Module):
         shapes: one graph serves every batch size). All layers share the graphs, their weights
         being inputs. False, and nothing changed, where a quant method keeps Python state that a
         graph cannot (fp8 delayed scaling's amax history)."""
-        if not all(
-            getattr(m.quant_method, "compilable", True)
-            for m in self.modules()
-            if isinstance(m, Linear)
-        ):
+        if not all(m.quant_method.compilable for m in self.modules() if isinstance(m, Linear)):
             return False
         # A few graphs per half (first layer or not, one row or many, prefill or decode
         # attention layouts), times the engines of one process: above dynamo's default of 8
@@ -185,7 +181,7 @@ class LlamaForCausalLM(nn.Module):
             with torch.device(self.model.embed_tokens.weight.device):
                 self.lm_head = Linear(arch.hidden_size, [arch.vocab_size], False, dtype, method)
             self.lm_head.requires_grad_(False)
-            self.lm_head.keep_row_table = True  # weight_only.install keeps the whole table
+            method.keep_row_table = True  # its install keeps the whole table for the lookup
             self.embedding_source = "head"
         else:
             self.lm_head.quant_method = method
@@ -195,7 +191,7 @@ class LlamaForCausalLM(nn.Module):
         """The head and the embedding no longer hold the same matrix (rotation.py)."""
         if self.embedding_source == "head":
             self.embedding_source = "own"
-            self.lm_head.keep_row_table = False
+            self.lm_head.quant_method.keep_row_table = False
 
     def process_weights_after_loading(self) -> None:
         """Let each linear layer's quant method repack its weights, once, after loading."""
@@ -208,8 +204,8 @@ class LlamaForCausalLM(nn.Module):
         if self.embedding_source is not None and not isinstance(embed, QuantizedEmbedding):
             assert self.lm_head is not None
             if self.embedding_source == "head":
-                table = self.lm_head.row_table
-                scale = getattr(self.lm_head, "smooth_inv", None)  # AWQ: W * s was quantized
+                table = self.lm_head.quant_method.row_table
+                scale = self.lm_head.quant_method.smooth_inv  # AWQ: W * s was quantized
             else:  # its own table, round to nearest: the lookup is robust to it (embedding.py)
                 table = self.lm_head.quant_method.quantize_weight(embed.weight.data.float())
                 scale = None

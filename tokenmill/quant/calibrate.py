@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from tokenmill.layers.attention import AttentionMetadata, PrefillSpan
 from tokenmill.layers.linear import Linear
+from tokenmill.quant.methods.base import CalibrationStats, QuantMethod
 
 CALIBRATION_PLAY = "tragedies/hamlet.md"
 
@@ -117,30 +118,19 @@ def calibration_windows(tokenizer, window: int, num_windows: int = 16) -> list[l
 
 
 def calibrate(model, tokenizer, max_len: int) -> None:
-    """Give every linear layer whose quant method wants them (`smoothquant_alpha`, `gptq`,
-    `scale_search`, `awq`) its `input_amax`, `input_mean_square` and (GPTQ) `input_hessian`, before
-    `process_weights_after_loading` quantizes it."""
+    """Give every linear layer whose quant method wants them (SmoothQuant, GPTQ, scale search,
+    AWQ) its `CalibrationStats`, before `process_weights_after_loading` quantizes it."""
     names, num_windows = {}, 1
     for n, m in model.named_modules():
         method = getattr(m, "quant_method", None)
-        wants_hessian = bool(getattr(method, "gptq", False) or getattr(method, "awq", False))
-        wants = (
-            getattr(method, "smoothquant_alpha", None)
-            or getattr(method, "smoothquant_search", False)
-            or getattr(method, "scale_search", False)
-            or getattr(method, "awq", False)
-        )
-        if isinstance(m, Linear) and (wants or wants_hessian):
-            names[n] = (wants_hessian, bool(getattr(method, "smoothquant_search", False)))
+        if isinstance(m, Linear) and isinstance(method, QuantMethod) and method.wants_calibration:
+            names[n] = (method.wants_hessian, method.wants_samples)
             num_windows = max(num_windows, method.calibration_windows)
     if not names:
         return
     texts = calibration_windows(tokenizer, min(512, max_len), num_windows)
-    stats = input_stats(model, texts, names)
-    for n, rec in stats.items():
-        layer = model.get_submodule(n)
-        layer.input_amax = rec.amax
-        layer.input_mean_square = rec.mean_square
-        layer.input_samples = rec.sampled_rows
-        if rec.hessian is not None:
-            layer.input_hessian = rec.hessian
+    for n, rec in input_stats(model, texts, names).items():
+        assert rec.amax is not None
+        model.get_submodule(n).quant_method.calibration = CalibrationStats(
+            rec.amax, rec.mean_square, rec.sampled_rows, rec.hessian
+        )

@@ -104,7 +104,9 @@ class QuantizedWeights:
             module_name = target.rsplit(".", 1)[0]
             by_module[module_name][shard or 0] = from_state(parts, self.config)
             if "input_smooth" in parts:  # the same for every shard: they share the input
-                model.get_submodule(module_name).input_smooth = parts["input_smooth"].float()
+                model.get_submodule(module_name).quant_method.set_input_smooth(
+                    parts["input_smooth"]
+                )
             loaded.add(target if shard is None else f"{target}#{shard}")
         for module_name, shards in by_module.items():
             layer = model.get_submodule(module_name)

@@ -88,8 +88,8 @@ def quantize_checkpoint(
             shards[module_name] = layer.quant_method.quantize_shards(layer)
         prefix = name.removesuffix(".weight")
         state.update(to_state(prefix, shards[module_name][shard or 0]))
-        if getattr(layer, "input_smooth", None) is not None:
-            state[f"{prefix}.input_smooth"] = layer.input_smooth.clone()  # one copy per name
+        if layer.quant_method.input_smooth is not None:  # one copy per name
+            state[f"{prefix}.input_smooth"] = layer.quant_method.input_smooth.clone()
     if model.embedding_source:
         state.update(_quantized_embedding(model))
     elif rotation_seed is not None:
@@ -118,8 +118,8 @@ def _quantized_embedding(model) -> dict[str, torch.Tensor]:
     """The LM head's quantized parts, and the embedding's where it has its own table."""
     head = model.lm_head
     state = to_state("lm_head", head.quant_method.quantize_shards(head)[0])
-    if getattr(head, "input_smooth", None) is not None:
-        state["lm_head.input_smooth"] = head.input_smooth.clone()
+    if head.quant_method.input_smooth is not None:
+        state["lm_head.input_smooth"] = head.quant_method.input_smooth.clone()
     if model.embedding_source == "own":
         table = head.quant_method.quantize_weight(model.model.embed_tokens.weight.data.float())
         state.update(to_state("model.embed_tokens", table))

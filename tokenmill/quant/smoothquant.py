@@ -76,38 +76,48 @@ class SmoothQuantMixin(ABC):
 
     smoothquant_alpha: float | None = None
     smoothquant_search: bool = False
+    chosen_alpha: float | None = None  # with the search: the alpha this layer got
+    chosen_error: float | None = None  # and its relative output error on calibration rows
+    gptq: bool = False
+    calibration = None  # CalibrationStats, set by calibrate.py (quant/methods/base.py)
+
+    @property
+    def wants_calibration(self) -> bool:
+        return bool(self.smoothquant_alpha or self.smoothquant_search or self.gptq)
+
+    @property
+    def wants_samples(self) -> bool:
+        return self.smoothquant_search
 
     def smoothing(self, layer) -> torch.Tensor | None:
-        amax = getattr(layer, "input_amax", None)
-        samples = getattr(layer, "input_samples", None)
-        if hasattr(layer, "input_samples"):
-            del layer.input_samples  # 512 rows per layer: only the search needs them
-        if self.smoothquant_search and amax is not None and samples is not None:
+        stats = self.calibration
+        if stats is None:
+            return None
+        samples, stats.input_samples = stats.input_samples, None  # only the search reads them
+        if self.smoothquant_search and samples is not None:
             alpha, s, errors = search_alpha(
                 layer.weight.data,
-                amax,
+                stats.input_amax,
                 samples,
-                lambda w: self.quantize_weight(w).dequantize().double(),
+                lambda w: self.quantize_weight(w).dequantize().double(),  # type: ignore[attr-defined]
                 self.fake_quantize_activation,
             )
-            layer.smoothquant_alpha, layer.smoothquant_error = alpha, errors[alpha]
+            self.chosen_alpha, self.chosen_error = alpha, errors[alpha]
             return s
-        if not self.smoothquant_alpha or amax is None:
+        if not self.smoothquant_alpha:
             return None
-        return smoothing_scale(amax, layer.weight.data, self.smoothquant_alpha)
+        return smoothing_scale(stats.input_amax, layer.weight.data, self.smoothquant_alpha)
 
     @abstractmethod
     def fake_quantize_activation(self, x: torch.Tensor) -> torch.Tensor:
         """x [tokens, in] float64 -> its run-time activation quantization, dequantized."""
 
 
-def smooth_input(layer, x2: torch.Tensor) -> torch.Tensor:
+def smooth_input(smooth_inv: torch.Tensor | None, x2: torch.Tensor) -> torch.Tensor:
     """x / s in fp32 (identity without smoothing)."""
-    inv = getattr(layer, "smooth_inv", None)
-    return x2.float() if inv is None else x2 * inv  # promotes to fp32 in the same pass
+    return x2.float() if smooth_inv is None else x2 * smooth_inv  # promotes to fp32 in one pass
 
 
-def install_smoothing(layer) -> None:
-    s = getattr(layer, "input_smooth", None)
-    if s is not None:
-        layer.smooth_inv = (1.0 / s.float()).contiguous()  # [in_features]
+def inverse_smoothing(s: torch.Tensor | None) -> torch.Tensor | None:
+    """1 / s [in_features] fp32, the factor smooth_input multiplies by."""
+    return None if s is None else (1.0 / s.float()).contiguous()

@@ -23,15 +23,16 @@ Fast paths, each measured in BENCHMARKS.md, and where none exists the method say
 from __future__ import annotations
 
 from tokenmill.quant.formats import FORMATS
-from tokenmill.quant.methods.base import CALIBRATION_STATS, QuantMethod
+from tokenmill.quant.methods.base import CalibrationStats, LinearKernel, QuantMethod
 from tokenmill.quant.methods.fp8 import FP8Method
 from tokenmill.quant.methods.w8a8 import W8A8Method
 from tokenmill.quant.methods.weight_only import WeightOnlyMethod
 from tokenmill.quant.smoothquant import SmoothQuantMixin
 
 __all__ = [
-    "CALIBRATION_STATS",
+    "CalibrationStats",
     "FP8Method",
+    "LinearKernel",
     "METHODS",
     "QuantMethod",
     "W8A8Method",

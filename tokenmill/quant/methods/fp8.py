@@ -6,6 +6,7 @@ accumulation, no FP8 memory saving."""
 
 from __future__ import annotations
 
+from abc import abstractmethod
 from dataclasses import dataclass, replace
 
 import torch
@@ -15,8 +16,8 @@ from tokenmill.quant import elements as el
 from tokenmill.quant.formats import (
     quantize,
 )
-from tokenmill.quant.methods.base import QuantMethod, finish, rows
-from tokenmill.quant.smoothquant import SmoothQuantMixin, install_smoothing, smooth_input
+from tokenmill.quant.methods.base import LinearKernel, QuantMethod, finish, rows
+from tokenmill.quant.smoothquant import SmoothQuantMixin, inverse_smoothing, smooth_input
 
 
 @dataclass
@@ -38,6 +39,7 @@ class AmaxHistory:
 
 class FP8Method(SmoothQuantMixin, QuantMethod):
     format = "fp8_e4m3"
+    amax_history: AmaxHistory | None = None  # delayed scaling's record, one per layer
 
     def __init__(
         self,
@@ -65,45 +67,80 @@ class FP8Method(SmoothQuantMixin, QuantMethod):
         return quantize(x, "fp8_e4m3", granularity="token").dequantize().double()
 
     def install(self, layer, qweight):
-        layer.qweight = qweight
-        layer.weight_scale = qweight.scale.float().expand(qweight.shape[0]).contiguous()
-        layer.amax_history = AmaxHistory(self.amax_history_len)
-        install_smoothing(layer)
-        dev = qweight.data.device
-        if dev.type == "cuda":
-            self.kernel = "torch._scaled_mm"
-            layer.weight_fp8 = qweight.data
+        self.smooth_inv = inverse_smoothing(self.input_smooth)
+        self.amax_history = AmaxHistory(self.amax_history_len)
+        if qweight.data.device.type == "cuda":
+            self.impl = ScaledMMKernel(qweight, self.activation_scale, layer.params_dtype)
+            self.qweight = qweight
         else:
-            from tokenmill.layers.linear import pack_for_cpu
+            self.impl = EmulatedFp8Kernel(qweight, self.activation_scale, layer.params_dtype)
+            self.qweight = replace(qweight, data=qweight.data[:0])  # codes live on as values
 
-            self.kernel = "emulated: FP8 values in bf16/fp32 GEMMs (no fast FP8 GEMM on CPU)"
-            values = qweight.data.to(layer.params_dtype)  # exact: E4M3 fits in bf16 and fp32
-            layer.weight_packed = pack_for_cpu(values)
-            if layer.weight_packed is None:
-                layer.weight_values = values
-            layer.qweight = replace(qweight, data=qweight.data[:0])  # codes live on as values
-
-    def activation_scale(self, layer, x2: torch.Tensor) -> torch.Tensor:  # [tokens, 1] fp32
+    def activation_scale(self, x2: torch.Tensor) -> torch.Tensor:  # [tokens, 1] fp32
         amax = x2.abs().amax(dim=1, keepdim=True).float()
         if self.activation_scaling == "current":
             return (amax / el.E4M3.max_value).clamp_(min=1e-12)
-        scale = layer.amax_history.scale(amax.max(), el.E4M3.max_value)
+        assert self.amax_history is not None
+        scale = self.amax_history.scale(amax.max(), el.E4M3.max_value)
         return scale.expand(x2.shape[0], 1)
 
     def apply(self, layer, x):
-        x2 = smooth_input(layer, rows(x))  # [tokens, in] fp32
-        scale = self.activation_scale(layer, x2)
+        assert self.impl is not None, "apply before install"
+        return finish(self.impl(smooth_input(self.smooth_inv, rows(x))), x, layer.bias)
+
+
+class Fp8Kernel(LinearKernel):
+    """E4M3 activations, scaled per token by the method's rule, x E4M3 weights per channel."""
+
+    def __init__(self, qweight, activation_scale, dtype: torch.dtype) -> None:
+        self.weight_scale = qweight.scale.float().expand(qweight.shape[0]).contiguous()  # [out]
+        self.activation_scale = activation_scale  # x2 -> [tokens, 1] fp32 (current or delayed)
+        self.dtype = dtype
+
+    def __call__(self, x2):  # x2 [tokens, in] fp32, smoothed
+        scale = self.activation_scale(x2)
         limit = el.E4M3.max_value  # delayed scales can be stale: saturate, as the format does
         xq = (x2 / scale).clamp_(-limit, limit).to(torch.float8_e4m3fn)
-        if hasattr(layer, "weight_fp8"):
-            from tokenmill.quant.scaled_mm import scaled_mm_rowwise
+        return self.gemm(xq, scale)
 
-            y = scaled_mm_rowwise(xq, layer.weight_fp8, scale, layer.weight_scale, x.dtype)
-            return finish(y, x, layer.bias)
+    @abstractmethod
+    def gemm(self, xq: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        """E4M3 codes [tokens, in] with their scales [tokens, 1] -> y [tokens, out]."""
+
+
+class ScaledMMKernel(Fp8Kernel):
+    name = "torch._scaled_mm"
+
+    def __init__(self, qweight, activation_scale, dtype: torch.dtype) -> None:
+        super().__init__(qweight, activation_scale, dtype)
+        self.weight_fp8 = qweight.data
+
+    def gemm(self, xq, scale):
+        from tokenmill.quant.scaled_mm import scaled_mm_rowwise
+
+        return scaled_mm_rowwise(xq, self.weight_fp8, scale, self.weight_scale, self.dtype)
+
+
+class EmulatedFp8Kernel(Fp8Kernel):
+    """CPU: the same FP8 values through bf16/fp32 GEMMs (exact FP8 numerics; torch's CPU
+    _scaled_mm is a slow reference)."""
+
+    name = "emulated: FP8 values in bf16/fp32 GEMMs (no fast FP8 GEMM on CPU)"
+
+    def __init__(self, qweight, activation_scale, dtype: torch.dtype) -> None:
+        from tokenmill.layers.linear import pack_for_cpu
+
+        super().__init__(qweight, activation_scale, dtype)
+        values = qweight.data.to(dtype)  # exact: E4M3 fits in bf16 and fp32
+        self.packed = pack_for_cpu(values)
+        self.values = values if self.packed is None else None
+
+    def gemm(self, xq, scale):
         from tokenmill.layers.linear import packed_linear
 
-        xv = xq.to(layer.params_dtype)
-        packed = layer.weight_packed
-        acc = packed_linear(xv, packed) if packed is not None else F.linear(xv, layer.weight_values)
-        y = acc.float().mul_(scale).mul_(layer.weight_scale)
-        return finish(y, x, layer.bias)
+        xv = xq.to(self.dtype)
+        if self.packed is not None:
+            acc = packed_linear(xv, self.packed)
+        else:
+            acc = F.linear(xv, self.values)
+        return acc.float().mul_(scale).mul_(self.weight_scale)

@@ -12,13 +12,12 @@ import torch.nn.functional as F
 from tokenmill.quant.formats import (
     quantize,
 )
-from tokenmill.quant.methods.base import QuantMethod, finish, rows
-from tokenmill.quant.smoothquant import SmoothQuantMixin, install_smoothing, smooth_input
+from tokenmill.quant.methods.base import LinearKernel, QuantMethod, finish, rows
+from tokenmill.quant.smoothquant import SmoothQuantMixin, inverse_smoothing, smooth_input
 
 
 class W8A8Method(SmoothQuantMixin, QuantMethod):
     format = "int8"
-    kernel = "torch._int_mm"
 
     def __init__(
         self,
@@ -39,17 +38,30 @@ class W8A8Method(SmoothQuantMixin, QuantMethod):
         return int8_per_token(x, self.activation_zero_point)
 
     def install(self, layer, qweight):
+        self.smooth_inv = inverse_smoothing(self.input_smooth)
+        self.impl = Int8MMKernel(qweight, self.activation_zero_point)
+        self.qweight = replace(qweight, data=self.impl.weight_t.t())  # a view: stored once
+
+    def apply(self, layer, x):
+        assert self.impl is not None, "apply before install"
+        return finish(self.impl(smooth_input(self.smooth_inv, rows(x))), x, layer.bias)
+
+
+class Int8MMKernel(LinearKernel):
+    """int8 x int8 -> int32 through torch._int_mm (AVX-512 VNNI on CPU, IMMA on CUDA)."""
+
+    name = "torch._int_mm"
+
+    def __init__(self, qweight, activation_zero_point: bool) -> None:
         # _int_mm's right operand [in, out]: row-major for the CPU kernel; on CUDA column-major
         # (a transposed view of the [out, in] codes), the only layout cuBLASLt's int8 GEMM takes
         codes = qweight.data.contiguous()
-        layer.weight_t = codes.t() if codes.is_cuda else codes.t().contiguous()
-        layer.qweight = replace(qweight, data=layer.weight_t.t())  # a view: stored once
-        layer.weight_scale = qweight.scale.float().expand(qweight.shape[0]).contiguous()  # [out]
-        layer.weight_colsum = codes.to(torch.int32).sum(dim=1)  # [out]: zero-point correction
-        install_smoothing(layer)
+        self.weight_t = codes.t() if codes.is_cuda else codes.t().contiguous()
+        self.weight_scale = qweight.scale.float().expand(qweight.shape[0]).contiguous()  # [out]
+        self.weight_colsum = codes.to(torch.int32).sum(dim=1)  # [out]: zero-point correction
+        self.activation_zero_point = activation_zero_point
 
-    def apply(self, layer, x):
-        x2 = smooth_input(layer, rows(x))  # [tokens, in] fp32
+    def __call__(self, x2):  # x2 [tokens, in] fp32, smoothed
         if self.activation_zero_point:
             xq, scale, zero = _per_token_asymmetric(x2)
         else:  # |x * 127 / amax| <= 127 up to rounding, so no clamp needed
@@ -58,11 +70,10 @@ class W8A8Method(SmoothQuantMixin, QuantMethod):
         m = xq.shape[0]
         if xq.device.type == "cuda":  # cuBLASLt's int8 GEMM: more than 16 rows, a multiple of 8
             xq = F.pad(xq, (0, 0, 0, max(24, -(-m // 8) * 8) - m))
-        acc = torch._int_mm(xq, layer.weight_t)[:m]  # [tokens, out] int32, exact
+        acc = torch._int_mm(xq, self.weight_t)[:m]  # [tokens, out] int32, exact
         if zero is not None:
-            acc = acc - zero.to(torch.int32) * layer.weight_colsum  # q W^T - zero sum_k W: exact
-        y = (acc * layer.weight_scale).mul_(scale)  # one pass to fp32, one in place
-        return finish(y, x, layer.bias)
+            acc = acc - zero.to(torch.int32) * self.weight_colsum  # q W^T - zero sum_k W: exact
+        return (acc * self.weight_scale).mul_(scale)  # one pass to fp32, one in place
 
 
 def _per_token_asymmetric(x2: torch.Tensor):

@@ -17,7 +17,13 @@ import torch.nn.functional as F
 
 from tokenmill.quant import elements as el
 from tokenmill.quant.formats import QuantizedTensor, element_values, expanded_scale, quantize
-from tokenmill.quant.methods.base import QuantMethod, finish, rows
+from tokenmill.quant.methods.base import (
+    LinearKernel,
+    QuantMethod,
+    finish,
+    quantized_tensors,
+    rows,
+)
 
 
 class WeightOnlyMethod(QuantMethod):
@@ -41,16 +47,32 @@ class WeightOnlyMethod(QuantMethod):
         self.scale_search = scale_search
         self.awq = awq
 
+    keep_row_table: bool = False  # a tied head: the embedding reads this layer's table
+    row_table: QuantizedTensor | None = None  # kept whole where a kernel repacks the codes
+
+    @property
+    def wants_calibration(self) -> bool:
+        return self.gptq or self.scale_search or self.awq
+
+    @property
+    def wants_hessian(self) -> bool:
+        return self.gptq or self.awq
+
     def smoothing(self, layer) -> torch.Tensor | None:
         """AWQ's input-channel scales (awq.py), from calibration statistics."""
-        importance = getattr(layer, "input_mean_square", None)
-        if not self.awq or importance is None:
+        stats = self.calibration
+        if not self.awq or stats is None:
             return None
         from tokenmill.quant.awq import awq_scale
 
-        hessian = getattr(layer, "input_hessian", None)
         w = layer.weight.data
-        return awq_scale(w, layer.output_sizes, importance, self.quantize_weight, hessian)
+        return awq_scale(
+            w,
+            layer.output_sizes,
+            stats.input_mean_square,
+            self.quantize_weight,
+            stats.input_hessian,
+        )
 
     def quantize_weight(self, weight):
         if self.format != "int4":
@@ -61,69 +83,118 @@ class WeightOnlyMethod(QuantMethod):
         return q  # scale search, if asked, runs in quantize_shards with calibration statistics
 
     def install(self, layer, qweight):
-        layer.qweight = qweight
-        if getattr(layer, "keep_row_table", False):  # a tied head: the embedding reads its rows
-            layer.row_table = qweight  # (a second copy only where a kernel repacks the codes)
-        s = getattr(layer, "input_smooth", None)  # AWQ: the input is divided by s at run time
-        if s is not None:
-            layer.smooth_inv = (1.0 / s.float()).to(layer.params_dtype).contiguous()
-        if qweight.data.device.type == "cuda" and triton_available():
-            from tokenmill.quant.triton_dequant import TritonWeight
-
-            self.kernel = "triton dequant-matmul"
-            self.compilable = False  # its first calls time the kernel paths (triton_dequant.py)
-            layer.triton_weight = TritonWeight.from_quantized(qweight)
-            layer.qweight = replace(qweight, data=qweight.data[:0])  # codes live in triton_weight
-            return
+        if self.keep_row_table:
+            self.row_table = qweight  # a second copy only where a kernel repacks the codes
+        if self.input_smooth is not None:  # AWQ: the input is divided by s at run time
+            self.smooth_inv = (1.0 / self.input_smooth).to(layer.params_dtype).contiguous()
+        self.qweight = qweight
         on_cpu_bf16 = qweight.data.device.type == "cpu" and layer.params_dtype == torch.bfloat16
-        if on_cpu_bf16 and qweight.format == "int8" and qweight.scale.dim() == 1:
-            self.kernel = "aten._weight_int8pack_mm"
-            layer.int8_scale = qweight.scale.to(torch.bfloat16)
+        if qweight.data.device.type == "cuda" and triton_available():
+            self.compilable = False  # its first calls time the kernel paths (triton_dequant.py)
+            self.impl = TritonKernel(qweight)
+            self.qweight = replace(qweight, data=qweight.data[:0])  # codes live in the kernel
+        elif on_cpu_bf16 and qweight.format == "int8" and qweight.scale.dim() == 1:
+            self.impl = Int8PackKernel(qweight)
         elif on_cpu_bf16 and qweight.format == "int4":
-            self.kernel = "aten._weight_int4pack_mm_for_cpu"
-            layer.int4_packed, layer.int4_scales_zeros = int4pack_for_cpu(qweight)
-            layer.qweight = replace(qweight, data=qweight.data[:0])  # the codes live in int4_packed
+            self.impl = Int4CpuKernel(qweight)
+            self.qweight = replace(qweight, data=qweight.data[:0])  # codes live in the kernel
         else:
-            self.kernel = f"dequantize {qweight.format} on the fly + GEMM (no fused kernel)"
+            self.impl = DequantizeKernel(qweight)
+
+    def tensors(self):
+        return super().tensors() + quantized_tensors(self.row_table)
 
     def attach_native(self, layer) -> bool:
         """Use the native CPU kernels for nvfp4/mxfp4/fp8 (quant/fp4_cpu.py) where they apply;
         called by layers/native_ops.select_kernels when the runner's cpu_kernels allows."""
         from tokenmill.quant import fp4_cpu
 
-        q = getattr(layer, "qweight", None)
-        if q is None or q.format not in fp4_cpu.FORMATS or hasattr(layer, "triton_weight"):
+        if not isinstance(self.impl, DequantizeKernel) or self.impl.q.format not in fp4_cpu.FORMATS:
             return False
         if layer.params_dtype not in (torch.float32, torch.bfloat16):
             return False
         kernels = fp4_cpu.shared_kernels()
-        weight = kernels.prepare(q)
+        weight = kernels.prepare(self.impl.q)
         if weight is None:
             return False
-        layer.fp4_weight, layer.fp4_kernels = weight, kernels
-        self.kernel = f"native {q.format}: fused decode-GEMV up to 8 rows, else decode + GEMM"
+        self.impl = NativeFp4Kernel(kernels, weight, self.impl)
         return True
 
     def apply(self, layer, x):
-        q: QuantizedTensor = layer.qweight
+        assert self.impl is not None, "apply before install"
         x2 = rows(x)
-        if hasattr(layer, "smooth_inv"):
-            x2 = x2 * layer.smooth_inv
-        if hasattr(layer, "fp4_weight") and not torch.compiler.is_compiling():
-            return finish(layer.fp4_kernels.matmul(x2, layer.fp4_weight), x, layer.bias)
-        if hasattr(layer, "triton_weight"):
-            from tokenmill.quant.triton_dequant import dequant_matmul
+        if self.smooth_inv is not None:
+            x2 = x2 * self.smooth_inv
+        return finish(self.impl(x2), x, layer.bias)
 
-            y = dequant_matmul(x2, layer.triton_weight)
-        elif hasattr(layer, "int8_scale"):
-            y = torch.ops.aten._weight_int8pack_mm(x2, q.data, layer.int8_scale)
-        elif hasattr(layer, "int4_packed"):
-            y = torch.ops.aten._weight_int4pack_mm_for_cpu(
-                x2, layer.int4_packed, q.group_size, layer.int4_scales_zeros
-            )
-        else:
-            y = F.linear(x2, dequantize_fast(q, x.dtype))
-        return finish(y, x, layer.bias)
+
+class DequantizeKernel(LinearKernel):
+    """Any format: dequantize the weight on the fly, then the GEMM (saves memory, not time)."""
+
+    def __init__(self, q: QuantizedTensor) -> None:
+        self.q = q
+        self.name = f"dequantize {q.format} on the fly + GEMM (no fused kernel)"
+
+    def __call__(self, x2):
+        return F.linear(x2, dequantize_fast(self.q, x2.dtype))
+
+
+class Int8PackKernel(LinearKernel):
+    name = "aten._weight_int8pack_mm"
+
+    def __init__(self, q: QuantizedTensor) -> None:
+        self.codes = q.data
+        self.scale = q.scale.to(torch.bfloat16)
+
+    def __call__(self, x2):
+        return torch.ops.aten._weight_int8pack_mm(x2, self.codes, self.scale)
+
+
+class Int4CpuKernel(LinearKernel):
+    name = "aten._weight_int4pack_mm_for_cpu"
+
+    def __init__(self, q: QuantizedTensor) -> None:
+        self.packed, self.scales_zeros = int4pack_for_cpu(q)
+        self.group_size = q.group_size
+
+    def __call__(self, x2):
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(
+            x2, self.packed, self.group_size, self.scales_zeros
+        )
+
+
+class TritonKernel(LinearKernel):
+    name = "triton dequant-matmul"
+
+    def __init__(self, q: QuantizedTensor) -> None:
+        from tokenmill.quant.triton_dequant import TritonWeight
+
+        self.weight = TritonWeight.from_quantized(q)
+
+    def __call__(self, x2):
+        from tokenmill.quant.triton_dequant import dequant_matmul
+
+        return dequant_matmul(x2, self.weight)
+
+    def tensors(self):
+        w = self.weight
+        return [t for t in (w.codes, w.scale, w.zero, w.row_scale) if t is not None]
+
+
+class NativeFp4Kernel(LinearKernel):
+    """tokenmill's CPU kernels for nvfp4/mxfp4/fp8 codes; a compiled graph takes the torch
+    fallback (the native call is opaque to it)."""
+
+    def __init__(self, kernels, weight, fallback: DequantizeKernel) -> None:
+        self.kernels, self.weight, self.fallback = kernels, weight, fallback
+        self.name = (
+            f"native {fallback.q.format}: fused decode-GEMV up to 8 rows, else decode + GEMM"
+        )
+
+    def __call__(self, x2):
+        if torch.compiler.is_compiling():
+            return self.fallback(x2)
+        return self.kernels.matmul(x2, self.weight)
 
 
 def triton_available() -> bool:
