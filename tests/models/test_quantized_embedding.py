@@ -25,10 +25,10 @@ from tests.models.test_quant_models import (
 from tokenmill import LLM
 from tokenmill.bench.quant import model_bytes
 from tokenmill.config import QuantConfig
+from tokenmill.layers.embedding import QuantizedEmbedding
 from tokenmill.layers.linear import Linear
 from tokenmill.quant import quantize
 from tokenmill.quant.checkpoint_writer import quantize_checkpoint
-from tokenmill.quant.embedding import QuantizedEmbedding
 from tokenmill.quant.formats import FORMATS, take_rows
 
 KW = {"dtype": "float32", "kv_cache_memory": 1 << 22}

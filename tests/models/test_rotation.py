@@ -14,6 +14,7 @@ from tests.models.test_quant_models import PROMPTS, SCORE, prompt_logprobs
 from tests.tiny_models import make_tiny_model
 from tokenmill import LLM
 from tokenmill.config import QuantConfig
+from tokenmill.layers.activation import RotatedSiluAndMul
 from tokenmill.layers.linear import Linear
 from tokenmill.models.arch import arch_from_hf_config
 from tokenmill.models.build import build_model, fill_weights, linear_layer_names
@@ -84,7 +85,7 @@ def test_rotated_model_equals_transformers(tiny_model_dir, tmp_path, kind, seed)
     assert model.lm_head is not None and not model.arch.tie_word_embeddings
     original = reference.get_input_embeddings().weight
     assert (model.model.embed_tokens.weight - original).abs().max() > 0.01
-    assert model.model.layers[0].mlp.input_rotation is not None
+    assert isinstance(model.model.layers[0].mlp.act, RotatedSiluAndMul)
 
 
 @pytest.mark.parametrize("n", [64, 96, 344, 1536])

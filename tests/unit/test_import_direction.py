@@ -66,6 +66,7 @@ FORBIDDEN = {
     "tokenmill.kv": ("tokenmill.engine", "tokenmill.worker", "tokenmill.layers"),
     "tokenmill.quant.formats": ("tokenmill.layers",),
     "tokenmill.quant.methods": ("tokenmill.models",),
+    "tokenmill.models.llama": ("tokenmill.quant",),
 }
 # third-party library -> the only places that may import it
 CONFINED = {

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from tokenmill.layers import native
-from tokenmill.layers.activation import SiluAndMul
+from tokenmill.layers.activation import RotatedSiluAndMul, SiluAndMul
 from tokenmill.layers.native_ops import RowKernels
 from tokenmill.layers.norm import RMSNorm
 from tokenmill.layers.rotary import RotaryEmbedding
@@ -114,11 +114,11 @@ def test_silu_mul_with_hadamard_matches_the_two_steps(dtype, rows, d, block):
     x = (torch.randn(rows, 2 * d, generator=gen) * 3).to(dtype)
     rotation = OnlineRotation(d, dtype, block=block)
     assert rotation.block == block
-    act = SiluAndMul()
-    want = act.rotated(x, rotation)  # torch: SiLU * up, then the Hadamard GEMM
-    exact = act(x).double() @ rotation.dense()  # the same in float64
+    act = RotatedSiluAndMul(rotation)
+    want = act(x)  # torch: SiLU * up, then the Hadamard GEMM
+    exact = SiluAndMul()(x).double() @ rotation.dense()  # the same in float64
     act.native = RowKernels()
-    got = act.rotated(x, rotation)
+    got = act(x)
     assert got.dtype == dtype and got.shape == (rows, d)
     if dtype == torch.float32:
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
@@ -134,10 +134,11 @@ def test_silu_mul_with_hadamard_matches_the_two_steps(dtype, rows, d, block):
 def test_fused_hadamard_is_one_op_inside_torch_compile():
     from tokenmill.quant.rotation import OnlineRotation
 
-    act, rotation = SiluAndMul(), OnlineRotation(256, torch.float32)
+    rotation = OnlineRotation(256, torch.float32)
+    act = RotatedSiluAndMul(rotation)
     act.native = RowKernels()
     x = torch.randn(6, 512, generator=torch.Generator().manual_seed(0))
-    compiled = torch.compile(lambda t: act.rotated(t * 2, rotation), fullgraph=True, dynamic=True)
-    torch.testing.assert_close(compiled(x), act.rotated(x * 2, rotation))
-    exact = act(x * 2).double() @ rotation.dense()
+    compiled = torch.compile(lambda t: act(t * 2), fullgraph=True, dynamic=True)
+    torch.testing.assert_close(compiled(x), act(x * 2))
+    exact = SiluAndMul()(x * 2).double() @ rotation.dense()
     torch.testing.assert_close(compiled(x).double(), exact, rtol=1e-5, atol=1e-5)

@@ -20,7 +20,8 @@ PARTS = [  # (module, class, method, label)
     ("tokenmill.layers.norm", "RMSNorm", "forward", "RMSNorm (+ residual)"),
     ("tokenmill.layers.rotary", "RotaryEmbedding", "apply", "rotary"),
     ("tokenmill.layers.activation", "SiluAndMul", "forward", "silu * up"),
-    ("tokenmill.models.llama", "LlamaForCausalLM", "compute_logits", "LM head"),
+    ("tokenmill.layers.activation", "RotatedSiluAndMul", "forward", "silu * up (+ rotation)"),
+    ("tokenmill.layers.embedding", "EmbeddingHead", "compute_logits", "LM head"),
     ("tokenmill.layers.sampler", "Sampler", "__call__", "sampler"),
 ]
 

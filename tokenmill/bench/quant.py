@@ -16,8 +16,8 @@ from dataclasses import asdict, dataclass
 import torch
 
 from tokenmill.bench.offline import Workload, touch_kv_cache
+from tokenmill.layers.embedding import QuantizedEmbedding
 from tokenmill.layers.linear import Linear
-from tokenmill.quant.embedding import QuantizedEmbedding
 from tokenmill.quant.methods.base import quantized_tensors
 from tokenmill.sampling_params import SamplingParams
 

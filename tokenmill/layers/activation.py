@@ -20,10 +20,17 @@ class SiluAndMul(nn.Module):
         d = x.shape[-1] // 2
         return F.silu(x[..., :d]) * x[..., d:]
 
-    def rotated(self, x: torch.Tensor, rotation) -> torch.Tensor:
-        """rotation(forward(x)) for a quant/rotation.OnlineRotation: with the native kernels one
-        pass (the Hadamard transform done on the row in cache; a custom op, so compiled layers
-        call it as well), else the two steps."""
+
+class RotatedSiluAndMul(SiluAndMul):
+    """rotation(silu(gate) * up): QuaRot's online rotation of down_proj's input (the rotation
+    is a quant/rotation.OnlineRotation, block Hadamard). With the native kernels one pass (the
+    transform done on the row in cache; a custom op, so compiled layers call it as well)."""
+
+    def __init__(self, rotation: nn.Module) -> None:
+        super().__init__()
+        self.rotation = rotation
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.native is not None and x.device.type == "cpu" and x.dtype in self.native.silu:
-            return torch.ops.tokenmill.silu_mul_hadamard(x, rotation.block)
-        return rotation(self.forward(x))
+            return torch.ops.tokenmill.silu_mul_hadamard(x, self.rotation.block)
+        return self.rotation(super().forward(x))

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
+from tokenmill.layers.factory import LayerFactory
 from tokenmill.layers.linear import Linear
 from tokenmill.models.arch import ModelArch
 from tokenmill.models.registry import model_class
@@ -83,21 +84,21 @@ def build_model(
     options: dict | None = None,
     quantize_embedding: bool = False,
 ) -> torch.nn.Module:
-    """The model with empty weights; with `quantization`, each linear layer but the LM head gets
-    its own quant method (the head and embeddings stay in `dtype`, as vLLM does by default;
+    """The model with empty weights; with `quantization`, each linear layer is built with its own
+    quant method (the head and embeddings stay in `dtype`, as vLLM does by default;
     `quantize_embedding` quantizes them too)."""
     from tokenmill.quant.methods import make_method
 
+    def method_for(prefix: str):
+        if quantization is None or (prefix == "lm_head" and not quantize_embedding):
+            return None
+        return make_method(quantization, **(options or {}))
+
     cls = model_class(arch.architecture)
     with torch.device(device):
-        model = cls(arch, dtype, max_positions)
-        if quantization is not None:
-            for name in linear_layer_names(model):
-                model.get_submodule(name).quant_method = make_method(
-                    quantization, **(options or {})
-                )
-            if quantize_embedding:
-                model.quantize_embedding(make_method(quantization, **(options or {})))
+        model = cls(arch, LayerFactory(dtype, method_for), max_positions)
+        if quantization is not None and quantize_embedding:
+            model.quantize_embedding(method_for("lm_head"))
     return model.eval().requires_grad_(False)
 
 

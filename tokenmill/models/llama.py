@@ -2,7 +2,9 @@
 
 A thin composition of shared layers over a packed batch of tokens (no batch dimension: the
 attention metadata says which tokens belong to which request). Parameter names follow Hugging
-Face; q/k/v and gate/up are merged on load (`stacked_params`) so each is one matmul.
+Face; q/k/v and gate/up are merged on load (`stacked_params`) so each is one matmul. Layers
+come from a LayerFactory (quantization chosen there); the embedding and head from
+layers/embedding.py. Architecture only: no quantization, packing or compile policy here.
 """
 
 from __future__ import annotations
@@ -14,7 +16,9 @@ from torch import nn
 
 from tokenmill.layers.activation import SiluAndMul
 from tokenmill.layers.attention import AttentionBackend, AttentionMetadata, TorchAttention
-from tokenmill.layers.linear import Linear, pack_for_cpu, packed_linear
+from tokenmill.layers.embedding import EmbeddingHead
+from tokenmill.layers.factory import LayerFactory
+from tokenmill.layers.linear import Linear
 from tokenmill.layers.norm import RMSNorm
 from tokenmill.layers.rotary import RotaryEmbedding
 from tokenmill.models.arch import ModelArch
@@ -30,13 +34,20 @@ STACKED_PARAMS = {
 
 
 class Attention(nn.Module):
-    def __init__(self, arch: ModelArch, rotary: RotaryEmbedding, dtype: torch.dtype) -> None:
+    def __init__(
+        self, arch: ModelArch, rotary: RotaryEmbedding, factory: LayerFactory, prefix: str
+    ) -> None:
         super().__init__()
+        dtype = factory.dtype
         self.num_heads, self.num_kv_heads = arch.num_heads, arch.num_kv_heads
         self.head_dim = d = arch.head_dim
         sizes = [self.num_heads * d, self.num_kv_heads * d, self.num_kv_heads * d]
-        self.qkv_proj = Linear(arch.hidden_size, sizes, arch.attention_bias, dtype)
-        self.o_proj = Linear(self.num_heads * d, [arch.hidden_size], arch.o_proj_bias, dtype)
+        self.qkv_proj = factory.linear(
+            f"{prefix}.qkv_proj", arch.hidden_size, sizes, arch.attention_bias
+        )
+        self.o_proj = factory.linear(
+            f"{prefix}.o_proj", self.num_heads * d, [arch.hidden_size], arch.o_proj_bias
+        )
         self.q_norm = RMSNorm(d, arch.rms_norm_eps, dtype) if arch.qk_norm else None
         self.k_norm = RMSNorm(d, arch.rms_norm_eps, dtype) if arch.qk_norm else None
         self.rotary = rotary
@@ -59,26 +70,25 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, arch: ModelArch, dtype: torch.dtype) -> None:
+    def __init__(self, arch: ModelArch, factory: LayerFactory, prefix: str) -> None:
         super().__init__()
         h, i = arch.hidden_size, arch.intermediate_size
-        self.gate_up_proj = Linear(h, [i, i], arch.mlp_bias, dtype)
-        self.down_proj = Linear(i, [h], arch.mlp_bias, dtype)
-        self.act = SiluAndMul()
-        self.input_rotation: nn.Module | None = None  # quant/rotation.py, with --rotate
+        self.gate_up_proj = factory.linear(f"{prefix}.gate_up_proj", h, [i, i], arch.mlp_bias)
+        self.down_proj = factory.linear(f"{prefix}.down_proj", i, [h], arch.mlp_bias)
+        self.act: SiluAndMul = SiluAndMul()  # a rotated model's is RotatedSiluAndMul (--rotate)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.gate_up_proj(x)
-        if self.input_rotation is not None:
-            return self.down_proj(self.act.rotated(h, self.input_rotation))
-        return self.down_proj(self.act(h))
+        return self.down_proj(self.act(self.gate_up_proj(x)))
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, arch: ModelArch, rotary: RotaryEmbedding, dtype: torch.dtype) -> None:
+    def __init__(
+        self, arch: ModelArch, rotary: RotaryEmbedding, factory: LayerFactory, prefix: str
+    ) -> None:
         super().__init__()
-        self.self_attn = Attention(arch, rotary, dtype)
-        self.mlp = MLP(arch, dtype)
+        dtype = factory.dtype
+        self.self_attn = Attention(arch, rotary, factory, f"{prefix}.self_attn")
+        self.mlp = MLP(arch, factory, f"{prefix}.mlp")
         self.input_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps, dtype)
         self.post_attention_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps, dtype)
 
@@ -87,9 +97,9 @@ class DecoderLayer(nn.Module):
         o = self.self_attn.backend.forward(q, k, v, kv_cache, meta)
         return self.attention_outputs(o, residual)
 
-    # The two halves around the paged attention: pure tensor code that `compile_layers` may
-    # hand to torch.compile (the attention reads block tables and writes the KV cache, so it
-    # stays eager, as vLLM's piecewise compilation splits its graphs at attention).
+    # The two halves around the paged attention: pure tensor code that the runner's compile
+    # policy may hand to torch.compile (`compile_with`; the attention reads block tables and
+    # writes the KV cache, so it stays eager, as vLLM's piecewise compilation splits there).
     def attention_inputs(self, cos_sin, x, residual):
         if residual is None:
             residual, x = x, self.input_layernorm(x)
@@ -103,33 +113,34 @@ class DecoderLayer(nn.Module):
         x, residual = self.post_attention_layernorm(x, residual)
         return self.mlp(x), residual
 
+    def compile_with(self, compile_fn) -> None:
+        """Replace the two halves by `compile_fn(half)` (the runner chooses the compiler)."""
+        self.attention_inputs = compile_fn(self.attention_inputs)
+        self.attention_outputs = compile_fn(self.attention_outputs)
+
 
 class LlamaModel(nn.Module):
-    def __init__(self, arch: ModelArch, dtype: torch.dtype, max_positions: int) -> None:
+    def __init__(self, arch: ModelArch, factory: LayerFactory, max_positions: int) -> None:
         super().__init__()
+        dtype = factory.dtype
         self.rotary = rotary = RotaryEmbedding(
             arch.head_dim, max_positions, arch.rope_theta, arch.rope_scaling
         )
         self.embed_tokens = nn.Embedding(arch.vocab_size, arch.hidden_size, dtype=dtype)
         self.layers = nn.ModuleList(
-            DecoderLayer(arch, rotary, dtype) for _ in range(arch.num_layers)
+            DecoderLayer(arch, rotary, factory, f"model.layers.{i}") for i in range(arch.num_layers)
         )
         self.norm = RMSNorm(arch.hidden_size, arch.rms_norm_eps, dtype)
 
 
-class LlamaForCausalLM(nn.Module):
-    def __init__(self, arch: ModelArch, dtype: torch.dtype, max_positions: int) -> None:
+class LlamaForCausalLM(EmbeddingHead, nn.Module):
+    def __init__(self, arch: ModelArch, factory: LayerFactory, max_positions: int) -> None:
         super().__init__()
         self.arch = arch
-        self.model = LlamaModel(arch, dtype, max_positions)
-        self.tied_head_packed: torch.Tensor | None = None
-        # --quantize-embedding: None (embedding and head in the model dtype), "head" (the
-        # embedding is the quantized head's table: tied) or "own" (quantized on its own)
-        self.embedding_source: str | None = None
-        if arch.tie_word_embeddings:
-            self.lm_head = None
-        else:
-            self.lm_head = Linear(arch.hidden_size, [arch.vocab_size], False, dtype)
+        self.model = LlamaModel(arch, factory, max_positions)
+        self.lm_head: Linear | None = None  # tied: the embedding's table is the head
+        if not arch.tie_word_embeddings:
+            self.lm_head = factory.linear("lm_head", arch.hidden_size, [arch.vocab_size])
 
     def forward(
         self,
@@ -150,71 +161,17 @@ class LlamaForCausalLM(nn.Module):
         """(num_kv_heads, head_dim) of each layer's K/V cache, in layer order: the cache spec."""
         return [(lyr.self_attn.num_kv_heads, lyr.self_attn.head_dim) for lyr in self.model.layers]
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:  # [n, vocab]
-        if self.lm_head is None:
-            if self.tied_head_packed is not None:
-                return packed_linear(hidden, self.tied_head_packed)
-            return torch.nn.functional.linear(hidden, self.model.embed_tokens.weight)
-        return self.lm_head(hidden)
-
-    def compile_layers(self) -> bool:
-        """Compile every decoder layer's halves around attention with torch.compile (dynamic
-        shapes: one graph serves every batch size). All layers share the graphs, their weights
-        being inputs. False, and nothing changed, where a quant method keeps Python state that a
-        graph cannot (fp8 delayed scaling's amax history)."""
-        if not all(m.quant_method.compilable for m in self.modules() if isinstance(m, Linear)):
-            return False
-        # A few graphs per half (first layer or not, one row or many, prefill or decode
-        # attention layouts), times the engines of one process: above dynamo's default of 8
-        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-        for layer in self.model.layers:
-            layer.attention_inputs = torch.compile(layer.attention_inputs, dynamic=True)
-            layer.attention_outputs = torch.compile(layer.attention_outputs, dynamic=True)
-        return True
-
-    def quantize_embedding(self, method) -> None:
-        """Store the LM head with `method` (a weight-only quant method) and, after loading, the
-        embedding in its format (quant/embedding.py). A tied model gets a head Linear, filled
-        from the embedding on load, whose quantized table the embedding then reads."""
-        if self.lm_head is None:
-            arch, dtype = self.arch, self.model.embed_tokens.weight.dtype
-            with torch.device(self.model.embed_tokens.weight.device):
-                self.lm_head = Linear(arch.hidden_size, [arch.vocab_size], False, dtype, method)
-            self.lm_head.requires_grad_(False)
-            method.keep_row_table = True  # its install keeps the whole table for the lookup
-            self.embedding_source = "head"
-        else:
-            self.lm_head.quant_method = method
-            self.embedding_source = "own"
-
-    def untie_embedding(self) -> None:
-        """The head and the embedding no longer hold the same matrix (rotation.py)."""
-        if self.embedding_source == "head":
-            self.embedding_source = "own"
-            self.lm_head.quant_method.keep_row_table = False
+    def compile_units(self) -> list[DecoderLayer]:
+        """The layers whose halves around attention the runner may compile."""
+        return list(self.model.layers)
 
     def process_weights_after_loading(self) -> None:
-        """Let each linear layer's quant method repack its weights, once, after loading."""
-        from tokenmill.quant.embedding import QuantizedEmbedding
-
+        """Let each linear layer's quant method repack its weights, once, after loading; then
+        the embedding and head (layers/embedding.py)."""
         for module in self.modules():
             if isinstance(module, Linear):
                 module.quant_method.process_weights_after_loading(module)
-        embed = self.model.embed_tokens
-        if self.embedding_source is not None and not isinstance(embed, QuantizedEmbedding):
-            assert self.lm_head is not None
-            if self.embedding_source == "head":
-                table = self.lm_head.quant_method.row_table
-                scale = self.lm_head.quant_method.smooth_inv  # AWQ: W * s was quantized
-            else:  # its own table, round to nearest: the lookup is robust to it (embedding.py)
-                table = self.lm_head.quant_method.quantize_weight(embed.weight.data.float())
-                scale = None
-            dtype = embed.weight.dtype
-            self.model.embed_tokens = QuantizedEmbedding(table, dtype, scale)
-        elif self.lm_head is None:
-            # Tied head: a packed copy for the fast GEMM (see UnquantizedMethod); the embedding
-            # keeps its plain [vocab, hidden] rows for lookups.
-            self.tied_head_packed = pack_for_cpu(self.model.embed_tokens.weight.data)
+        self.process_embedding_after_loading()
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         """Copy checkpoint tensors in; returns the parameter names that were filled.

@@ -93,7 +93,7 @@ class QuantizedWeights:
         loaded = set()
         for prefix, parts in self.parts.items():
             if prefix == "model.embed_tokens":  # its own quantized table (--quantize-embedding)
-                from tokenmill.quant.embedding import QuantizedEmbedding
+                from tokenmill.layers.embedding import QuantizedEmbedding
 
                 dtype = model.model.embed_tokens.weight.dtype
                 table = from_state(parts, self.config)

@@ -297,3 +297,13 @@ def take_rows(q: QuantizedTensor, index: torch.Tensor) -> QuantizedTensor:
         zero_point=rows(q.zero_point),
         global_scale=rows(q.global_scale),
     )
+
+
+def dequantize_fast(q: QuantizedTensor, dtype: torch.dtype) -> torch.Tensor:
+    """The weight in `dtype`, in fp32 arithmetic (formats.py's float64 path is the reference)."""
+    values = element_values(q, torch.float32)
+    scale = expanded_scale(q).float()
+    if q.group_size is not None:
+        values = values.view(values.shape[0], -1, q.group_size) * scale
+        return values.flatten(1).to(dtype)
+    return (values * scale).to(dtype)

@@ -29,6 +29,7 @@ import math
 import torch
 from torch import nn
 
+from tokenmill.layers.activation import RotatedSiluAndMul
 from tokenmill.layers.linear import Linear
 
 
@@ -101,7 +102,7 @@ def _set(param: torch.Tensor, value: torch.Tensor) -> None:
 def rotate_model(model, seed: int = 0) -> None:
     """Rotate a loaded Llama-family model in place (float weights, before quantization): the same
     function, in the coordinates described above. Each decoder layer's MLP gets the online
-    rotation (`mlp.input_rotation`); a tied head is untied."""
+    rotation (its activation becomes `RotatedSiluAndMul`); a tied head is untied."""
     gen = torch.Generator().manual_seed(seed)
     arch = model.arch
     inner = model.model
@@ -160,7 +161,7 @@ def rotate_model(model, seed: int = 0) -> None:
         for linear in (attn.o_proj, mlp.down_proj):
             if linear.bias is not None:
                 _set(linear.bias, linear.bias.double() @ q)
-        mlp.input_rotation = online
+        mlp.act = RotatedSiluAndMul(online)
 
 
 def install_online_rotation(model) -> None:
@@ -169,4 +170,4 @@ def install_online_rotation(model) -> None:
     embed = model.model.embed_tokens.weight
     online = OnlineRotation(model.arch.intermediate_size, embed.dtype).to(embed.device)
     for layer in model.model.layers:
-        layer.mlp.input_rotation = online
+        layer.mlp.act = RotatedSiluAndMul(online)

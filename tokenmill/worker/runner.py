@@ -9,6 +9,7 @@ asking for prompt logprobs), and samples. Compile policy lives here too (`compil
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 
@@ -25,6 +26,7 @@ from tokenmill.layers.kv_quant import (
     QuantizedKVAttention,
     kv_bytes_per_element_and_token,
 )
+from tokenmill.layers.linear import Linear
 from tokenmill.layers.native_ops import select_kernels
 from tokenmill.layers.sampler import Sampler
 from tokenmill.models.build import LoadedModel
@@ -112,16 +114,25 @@ class ModelRunner:
         self.input_batch = InputBatch()
 
     def compile_model(self) -> None:
-        """torch.compile the model's layers where it can (config `compile`)."""
+        """The compile policy (config `compile`): each decoder layer's halves around attention
+        go to torch.compile with dynamic shapes (one graph serves every batch size; the layers
+        share graphs, their weights being inputs). Skipped, with a warning, where a quant
+        method keeps Python state per call that a graph cannot (fp8 delayed scaling)."""
         if self.device.type == "cpu" and native.compiler() is None:
             raise RuntimeError(
                 "compile on CPU builds C++ kernels and found no C++ compiler (g++, c++, clang++ "
                 "or $CXX); install one (apt install g++) or run without --compile"
             )
-        if self.model.compile_layers():
-            log.info("decoder layers handed to torch.compile; the warm-up builds their graphs")
-        else:
+        linears = [m for m in self.model.modules() if isinstance(m, Linear)]
+        if not all(m.quant_method.compilable for m in linears):
             log.warning("compile skipped: a quant method keeps per-call Python state; eager mode")
+            return
+        # A few graphs per half (first layer or not, one row or many, prefill or decode
+        # attention layouts), times the engines of one process: above dynamo's default of 8
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+        for unit in self.model.compile_units():
+            unit.compile_with(functools.partial(torch.compile, dynamic=True))
+        log.info("decoder layers handed to torch.compile; the warm-up builds their graphs")
 
     def _allocate(self, shape: tuple[int, ...], kv_cache_dtype: str):
         """One layer's KV cache; a quantized one is (codes, scales) and swaps the attention

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from tokenmill.quant import elements as el
-from tokenmill.quant.formats import QuantizedTensor, element_values, expanded_scale, quantize
+from tokenmill.quant.formats import QuantizedTensor, dequantize_fast, quantize
 from tokenmill.quant.methods.base import (
     LinearKernel,
     QuantMethod,
@@ -222,13 +222,3 @@ def int4pack_for_cpu(q: QuantizedTensor) -> tuple[torch.Tensor, torch.Tensor]:
     zero = (8.0 - zp) * scale
     scales_zeros = torch.stack([scale.t(), zero.t()], dim=-1)  # [groups, out, 2]
     return packed, scales_zeros.to(torch.bfloat16).contiguous()
-
-
-def dequantize_fast(q: QuantizedTensor, dtype: torch.dtype) -> torch.Tensor:
-    """The weight in `dtype`, in fp32 arithmetic (formats.py's float64 path is the reference)."""
-    values = element_values(q, torch.float32)
-    scale = expanded_scale(q).float()
-    if q.group_size is not None:
-        values = values.view(values.shape[0], -1, q.group_size) * scale
-        return values.flatten(1).to(dtype)
-    return (values * scale).to(dtype)
