@@ -7,7 +7,8 @@ import json
 import sys
 from pathlib import Path
 
-from tokenmill.config import QUANTIZATIONS, QuantConfig
+from tokenmill.cli_options import add_config_options
+from tokenmill.config import QUANTIZATIONS, QuantConfig, option_help
 
 
 def add_parsers(sub, add_engine_options) -> None:
@@ -20,46 +21,10 @@ def add_parsers(sub, add_engine_options) -> None:
     q.add_argument("--model", required=True, help="HF folder with safetensors weights")
     q.add_argument("--method", required=True, choices=QUANTIZATIONS)
     q.add_argument("--out", required=True, help="folder to write")
-    q.add_argument("--group-size", type=int, default=None, help="int4 group size (32/64/128)")
-    q.add_argument(
-        "--gptq", action="store_true", help="GPTQ codes from calibration (else round to nearest)"
-    )
-    q.add_argument(
-        "--scale-search",
-        action="store_true",
-        help="nvfp4/mxfp4/fp6: each block's scale searched for the least squared error",
-    )
-    q.add_argument(
-        "--calibration-windows",
-        type=int,
-        default=None,
-        help="512-token windows of calibration text (default 16)",
-    )
-    q.add_argument(
-        "--smoothquant-search",
-        action="store_true",
-        help="w8a8/fp8: SmoothQuant alpha chosen per layer on calibration text (else 0.5)",
-    )
-    q.add_argument(
-        "--awq",
-        action="store_true",
-        help="weight-only formats: AWQ input-channel scaling from calibration text",
-    )
-    q.add_argument(
-        "--quantize-embedding",
-        action="store_true",
-        help="weight-only formats: the embedding and LM head in the format too (a tied table once)",
-    )
-    q.add_argument(
-        "--rotate",
-        action="store_true",
-        help="w8a8: rotate the model first (QuaRot; written rotated, loads as is)",
-    )
-    q.add_argument(
-        "--rotation-search",
-        type=int,
-        default=0,
-        help="with --rotate: try N rotations, keep the best on calibration text",
+    add_config_options(
+        q.add_argument_group("quantization options"),
+        option_help((QuantConfig,)),
+        skip={"quantization"},  # --method
     )
 
     e = sub.add_parser("eval", help="quality evaluation").add_subparsers(dest="eval", required=True)
@@ -92,17 +57,9 @@ def quantize(args) -> int:
     src = Path(args.model)
     if not (src / "config.json").exists():
         raise ValueError(f"{src} is not a Hugging Face folder; quantize reads safetensors folders")
+    given = {n: getattr(args, n) for n in option_help((QuantConfig,)) if n != "quantization"}
     quant = QuantConfig(
-        quantization=args.method,
-        group_size=args.group_size,
-        gptq=args.gptq,
-        scale_search=args.scale_search,
-        awq=args.awq,
-        smoothquant_search=args.smoothquant_search,
-        calibration_windows=args.calibration_windows or 16,
-        rotate=args.rotate,
-        rotation_search=args.rotation_search,
-        quantize_embedding=args.quantize_embedding,
+        quantization=args.method, **{k: v for k, v in given.items() if v is not None}
     )
     options = quant.method_options()
     qcfg = quantize_checkpoint(
