@@ -1,0 +1,61 @@
+"""The offline engine, before vs after a change: start-up, offline 64 x (128 -> 128) and
+batch-1 decode, each tree in its own process, interleaved over rounds (tokenmill/bench/ab.py).
+
+    git worktree add /tmp/before <commit>
+    python benchmarks/engine_core_ab.py /tmp/before . --rounds 3
+
+Prints, per tree, the median, min and max of each figure, and after/before ratios of medians.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+from tqdm.auto import tqdm
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("trees", nargs="+", help="checkouts to compare (the first is 'before')")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--num-prompts", type=int, default=64)
+    ap.add_argument("--input-len", type=int, default=128)
+    ap.add_argument("--output-len", type=int, default=128)
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--json-out", default=None)
+    args = ap.parse_args()
+
+    from tokenmill.bench.ab import run_offline, spread, tree_commit
+    from tokenmill.bench.offline import machine
+
+    child = {k: getattr(args, k) for k in ("num_prompts", "input_len", "output_len", "dtype")}
+    runs: dict[str, list[dict]] = {t: [] for t in args.trees}
+    bar = tqdm(total=args.rounds * len(args.trees), desc="runs", unit="run")
+    for r in range(args.rounds):
+        order = args.trees if r % 2 == 0 else args.trees[::-1]
+        for tree in order:
+            runs[tree].append(run_offline(tree, child))
+            bar.update(1)
+    bar.close()
+    keys = list(runs[args.trees[0]][0])
+    summary = {
+        t: {"commit": tree_commit(t), **{k: spread([x[k] for x in rs]) for k in keys}}
+        for t, rs in runs.items()
+    }
+    base = summary[args.trees[0]]
+    ratios = {t: {k: s[k]["median"] / base[k]["median"] for k in keys} for t, s in summary.items()}
+    result = {"machine": machine(), "date": time.strftime("%Y-%m-%d"), "workload": child,
+              "rounds": args.rounds, "summary": summary, "ratio_to_first": ratios,
+              "runs": runs}  # fmt: skip
+    print(json.dumps(result, indent=2))
+    if args.json_out:
+        with open(args.json_out, "w") as f:
+            json.dump(result, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
