@@ -26,13 +26,20 @@ def main() -> None:
     ap.add_argument("--input-len", type=int, default=128)
     ap.add_argument("--output-len", type=int, default=128)
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument(
+        "--model",
+        default=None,
+        help="an HF folder (default: the bundled model); a tiny one "
+        "makes the per-step bookkeeping, not the model, the figure",
+    )
     ap.add_argument("--json-out", default=None)
     args = ap.parse_args()
 
     from tokenmill.bench.ab import run_offline, spread, tree_commit
     from tokenmill.bench.offline import machine
 
-    child = {k: getattr(args, k) for k in ("num_prompts", "input_len", "output_len", "dtype")}
+    keys = ("num_prompts", "input_len", "output_len", "dtype", "model")
+    child = {k: getattr(args, k) for k in keys}
     runs: dict[str, list[dict]] = {t: [] for t in args.trees}
     bar = tqdm(total=args.rounds * len(args.trees), desc="runs", unit="run")
     for r in range(args.rounds):
@@ -41,7 +48,7 @@ def main() -> None:
             runs[tree].append(run_offline(tree, child))
             bar.update(1)
     bar.close()
-    keys = list(runs[args.trees[0]][0])
+    keys = list(runs[args.trees[0]][0])  # the measured figures
     summary = {
         t: {"commit": tree_commit(t), **{k: spread([x[k] for x in rs]) for k in keys}}
         for t, rs in runs.items()

@@ -82,7 +82,7 @@ def test_sigkill_of_the_core_fails_requests_fast_and_exits_1(tiny_model_dir):
 
 
 @pytest.mark.parametrize("mode", [(), ("--no-engine-process",)])
-def test_non_streaming_disconnect_aborts_the_request(tiny_model_dir, mode):
+def test_disconnects_abort_streaming_and_non_streaming_requests(tiny_model_dir, mode):
     s = Server(str(tiny_model_dir("llama")), *mode)
     try:
         body = {**LONG, "n": 4}
@@ -90,6 +90,14 @@ def test_non_streaming_disconnect_aborts_the_request(tiny_model_dir, mode):
             httpx.post(f"{s.url}/v1/completions", json=body, timeout=0.5)  # then hangs up
         assert wait_until(lambda: aborted(s) == 4, timeout=3)  # all 4 sequences, cut short
         assert s.metric("tokenmill:generation_tokens_total") < 4 * LONG["max_tokens"]
+        assert wait_until(lambda: s.metric("tokenmill:kv_cache_used_blocks") == 0, timeout=3)
+        with httpx.stream(
+            "POST", f"{s.url}/v1/completions", json={**body, "stream": True}, timeout=30
+        ) as r:
+            for i, _ in enumerate(r.iter_lines()):
+                if i > 3:
+                    break  # leaves the stream: the connection closes
+        assert wait_until(lambda: aborted(s) == 8, timeout=3)
         assert wait_until(lambda: s.metric("tokenmill:kv_cache_used_blocks") == 0, timeout=3)
         assert s.metric("tokenmill:num_requests_running") == 0
         ok = httpx.post(f"{s.url}/v1/completions", json={"prompt": "hi", "max_tokens": 2})

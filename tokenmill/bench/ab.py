@@ -19,10 +19,10 @@ from tokenmill import LLM, SamplingParams
 from tokenmill.bench.offline import Workload, run_tokenmill
 a = json.loads(sys.argv[1])
 t1 = time.perf_counter()
-llm = LLM(dtype=a["dtype"], max_model_len=1024)
+llm = LLM(model=a.get("model") or "default", dtype=a["dtype"], max_model_len=1024)
 t2 = time.perf_counter()
 work = Workload(a["num_prompts"], a["input_len"], a["output_len"])
-prompts = work.prompts(49152)  # the bundled model's vocabulary
+prompts = work.prompts(llm.engine.loaded.arch.vocab_size)
 first = llm.generate([{"prompt_token_ids": prompts[0]}], SamplingParams(max_tokens=1), use_tqdm=False)
 t3 = time.perf_counter()
 warm = SamplingParams(max_tokens=a["output_len"], ignore_eos=True, temperature=0)
