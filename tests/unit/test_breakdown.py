@@ -13,8 +13,8 @@ from tokenmill.layers.linear import Linear
 @pytest.mark.parametrize(
     "backend,unused",
     [
-        ("torch", {"attention (native)", "KV write (native)"}),
-        ("native", {"attention (gather + SDPA)", "KV write"}),
+        ("torch", {"attention (native)", "KV write (native)", "silu * up (+ rotation)"}),
+        ("native", {"attention (gather + SDPA)", "KV write", "silu * up (+ rotation)"}),
     ],
 )
 def test_breakdown_times_decode_steps_and_restores_the_model(tiny_model_dir, backend, unused):
