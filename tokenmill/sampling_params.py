@@ -6,7 +6,21 @@ them into a 400 that names the parameter. No torch here; the sampler reads these
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
+
+SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1  # what torch.Generator.manual_seed takes
+INT32_MAX = 2**31 - 1  # counts and ids the kernels hold in int32
+MAX_N = 128  # completions per prompt (OpenAI's limit)
+INT_FIELDS = ("n", "top_k", "max_tokens", "min_tokens", "logprobs", "prompt_logprobs", "seed")
+FLOAT_FIELDS = (
+    "temperature",
+    "top_p",
+    "min_p",
+    "presence_penalty",
+    "frequency_penalty",
+    "repetition_penalty",
+)
 
 
 @dataclass
@@ -39,7 +53,31 @@ class SamplingParams:
         self._validate()
 
     def _validate(self) -> None:
+        for name in INT_FIELDS:  # bool is an int in Python, never a valid count here
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+                raise ValueError(f"{name} must be an integer, got {value!r}")
+        for name in FLOAT_FIELDS:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise ValueError(f"{name} must be a number, got {value!r}")
+            if not math.isfinite(value):
+                raise ValueError(f"{name} must be finite, got {value!r}")
         checks = [
+            (self.n <= MAX_N, "n", f"must be <= {MAX_N}", self.n),
+            (
+                self.seed is None or SEED_MIN <= self.seed <= SEED_MAX,
+                "seed",
+                "must be a 64-bit integer",
+                self.seed,
+            ),
+            (self.top_k <= INT32_MAX, "top_k", f"must be <= {INT32_MAX}", self.top_k),
+            (
+                self.max_tokens is None or self.max_tokens <= INT32_MAX,
+                "max_tokens",
+                f"must be <= {INT32_MAX}",
+                self.max_tokens,
+            ),
             (self.n >= 1, "n", "must be >= 1", self.n),
             (self.temperature >= 0.0, "temperature", "must be >= 0", self.temperature),
             (0.0 < self.top_p <= 1.0, "top_p", "must be in (0, 1]", self.top_p),
@@ -95,9 +133,12 @@ class SamplingParams:
                 self.stop,
             ),
             (
-                all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids or []),
+                all(
+                    isinstance(t, int) and not isinstance(t, bool) and 0 <= t <= INT32_MAX
+                    for t in self.stop_token_ids or []
+                ),
                 "stop_token_ids",
-                "must be token ids >= 0",
+                f"must be token ids in [0, {INT32_MAX}]",
                 self.stop_token_ids,
             ),
         ]
@@ -119,7 +160,7 @@ class SamplingParams:
 
     def for_child(self, index: int) -> SamplingParams:
         """Params of the index-th of n completions: n=1, and a distinct derived seed."""
-        seed = None if self.seed is None else self.seed + index
+        seed = None if self.seed is None else (self.seed + index) % (SEED_MAX + 1)
         return SamplingParams(
             **{
                 k: getattr(self, k)

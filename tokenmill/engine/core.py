@@ -4,8 +4,9 @@ It owns the scheduler (which owns the KV manager) and an executor. Requests come
 `EngineCoreRequest`s (already tokenized and validated by the front); n > 1 becomes n sequences
 "{id}#{i}" that share the prompt's blocks. Each step returns `EngineCoreOutputs`: per sequence,
 the tokens and logprobs it gained, and its finish reason. Text, stop strings and user-facing
-outputs are the front's (engine/output_processor.py). A failed model step ends only the
-requests of that step with finish_reason "error"; the core stays usable.
+outputs are the front's (engine/output_processor.py). A failed model step is rerun on parts of
+its batch until the requests that break it stand alone; only those end, with finish_reason
+"error", and the rest of the step stands (a dead executor ends the core instead).
 """
 
 from __future__ import annotations
@@ -22,10 +23,11 @@ from tokenmill.engine.messages import (
     EngineStats,
     ModelInfo,
     RequestMetrics,
+    RunnerOutput,
 )
 from tokenmill.engine.request import Request, RequestStatus
 from tokenmill.engine.scheduler import Scheduler
-from tokenmill.executor.base import Executor
+from tokenmill.executor.base import Executor, ExecutorDeadError
 from tokenmill.kv.manager import KVCacheManager
 from tokenmill.kv.specs import plan_kv_cache
 from tokenmill.sampling_params import SamplingParams
@@ -151,15 +153,46 @@ class EngineCore:
         out = self.scheduler.schedule()
         if out.is_empty and not out.finished_request_ids:
             return EngineCoreOutputs((), self.stats())
+        failed: tuple[EngineCoreOutput, ...] = ()
         try:
             result = self.executor.execute(out)
-        except Exception:
-            log.exception("model step failed; ending the requests in it")
-            outputs = self._fail(list(out.num_scheduled_tokens))
-            return EngineCoreOutputs(outputs, self.stats(), time.perf_counter() - started)
+        except ExecutorDeadError:
+            raise  # nothing to isolate: the core cannot go on
+        except Exception as exc:
+            result, culprits = self._isolate(list(out.num_scheduled_tokens), exc)
+            failed = self._fail(culprits)
         changed = self.scheduler.update(out, result)
-        outputs = tuple(self._output(req) for req in changed)
+        outputs = failed + tuple(self._output(req) for req in changed)
         return EngineCoreOutputs(outputs, self.stats(), time.perf_counter() - started)
+
+    def _isolate(self, seq_ids: list[str], exc: Exception) -> tuple[RunnerOutput, list[str]]:
+        """The step failed: run it again on halves, then halves of the failing halves, until
+        the sequences that break it stand alone. Their results are the others' results; only
+        the culprits (whole requests, by _fail) end with "error". At most 2n - 1 reruns, and
+        only when a step failed."""
+        log.warning("model step failed (%s: %s); isolating the request(s) that break it",
+                    type(exc).__name__, exc)  # fmt: skip
+        sampled: dict = {}
+        prompt_logprobs: dict = {}
+        culprits: list[str] = []
+        pending = [seq_ids]
+        while pending:
+            group = pending.pop()
+            try:
+                partial = self.executor.retry(tuple(group))
+            except ExecutorDeadError:
+                raise
+            except Exception as again:
+                if len(group) == 1:
+                    log.error("request %s fails the model step alone (%s: %s); ended",
+                              group[0], type(again).__name__, again)  # fmt: skip
+                    culprits.append(group[0])
+                else:
+                    pending += [group[: len(group) // 2], group[len(group) // 2 :]]
+                continue
+            sampled.update(partial.sampled)
+            prompt_logprobs.update(partial.prompt_logprobs)
+        return RunnerOutput(sampled, prompt_logprobs), culprits
 
     def _fail(self, seq_ids: list[str]) -> tuple[EngineCoreOutput, ...]:
         """End every sequence of the requests these sequences belong to, with "error"."""

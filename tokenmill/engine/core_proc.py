@@ -44,6 +44,13 @@ def run_engine_core(config: EngineConfig, conn, log_level: int = logging.INFO) -
         _serve(core, conn)
     except (EOFError, BrokenPipeError, ConnectionResetError):
         log.info("the front process is gone; engine core exits")
+    except Exception as exc:  # a bug or a dead executor: tell the front why, then exit
+        log.exception("engine core failed")
+        try:
+            conn.send(CoreFailed(f"{type(exc).__name__}: {exc}", type(exc).__name__))
+        except OSError:
+            pass
+        raise SystemExit(1) from None
     finally:
         core.shutdown()
 

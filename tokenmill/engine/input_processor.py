@@ -47,12 +47,11 @@ class InputProcessor:
         return text, EngineCoreRequest(request_id, tuple(ids), params, arrival)
 
     def validate(self, ids: list[int], params: SamplingParams) -> None:
+        """Lengths first: an overlong prompt is refused before any per-token work, so no
+        check here costs more than max_model_len steps (a 4 MB body of ids holds the GIL for
+        seconds otherwise, and with it the event loop)."""
         if not ids:
             raise ValueError("prompt must not be empty")
-        vocab = self.vocab_size
-        bad = [t for t in ids if not (isinstance(t, int) and 0 <= t < vocab)]
-        if bad:
-            raise ValueError(f"prompt token ids must be in [0, {vocab}), got {bad[:5]}")
         if len(ids) >= self.max_model_len:
             raise ValueError(
                 f"prompt has {len(ids)} tokens, but max_model_len is {self.max_model_len}; "
@@ -63,5 +62,11 @@ class InputProcessor:
                 f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) exceeds "
                 f"max_model_len ({self.max_model_len}); lower max_tokens (context_length_exceeded)"
             )
+        vocab = self.vocab_size
+        if not all(type(t) is int for t in ids) or min(ids) < 0 or max(ids) >= vocab:
+            bad = [t for t in ids if not (type(t) is int and 0 <= t < vocab)]
+            raise ValueError(f"prompt token ids must be in [0, {vocab}), got {bad[:5]}")
         if params.stop_token_ids and max(params.stop_token_ids) >= vocab:
             raise ValueError(f"stop_token_ids must be in [0, {vocab})")
+        if params.top_k > vocab:
+            raise ValueError(f"top_k must be <= the vocabulary size ({vocab}), got {params.top_k}")

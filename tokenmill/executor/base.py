@@ -12,6 +12,10 @@ from tokenmill.engine.messages import RunnerOutput, SchedulerOutput, WorkerInfo
 from tokenmill.kv.specs import CacheSpec
 
 
+class ExecutorDeadError(RuntimeError):
+    """The workers are gone (a process died): no step can run any more."""
+
+
 class Executor(ABC):
     @abstractmethod
     def describe(self) -> WorkerInfo:
@@ -32,6 +36,10 @@ class Executor(ABC):
     @abstractmethod
     def execute(self, out: SchedulerOutput) -> RunnerOutput:
         """Run one step; raises if the model step failed (the core isolates it)."""
+
+    @abstractmethod
+    def retry(self, request_ids: tuple[str, ...]) -> RunnerOutput:
+        """After `execute` raised: run that step again for these of its requests only."""
 
     @abstractmethod
     def shutdown(self) -> None:

@@ -14,13 +14,13 @@ from typing import Any
 
 from tokenmill.config import EngineConfig
 from tokenmill.engine.messages import RunnerOutput, SchedulerOutput, WorkerInfo
-from tokenmill.executor.base import Executor
+from tokenmill.executor.base import Executor, ExecutorDeadError
 from tokenmill.kv.specs import CacheSpec
 
 log = logging.getLogger(__name__)
 
 
-class WorkerDiedError(RuntimeError):
+class WorkerDiedError(ExecutorDeadError):
     """The worker process is gone (killed, crashed or out of memory)."""
 
 
@@ -92,6 +92,9 @@ class MultiprocExecutor(Executor):
 
     def execute(self, out: SchedulerOutput) -> RunnerOutput:
         return self._call("execute", out)
+
+    def retry(self, request_ids: tuple[str, ...]) -> RunnerOutput:
+        return self._call("retry", request_ids)
 
     def shutdown(self) -> None:
         if self._proc.is_alive():

@@ -29,5 +29,8 @@ class UniprocExecutor(Executor):
     def execute(self, out: SchedulerOutput) -> RunnerOutput:
         return self.worker.execute(out)
 
+    def retry(self, request_ids: tuple[str, ...]) -> RunnerOutput:
+        return self.worker.retry(request_ids)
+
     def shutdown(self) -> None:
         pass  # the worker lives and ends with this process

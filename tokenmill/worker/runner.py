@@ -112,6 +112,7 @@ class ModelRunner:
         self.sampler = Sampler(gen)
         self.generators: dict[str, torch.Generator] = {}  # seeded requests' own generators
         self.input_batch = InputBatch()
+        self._last: tuple | None = None  # the last step's requests and generator states (retry)
 
     def compile_model(self) -> None:
         """The compile policy (config `compile`): each decoder layer's halves around attention
@@ -153,10 +154,35 @@ class ModelRunner:
     def execute(self, out: SchedulerOutput) -> RunnerOutput:
         for request_id in out.finished_request_ids:  # a preempted one keeps its generator
             self.generators.pop(request_id, None)
+        self._last = None
         scheduled = self.input_batch.apply(out)
         if not scheduled:
             return RunnerOutput()
         self._copy_blocks(out.block_copies)
+        ids = [s.state.request_id for s in scheduled]
+        saved = {r: self.generators[r].get_state() for r in ids if r in self.generators}
+        self._last = (scheduled, saved)
+        return self._run(scheduled)
+
+    @torch.inference_mode()
+    def retry(self, request_ids: tuple[str, ...]) -> RunnerOutput:
+        """Run the last step again for these of its requests only (after it failed): their
+        state is applied already, their K/V rewritten in place, and their seeded generators
+        put back where the step found them, so they sample as a run without the others."""
+        if self._last is None:
+            raise RuntimeError("no step to retry")
+        scheduled, saved = self._last
+        wanted = set(request_ids)
+        subset = [s for s in scheduled if s.state.request_id in wanted]
+        for s in subset:
+            r = s.state.request_id
+            if r in saved:
+                self.generators[r].set_state(saved[r])
+            else:
+                self.generators.pop(r, None)  # made during the failed attempt: made again
+        return self._run(subset)
+
+    def _run(self, scheduled) -> RunnerOutput:
         inp = build_model_input(scheduled, self.block_size, self.pad_slot, self.device)
         hidden = self.model(inp.input_ids, inp.positions, self.kv_caches, inp.attn)
         sampled: dict[str, SampledToken] = {}
@@ -168,7 +194,10 @@ class ModelRunner:
             result = self.sampler(logits, batch)
             for state, token, lps in zip(inp.sample_states, result.token_ids, result.logprobs):
                 sampled[state.request_id] = SampledToken(token, lps)
-        return RunnerOutput(sampled, self._prompt_logprobs(hidden, inp.prompt_logprob_spans))
+        prompt_logprobs = self._prompt_logprobs(hidden, inp.prompt_logprob_spans)
+        for span in inp.prompt_logprob_spans:  # counted once the whole step succeeded
+            span.state.num_prompt_logprobs += len(prompt_logprobs[span.state.request_id])
+        return RunnerOutput(sampled, prompt_logprobs)
 
     @torch.inference_mode()
     def score(self, token_ids: list[int]) -> torch.Tensor:  # [n, vocab] fp32
@@ -205,7 +234,6 @@ class ModelRunner:
                         for tid, val in zip(top.indices[i].tolist(), top.values[i].tolist()):
                             entry.setdefault(tid, val)
                     entries.append(entry)
-            req.num_prompt_logprobs += len(entries)
             out[req.request_id] = entries
         return out
 

@@ -68,3 +68,6 @@ class Worker:
 
     def execute(self, out: SchedulerOutput) -> RunnerOutput:
         return self.runner.execute(out)
+
+    def retry(self, request_ids: tuple[str, ...]) -> RunnerOutput:
+        return self.runner.retry(request_ids)
