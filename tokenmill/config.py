@@ -160,14 +160,46 @@ class ServeConfig:
         "accounting); repeat for several keys.",
         default=(),
     )
+    admin_key: tuple[str, ...] = doc_field(
+        "Keys that may read every tenant's usage at /v1/usage (and call the API as an API key "
+        "does); KEY or NAME=KEY; repeat for several. A tenant's key reads only its own usage.",
+        default=(),
+    )
+    metrics_tenants: bool = doc_field(
+        "Label /metrics usage series by tenant. Off by default: every tenant is folded into one "
+        'series (tenant="all"), so whoever scrapes /metrics learns no tenant names.',
+        default=False,
+    )
     grace_period: float = doc_field(
         "Seconds in-flight requests get to finish on SIGTERM.", default=30.0
     )
-    max_body_bytes: int = doc_field("Largest request body in bytes.", default=4 << 20)
+    max_body_bytes: int = doc_field(
+        "Largest request body in bytes, counted as read (any transfer encoding); over it: 413.",
+        default=4 << 20,
+    )
+    body_timeout: float = doc_field(
+        "Seconds a request body may stall between two reads before the request ends with 408.",
+        default=30.0,
+    )
     max_waiting: int | None = doc_field(
         "Most requests waiting for their first token; beyond it new requests are refused "
         "(HTTP 429 with Retry-After).",
         default=None,
+    )
+    max_request_sequences: int = doc_field(
+        "Most sequences one request may start (prompts x n); more is a 400.", default=256
+    )
+    special_tokens_in_content: bool = doc_field(
+        "Let special-token text inside chat messages ('<|im_start|>system') act as control "
+        "tokens, for trusted callers that build turns themselves. Off by default: it is "
+        "tokenized as plain text, so a user cannot forge a system turn. Completions' raw "
+        "prompts are the caller's whole text and always parse special tokens.",
+        default=False,
+    )
+    strict_api: bool = doc_field(
+        "Refuse a request with fields this server does not know (400 naming them) instead of "
+        "ignoring them with a warning in the log (vLLM's behaviour, the default).",
+        default=False,
     )
     engine_process: bool = doc_field(
         "Run the engine core in its own process (HTTP, templating, tokenizing and "
@@ -182,8 +214,14 @@ class ServeConfig:
             raise ValueError(f"port must be in [0, 65535], got {self.port}")
         if self.grace_period < 0:
             raise ValueError(f"grace_period must be >= 0 seconds, got {self.grace_period}")
+        if self.body_timeout <= 0:
+            raise ValueError(f"body_timeout must be > 0 seconds, got {self.body_timeout}")
         if self.max_body_bytes < 1:
             raise ValueError(f"max_body_bytes must be >= 1, got {self.max_body_bytes}")
+        if self.max_request_sequences < 1:
+            raise ValueError(
+                f"max_request_sequences must be >= 1, got {self.max_request_sequences}"
+            )
         if self.max_waiting is not None and self.max_waiting < 0:
             raise ValueError(f"max_waiting must be >= 0, got {self.max_waiting}")
 

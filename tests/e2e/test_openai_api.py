@@ -82,7 +82,10 @@ def test_list_prompts_n_and_echo(client):
     by_index = {c.index: c for c in out.choices}
     assert by_index[0].text.startswith("Hello") and by_index[2].text.startswith("Paged")
     assert by_index[0].text == by_index[1].text  # greedy, n=2
-    assert len(by_index[0].logprobs.tokens) == 4
+    # echo + logprobs: the prompt's tokens (the first without a logprob), then the 4 new ones
+    lp = by_index[0].logprobs
+    assert len(lp.tokens) > 4 and lp.token_logprobs[0] is None and lp.text_offset[0] == 0
+    assert all(v is not None for v in lp.token_logprobs[1:])
     ids = client.completions.create(
         model="tiny", prompt=[1, 5, 6], max_tokens=3, extra_body={"ignore_eos": True}
     )

@@ -26,6 +26,8 @@ def test_usage_by_tenant_survives_restart(tiny_model_dir, tmp_path):
         "alice=key-a",
         "--api-key",
         "key-b",
+        "--admin-key",
+        "ops=key-admin",
         "--usage-db",
         db,
         "--power-interval",
@@ -60,14 +62,19 @@ def test_usage_by_tenant_survives_restart(tiny_model_dir, tmp_path):
         )
         served["anonymous"] += [c for c in stream][-1].usage.total_tokens
         time.sleep(0.6)  # a few power samples
-        seen = tenants(server.url, "key-a")
+        seen = tenants(server.url, "key-admin")  # an admin key sees every tenant
+        assert set(tenants(server.url, "key-a")) == {"alice"}  # a tenant sees only itself
+        assert tenants(server.url, "key-b") == {}  # a key without a name has no tenant rows
+        own = httpx.get(f"{server.url}/v1/usage", headers={"Authorization": "Bearer key-a"})
+        assert own.json()["instances"] == [] and own.json()["total"]["tokens"] == served["alice"]
         for name, tokens in served.items():
             assert seen[name]["prompt_tokens"] + seen[name]["completion_tokens"] == tokens
             assert seen[name]["requests"] == 1
             assert seen[name]["energy_source"] == "modeled"
         assert sum(t["energy_joules"] for t in seen.values()) > 0
-        metrics = httpx.get(f"{server.url}/metrics").text
-        assert "tokenmill:energy_joules_total{" in metrics and 'tenant="alice"' in metrics
+        metrics = httpx.get(f"{server.url}/metrics").text  # no tenant names unless opted in
+        assert "tokenmill:energy_joules_total{" in metrics and 'tenant="all"' in metrics
+        assert not any(f'tenant="{name}"' in metrics for name in served)
         assert (
             "tokenmill:cost_per_million_tokens{" in metrics and 'energy_source="modeled"' in metrics
         )
@@ -77,9 +84,10 @@ def test_usage_by_tenant_survives_restart(tiny_model_dir, tmp_path):
         k: (v["prompt_tokens"], v["completion_tokens"], v["requests"]) for k, v in seen.items()
     }
 
-    again = Server(model, *args)
+    again = Server(model, *args, "--metrics-tenants")
     try:
-        after = tenants(again.url, "key-b")
+        assert 'tenant="alice"' in httpx.get(f"{again.url}/metrics").text
+        after = tenants(again.url, "key-admin")
         for name in served:
             assert (
                 after[name]["prompt_tokens"],

@@ -68,9 +68,7 @@ class LLM:
         prompts: list[PromptType] = []
         for conv in conversations:
             text = tok.apply_chat_template(
-                list(conv),
-                add_generation_prompt,
-                **(chat_template_kwargs or {}),  # type: ignore[arg-type]
+                list(conv), add_generation_prompt, template_kwargs=chat_template_kwargs
             )
             prompts.append(
                 {"prompt": text, "prompt_token_ids": tok.encode(text, add_special_tokens=False)}

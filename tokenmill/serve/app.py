@@ -23,6 +23,7 @@ import tokenmill
 from tokenmill.engine.async_engine import AsyncEngine, EngineDeadError, QueueFullError
 from tokenmill.serve import handlers
 from tokenmill.serve import protocol as P
+from tokenmill.serve.limits import LimitExceeded, RequestLimits
 from tokenmill.serve.metrics import ServingMetrics
 from tokenmill.serve.usage import UsageTracker
 
@@ -59,6 +60,11 @@ class ServerState:
     max_model_len: int | None = None
     draining: bool = False
     usage: UsageTracker | None = None  # accounting and energy; None when switched off
+    strict_api: bool = False  # unknown request fields: 400 instead of a warning
+    admin_keys: set[str] = field(default_factory=set)  # keys that read every tenant's usage
+    max_request_sequences: int = 256  # prompts x n per request
+    body_timeout_s: float = 30.0  # a stalled body ends with 408
+    literal_content: bool = True  # special-token text in chat content is plain text
     metrics: ServingMetrics = field(init=False)
 
     def __post_init__(self) -> None:
@@ -96,7 +102,7 @@ def error_response(e: APIError) -> JSONResponse:
 
 def value_error(exc: ValueError) -> APIError:
     text = str(exc)
-    param = re.match(r"^([a-z_]+) ", text)
+    param = re.match(r"^([a-z_]+)[ :]", text)
     code = "context_length_exceeded" if "context_length_exceeded" in text else None
     return APIError(400, text, param=param.group(1) if param else None, code=code)
 
@@ -123,6 +129,21 @@ async def until_disconnect(coro, request: Request):
     return None
 
 
+def own_usage(report: dict, tenant: str | None) -> dict:
+    """The report as one tenant may see it: its rows and their sums, nobody else's. A key
+    without a NAME has no tenant identity and sees no rows."""
+    rows = [t for t in report["tenants"] if tenant is not None and t["tenant"] == tenant]
+    tokens = sum(t["prompt_tokens"] + t["completion_tokens"] for t in rows)
+    usd = sum(t["cost_usd"] or 0.0 for t in rows)
+    total = {
+        "tokens": tokens,
+        "energy_joules": sum(t["energy_joules"] for t in rows),
+        "cost_usd": usd,
+        "cost_per_million_tokens": usd / tokens * 1e6 if tokens else None,
+    }
+    return {"prices": report["prices"], "instances": [], "tenants": rows, "total": total}
+
+
 def build_app(state: ServerState) -> FastAPI:
     app = FastAPI(
         title="tokenmill",
@@ -141,13 +162,20 @@ def build_app(state: ServerState) -> FastAPI:
         loc = [str(x) for x in first.get("loc", ()) if x != "body"]
         if first.get("type") == "json_invalid":
             return error_response(APIError(400, "request body is not valid JSON"))
-        msg = f"{'.'.join(loc) or 'body'}: {first.get('msg', 'invalid value')}"
-        return error_response(APIError(400, msg, param=loc[0] if loc else None))
+        text = str(first.get("msg", "invalid value")).removeprefix("Value error, ")
+        named = re.match(r"^([a-z_]+) ", text)  # a model-level check names its field first
+        param = loc[0] if loc else named.group(1) if named else None
+        return error_response(APIError(400, f"{'.'.join(loc) or 'body'}: {text}", param=param))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, e: StarletteHTTPException):
         kind = "not_found_error" if e.status_code == 404 else "invalid_request_error"
-        return error_response(APIError(e.status_code, str(e.detail), kind))
+        code = e.code if isinstance(e, LimitExceeded) else None
+        return error_response(APIError(e.status_code, str(e.detail), kind, None, code, e.headers))
+
+    app.add_middleware(
+        RequestLimits, max_body_bytes=state.max_body_bytes, body_timeout_s=state.body_timeout_s
+    )
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, e: Exception):
@@ -164,6 +192,7 @@ def build_app(state: ServerState) -> FastAPI:
                     k for k in state.api_keys if hmac.compare_digest(given.encode(), k.encode())
                 ]
                 request.state.key_name = state.api_keys[match[0]] if match else None
+                request.state.is_admin = bool(match) and match[0] in state.admin_keys
                 if not match:
                     return error_response(
                         APIError(
@@ -173,16 +202,6 @@ def build_app(state: ServerState) -> FastAPI:
                             code="invalid_api_key",
                         )
                     )
-            size = request.headers.get("content-length")
-            if size is not None and size.isdigit() and int(size) > state.max_body_bytes:
-                return error_response(
-                    APIError(
-                        413,
-                        f"request body of {size} bytes exceeds the limit of "
-                        f"{state.max_body_bytes} bytes",
-                        code="request_too_large",
-                    )
-                )
         return await call_next(request)
 
     def check_model(name: str | None) -> None:
@@ -226,6 +245,20 @@ def build_app(state: ServerState) -> FastAPI:
             return result
         return StreamingResponse(handlers.ending_on_error(result), media_type="text/event-stream")
 
+    def check_fields(req: P.RequestModel) -> None:
+        """Unknown fields: named in a warning (and ignored), or refused with --strict-api."""
+        unknown = sorted(req.model_extra or {})
+        if not unknown:
+            return
+        if state.strict_api:
+            raise APIError(
+                400,
+                f"unknown field(s) {unknown}: not supported by this server",
+                param=unknown[0],
+                code="unsupported_field",
+            )
+        log.warning("ignoring unknown request field(s): %s", ", ".join(unknown))
+
     def tenant(request: Request, user: str | None) -> str:
         """The API key's name, else the request's `user`, else anonymous."""
         return getattr(request.state, "key_name", None) or user or "anonymous"
@@ -233,6 +266,15 @@ def build_app(state: ServerState) -> FastAPI:
     @app.post("/v1/completions", response_model=P.CompletionResponse)
     async def completions(req: P.CompletionRequest, request: Request):
         check_model(req.model)
+        check_fields(req)
+        count = len(handlers.completion_prompts(req.prompt)) * req.n
+        if count > state.max_request_sequences:
+            raise APIError(
+                400,
+                f"prompt: {count} sequences (prompts x n) exceed this server's limit of "
+                f"{state.max_request_sequences} per request; split the request",
+                param="prompt",
+            )
         who = tenant(request, req.user)
         coro = handlers.completions(engine(), tokenizer(), state.model_name, req, who)
         return await run(coro, request)
@@ -240,16 +282,23 @@ def build_app(state: ServerState) -> FastAPI:
     @app.post("/v1/chat/completions", response_model=P.ChatCompletionResponse)
     async def chat(req: P.ChatCompletionRequest, request: Request):
         check_model(req.model)
+        check_fields(req)
         who = tenant(request, req.user)
-        coro = handlers.chat(engine(), tokenizer(), state.model_name, req, who)
+        coro = handlers.chat(
+            engine(), tokenizer(), state.model_name, req, who, state.literal_content
+        )
         return await run(coro, request)
 
     @app.get("/v1/usage")
-    async def usage():
-        """Tokens, energy and derived cost per model, instance and tenant (persisted)."""
+    async def usage(request: Request):
+        """Tokens, energy and derived cost per model, instance and tenant (persisted). With API
+        keys, a tenant's key sees its own rows only; an --admin-key sees every tenant."""
         if state.usage is None:
             raise APIError(404, "usage accounting is off on this server", "not_found_error")
-        return state.usage.report()
+        report = state.usage.report()
+        if not state.api_keys or getattr(request.state, "is_admin", False):
+            return report
+        return own_usage(report, getattr(request.state, "key_name", None))
 
     def engine() -> AsyncEngine:
         assert state.engine is not None

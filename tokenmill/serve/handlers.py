@@ -120,9 +120,9 @@ async def merged(streams: list[RequestStream]) -> AsyncIterator[tuple[int, Reque
             s.close()
 
 
-def usage(outs: list[RequestOutput]) -> P.Usage:
+def usage(outs: list[RequestOutput], scoring: bool = False) -> P.Usage:
     prompt = sum(len(o.prompt_token_ids) for o in outs)
-    completion = sum(len(c.token_ids) for o in outs for c in o.outputs)
+    completion = 0 if scoring else sum(len(c.token_ids) for o in outs for c in o.outputs)
     return P.Usage(
         prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion
     )
@@ -135,6 +135,36 @@ def completion_prompts(prompt: Any) -> list:
     if prompt and all(isinstance(p, int) for p in prompt):
         return [{"prompt_token_ids": prompt}]
     return [p if isinstance(p, str) else {"prompt_token_ids": p} for p in prompt]
+
+
+def echoed_logprobs(tok: Tokenizer, out: RequestOutput) -> P.CompletionLogprobs:
+    """The prompt's part of echo + logprobs: every prompt token, the first with no logprob
+    (nothing comes before it), each other with its logprob given those before it and the top
+    k; text offsets from 0, as OpenAI's and vLLM's echo return them."""
+    lp = P.CompletionLogprobs()
+    offset = 0
+    entries = out.prompt_logprobs or [None] * len(out.prompt_token_ids)
+    for token_id, entry in zip(out.prompt_token_ids, entries):
+        text = tok.decode([token_id], skip_special_tokens=False)
+        lp.tokens.append(text)
+        lp.token_logprobs.append(None if entry is None else entry[token_id])
+        lp.top_logprobs.append(
+            None
+            if entry is None
+            else {tok.decode([t], skip_special_tokens=False): v for t, v in entry.items()}
+        )
+        lp.text_offset.append(offset)
+        offset += len(text)
+    return lp
+
+
+def joined(a: P.CompletionLogprobs, b: P.CompletionLogprobs) -> P.CompletionLogprobs:
+    return P.CompletionLogprobs(
+        tokens=a.tokens + b.tokens,
+        token_logprobs=a.token_logprobs + b.token_logprobs,
+        top_logprobs=a.top_logprobs + b.top_logprobs,
+        text_offset=a.text_offset + b.text_offset,
+    )
 
 
 def completion_logprobs(tok: Tokenizer, c: CompletionOutput, start: int, offset: int):
@@ -158,7 +188,11 @@ async def completions(
     req: P.CompletionRequest,
     tenant: str | None = None,
 ):
-    params = sampling_params(req, req.max_tokens, req.logprobs)
+    scoring = req.echo and req.max_tokens == 0  # score the prompt only (lm-eval's requests)
+    if scoring and req.stream:
+        raise ValueError("max_tokens 0 (scoring the echoed prompt) is not supported with stream")
+    prompt_lps = req.logprobs if req.echo and req.logprobs is not None else None
+    params = sampling_params(req, 1 if scoring else req.max_tokens, req.logprobs, prompt_lps)
     prompts = completion_prompts(req.prompt)
     rid = f"cmpl-{uuid.uuid4().hex}"
     streams = await add_all(engine, rid, prompts, params, tenant)
@@ -168,18 +202,28 @@ async def completions(
     choices = []
     for i, out in enumerate(outs):
         prefix = (out.prompt or tok.decode(out.prompt_token_ids)) if req.echo else ""
+        echoed = echoed_logprobs(tok, out) if prompt_lps is not None else None
         for c in out.outputs:
-            lps = completion_logprobs(tok, c, 0, len(prefix)) if req.logprobs is not None else None
+            lps = None
+            if req.logprobs is not None:  # completion tokens sit after the prefix in the text
+                lps = (
+                    P.CompletionLogprobs()
+                    if scoring
+                    else completion_logprobs(tok, c, 0, len(prefix))
+                )
+                lps = joined(echoed, lps) if echoed else lps
             choices.append(
                 P.CompletionChoice(
                     index=i * req.n + c.index,
-                    text=prefix + c.text,
+                    text=prefix + ("" if scoring else c.text),
                     logprobs=lps,
-                    finish_reason=c.finish_reason,
-                    stop_reason=c.stop_reason,
+                    finish_reason="length" if scoring else c.finish_reason,
+                    stop_reason=None if scoring else c.stop_reason,
                 )
             )
-    return P.CompletionResponse(id=rid, model=model, choices=choices, usage=usage(outs))
+    return P.CompletionResponse(
+        id=rid, model=model, choices=choices, usage=usage(outs, scoring=scoring)
+    )
 
 
 async def _stream_completions(tok, model, req, rid, streams) -> AsyncIterator[str]:
@@ -196,11 +240,10 @@ async def _stream_completions(tok, model, req, rid, streams) -> AsyncIterator[st
                 done.add(index)
             if index not in sent_text and req.echo:
                 prefix = out.prompt or tok.decode(out.prompt_token_ids)
-                yield sse(
-                    P.CompletionResponse(
-                        id=rid, model=model, choices=[P.CompletionChoice(index=index, text=prefix)]
-                    )
-                )
+                echoed = echoed_logprobs(tok, out) if req.logprobs is not None else None
+                choice = P.CompletionChoice(index=index, text=prefix, logprobs=echoed)
+                yield sse(P.CompletionResponse(id=rid, model=model, choices=[choice]))
+                sent_text.setdefault(index, 0)
             start_text, start_tok = sent_text.get(index, 0), sent_tokens.get(index, 0)
             delta = c.text[start_text:]
             if not delta and c.finish_reason is None:
@@ -238,38 +281,48 @@ async def _stream_completions(tok, model, req, rid, streams) -> AsyncIterator[st
 
 
 # ---- chat ---------------------------------------------------------------------------------
-def render_chat(tok: Tokenizer, req: P.ChatCompletionRequest) -> dict:
+def render_chat(
+    tok: Tokenizer,
+    req: P.ChatCompletionRequest,
+    literal_content: bool = True,
+    max_model_len: int | None = None,
+) -> dict:
     messages = []
-    for m in req.messages:
+    for i, m in enumerate(req.messages):
         content = m.content
         if isinstance(content, list):
-            parts = [p.get("text", "") for p in content if p.get("type") == "text"]
-            if len(parts) != len(content):
-                raise ValueError("messages: only content parts of type 'text' are supported")
-            content = "".join(parts)
+            for j, part in enumerate(content):
+                if part.type != "text":
+                    raise ValueError(
+                        f"messages: content part {i}.{j} has type {part.type!r}; only 'text' "
+                        "parts are supported by this model"
+                    )
+                if part.text is None:
+                    raise ValueError(f"messages: content part {i}.{j} of type 'text' has no text")
+            content = "".join(part.text or "" for part in content)
         messages.append({**m.model_dump(exclude_none=True), "content": content or ""})
-    text = tok.apply_chat_template(
-        messages, req.add_generation_prompt, **(req.chat_template_kwargs or {})
-    )
-    return {"prompt": text, "prompt_token_ids": tok.encode(text, add_special_tokens=False)}
+    text, ids = tok.encode_chat(
+        messages, req.add_generation_prompt, literal_content, req.chat_template_kwargs,
+        max_model_len,
+    )  # fmt: skip
+    return {"prompt": text, "prompt_token_ids": ids}
 
 
-def chat_logprobs(tok: Tokenizer, c: CompletionOutput, start: int) -> P.ChatLogprobs:
+def chat_logprobs(tok: Tokenizer, c: CompletionOutput, start: int, k: int) -> P.ChatLogprobs:
+    """Per token: its logprob and the k most likely tokens (the chosen one among them when it
+    is one of the k: an entry holds the chosen token, then the top k)."""
     content = []
     for token_id, entry in zip(c.token_ids[start:], (c.logprobs or [])[start:]):
         text = tok.decode([token_id], skip_special_tokens=False)
-        tops = (
-            [
-                P.TopLogprob(
-                    token=tok.decode([t], skip_special_tokens=False),
-                    logprob=v,
-                    bytes=list(tok.decode([t], skip_special_tokens=False).encode()),
-                )
-                for t, v in list(entry.items())[1:]
-            ]
-            if len(entry) > 1
-            else []
-        )
+        best = sorted(entry.items(), key=lambda kv: -kv[1])[:k]
+        tops = [
+            P.TopLogprob(
+                token=tok.decode([t], skip_special_tokens=False),
+                logprob=v,
+                bytes=list(tok.decode([t], skip_special_tokens=False).encode()),
+            )
+            for t, v in best
+        ]
         content.append(
             P.TokenLogprob(
                 token=text, logprob=entry[token_id], bytes=list(text.encode()), top_logprobs=tops
@@ -284,11 +337,14 @@ async def chat(
     model: str,
     req: P.ChatCompletionRequest,
     tenant: str | None = None,
+    literal_content: bool = True,
 ):
     max_tokens = req.max_completion_tokens or req.max_tokens
     k = (req.top_logprobs or 0) if req.logprobs else None
     params = sampling_params(req, max_tokens, k)
-    prompt = await asyncio.to_thread(render_chat, tok, req)  # templating and tokenizing
+    prompt = await asyncio.to_thread(
+        render_chat, tok, req, literal_content, engine.max_model_len
+    )  # off the event loop
     rid = f"chatcmpl-{uuid.uuid4().hex}"
     streams = await add_all(engine, rid, [prompt], params, tenant)
     if req.stream:
@@ -298,7 +354,7 @@ async def chat(
         P.ChatChoice(
             index=c.index,
             message=P.AssistantMessage(content=c.text),
-            logprobs=chat_logprobs(tok, c, 0) if req.logprobs else None,
+            logprobs=chat_logprobs(tok, c, 0, k or 0) if req.logprobs else None,
             finish_reason=c.finish_reason,
             stop_reason=c.stop_reason,
         )
@@ -341,7 +397,9 @@ async def _stream_chat(tok, model, req, rid, streams) -> AsyncIterator[str]:
                         P.ChatChunkChoice(
                             index=c.index,
                             delta=P.DeltaMessage(content=delta),
-                            logprobs=chat_logprobs(tok, c, start_tok) if req.logprobs else None,
+                            logprobs=chat_logprobs(tok, c, start_tok, req.top_logprobs or 0)
+                            if req.logprobs
+                            else None,
                             finish_reason=c.finish_reason,
                         )
                     ],

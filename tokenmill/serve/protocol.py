@@ -1,15 +1,55 @@
 """OpenAI-shaped request and response schemas (pydantic), plus the vLLM sampling extensions.
 
-Range checks live in SamplingParams (one set of rules for offline and HTTP use); here only the
-shapes and types. Unknown fields are ignored, as OpenAI's API does.
+Range checks live in SamplingParams (one set of rules for offline and HTTP use); here the shapes
+and types, and that every string a client sends is valid Unicode (JSON can carry a lone
+surrogate such as "\ud800", which no UTF-8 encoder, tokenizer or database takes): a 400 that
+names the field, never a 500 later. Unknown fields are kept in `model_extra`, so the server can
+name them in a warning or refuse them (`--strict-api`).
 """
 
 from __future__ import annotations
 
 import time
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
+
+
+def valid_unicode(value: str) -> str:
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"is not valid Unicode (a lone surrogate at position {e.start})") from None
+    return value
+
+
+def valid_json_text(value: Any) -> Any:
+    """Every string inside a JSON value (keys too) valid Unicode."""
+    if isinstance(value, str):
+        return valid_unicode(value)
+    if isinstance(value, dict):
+        for k, v in value.items():
+            valid_json_text(k)
+            valid_json_text(v)
+    elif isinstance(value, list):
+        for v in value:
+            valid_json_text(v)
+    return value
+
+
+Text = Annotated[str, AfterValidator(valid_unicode)]
+JsonValue = Annotated[Any, AfterValidator(valid_json_text)]
+
+
+class RequestModel(BaseModel):
+    """A client's request: unknown fields kept (and checked) for the server to name."""
+
+    model_config = ConfigDict(extra="allow")
+
+    @model_validator(mode="after")
+    def _extras_are_valid_text(self):
+        valid_json_text(self.model_extra or {})
+        return self
 
 
 class ErrorDetail(BaseModel):
@@ -23,27 +63,26 @@ class ErrorResponse(BaseModel):
     error: ErrorDetail
 
 
-class StreamOptions(BaseModel):
+class StreamOptions(RequestModel):
     include_usage: bool = False
 
 
-class SamplingFields(BaseModel):
+class SamplingFields(RequestModel):
     """Fields shared by completions and chat completions."""
 
-    model_config = ConfigDict(extra="ignore")
-
-    model: str | None = None
+    model: Text | None = None
     max_tokens: int | None = None
     temperature: float | None = None
     top_p: float | None = None
     n: int = Field(default=1, ge=1, le=128)
-    stop: str | list[str] | None = None
+    best_of: int | None = None  # accepted only equal to n: there is no best-of-n search
+    stop: Text | list[Text] | None = None
     seed: int | None = None
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     stream: bool = False
     stream_options: StreamOptions | None = None
-    user: str | None = None
+    user: Text | None = None
     # vLLM extensions
     top_k: int | None = None
     min_p: float | None = None
@@ -54,19 +93,38 @@ class SamplingFields(BaseModel):
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
 
+    @model_validator(mode="after")
+    def _best_of_is_n(self):
+        if self.best_of is not None and self.best_of != self.n:
+            raise ValueError(
+                f"best_of ({self.best_of}) is not supported unless it equals n ({self.n}); "
+                "request n completions and choose among them"
+            )
+        return self
+
 
 class CompletionRequest(SamplingFields):
-    prompt: str | list[str] | list[int] | list[list[int]]
+    prompt: Text | list[Text] | list[int] | list[list[int]]
     logprobs: int | None = Field(default=None, description="top logprobs per token, 0-20")
     echo: bool = False
     max_tokens: int | None = 16
 
+    @field_validator("prompt")
+    @classmethod
+    def _not_empty(cls, prompt):
+        if isinstance(prompt, list) and (not prompt or any(p == [] for p in prompt)):
+            raise ValueError("must not be empty (nor hold an empty prompt)")
+        return prompt
 
-class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="allow")
 
+class ContentPart(RequestModel):
+    type: Text
+    text: Text | None = None  # for type "text"; other types are refused when rendering
+
+
+class ChatMessage(RequestModel):
     role: Literal["system", "user", "assistant", "tool", "developer"]
-    content: str | list[dict[str, Any]] | None = None
+    content: Text | list[ContentPart] | None = None
 
 
 class ChatCompletionRequest(SamplingFields):
@@ -75,7 +133,7 @@ class ChatCompletionRequest(SamplingFields):
     logprobs: bool = False
     top_logprobs: int | None = None
     add_generation_prompt: bool = True
-    chat_template_kwargs: dict[str, Any] | None = None
+    chat_template_kwargs: dict[Text, JsonValue] | None = None
 
 
 class Usage(BaseModel):

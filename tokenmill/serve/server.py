@@ -77,8 +77,15 @@ def serve(config: EngineConfig, opts: ServeConfig, usage: UsageOptions | None = 
     """Serve until stopped; the exit status (0 drained, 1 engine core lost)."""
     name = opts.served_model_name or default_model_name(config.model.model)
     tracker = UsageTracker(usage, name, usage.instance) if usage else None
-    keys = parse_api_keys(list(opts.api_key))
-    state = ServerState(name, keys, opts.max_body_bytes, usage=tracker)
+    keys = parse_api_keys(list(opts.api_key) + list(opts.admin_key))
+    admins = set(parse_api_keys(list(opts.admin_key)) or {})
+    if tracker is not None:
+        tracker.tenant_labels = opts.metrics_tenants
+    state = ServerState(
+        name, keys, opts.max_body_bytes, usage=tracker, strict_api=opts.strict_api,
+        admin_keys=admins, max_request_sequences=opts.max_request_sequences,
+        body_timeout_s=opts.body_timeout, literal_content=not opts.special_tokens_in_content,
+    )  # fmt: skip
     app = build_app(state)
     holder: dict[str, AsyncEngine] = {}
     failed: list[BaseException] = []

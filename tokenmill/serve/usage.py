@@ -25,6 +25,9 @@ from tokenmill.engine.outputs import RequestOutput
 log = logging.getLogger(__name__)
 DEFAULT_DB = Path.home() / ".cache" / "tokenmill" / "usage.sqlite"
 ANONYMOUS = "anonymous"
+OTHER = "other"  # where tenants past the bounds are counted
+MAX_TENANT_LEN = 64  # characters of a tenant name (a user id or a hash fits)
+MAX_TENANTS = 1000  # distinct tenants per server process
 
 
 @dataclass(frozen=True)
@@ -58,6 +61,8 @@ class UsageTracker:
         self.accountant: Accountant | None = None
         self.sampler: PowerSampler | None = None
         self.seen: dict[str, int] = {}  # request id -> tokens already counted
+        self.tenant_labels = False  # /metrics by tenant (--metrics-tenants), else folded to "all"
+        self.tenant_names: set[str] = set()  # distinct tenants seen (bounded)
 
     def start(self, engine) -> None:
         """The model is loaded: choose hardware and meter, start sampling."""
@@ -81,7 +86,7 @@ class UsageTracker:
         """Every engine output (engine thread): the tokens it adds, charged to its tenant."""
         if self.accountant is None:
             return
-        tenant = self.engine.tenants.get(out.request_id, ANONYMOUS)
+        tenant = self.bounded(self.engine.tenants.get(out.request_id, ANONYMOUS))
         done = sum(len(c.token_ids) for c in out.outputs)
         before = self.seen.get(out.request_id)
         prompt = len(out.prompt_token_ids) if before is None else 0
@@ -90,6 +95,17 @@ class UsageTracker:
             self.seen.pop(out.request_id, None)
         else:
             self.seen[out.request_id] = done
+
+    def bounded(self, tenant: str) -> str:
+        """Tenant names are client input (`user`): at most MAX_TENANT_LEN characters and
+        MAX_TENANTS distinct names; the rest are folded into "other", so neither /metrics nor
+        the usage store grows without bound."""
+        if tenant in self.tenant_names:
+            return tenant
+        if len(tenant) > MAX_TENANT_LEN or len(self.tenant_names) >= MAX_TENANTS:
+            return OTHER
+        self.tenant_names.add(tenant)
+        return tenant
 
     def report(self) -> dict:
         if self.accountant is None:
@@ -109,13 +125,12 @@ class UsageTracker:
             "tokenmill:usage_tokens", "Tokens served", labels=[*labels, "kind"]
         )
         cost = GaugeMetricFamily("tokenmill:cost_usd", "TCO so far (derived)", labels=labels)
-        for t in report["tenants"]:
-            key = [t["model"], t["instance"], t["tenant"], t["energy_source"]]
-            energy.add_metric(key, t["energy_joules"])
+        for key, t in self._tenant_rows(report["tenants"]).items():
+            energy.add_metric(list(key), t["energy_joules"])
             tokens.add_metric([*key, "prompt"], t["prompt_tokens"])
             tokens.add_metric([*key, "completion"], t["completion_tokens"])
             if t["cost_usd"] is not None:
-                cost.add_metric(key, t["cost_usd"])
+                cost.add_metric(list(key), t["cost_usd"])
         per_j = GaugeMetricFamily(
             "tokenmill:tokens_per_joule", "Tokens per joule", labels=labels[:2] + labels[3:]
         )
@@ -139,6 +154,21 @@ class UsageTracker:
             key = [self.model, self.instance, self.accountant.energy_source]
             watts.add_metric(key, self.accountant.last_watts)
         return [energy, tokens, cost, per_j, per_m, watts]
+
+    def _tenant_rows(self, rows: list[dict]) -> dict[tuple, dict]:
+        """(model, instance, tenant, source) -> sums; tenants folded into "all" unless labelled."""
+        out: dict[tuple, dict] = {}
+        for t in rows:
+            tenant = t["tenant"] if self.tenant_labels else "all"
+            key = (t["model"], t["instance"], tenant, t["energy_source"])
+            acc = out.setdefault(key, {"energy_joules": 0.0, "prompt_tokens": 0,
+                                       "completion_tokens": 0, "cost_usd": None})  # fmt: skip
+            acc["energy_joules"] += t["energy_joules"]
+            acc["prompt_tokens"] += t["prompt_tokens"]
+            acc["completion_tokens"] += t["completion_tokens"]
+            if t["cost_usd"] is not None:
+                acc["cost_usd"] = (acc["cost_usd"] or 0.0) + t["cost_usd"]
+        return out
 
     def close(self) -> None:
         if self.sampler is not None:

@@ -1,0 +1,55 @@
+"""OpenAI semantics evaluation harnesses depend on: echo + logprobs cover the prompt (first
+token without a logprob, offsets from 0) and then the completion; max_tokens 0 with echo scores
+the prompt only; the prompt's logprobs equal the offline engine's prompt_logprobs."""
+
+from __future__ import annotations
+
+from tests.e2e.test_errors import assert_error, post
+from tokenmill import LLM, SamplingParams
+
+IDS = [5, 17, 33, 2, 90, 41, 7, 7, 120]
+
+
+def reference_prompt_logprobs(tiny_model_dir, ids):
+    llm = LLM(str(tiny_model_dir("llama")), dtype="float32", kv_cache_memory=8 << 20, block_size=4)
+    out = llm.generate([{"prompt_token_ids": ids}], SamplingParams(max_tokens=1, prompt_logprobs=2))
+    return out[0].prompt_logprobs
+
+
+def test_echo_scoring_equals_the_offline_prompt_logprobs(server, tiny_model_dir):
+    body = {"prompt": IDS, "echo": True, "max_tokens": 0, "logprobs": 2, "temperature": 0}
+    r = post(server, "/v1/completions", body)
+    assert r.status_code == 200, r.text
+    choice, usage = r.json()["choices"][0], r.json()["usage"]
+    lp = choice["logprobs"]
+    assert usage["completion_tokens"] == 0 and usage["prompt_tokens"] == len(IDS)
+    assert len(lp["tokens"]) == len(IDS) and lp["token_logprobs"][0] is None
+    assert lp["top_logprobs"][0] is None and lp["text_offset"][0] == 0
+    ref = reference_prompt_logprobs(tiny_model_dir, IDS)
+    for got, entry, t in zip(lp["token_logprobs"][1:], ref[1:], IDS[1:]):
+        assert abs(got - entry[t]) < 1e-4
+    for tops, entry in zip(lp["top_logprobs"][1:], ref[1:]):
+        assert 1 <= len(tops) <= len(entry)  # keyed by text: two tokens may decode alike
+    assert lp["text_offset"] == sorted(lp["text_offset"])
+
+
+def test_echo_with_a_completion_covers_prompt_then_completion(server):
+    body = {"prompt": IDS, "echo": True, "max_tokens": 4, "logprobs": 1, "temperature": 0,
+            "ignore_eos": True}  # fmt: skip
+    choice = post(server, "/v1/completions", body).json()["choices"][0]
+    lp = choice["logprobs"]
+    assert len(lp["tokens"]) == len(IDS) + 4
+    assert all(v is not None for v in lp["token_logprobs"][1:])
+    plain = post(server, "/v1/completions", {**body, "echo": False}).json()["choices"][0]
+    assert choice["text"].endswith(plain["text"])
+    got, want = lp["token_logprobs"][len(IDS) :], plain["logprobs"]["token_logprobs"]
+    assert max(abs(a - b) for a, b in zip(got, want)) < 1e-4  # the prefix recomputed, not cached
+    assert lp["text_offset"][len(IDS)] == len(choice["text"]) - len(plain["text"])
+
+
+def test_scoring_needs_echo_and_no_stream(server):
+    assert_error(
+        post(server, "/v1/completions", {"prompt": IDS, "max_tokens": 0}), 400, "max_tokens"
+    )
+    body = {"prompt": IDS, "echo": True, "max_tokens": 0, "stream": True}
+    assert_error(post(server, "/v1/completions", body), 400, "max_tokens")
