@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 FORMATS = ("int8", "int4", "fp8_e4m3", "fp8_e5m2", "fp6_e3m2", "fp6_e2m3", "mxfp4", "nvfp4")
-QUANTIZATIONS = ("w8a8", "fp8", *FORMATS)  # quant/methods.py METHODS; a test keeps them equal
+QUANTIZATIONS = ("w8a8", "fp8", *FORMATS)  # quant/methods' METHODS is this tuple
 ROTATION_SEED = 0
 BLOCK_SCALED = ("nvfp4", "mxfp4", "fp6_e3m2", "fp6_e2m3", "int4")  # scale_search.SEARCHABLE
 

@@ -24,11 +24,12 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
+from tokenmill.config_quant import FORMATS  # defined once, in the (torch-free) config
 from tokenmill.quant import elements as el
 
 MINIFLOATS = {"fp8_e4m3": el.E4M3, "fp8_e5m2": el.E5M2, "fp6_e3m2": el.E3M2, "fp6_e2m3": el.E2M3}
 MX = {"fp6_e3m2": el.E3M2, "fp6_e2m3": el.E2M3, "mxfp4": el.E2M1}
-FORMATS = ("int8", "int4", "fp8_e4m3", "fp8_e5m2", "fp6_e3m2", "fp6_e2m3", "mxfp4", "nvfp4")
+
 GRANULARITIES = ("tensor", "channel", "token")
 NVFP4_BLOCK, MX_BLOCK = 16, 32
 E8M0_NAN = 0xFF

@@ -22,6 +22,7 @@ Fast paths, each measured in BENCHMARKS.md, and where none exists the method say
 
 from __future__ import annotations
 
+from tokenmill.config_quant import QUANTIZATIONS
 from tokenmill.quant.formats import FORMATS
 from tokenmill.quant.methods.base import CalibrationStats, LinearKernel, QuantMethod
 from tokenmill.quant.methods.fp8 import FP8Method
@@ -40,7 +41,7 @@ __all__ = [
     "make_method",
 ]
 
-METHODS = ("w8a8", "fp8", *FORMATS)  # a bare format name means weight-only in that format
+METHODS = QUANTIZATIONS  # a bare format name means weight-only in that format
 
 
 def make_method(name: str, **options) -> QuantMethod:
