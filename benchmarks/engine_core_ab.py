@@ -10,21 +10,19 @@ Prints, per tree, the median, min and max of each figure, and after/before ratio
 from __future__ import annotations
 
 import argparse
-import json
 import time
 
 from tqdm.auto import tqdm
 
 
 def main() -> None:
+    from tokenmill.bench.ab import add_workload_args
+
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     ap.add_argument("trees", nargs="+", help="checkouts to compare (the first is 'before')")
-    ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--num-prompts", type=int, default=64)
-    ap.add_argument("--input-len", type=int, default=128)
-    ap.add_argument("--output-len", type=int, default=128)
+    add_workload_args(ap, rounds=3)
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument(
         "--model",
@@ -34,8 +32,7 @@ def main() -> None:
     )
     ap.add_argument("--json-out", default=None)
     args = ap.parse_args()
-
-    from tokenmill.bench.ab import run_offline, spread, tree_commit
+    from tokenmill.bench.ab import emit, run_offline, spread, tree_commit
     from tokenmill.bench.offline import machine
 
     keys = ("num_prompts", "input_len", "output_len", "dtype", "model")
@@ -58,10 +55,7 @@ def main() -> None:
     result = {"machine": machine(), "date": time.strftime("%Y-%m-%d"), "workload": child,
               "rounds": args.rounds, "summary": summary, "ratio_to_first": ratios,
               "runs": runs}  # fmt: skip
-    print(json.dumps(result, indent=2))
-    if args.json_out:
-        with open(args.json_out, "w") as f:
-            json.dump(result, f, indent=2)
+    emit(result, args.json_out)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import subprocess
 import sys
@@ -71,21 +70,19 @@ def measure_server(tree: str, extra: list[str], args) -> dict:
 
 
 def main() -> None:
+    from tokenmill.bench.ab import add_workload_args
+
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     ap.add_argument("variants", nargs="+", help="TREE or TREE:EXTRA ARGS (the first is 'before')")
-    ap.add_argument("--rounds", type=int, default=2)
-    ap.add_argument("--num-prompts", type=int, default=64)
-    ap.add_argument("--input-len", type=int, default=128)
-    ap.add_argument("--output-len", type=int, default=128)
+    add_workload_args(ap, rounds=2)
     ap.add_argument("--rate", type=float, default=2.0, help="requests/s of the TTFT run")
     ap.add_argument("--rate-prompts", type=int, default=40)
     ap.add_argument("--port", type=int, default=8765)
     ap.add_argument("--json-out", default=None)
     args = ap.parse_args()
-
-    from tokenmill.bench.ab import run_offline, spread, tree_commit
+    from tokenmill.bench.ab import emit, run_offline, spread, tree_commit
     from tokenmill.bench.offline import machine
 
     variants = [(v.split(":", 1) + [""])[:2] for v in args.variants]
@@ -115,10 +112,7 @@ def main() -> None:
     result = {"machine": machine(), "date": time.strftime("%Y-%m-%d"), "rounds": args.rounds,
               "workload": child, "rate": args.rate, "summary": summary,
               "runs": {"served": served, "offline": offline}}  # fmt: skip
-    print(json.dumps(result, indent=2))
-    if args.json_out:
-        with open(args.json_out, "w") as f:
-            json.dump(result, f, indent=2)
+    emit(result, args.json_out)
 
 
 if __name__ == "__main__":

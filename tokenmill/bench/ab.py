@@ -36,6 +36,22 @@ print(json.dumps({
 """
 
 
+def add_workload_args(ap, rounds: int) -> None:
+    """The flags every A/B and overhead script shares: rounds and the offline workload."""
+    ap.add_argument("--rounds", type=int, default=rounds)
+    ap.add_argument("--num-prompts", type=int, default=64)
+    ap.add_argument("--input-len", type=int, default=128)
+    ap.add_argument("--output-len", type=int, default=128)
+
+
+def emit(result: dict, json_out: str | None) -> None:
+    """Print a benchmark's result as JSON, and write it to `json_out` when given."""
+    print(json.dumps(result, indent=2))
+    if json_out:
+        with open(json_out, "w") as f:
+            json.dump(result, f, indent=2)
+
+
 def tree_env(tree: str) -> dict[str, str]:
     env = dict(os.environ)
     env["PYTHONPATH"] = str(Path(tree).resolve())
