@@ -14,6 +14,7 @@ import logging
 import multiprocessing as mp
 import queue
 import threading
+from abc import ABC, abstractmethod
 from collections.abc import Callable
 
 from tokenmill.config import EngineConfig
@@ -45,7 +46,10 @@ def _ignore_dead(_: str) -> None:
     pass
 
 
-class CoreClient:
+class CoreClient(ABC):
+    """How a front reaches one engine core: requests and aborts in, outputs out (on the
+    client's thread, through `on_outputs`), and `on_dead` once if the core is lost."""
+
     info: ModelInfo
 
     def __init__(self) -> None:
@@ -53,17 +57,21 @@ class CoreClient:
         self.on_dead: DeadCallback = _ignore_dead
         self.dead_reason: str | None = None
 
+    @abstractmethod
     def start(self) -> None:
-        raise NotImplementedError
+        """Begin stepping (and delivering outputs)."""
 
+    @abstractmethod
     def add(self, request: EngineCoreRequest) -> None:
-        raise NotImplementedError
+        """Queue a validated request; returns at once."""
 
+    @abstractmethod
     def abort(self, request_ids: list[str]) -> None:
-        raise NotImplementedError
+        """End requests or sequences; returns at once."""
 
+    @abstractmethod
     def shutdown(self, timeout: float = 5.0) -> None:
-        raise NotImplementedError
+        """Stop the core and wait for it, at most `timeout` seconds."""
 
     def _died(self, reason: str) -> None:
         if self.dead_reason is None:
