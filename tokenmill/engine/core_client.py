@@ -174,10 +174,6 @@ class ProcessCoreClient(CoreClient):
         assert isinstance(msg, CoreReady), msg
         return msg.info
 
-    @property
-    def pid(self) -> int | None:
-        return self.process.pid
-
     def start(self) -> None:
         self._reader.start()
         self._sender.start()
