@@ -20,7 +20,7 @@ LIMIT = 64 << 10
 @pytest.fixture(scope="module")
 def limited(tiny_model_dir):
     s = Server(
-        str(tiny_model_dir("llama")), "--max-body-bytes", str(LIMIT), "--body-timeout", "1",
+        str(tiny_model_dir("llama")), "--max-body-bytes", str(LIMIT), "--body-timeout", "0.5",
         "--metrics-tenants", "--max-request-sequences", "8",
     )  # fmt: skip
     yield s
@@ -95,6 +95,23 @@ def test_a_stalled_body_ends_with_408(limited):
     assert answer.startswith(b"HTTP/1.1 408"), answer
     assert time.monotonic() - started < 6
     assert httpx.get(f"{limited.url}/health").status_code == 200
+
+
+def test_the_body_timeout_ends_with_the_body_not_with_the_response(limited):
+    """Once the body is read, the server waits for a disconnect as long as the response runs:
+    a stream that outlives the body timeout (0.5 s here) completes."""
+    url = f"{limited.url}/v1/completions"
+    body = {"prompt": "hi", "max_tokens": 480, "ignore_eos": True, "n": 8, "stream": True}
+    started, events = time.monotonic(), []
+    with httpx.stream("POST", url, json=body, timeout=60) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: "):
+                events.append(line[6:])
+                time.sleep(0.001 if len(events) % 50 else 0.3)  # a slow reader, too
+    assert time.monotonic() - started > 1, "the stream must outlive the body timeout"
+    assert events[-1] == "[DONE]"
+    ends = [c for e in events[:-1] for c in json.loads(e)["choices"] if c["finish_reason"]]
+    assert len(ends) == 8 and all(c["finish_reason"] == "length" for c in ends)
 
 
 def test_tenant_names_are_bounded_in_metrics_and_usage(limited):

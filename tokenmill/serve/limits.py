@@ -5,7 +5,8 @@
 - A request with both Content-Length and Transfer-Encoding (or several Content-Lengths) is
   ambiguous framing, the stuff of request smuggling behind a proxy: 400, connection closed.
 - A body that stalls longer than `body_timeout_s` between chunks ends with 408 (slow-body
-  clients hold a connection and a task). Header read time is the HTTP server's (uvicorn's
+  clients hold a connection and a task). Once the body is whole, the wait for a disconnect
+  (as long as a response streams) has no timeout. Header read time is the HTTP server's (uvicorn's
   `timeout_keep_alive` covers idle connections); put a proxy in front for slow headers.
 """
 
@@ -44,9 +45,12 @@ class RequestLimits:
             return await _refuse(send, e, close=True)
         received = 0
         started = False
+        body_done = False
 
         async def limited_receive() -> Message:
-            nonlocal received
+            nonlocal received, body_done
+            if body_done:  # later receives wait for the disconnect, as long as a stream runs
+                return await receive()
             try:
                 message = await asyncio.wait_for(receive(), self.body_timeout_s)
             except TimeoutError:
@@ -54,6 +58,7 @@ class RequestLimits:
                     408, "the request body stalled; send it whole", "timeout"
                 ) from None
             if message["type"] == "http.request":
+                body_done = not message.get("more_body", False)
                 received += len(message.get("body", b""))
                 if received > self.max_body_bytes:
                     raise LimitExceeded(
