@@ -8,6 +8,8 @@ streams, which aborts them and frees their KV blocks.
 from __future__ import annotations
 
 import asyncio
+import json
+import time
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
@@ -73,6 +75,28 @@ async def finals(streams: list[RequestStream]) -> list[RequestOutput]:
 def sse(data: Any) -> str:
     body = data.model_dump_json(exclude_none=False) if hasattr(data, "model_dump_json") else data
     return f"data: {body}\n\n"
+
+
+class DeltaEvents:
+    """SSE events for the commonest chunk, a bare text delta of one choice (no logprobs, not
+    the last), cut from one pydantic rendering per choice: the same fields in the same order
+    as the model writes them, at a string join per token instead of a model build and dump.
+    `make(mark)` renders the chunk with `mark` as the delta; if the mark is not found once
+    (a model name that holds it), every event is rendered by the model."""
+
+    MARK = "\u2063tokenmill-delta\u2063"
+
+    def __init__(self, make: Any) -> None:
+        self.make = make
+        body = make(self.MARK).model_dump_json()
+        self.parts = body.split(self.MARK) if body.count(self.MARK) == 1 else None
+
+    def event(self, delta: str) -> str:
+        if self.parts is None:
+            return sse(self.make(delta))
+        return (
+            f"data: {self.parts[0]}{json.dumps(delta, ensure_ascii=False)[1:-1]}{self.parts[1]}\n\n"
+        )
 
 
 async def add_all(
@@ -231,6 +255,21 @@ async def _stream_completions(tok, model, req, rid, streams) -> AsyncIterator[st
     sent_tokens: dict[int, int] = {}
     finals: dict[int, RequestOutput] = {}
     done: set[int] = set()
+    created = int(time.time())  # one stream, one creation time (as OpenAI's chunks carry)
+    plain: dict[int, DeltaEvents] = {}
+
+    def plain_event(index: int, delta: str) -> str:
+        if index not in plain:
+            plain[index] = DeltaEvents(
+                lambda text: P.CompletionResponse(
+                    id=rid,
+                    model=model,
+                    created=created,
+                    choices=[P.CompletionChoice(index=index, text=text)],
+                )
+            )
+        return plain[index].event(delta)
+
     async for i, out in merged(streams):
         for c in out.outputs:
             index = i * req.n + c.index
@@ -242,22 +281,28 @@ async def _stream_completions(tok, model, req, rid, streams) -> AsyncIterator[st
                 prefix = out.prompt or tok.decode(out.prompt_token_ids)
                 echoed = echoed_logprobs(tok, out) if req.logprobs is not None else None
                 choice = P.CompletionChoice(index=index, text=prefix, logprobs=echoed)
-                yield sse(P.CompletionResponse(id=rid, model=model, choices=[choice]))
+                yield sse(
+                    P.CompletionResponse(id=rid, model=model, created=created, choices=[choice])
+                )
                 sent_text.setdefault(index, 0)
             start_text, start_tok = sent_text.get(index, 0), sent_tokens.get(index, 0)
             delta = c.text[start_text:]
             if not delta and c.finish_reason is None:
+                continue
+            sent_text[index], sent_tokens[index] = len(c.text), len(c.token_ids)
+            if c.finish_reason is None and req.logprobs is None:
+                yield plain_event(index, delta)
                 continue
             lps = (
                 completion_logprobs(tok, c, start_tok, start_text)
                 if req.logprobs is not None
                 else None
             )
-            sent_text[index], sent_tokens[index] = len(c.text), len(c.token_ids)
             yield sse(
                 P.CompletionResponse(
                     id=rid,
                     model=model,
+                    created=created,
                     choices=[
                         P.CompletionChoice(
                             index=index,
@@ -274,7 +319,7 @@ async def _stream_completions(tok, model, req, rid, streams) -> AsyncIterator[st
     if req.stream_options and req.stream_options.include_usage:
         yield sse(
             P.CompletionResponse(
-                id=rid, model=model, choices=[], usage=usage(list(finals.values()))
+                id=rid, model=model, created=created, choices=[], usage=usage(list(finals.values()))
             )
         )
     yield "data: [DONE]\n\n"
@@ -368,11 +413,27 @@ async def _stream_chat(tok, model, req, rid, streams) -> AsyncIterator[str]:
     sent_tokens: dict[int, int] = {}
     done: set[int] = set()
     final = None
+    created = int(time.time())
+    plain: dict[int, DeltaEvents] = {}
+
+    def plain_event(index: int, delta: str) -> str:
+        if index not in plain:
+            plain[index] = DeltaEvents(
+                lambda text: P.ChatCompletionChunk(
+                    id=rid,
+                    model=model,
+                    created=created,
+                    choices=[P.ChatChunkChoice(index=index, delta=P.DeltaMessage(content=text))],
+                )
+            )
+        return plain[index].event(delta)
+
     for i in range(req.n):
         yield sse(
             P.ChatCompletionChunk(
                 id=rid,
                 model=model,
+                created=created,
                 choices=[
                     P.ChatChunkChoice(index=i, delta=P.DeltaMessage(role="assistant", content=""))
                 ],
@@ -389,10 +450,14 @@ async def _stream_chat(tok, model, req, rid, streams) -> AsyncIterator[str]:
             if not delta and c.finish_reason is None:
                 continue
             sent_text[c.index], sent_tokens[c.index] = len(c.text), len(c.token_ids)
+            if c.finish_reason is None and not req.logprobs:
+                yield plain_event(c.index, delta)
+                continue
             yield sse(
                 P.ChatCompletionChunk(
                     id=rid,
                     model=model,
+                    created=created,
                     choices=[
                         P.ChatChunkChoice(
                             index=c.index,
@@ -408,5 +473,9 @@ async def _stream_chat(tok, model, req, rid, streams) -> AsyncIterator[str]:
         if out.finished:
             final = out
     if req.stream_options and req.stream_options.include_usage and final is not None:
-        yield sse(P.ChatCompletionChunk(id=rid, model=model, choices=[], usage=usage([final])))
+        yield sse(
+            P.ChatCompletionChunk(
+                id=rid, model=model, created=created, choices=[], usage=usage([final])
+            )
+        )
     yield "data: [DONE]\n\n"

@@ -1,0 +1,50 @@
+"""The streamed text-delta fast path renders exactly what the pydantic models would."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tokenmill.serve import protocol as P
+from tokenmill.serve.handlers import DeltaEvents, sse
+
+DELTAS = [
+    "",
+    " Paris",
+    'quote " and backslash \\ and slash /',
+    "line\nbreak\ttab\r\x08\x0c",
+    "\x00\x01\x1f\x7f control",
+    "naïve — café 東京 🙂",
+    "\u2028\u2029 separators",
+    DeltaEvents.MARK[:3],
+    "}]},{",
+]
+
+
+def completion(model: str):
+    return lambda text: P.CompletionResponse(
+        id="cmpl-1", model=model, created=7, choices=[P.CompletionChoice(index=2, text=text)]
+    )
+
+
+def chat(model: str):
+    return lambda text: P.ChatCompletionChunk(
+        id="chatcmpl-1",
+        model=model,
+        created=7,
+        choices=[P.ChatChunkChoice(index=1, delta=P.DeltaMessage(content=text))],
+    )
+
+
+@pytest.mark.parametrize("make", [completion, chat])
+@pytest.mark.parametrize("model", ["smollm2", 'odd "model" ☃', f"has-{DeltaEvents.MARK}-mark"])
+def test_delta_event_equals_model_rendering(make, model):
+    events = DeltaEvents(make(model))
+    assert (events.parts is None) == (DeltaEvents.MARK in model)
+    for delta in DELTAS:
+        fast, slow = events.event(delta), sse(make(model)(delta))
+        assert fast.startswith("data: ") and fast.endswith("\n\n")
+        assert json.loads(fast[6:]) == json.loads(slow[6:])
+        if delta.isprintable():
+            assert fast == slow  # byte for byte where no escaping choice exists
