@@ -202,3 +202,18 @@ def test_tco_commands_end_to_end(tmp_path, capsys):
     assert report["tenants"][0]["tenant"] == "alice" and report["total"]["tokens"] == 30
     assert report["tenants"][0]["energy_source"] == "modeled"
     assert main(["tco", "report", "--db", str(tmp_path / "missing.sqlite")]) == 2
+
+
+def test_usage_add_sums_every_field():
+    """Usage.add is written out field by field (it runs for every streamed token): a field
+    added to Usage and not to add() would silently stay zero."""
+    from dataclasses import fields
+
+    from tokenmill.cost.accounting import Usage
+
+    a = Usage(**{f.name: i + 1 for i, f in enumerate(fields(Usage))})
+    b = Usage(**{f.name: 10 * (i + 1) for i, f in enumerate(fields(Usage))})
+    a.add(b)
+    assert [getattr(a, f.name) for f in fields(Usage)] == [
+        11 * (i + 1) for i in range(len(fields(Usage)))
+    ]

@@ -109,6 +109,7 @@ class ServingMetrics:
         self.model_name = model_name
         self._get_engine = get_engine
         self._last_token: dict[str, float] = {}
+        self._itl = self.itl.labels(model_name)  # bound once: observed for every token
 
     def _read(self, read: Callable[[EngineStats], float]) -> float:
         engine = self._get_engine()
@@ -122,7 +123,7 @@ class ServingMetrics:
             last = metrics.last_token_time
             prev = self._last_token.get(key)
             if last is not None and prev is not None and last > prev:
-                self.itl.labels(m).observe(last - prev)
+                self._itl.observe(last - prev)
             if last is not None:
                 self._last_token[key] = last
         if not out.finished:
