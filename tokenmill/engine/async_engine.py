@@ -60,6 +60,7 @@ class AsyncEngine:
         self._no_output_yet: set[str] = set()  # "waiting": added, no token back yet
         self._stats = EngineStats(0, 0, 0, self.info.num_blocks, 0.0, 0.0, 0)
         self.on_output: Callable[[RequestOutput], None] | None = None  # metrics, client thread
+        self.on_step: Callable[[EngineCoreOutputs], None] | None = None  # the same, per step
         self.on_dead: Callable[[str], None] | None = None  # the server's exit policy
         self.tenants: dict[str, str] = {}  # request id -> who it is served for (accounting)
         self.busy_s = 0.0  # seconds spent in engine steps: utilization for modeled power
@@ -161,6 +162,11 @@ class AsyncEngine:
             self.busy_s += result.step_s
             outputs, to_abort = self.outputs.process(result.outputs)
             self._deliver(outputs)
+            if self.on_step is not None:
+                try:
+                    self.on_step(result)
+                except Exception:
+                    log.exception("step observer failed")
         if to_abort:
             self.client.abort(to_abort)
 

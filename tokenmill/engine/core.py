@@ -84,6 +84,9 @@ class EngineCore:
             device_name=worker.device_name,
             num_blocks=plan.num_blocks,
             block_size=cache.block_size,
+            kv_cache_dtype=cache.kv_cache_dtype,
+            enable_prefix_caching=cache.enable_prefix_caching,
+            max_num_seqs=config.scheduler.max_num_seqs,
         )
         self._sequences: dict[str, _Sequence] = {}  # sequence id -> its state
         self._requests: dict[str, list[str]] = {}  # request id -> its sequence ids
@@ -163,7 +166,9 @@ class EngineCore:
             failed = self._fail(culprits)
         changed = self.scheduler.update(out, result)
         outputs = failed + tuple(self._output(req) for req in changed)
-        return EngineCoreOutputs(outputs, self.stats(), time.perf_counter() - started)
+        return EngineCoreOutputs(
+            outputs, self.stats(), time.perf_counter() - started, out.num_tokens
+        )
 
     def _isolate(self, seq_ids: list[str], exc: Exception) -> tuple[RunnerOutput, list[str]]:
         """The step failed: run it again on halves, then halves of the failing halves, until
@@ -246,6 +251,8 @@ class EngineCore:
             kv_usage=pool.usage,
             prefix_cache_hit_rate=pool.hit_rate,
             num_preemptions=self.scheduler.num_preemptions,
+            prefix_cache_queries=pool.num_cache_queries * self.kv.block_size,
+            prefix_cache_hits=pool.num_cache_hits * self.kv.block_size,
         )
 
     def shutdown(self) -> None:

@@ -153,7 +153,9 @@ class EngineStats:
     num_blocks: int
     kv_usage: float  # fraction of blocks in use
     prefix_cache_hit_rate: float  # of blocks looked up
-    num_preemptions: int
+    num_preemptions: int  # since start
+    prefix_cache_queries: int = 0  # prompt tokens looked up in the prefix cache, since start
+    prefix_cache_hits: int = 0  # of those, found cached
 
 
 @dataclass(frozen=True)
@@ -161,6 +163,7 @@ class EngineCoreOutputs:
     outputs: tuple[EngineCoreOutput, ...]
     stats: EngineStats  # after the step
     step_s: float = 0.0  # wall seconds of the step (utilization for modeled power)
+    num_tokens: int = 0  # tokens the step computed (prompt and generated)
 
 
 @dataclass(frozen=True)
@@ -185,6 +188,9 @@ class ModelInfo:
     device_name: str  # the GPU's name on CUDA, else ""
     num_blocks: int
     block_size: int
+    kv_cache_dtype: str = "auto"
+    enable_prefix_caching: bool = True
+    max_num_seqs: int = 0  # most sequences one step runs
 
 
 @dataclass(frozen=True)

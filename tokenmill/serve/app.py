@@ -17,6 +17,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import tokenmill
@@ -85,6 +86,7 @@ class ServerState:
             engine.on_output = observe
         else:
             engine.on_output = self.metrics.observe
+        engine.on_step = self.metrics.observe_step
         self.max_model_len = engine.max_model_len
         self.engine = engine
 
@@ -129,6 +131,13 @@ async def until_disconnect(coro, request: Request):
     return None
 
 
+async def json_body(request: Request) -> object:
+    try:
+        return await request.json()
+    except ValueError:
+        raise APIError(400, "request body is not valid JSON") from None
+
+
 def own_usage(report: dict, tenant: str | None) -> dict:
     """The report as one tenant may see it: its rows and their sums, nobody else's. A key
     without a NAME has no tenant identity and sees no rows."""
@@ -144,8 +153,16 @@ def own_usage(report: dict, tenant: str | None) -> dict:
     return {"prices": report["prices"], "instances": [], "tenants": rows, "total": total}
 
 
+def needs_key(path: str) -> bool:
+    """/v1/ (health and metrics excepted: probes and scrapers send no key), and vLLM's
+    /tokenize and /detokenize (they run the tokenizer: a cost, so not for anyone)."""
+    if path in ("/tokenize", "/detokenize"):
+        return True
+    return path.startswith("/v1/") and not path.startswith("/v1/health") and path != "/v1/metrics"
+
+
 class APIKeys:
-    """API keys on /v1/ (health excepted), as a plain ASGI middleware: Starlette's
+    """API keys where `needs_key`, as a plain ASGI middleware: Starlette's
     `BaseHTTPMiddleware` would relay every streamed chunk through a memory stream and a task,
     a third of the front's CPU per token. Puts the key's tenant name and admin flag in the
     request's state."""
@@ -157,12 +174,7 @@ class APIKeys:
     async def __call__(self, scope, receive, send) -> None:
         keys = self.state.api_keys
         path = scope.get("path", "")
-        if (
-            scope["type"] != "http"
-            or not keys
-            or not path.startswith("/v1/")
-            or path.startswith("/v1/health")
-        ):
+        if scope["type"] != "http" or not keys or not needs_key(path):
             return await self.app(scope, receive, send)
         auth = next((v for k, v in scope["headers"] if k == b"authorization"), b"")
         given = auth[7:] if auth[:7].lower() == b"bearer " else b""
@@ -333,6 +345,53 @@ def build_app(state: ServerState) -> FastAPI:
             data=[P.ModelCard(id=state.model_name, max_model_len=state.max_model_len)]
         )
 
+    @app.get("/v1/models/{model_id:path}", response_model=P.ModelCard)
+    async def model(model_id: str):
+        if model_id != state.model_name:
+            raise APIError(
+                404,
+                f"model {model_id!r} does not exist; this server serves {state.model_name!r}",
+                "not_found_error",
+                "model",
+                "model_not_found",
+            )
+        return P.ModelCard(id=state.model_name, max_model_len=state.max_model_len)
+
+    def parsed(model: type[P.RequestModel], body: object) -> P.RequestModel:
+        try:
+            return model.model_validate(body)
+        except ValidationError as e:
+            raise RequestValidationError(e.errors()) from None
+
+    @app.post("/tokenize", response_model=P.TokenizeResponse)
+    async def tokenize(request: Request):
+        """vLLM's: a prompt, or chat messages rendered by the model's template, to token ids."""
+        body = await json_body(request)
+        chat = isinstance(body, dict) and "messages" in body
+        req = parsed(P.TokenizeChatRequest if chat else P.TokenizeCompletionRequest, body)
+        check_model(req.model)
+        check_fields(req)
+        try:
+            return await asyncio.to_thread(
+                handlers.tokenize, tokenizer(), state.max_model_len, req, state.literal_content
+            )
+        except ValueError as e:
+            raise value_error(e) from None
+
+    @app.post("/detokenize", response_model=P.DetokenizeResponse)
+    async def detokenize(req: P.DetokenizeRequest):
+        check_model(req.model)
+        check_fields(req)
+        try:
+            return handlers.detokenize(tokenizer(), engine().info.vocab_size, req)
+        except ValueError as e:
+            raise value_error(e) from None
+
+    @app.api_route("/ping", methods=["GET", "POST"])
+    async def ping():
+        """SageMaker's health probe, as vLLM serves it."""
+        return await ready()
+
     @app.get("/v1/health/live")
     async def live():
         return {"status": "live"}
@@ -352,6 +411,7 @@ def build_app(state: ServerState) -> FastAPI:
         return {"version": tokenmill.__version__}
 
     @app.get("/metrics")
+    @app.get("/v1/metrics", include_in_schema=False)  # NIM's path
     async def metrics():
         return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 

@@ -353,6 +353,32 @@ def render_chat(
     return {"prompt": text, "prompt_token_ids": ids}
 
 
+def tokenize(
+    tok: Tokenizer, max_model_len: int | None, req, literal_content: bool = True
+) -> P.TokenizeResponse:
+    """vLLM's /tokenize: chat messages through the template (as a chat request would be
+    tokenized), or a prompt (with the tokenizer's special tokens unless add_special_tokens is
+    false). Not capped at max_model_len: the count says whether it fits."""
+    if isinstance(req, P.TokenizeChatRequest):
+        rendered = render_chat(tok, req, literal_content)
+        ids = rendered["prompt_token_ids"]
+        if req.add_special_tokens:
+            ids = tok.encode(rendered["prompt"], add_special_tokens=True)
+    else:
+        ids = tok.encode(req.prompt, add_special_tokens=req.add_special_tokens)
+    strs = [tok.id_to_token(i) or "" for i in ids] if req.return_token_strs else None
+    return P.TokenizeResponse(
+        count=len(ids), max_model_len=max_model_len or 0, tokens=ids, token_strs=strs
+    )
+
+
+def detokenize(tok: Tokenizer, vocab_size: int, req: P.DetokenizeRequest) -> P.DetokenizeResponse:
+    bad = [t for t in req.tokens if t >= vocab_size]
+    if bad:
+        raise ValueError(f"tokens: token id {bad[0]} is out of range [0, {vocab_size})")
+    return P.DetokenizeResponse(prompt=tok.decode(req.tokens, skip_special_tokens=False))
+
+
 def chat_logprobs(tok: Tokenizer, c: CompletionOutput, start: int, k: int) -> P.ChatLogprobs:
     """Per token: its logprob and the k most likely tokens (the chosen one among them when it
     is one of the k: an entry holds the chosen token, then the top k)."""
