@@ -138,7 +138,19 @@ class DeviceConfig:
         default="auto",
     )
 
+    batch_invariant: bool = doc_field(
+        "Batch-invariant kernels: a request's tokens and logprobs do not depend on what else runs "
+        "with it (alone or amid load, its prompt in one chunk or many), for greedy and seeded "
+        "requests. Every matmul row is computed the same way whatever the batch and attention "
+        "runs per token. CPU only, with the native kernels (float32/bfloat16, unquantized KV "
+        "cache), no --compile; costs throughput (BENCHMARKS.md).",
+        default=False,
+    )
+
     def __post_init__(self) -> None:
+        if self.batch_invariant and self.compile:
+            raise ValueError("batch_invariant and compile do not go together (inductor picks "
+                             "kernels by shape); choose one")  # fmt: skip
         if self.device not in DEVICES and not self.device.startswith("cuda:"):
             raise ValueError(f"device must be one of {DEVICES} or cuda:N, got {self.device!r}")
         if self.cpu_kernels not in CPU_KERNELS:

@@ -95,10 +95,25 @@ class AttentionBackend:
 
     @staticmethod
     def prepare_metadata(
-        seqs: Sequence[SequenceSlice], block_size: int, pad_slot: int, device: torch.device
+        seqs: Sequence[SequenceSlice],
+        block_size: int,
+        pad_slot: int,
+        device: torch.device,
+        per_token: bool = False,
     ) -> AttentionMetadata:
         """The step's metadata; `seqs` in batch order, single-token decodes first. Every
-        backend here reads this one layout (storage differs, the block walk does not)."""
+        backend here reads this one layout (storage differs, the block walk does not).
+
+        `per_token` (batch-invariant mode): every new token attends as a decode does, one row
+        per token over its sequence's keys up to itself, read from the cache after this step's
+        K/V are written. A token's attention is then one computation whatever else the step
+        holds and however its prompt was cut into chunks."""
+        if per_token:
+            seqs = [
+                SequenceSlice(s.block_ids, s.num_computed_tokens + j, 1)
+                for s in seqs
+                for j in range(s.num_new_tokens)
+            ]
         num_decodes = 0
         while num_decodes < len(seqs) and seqs[num_decodes].num_new_tokens == 1:
             num_decodes += 1

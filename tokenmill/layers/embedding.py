@@ -57,7 +57,11 @@ class EmbeddingHead:
     embedding_source: str | None = None
     tied_head_packed: torch.Tensor | None = None  # oneDNN copy of a plain tied table
 
+    invariant_head: object | None = None  # batch-invariant mode: a tied head's kernel
+
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:  # [n, vocab]
+        if self.invariant_head is not None:
+            return self.invariant_head(hidden)  # type: ignore[operator]
         if self.lm_head is None:
             if self.tied_head_packed is not None:
                 return packed_linear(hidden, self.tied_head_packed)
@@ -79,6 +83,18 @@ class EmbeddingHead:
             self.embedding_source = "head"
         else:
             self.embedding_source = "own"
+
+    def make_head_invariant(self) -> None:
+        """Batch-invariant mode, a tied plain head: the embedding table packed for the
+        invariant kernel (an untied head is a Linear and made invariant as one)."""
+        from tokenmill.layers.invariant import InvariantLinear
+
+        if self.lm_head is None:
+            embed = self.model.embed_tokens
+            if isinstance(embed, QuantizedEmbedding):
+                raise ValueError("batch_invariant does not take a quantized tied embedding")
+            self.invariant_head = InvariantLinear(embed.weight.data)
+            self.tied_head_packed = None
 
     def untie_embedding(self) -> None:
         """The head and the embedding no longer hold the same matrix (rotation.py)."""

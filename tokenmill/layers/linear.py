@@ -28,6 +28,7 @@ class UnquantizedMethod:
 
     compilable = True  # apply is pure tensor code
     packed: torch.Tensor | None = None  # the oneDNN layout of the weight, where it applies
+    invariant: object | None = None  # batch-invariant mode's kernel (layers/invariant.py)
 
     def create_weights(self, layer: Linear) -> None:
         layer.weight = nn.Parameter(
@@ -44,9 +45,23 @@ class UnquantizedMethod:
         return False
 
     def tensors(self) -> list[torch.Tensor]:
+        if self.invariant is not None:
+            return [self.invariant.packed]  # type: ignore[attr-defined]
         return [self.packed] if self.packed is not None else []
 
+    def make_invariant(self, layer: Linear) -> None:
+        """Batch-invariant mode: the weight repacked for layers/invariant.py's kernel."""
+        from tokenmill.layers.invariant import InvariantLinear
+
+        weight = layer.weight.data if self.packed is None else unpack_for_cpu(self.packed, layer)
+        self.invariant = InvariantLinear(weight, layer.bias)
+        self.packed = None
+        if hasattr(layer, "weight"):
+            del layer.weight
+
     def apply(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
+        if self.invariant is not None:
+            return self.invariant(x)
         if self.packed is not None:
             return packed_linear(x, self.packed, layer.bias)
         return F.linear(x, layer.weight, layer.bias)
@@ -72,6 +87,13 @@ def pack_for_cpu(weight: torch.Tensor) -> torch.Tensor | None:
     if not _can_pack(weight.dtype):
         return None
     return torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), None)
+
+
+def unpack_for_cpu(packed: torch.Tensor, layer: Linear) -> torch.Tensor:
+    """The [out, in] weight back from its oneDNN layout (oneDNN has no unpack op): the product
+    with the identity, exact, since each output is one weight times 1 plus zeros."""
+    eye = torch.eye(layer.in_features, dtype=layer.params_dtype)
+    return torch.ops.mkldnn._linear_pointwise(eye, packed, None, "none", [], "").t().contiguous()
 
 
 def packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None = None):

@@ -39,7 +39,11 @@ class ModelInput:
 
 
 def build_model_input(
-    scheduled: list[ScheduledState], block_size: int, pad_slot: int, device: torch.device
+    scheduled: list[ScheduledState],
+    block_size: int,
+    pad_slot: int,
+    device: torch.device,
+    per_token_attention: bool = False,
 ) -> ModelInput:
     ordered = [s for s in scheduled if s.num_new_tokens == 1]
     ordered += [s for s in scheduled if s.num_new_tokens > 1]
@@ -69,7 +73,9 @@ def build_model_input(
     return ModelInput(
         input_ids=tensor(ids),
         positions=tensor(np.concatenate(positions)),
-        attn=AttentionBackend.prepare_metadata(seqs, block_size, pad_slot, device),
+        attn=AttentionBackend.prepare_metadata(
+            seqs, block_size, pad_slot, device, per_token_attention
+        ),
         logits_indices=tensor(sample_idx),
         sample_states=sample_states,
         prompt_logprob_spans=lp_spans,

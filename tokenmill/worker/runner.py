@@ -111,6 +111,7 @@ class ModelRunner:
         gen.manual_seed(seed)
         self.sampler = Sampler(gen)
         self.generators: dict[str, torch.Generator] = {}  # seeded requests' own generators
+        self.batch_invariant = False  # make_batch_invariant
         self.input_batch = InputBatch()
         self._last: tuple | None = None  # the last step's requests and generator states (retry)
 
@@ -134,6 +135,34 @@ class ModelRunner:
         for unit in self.model.compile_units():
             unit.compile_with(functools.partial(torch.compile, dynamic=True))
         log.info("decoder layers handed to torch.compile; the warm-up builds their graphs")
+
+    def make_batch_invariant(self) -> None:
+        """The batch-invariant policy (config `batch_invariant`): every linear layer and the LM
+        head on the invariant GEMM (layers/invariant.py: each output one fixed chain of sums,
+        whatever the number of rows; library GEMMs change their blocking with it), and
+        attention per token on the native decode kernel (a token's keys in block order, one
+        work item per sequence and head). What else shares a step then changes nothing in a
+        row's arithmetic; the norms and activations are row-wise already."""
+        if self.device.type != "cpu":
+            raise ValueError("batch_invariant is built for CPU; this engine runs on "
+                             f"{self.device.type}")  # fmt: skip
+        if self.cpu_kernels != "native" or self.kv_cache_dtype != "auto":
+            raise ValueError(
+                "batch_invariant needs the native CPU kernels (float32 or bfloat16, an "
+                f"unquantized KV cache); this engine has {self.cpu_kernels!r} kernels and "
+                f"kv_cache_dtype {self.kv_cache_dtype!r}"
+            )
+        linears = [m for m in self.model.modules() if isinstance(m, Linear)]
+        quantized = {type(m.quant_method).__name__ for m in linears} - {"UnquantizedMethod"}
+        if quantized:
+            raise ValueError(
+                f"batch_invariant takes unquantized weights; this model has {sorted(quantized)}"
+            )
+        for module in linears:
+            module.quant_method.make_invariant(module)
+        self.model.make_head_invariant()
+        self.batch_invariant = True
+        log.info("batch-invariant: invariant GEMMs, attention per token")
 
     def _allocate(self, shape: tuple[int, ...], kv_cache_dtype: str):
         """One layer's KV cache; a quantized one is (codes, scales) and swaps the attention
@@ -183,7 +212,9 @@ class ModelRunner:
         return self._run(subset)
 
     def _run(self, scheduled) -> RunnerOutput:
-        inp = build_model_input(scheduled, self.block_size, self.pad_slot, self.device)
+        inp = build_model_input(
+            scheduled, self.block_size, self.pad_slot, self.device, self.batch_invariant
+        )
         hidden = self.model(inp.input_ids, inp.positions, self.kv_caches, inp.attn)
         sampled: dict[str, SampledToken] = {}
         if inp.sample_states:

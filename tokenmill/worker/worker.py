@@ -63,6 +63,8 @@ class Worker:
             device.num_threads,
             device.cpu_kernels,
         )
+        if device.batch_invariant:
+            self._runner.make_batch_invariant()
         if device.compile:
             self._runner.compile_model()
 
