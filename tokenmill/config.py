@@ -193,6 +193,12 @@ class ServeConfig:
         "Seconds a request body may stall between two reads before the request ends with 408.",
         default=30.0,
     )
+    header_timeout: float = doc_field(
+        "Seconds a client may take to send a request's line and headers (from connecting, or "
+        "from a kept-alive connection's next request's first byte); slower: 408 and the "
+        "connection closed (slowloris clients hold a connection each).",
+        default=10.0,
+    )
     max_waiting: int | None = doc_field(
         "Most requests waiting for their first token; beyond it new requests are refused "
         "(HTTP 429 with Retry-After).",
@@ -226,6 +232,8 @@ class ServeConfig:
             raise ValueError(f"port must be in [0, 65535], got {self.port}")
         if self.grace_period < 0:
             raise ValueError(f"grace_period must be >= 0 seconds, got {self.grace_period}")
+        if self.header_timeout <= 0:
+            raise ValueError(f"header_timeout must be > 0 seconds, got {self.header_timeout}")
         if self.body_timeout <= 0:
             raise ValueError(f"body_timeout must be > 0 seconds, got {self.body_timeout}")
         if self.max_body_bytes < 1:

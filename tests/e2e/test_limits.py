@@ -20,7 +20,7 @@ LIMIT = 64 << 10
 @pytest.fixture(scope="module")
 def limited(tiny_model_dir):
     s = Server(
-        str(tiny_model_dir("llama")), "--max-body-bytes", str(LIMIT), "--body-timeout", "0.5",
+        str(tiny_model_dir("llama")), "--max-body-bytes", str(LIMIT), "--body-timeout", "0.5", "--header-timeout", "1",
         "--metrics-tenants", "--max-request-sequences", "8",
     )  # fmt: skip
     yield s
@@ -94,6 +94,31 @@ def test_a_stalled_body_ends_with_408(limited):
     answer, _ = raw_exchange(limited, request, wait_s=8)
     assert answer.startswith(b"HTTP/1.1 408"), answer
     assert time.monotonic() - started < 6
+    assert httpx.get(f"{limited.url}/health").status_code == 200
+
+
+def test_slow_headers_get_408_and_the_connection_closed(limited):
+    """Slowloris: headers that trickle in (or never come) past --header-timeout (1 s here),
+    on a new connection or on a kept-alive one's next request."""
+    started = time.monotonic()
+    answer, closed = raw_exchange(limited, b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n", 6)
+    assert answer.startswith(b"HTTP/1.1 408") and closed, answer
+    assert time.monotonic() - started < 4
+    assert raw_exchange(limited, b"", 6) == (answer, True)  # a silent connection too
+    body = b'{"prompt": "hi", "max_tokens": 1}'
+    whole = (
+        b"POST /v1/completions HTTP/1.1\r\nHost: x\r\ncontent-type: application/json\r\n"
+        b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body
+    )
+    with socket.create_connection(("127.0.0.1", limited.port), timeout=6) as sock:
+        sock.sendall(whole)  # served; the connection stays open for the next request
+        first = sock.recv(65536)
+        assert first.startswith(b"HTTP/1.1 200"), first
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHo")  # the next one stalls
+        rest = b""
+        while chunk := sock.recv(65536):
+            rest += chunk
+        assert rest.startswith(b"HTTP/1.1 408"), rest
     assert httpx.get(f"{limited.url}/health").status_code == 200
 
 

@@ -139,6 +139,7 @@ def serve(config: EngineConfig, opts: ServeConfig, usage: UsageOptions | None = 
         log_level="info",
         timeout_graceful_shutdown=5,
         access_log=False,
+        http=header_timeout_protocol(opts.header_timeout) or "auto",
     )
     server = DrainingServer(cfg, state, opts.grace_period)
     with asyncio.Runner(loop_factory=event_loop_factory()) as runner:
@@ -159,3 +160,58 @@ def event_loop_factory():
     except ImportError:
         return None
     return uvloop.new_event_loop
+
+
+def header_timeout_protocol(timeout_s: float):
+    """uvicorn's httptools protocol with a deadline on each request's line and headers: a
+    connection that has not sent them whole within `timeout_s` (of connecting, or of a
+    kept-alive request's first byte) gets 408 and is closed. uvicorn times idle keep-alive
+    connections, not slow headers. None where httptools is not installed."""
+    try:
+        from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+    except ImportError:
+        return None
+
+    body = b'{"error": {"message": "the request headers took too long; send them whole", ' \
+           b'"type": "invalid_request_error", "param": null, "code": "timeout"}}'  # fmt: skip
+    refusal = (
+        b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\n"
+        b"connection: close\r\ncontent-length: " + str(len(body)).encode() + b"\r\n\r\n" + body
+    )
+
+    class HeaderDeadlineProtocol(HttpToolsProtocol):
+        _header_deadline = None
+
+        def connection_made(self, transport) -> None:
+            super().connection_made(transport)
+            self._arm()
+
+        def on_message_begin(self) -> None:
+            super().on_message_begin()
+            self._arm()
+
+        def on_headers_complete(self) -> None:
+            self._disarm()
+            super().on_headers_complete()
+
+        def connection_lost(self, exc) -> None:
+            self._disarm()
+            super().connection_lost(exc)
+
+        def _arm(self) -> None:
+            if self._header_deadline is None:
+                self._header_deadline = self.loop.call_later(timeout_s, self._too_slow)
+
+        def _disarm(self) -> None:
+            if self._header_deadline is not None:
+                self._header_deadline.cancel()
+                self._header_deadline = None
+
+        def _too_slow(self) -> None:
+            self._header_deadline = None
+            if not self.transport.is_closing():
+                log.info("closing a connection whose request headers took over %.0f s", timeout_s)
+                self.transport.write(refusal)
+                self.transport.close()
+
+    return HeaderDeadlineProtocol
