@@ -4,6 +4,8 @@ the prompt only; the prompt's logprobs equal the offline engine's prompt_logprob
 
 from __future__ import annotations
 
+import pytest
+
 from tests.e2e.test_errors import assert_error, post
 from tokenmill import LLM, SamplingParams
 
@@ -53,3 +55,54 @@ def test_scoring_needs_echo_and_no_stream(server):
     )
     body = {"prompt": IDS, "echo": True, "max_tokens": 0, "stream": True}
     assert_error(post(server, "/v1/completions", body), 400, "max_tokens")
+
+
+TOOL = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
+SCHEMA = {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object"}}}
+MSG = [{"role": "user", "content": "hi"}]
+
+
+@pytest.mark.parametrize(
+    "path, extra, param",
+    [
+        ("/v1/chat/completions", {"tools": [TOOL]}, "tools"),
+        ("/v1/chat/completions", {"tool_choice": "required"}, "tool_choice"),
+        ("/v1/chat/completions", {"response_format": {"type": "json_object"}}, "response_format"),
+        ("/v1/chat/completions", {"response_format": SCHEMA}, "response_format"),
+        ("/v1/chat/completions", {"guided_json": {"type": "object"}}, "guided_json"),
+        ("/v1/chat/completions", {"guided_choice": ["a", "b"]}, "guided_choice"),
+        ("/v1/chat/completions", {"structured_outputs": {"regex": "a+"}}, "structured_outputs"),
+        ("/v1/completions", {"guided_regex": "[0-9]+"}, "guided_regex"),
+        ("/v1/completions", {"logit_bias": {"5": 100}}, "logit_bias"),
+        ("/v1/completions", {"suffix": " end"}, "suffix"),
+        ("/v1/completions", {"prompt_logprobs": 1}, "prompt_logprobs"),
+        ("/v1/completions", {"stream": True, "stream_options": {"continuous_usage_stats": True}},
+         "stream_options"),
+    ],
+)  # fmt: skip
+def test_what_would_be_silently_ignored_is_refused_naming_it(server, path, extra, param):
+    base = {"messages": MSG} if "chat" in path else {"prompt": "hi"}
+    r = post(server, path, {**base, "max_tokens": 2, **extra})
+    err = assert_error(r, 400, param)
+    assert "not supported" in err["message"]
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [{"tools": []}, {"tool_choice": "none"}, {"response_format": {"type": "text"}},
+     {"logit_bias": {}}, {"suffix": ""}, {"stream_options": {"include_usage": True}}],
+)  # fmt: skip
+def test_the_same_fields_asking_for_nothing_are_served(server, extra):
+    r = post(server, "/v1/chat/completions", {"messages": MSG, "max_tokens": 2, **extra})
+    assert r.status_code == 200, r.text
+
+
+def test_the_openai_client_gets_a_bad_request_for_tools(server):
+    import openai
+
+    from tests.e2e.conftest import API_KEY
+
+    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key=API_KEY)
+    with pytest.raises(openai.BadRequestError, match="tools"):
+        client.chat.completions.create(model="tiny", messages=MSG, tools=[TOOL], max_tokens=2)
+    assert client.models.retrieve("tiny").id == "tiny"

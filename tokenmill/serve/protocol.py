@@ -67,6 +67,31 @@ class StreamOptions(RequestModel):
     include_usage: bool = False
 
 
+def _active(value: Any) -> bool:
+    return value not in (None, False, "", [], {}, "none", "auto")
+
+
+# Fields OpenAI's or vLLM's clients send whose effect this server does not have yet: refused
+# with a 400 naming them, never answered as if they had been honoured. Each: is it in use?
+NOT_YET = {
+    "tools": _active,
+    "tool_choice": lambda v: v not in (None, "none", "auto"),
+    "functions": _active,
+    "function_call": lambda v: v not in (None, "none", "auto"),
+    "response_format": lambda v: v is not None and not (
+        isinstance(v, dict) and v.get("type") == "text"
+    ),
+    "guided_json": _active,
+    "guided_regex": _active,
+    "guided_choice": _active,
+    "guided_grammar": _active,
+    "structured_outputs": _active,
+    "logit_bias": _active,
+    "suffix": _active,
+    "prompt_logprobs": lambda v: v is not None,
+}
+
+
 class SamplingFields(RequestModel):
     """Fields shared by completions and chat completions."""
 
@@ -92,6 +117,23 @@ class SamplingFields(RequestModel):
     stop_token_ids: list[int] | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+
+    @model_validator(mode="after")
+    def _nothing_silently_dropped(self):
+        extra = self.model_extra or {}
+        for name, in_use in NOT_YET.items():
+            if name in extra and in_use(extra[name]):
+                raise ValueError(
+                    f"{name} is not supported by this server yet; remove it (answering without "
+                    "it would silently ignore what it asks for)"
+                )
+        options = self.stream_options.model_extra if self.stream_options else None
+        if options and options.get("continuous_usage_stats"):
+            raise ValueError(
+                "stream_options is not supported with continuous_usage_stats yet; ask for "
+                "include_usage (usage in the last chunk)"
+            )
+        return self
 
     @model_validator(mode="after")
     def _best_of_is_n(self):
