@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1  # what torch.Generator.manual_seed takes
 INT32_MAX = 2**31 - 1  # counts and ids the kernels hold in int32
 MAX_N = 128  # completions per prompt (OpenAI's limit)
+POOLING = ("last", "mean")
 INT_FIELDS = ("n", "top_k", "max_tokens", "min_tokens", "logprobs", "prompt_logprobs", "seed")
 FLOAT_FIELDS = (
     "temperature",
@@ -43,6 +44,10 @@ class SamplingParams:
     prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    logit_bias: dict[int, float] | None = None  # token id -> added to its logit, in [-100, 100]
+    # An embedding request: the prompt's final hidden states pooled ("last" token or "mean"),
+    # returned as RequestOutput.embedding; it runs as a one-token request (max_tokens 1)
+    pooling: str | None = None
     stop_strings: list[str] = field(init=False, repr=False)  # normalized `stop`
 
     def __post_init__(self) -> None:
@@ -145,6 +150,18 @@ class SamplingParams:
         for ok, name, rule, value in checks:
             if not ok:
                 raise ValueError(f"{name} {rule}, got {value!r}")
+        if self.pooling is not None:
+            if self.pooling not in POOLING:
+                raise ValueError(f"pooling must be one of {POOLING}, got {self.pooling!r}")
+            if self.n != 1 or self.max_tokens != 1:
+                raise ValueError("pooling requests take n 1 and max_tokens 1")
+        for token, bias in (self.logit_bias or {}).items():
+            if isinstance(token, bool) or not isinstance(token, int) or not 0 <= token <= INT32_MAX:
+                raise ValueError(f"logit_bias keys must be token ids, got {token!r}")
+            if isinstance(bias, bool) or not isinstance(bias, int | float):
+                raise ValueError(f"logit_bias values must be numbers, got {bias!r}")
+            if not -100.0 <= bias <= 100.0:  # also refuses NaN
+                raise ValueError(f"logit_bias values must be in [-100, 100], got {bias!r}")
 
     @property
     def is_greedy(self) -> bool:

@@ -219,3 +219,26 @@ def test_chat_uses_template_and_reports_metrics(llm):
     m = out.metrics
     assert m.arrival_time <= m.first_token_time <= m.last_token_time <= m.finished_time
     assert m.ttft > 0 and m.tpot > 0 and len(out.outputs[0].token_ids) == 10
+
+
+def test_logit_bias_forces_and_bans_tokens(llm):
+    free = llm.generate(["Hello"], GREEDY, use_tqdm=False)[0].outputs[0].token_ids
+    forced = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True, logit_bias={77: 100})
+    assert llm.generate(["Hello"], forced, use_tqdm=False)[0].outputs[0].token_ids == [77] * 6
+    banned = {t: -100.0 for t in set(free)}
+    params = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True, logit_bias=banned)
+    out = llm.generate(["Hello"], params, use_tqdm=False)[0].outputs[0].token_ids
+    assert not set(out) & set(free)
+    seeded = SamplingParams(max_tokens=8, temperature=1.0, seed=3, ignore_eos=True,
+                            logit_bias={77: 100})  # fmt: skip
+    assert set(llm.generate(["Hello"], seeded, use_tqdm=False)[0].outputs[0].token_ids) == {77}
+
+
+@pytest.mark.parametrize(
+    "bias, match",
+    [({-1: 1.0}, "token ids"), ({5: 101.0}, r"\[-100, 100\]"), ({5: float("nan")}, "100"),
+     ({True: 1.0}, "token ids"), ({10**6: 1.0}, "vocabulary|token ids in")],
+)  # fmt: skip
+def test_logit_bias_values_are_checked(llm, bias, match):
+    with pytest.raises(ValueError, match=match):
+        llm.generate(["Hello"], SamplingParams(max_tokens=2, logit_bias=bias), use_tqdm=False)

@@ -224,6 +224,7 @@ class EngineCore:
             stop_reason=req.stop_reason,
             num_cached_tokens=req.num_cached_tokens,
             metrics=metrics_of(req),
+            pooled=req.pooled if req.is_finished else None,
         )
         if req.is_finished:
             self._forget(req.request_id)

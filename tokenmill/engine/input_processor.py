@@ -69,5 +69,9 @@ class InputProcessor:
             raise ValueError(f"prompt token ids must be in [0, {vocab}), got {bad[:5]}")
         if params.stop_token_ids and max(params.stop_token_ids) >= vocab:
             raise ValueError(f"stop_token_ids must be in [0, {vocab})")
+        if params.logit_bias and max(params.logit_bias) >= vocab:
+            raise ValueError(
+                f"logit_bias keys must be token ids in [0, {vocab}), got {max(params.logit_bias)}"
+            )
         if params.top_k > vocab:
             raise ValueError(f"top_k must be <= the vocabulary size ({vocab}), got {params.top_k}")

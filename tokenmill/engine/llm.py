@@ -9,7 +9,7 @@ from tqdm.auto import tqdm
 
 from tokenmill.config import EngineConfig
 from tokenmill.engine.engine import LLMEngine, PromptType
-from tokenmill.engine.outputs import RequestOutput
+from tokenmill.engine.outputs import RequestOutput, pooled_vector
 from tokenmill.sampling_params import SamplingParams
 
 Messages = list[dict[str, Any]]
@@ -74,6 +74,19 @@ class LLM:
                 {"prompt": text, "prompt_token_ids": tok.encode(text, add_special_tokens=False)}
             )
         return self.generate(prompts, sampling_params, use_tqdm)
+
+    def embed(
+        self,
+        prompts: PromptType | Sequence[PromptType],
+        pooling: str = "last",
+        normalize: bool = True,
+        use_tqdm: bool = True,
+    ) -> list[list[float]]:
+        """The prompt's final hidden states pooled ("last" token or "mean"), L2-normalized
+        unless `normalize` is false: one vector (hidden_size floats) per prompt."""
+        params = SamplingParams(max_tokens=1, temperature=0.0, pooling=pooling)
+        outs = self.generate(prompts, params, use_tqdm)
+        return [pooled_vector(o, normalize) for o in outs]
 
     def _next_id(self) -> str:
         self._counter += 1

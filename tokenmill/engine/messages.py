@@ -75,6 +75,7 @@ class SampledToken:
 class RunnerOutput:
     sampled: dict[str, SampledToken] = field(default_factory=dict)  # requests that sampled
     prompt_logprobs: dict[str, list[TokenLogprobs | None]] = field(default_factory=dict)
+    pooled: dict[str, tuple[float, ...]] = field(default_factory=dict)  # embedding requests
 
 
 # ---- front -> core ------------------------------------------------------------------------------
@@ -143,6 +144,7 @@ class EngineCoreOutput:
     stop_reason: int | str | None  # the stop token id that ended it
     num_cached_tokens: int  # prompt tokens served from the prefix cache
     metrics: RequestMetrics
+    pooled: tuple[float, ...] | None = None  # an embedding request's vector, when it is done
 
 
 @dataclass(frozen=True)

@@ -38,6 +38,7 @@ class _RequestState:
     seqs: list[_SequenceState]
     prompt_logprobs: list[TokenLogprobs | None] | None
     num_cached_tokens: int = 0
+    embedding: tuple[float, ...] | None = None  # a pooling request's, when done
 
     @property
     def finished(self) -> bool:
@@ -105,9 +106,12 @@ class OutputProcessor:
         state.num_cached_tokens = (
             out.num_cached_tokens if out.index == 0 else state.num_cached_tokens
         )
+        if out.pooled is not None:
+            state.embedding = out.pooled
         if out.new_prompt_logprobs is not None and state.prompt_logprobs is not None:
             state.prompt_logprobs.extend(out.new_prompt_logprobs)
-        for i, token_id in enumerate(out.new_token_ids):
+        new_tokens = () if state.params.pooling is not None else out.new_token_ids
+        for i, token_id in enumerate(new_tokens):  # an embedding request shows no token
             seq.token_ids.append(token_id)
             if seq.logprobs is not None and out.new_logprobs is not None:
                 seq.logprobs.append(out.new_logprobs[i])
@@ -165,4 +169,5 @@ class OutputProcessor:
             metrics=state.seqs[0].metrics,
             num_cached_tokens=state.num_cached_tokens,
             child_metrics=[s.metrics for s in state.seqs],
+            embedding=list(state.embedding) if state.embedding is not None else None,
         )

@@ -6,11 +6,12 @@ is handed out, and its text, token ids and logprobs cover the same tokens.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from tokenmill.engine.messages import RequestMetrics, TokenLogprobs
 
-__all__ = ["CompletionOutput", "RequestMetrics", "RequestOutput"]
+__all__ = ["CompletionOutput", "RequestMetrics", "RequestOutput", "pooled_vector"]
 
 
 @dataclass
@@ -38,3 +39,15 @@ class RequestOutput:
     metrics: RequestMetrics | None = None  # of the first completion (all share the prompt)
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
     child_metrics: list[RequestMetrics] = field(default_factory=list)
+    embedding: list[float] | None = None  # a pooling request's vector (SamplingParams.pooling)
+
+
+def pooled_vector(out: RequestOutput, normalize: bool = True) -> list[float]:
+    """An embedding request's vector from its output, L2-normalized if asked."""
+    if out.embedding is None:
+        reason = out.outputs[0].finish_reason if out.outputs else None
+        raise RuntimeError(f"request {out.request_id} ended without its embedding ({reason})")
+    if not normalize:
+        return list(out.embedding)
+    norm = math.sqrt(sum(x * x for x in out.embedding)) or 1.0
+    return [x / norm for x in out.embedding]

@@ -85,6 +85,7 @@ class Request:
         self.max_tokens = limit if params.max_tokens is None else min(params.max_tokens, limit)
         self.times = RequestTimes() if arrival is None else RequestTimes(arrival=arrival)
         self.logprobs: list[TokenLogprobs] = []  # one per output token, when asked for
+        self.pooled: tuple[float, ...] | None = None  # an embedding request's vector
         self.prompt_logprobs: list[TokenLogprobs | None] = []  # None for the first prompt token
         self.num_cached_tokens = 0  # prompt tokens served from the prefix cache
         self.fork_children: list[Request] = []  # n > 1: siblings forked after this one's prefill

@@ -184,7 +184,10 @@ class Scheduler:
             req = self.waiting[0]
             hits: list[int] = []
             num_cached = 0
-            if req.params.prompt_logprobs is None or req.prompt_logprobs:
+            # prompt logprobs and mean pooling need every prompt position computed
+            if (
+                req.params.prompt_logprobs is None or req.prompt_logprobs
+            ) and req.params.pooling != "mean":
                 hits, num_cached = self.kv.get_computed_blocks(req.request_id, req.all_token_ids)
             num_new = req.num_tokens - num_cached
             if num_new > budget and not self.config.enable_chunked_prefill:
@@ -231,6 +234,8 @@ class Scheduler:
             req.num_computed_tokens = computed[request_id] + num_new
             if request_id in result.prompt_logprobs:
                 req.prompt_logprobs.extend(result.prompt_logprobs[request_id])
+            if request_id in result.pooled:
+                req.pooled = result.pooled[request_id]
             sampled = result.sampled.get(request_id)
             if sampled is None:
                 continue

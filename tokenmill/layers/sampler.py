@@ -1,7 +1,7 @@
 """Sampler: the last logits of each request -> its next token, batched.
 
 Order of processing (as vLLM): logprobs of the raw logits; penalties (repetition on prompt and
-output, presence and frequency on output); min_tokens bans of EOS/stop ids; greedy rows take the
+output, presence and frequency on output); logit_bias; min_tokens bans of EOS/stop ids; greedy rows take the
 argmax; other rows divide by temperature, then min_p, top_k and top_p masks, then draw with the
 exponential-race trick argmax(p / E), E ~ Exp(1). A seeded row draws E from its own generator, so
 its tokens do not depend on what else is in the batch.
@@ -30,6 +30,7 @@ class SamplingBatch:
     prompt_ids: list[list[int]] = field(default_factory=list)  # per penalty row
     banned: list[tuple[int, list[int]]] = field(default_factory=list)  # (row, ids) min_tokens bans
     num_logprobs: list[int | None] = field(default_factory=list)  # per row; None = not asked
+    bias: list[tuple[int, torch.Tensor, torch.Tensor]] = field(default_factory=list)  # logit_bias
 
 
 @dataclass(frozen=True)
@@ -47,8 +48,10 @@ class Sampler:
         raw = logits if any(k is not None for k in batch.num_logprobs) else None
         if batch.penalty_rows:
             logits = self._apply_penalties(logits.clone(), batch)
-        if batch.banned:
+        if batch.bias or batch.banned:
             logits = logits if batch.penalty_rows else logits.clone()
+            for row, ids, values in batch.bias:
+                logits[row, ids] += values
             for row, ids in batch.banned:
                 logits[row, ids] = float("-inf")
         if batch.all_greedy:

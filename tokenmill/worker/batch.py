@@ -29,6 +29,16 @@ class PromptLogprobSpan:
 
 
 @dataclass(frozen=True)
+class PoolSpan:
+    """An embedding request's prompt rows in this step."""
+
+    state: CachedRequestState
+    start: int  # first packed row
+    end: int  # one past the last
+    last: bool  # the prompt's last chunk: its vector is done after this step
+
+
+@dataclass(frozen=True)
 class ModelInput:
     input_ids: torch.Tensor  # [num_tokens]
     positions: torch.Tensor  # [num_tokens]
@@ -36,6 +46,7 @@ class ModelInput:
     logits_indices: torch.Tensor  # [num_sample] packed index of each sampling request's last token
     sample_states: list[CachedRequestState]  # row order of logits_indices
     prompt_logprob_spans: list[PromptLogprobSpan]
+    pool_spans: list[PoolSpan]
 
 
 def build_model_input(
@@ -49,7 +60,7 @@ def build_model_input(
     ordered += [s for s in scheduled if s.num_new_tokens > 1]
     ids: list[int] = []
     positions: list[np.ndarray] = []
-    sample_idx, sample_states, lp_spans = [], [], []
+    sample_idx, sample_states, lp_spans, pool_spans = [], [], [], []
     start = 0
     for s in ordered:
         c, n = s.state.num_computed_tokens, s.num_new_tokens
@@ -61,6 +72,9 @@ def build_model_input(
         lp = _prompt_logprob_span(s, start)
         if lp is not None:
             lp_spans.append(lp)
+        if s.state.params.pooling is not None and c < s.state.num_prompt_tokens:
+            end = start + min(n, s.state.num_prompt_tokens - c)
+            pool_spans.append(PoolSpan(s.state, start, end, s.samples))
         start += n
     seqs = [
         SequenceSlice(s.state.block_ids, s.state.num_computed_tokens, s.num_new_tokens)
@@ -79,6 +93,7 @@ def build_model_input(
         logits_indices=tensor(sample_idx),
         sample_states=sample_states,
         prompt_logprob_spans=lp_spans,
+        pool_spans=pool_spans,
     )
 
 
@@ -135,6 +150,15 @@ def build_sampling_batch(
         prompt_ids=[states[r].prompt_token_ids for r in pen],
         banned=[(row, ids) for row, ids in banned if ids],
         num_logprobs=[p.logprobs for p in params],
+        bias=[
+            (
+                row,
+                torch.tensor(list(p.logit_bias), device=device),
+                torch.tensor(list(p.logit_bias.values()), dtype=torch.float32, device=device),
+            )
+            for row, p in enumerate(params)
+            if p.logit_bias
+        ],
     )
 
 

@@ -23,6 +23,7 @@ class CachedRequestState:
     block_ids: list[int]  # the request's block table
     num_computed_tokens: int  # tokens with cached K/V before the current step
     num_prompt_logprobs: int  # prompt logprob entries computed so far
+    pool_sum: object = None  # mean pooling: the sum of the prompt's hidden rows so far
 
     @classmethod
     def of(cls, data: NewRequestData) -> CachedRequestState:

@@ -226,9 +226,29 @@ class ModelRunner:
             for state, token, lps in zip(inp.sample_states, result.token_ids, result.logprobs):
                 sampled[state.request_id] = SampledToken(token, lps)
         prompt_logprobs = self._prompt_logprobs(hidden, inp.prompt_logprob_spans)
+        pooled, sums = self._pool(hidden, inp.pool_spans)
         for span in inp.prompt_logprob_spans:  # counted once the whole step succeeded
             span.state.num_prompt_logprobs += len(prompt_logprobs[span.state.request_id])
-        return RunnerOutput(sampled, prompt_logprobs)
+        for state, total in sums:  # likewise: a retried step must not add its rows twice
+            state.pool_sum = total
+        return RunnerOutput(sampled, prompt_logprobs, pooled)
+
+    @staticmethod
+    def _pool(hidden, spans):
+        """Embedding requests: the final hidden state of the prompt's last token, or the mean
+        over its tokens (summed chunk by chunk); a vector once the prompt is done."""
+        pooled, sums = {}, []
+        for span in spans:
+            state, rows = span.state, hidden[span.start : span.end].float()
+            if state.params.pooling == "last":
+                vector = rows[-1] if span.last else None
+            else:
+                total = rows.sum(0) if state.pool_sum is None else state.pool_sum + rows.sum(0)
+                sums.append((state, total))
+                vector = total / state.num_prompt_tokens if span.last else None
+            if vector is not None:
+                pooled[state.request_id] = tuple(vector.tolist())
+        return pooled, sums
 
     @torch.inference_mode()
     def score(self, token_ids: list[int]) -> torch.Tensor:  # [n, vocab] fp32
