@@ -193,6 +193,12 @@ class ServeConfig:
         "Seconds a request body may stall between two reads before the request ends with 408.",
         default=30.0,
     )
+    embedding_pooling: str = doc_field(
+        "How /v1/embeddings pools the model's final hidden states: last (the last input "
+        "token's, as decoder embedding models such as e5-mistral and gte-Qwen are trained) "
+        "or mean (over every input token). Vectors are L2-normalized.",
+        default="last",
+    )
     header_timeout: float = doc_field(
         "Seconds a client may take to send a request's line and headers (from connecting, or "
         "from a kept-alive connection's next request's first byte); slower: 408 and the "
@@ -232,6 +238,10 @@ class ServeConfig:
             raise ValueError(f"port must be in [0, 65535], got {self.port}")
         if self.grace_period < 0:
             raise ValueError(f"grace_period must be >= 0 seconds, got {self.grace_period}")
+        if self.embedding_pooling not in ("last", "mean"):
+            raise ValueError(
+                f"embedding_pooling must be last or mean, got {self.embedding_pooling!r}"
+            )
         if self.header_timeout <= 0:
             raise ValueError(f"header_timeout must be > 0 seconds, got {self.header_timeout}")
         if self.body_timeout <= 0:

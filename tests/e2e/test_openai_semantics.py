@@ -73,11 +73,8 @@ MSG = [{"role": "user", "content": "hi"}]
         ("/v1/chat/completions", {"guided_choice": ["a", "b"]}, "guided_choice"),
         ("/v1/chat/completions", {"structured_outputs": {"regex": "a+"}}, "structured_outputs"),
         ("/v1/completions", {"guided_regex": "[0-9]+"}, "guided_regex"),
-        ("/v1/completions", {"logit_bias": {"5": 100}}, "logit_bias"),
         ("/v1/completions", {"suffix": " end"}, "suffix"),
         ("/v1/completions", {"prompt_logprobs": 1}, "prompt_logprobs"),
-        ("/v1/completions", {"stream": True, "stream_options": {"continuous_usage_stats": True}},
-         "stream_options"),
     ],
 )  # fmt: skip
 def test_what_would_be_silently_ignored_is_refused_naming_it(server, path, extra, param):
@@ -106,3 +103,43 @@ def test_the_openai_client_gets_a_bad_request_for_tools(server):
     with pytest.raises(openai.BadRequestError, match="tools"):
         client.chat.completions.create(model="tiny", messages=MSG, tools=[TOOL], max_tokens=2)
     assert client.models.retrieve("tiny").id == "tiny"
+
+
+def test_logit_bias_over_http(server):
+    body = {"prompt": "hi", "max_tokens": 4, "temperature": 0, "ignore_eos": True,
+            "logit_bias": {"77": 100}, "logprobs": 0}  # fmt: skip
+    r = post(server, "/v1/completions", body)
+    assert r.status_code == 200, r.text
+    chosen = r.json()["choices"][0]["logprobs"]["tokens"]
+    assert len(chosen) == 4 and len(set(chosen)) == 1
+    for bad in ({"x": 1}, {"5": 1000}, {"-3": 1}):
+        assert_error(post(server, "/v1/completions", {**body, "logit_bias": bad}), 400,
+                     "logit_bias")  # fmt: skip
+
+
+@pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
+def test_continuous_usage_stats_in_every_chunk(server, path):
+    import json
+
+    import httpx
+
+    from tests.e2e.conftest import API_KEY
+
+    base = {"messages": MSG} if "chat" in path else {"prompt": "hi"}
+    body = {**base, "max_tokens": 5, "ignore_eos": True, "stream": True, "n": 2,
+            "stream_options": {"include_usage": True, "continuous_usage_stats": True}}  # fmt: skip
+    with httpx.stream("POST", f"{server.url}{path}", json=body, timeout=60,
+                      headers={"Authorization": f"Bearer {API_KEY}"}) as r:  # fmt: skip
+        chunks = [json.loads(x[6:]) for x in r.iter_lines() if x.startswith("data: {")]
+    last = chunks[-1]
+    assert last["choices"] == [] and last["usage"]["completion_tokens"] == 10
+    prompt = last["usage"]["prompt_tokens"]
+    seen: dict[int, int] = {}
+    for c in chunks[:-1]:
+        u = c["usage"]
+        assert u is not None and u["prompt_tokens"] == prompt
+        assert u["total_tokens"] == prompt + u["completion_tokens"]
+        (choice,) = c["choices"]
+        assert u["completion_tokens"] >= seen.get(choice["index"], 0)  # grows per choice
+        seen[choice["index"]] = u["completion_tokens"]
+    assert seen == {0: 5, 1: 5}

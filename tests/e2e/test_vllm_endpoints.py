@@ -82,3 +82,44 @@ def test_model_by_id_and_ping(server):
                  "model_not_found")  # fmt: skip
     assert httpx.get(f"{server.url}/ping").status_code == 200
     assert httpx.post(f"{server.url}/ping").status_code == 200
+
+
+def test_embeddings_with_the_openai_client(server):
+    import base64
+
+    import numpy as np
+    import openai
+
+    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key=API_KEY)
+    texts = [
+        "The quick brown fox",
+        "Paged attention keeps the KV cache in blocks",
+        "The quick brown fox",
+    ]
+    r = client.embeddings.create(model="tiny", input=texts)
+    vectors = [np.array(d.embedding) for d in r.data]
+    assert [d.index for d in r.data] == [0, 1, 2] and r.usage.prompt_tokens > 0
+    assert all(v.shape == (64,) and abs(np.linalg.norm(v) - 1) < 1e-5 for v in vectors)
+    assert np.allclose(vectors[0], vectors[2], atol=1e-5) and not np.allclose(
+        vectors[0], vectors[1]
+    )
+    single = np.array(client.embeddings.create(model="tiny", input=texts[1]).data[0].embedding)
+    assert np.allclose(single, vectors[1], atol=1e-5)  # alone as in a batch
+    raw = post(server, "/v1/embeddings", {"input": texts[:1], "encoding_format": "base64"}).json()
+    decoded = np.frombuffer(base64.b64decode(raw["data"][0]["embedding"]), dtype="<f4")
+    assert np.allclose(decoded, vectors[0], atol=1e-6)
+    ids = post(server, "/v1/tokenize", {"prompt": texts[0]})  # not under /v1: a 404
+    assert ids.status_code == 404
+    tokens = post(server, "/tokenize", {"prompt": texts[0]}).json()["tokens"]
+    by_ids = post(server, "/v1/embeddings", {"input": tokens}).json()["data"][0]["embedding"]
+    assert np.allclose(by_ids, vectors[0], atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "body, param",
+    [({"input": ""}, "input"), ({"input": []}, "input"), ({"input": ["a", ""]}, "input"),
+     ({"input": "a", "dimensions": 8}, "dimensions"), ({"input": "a", "encoding_format": "hex"},
+     "encoding_format"), ({"input": [10**9]}, "prompt")],
+)  # fmt: skip
+def test_bad_embedding_input_is_a_400_naming_it(server, body, param):
+    assert_error(post(server, "/v1/embeddings", body), 400, param)

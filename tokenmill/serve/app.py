@@ -17,7 +17,6 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import tokenmill
@@ -66,6 +65,7 @@ class ServerState:
     max_request_sequences: int = 256  # prompts x n per request
     body_timeout_s: float = 30.0  # a stalled body ends with 408
     literal_content: bool = True  # special-token text in chat content is plain text
+    embedding_pooling: str = "last"  # /v1/embeddings: "last" or "mean"
     metrics: ServingMetrics = field(init=False)
 
     def __post_init__(self) -> None:
@@ -129,13 +129,6 @@ async def until_disconnect(coro, request: Request):
         await task
     log.info("client disconnected; request aborted")
     return None
-
-
-async def json_body(request: Request) -> object:
-    try:
-        return await request.json()
-    except ValueError:
-        raise APIError(400, "request body is not valid JSON") from None
 
 
 def own_usage(report: dict, tenant: str | None) -> dict:
@@ -320,6 +313,22 @@ def build_app(state: ServerState) -> FastAPI:
         )
         return await run(coro, request)
 
+    @app.post("/v1/embeddings", response_model=P.EmbeddingResponse)
+    async def embeddings(req: P.EmbeddingRequest, request: Request):
+        check_model(req.model)
+        check_fields(req)
+        count = len(handlers.completion_prompts(req.input))
+        if count > state.max_request_sequences:
+            raise APIError(
+                400,
+                f"input: {count} inputs exceed this server's limit of "
+                f"{state.max_request_sequences} per request; split the request",
+                param="input",
+            )
+        who = tenant(request, req.user)
+        coro = handlers.embeddings(engine(), state.model_name, req, state.embedding_pooling, who)
+        return await run(coro, request)
+
     @app.get("/v1/usage")
     async def usage(request: Request):
         """Tokens, energy and derived cost per model, instance and tenant (persisted). With API
@@ -357,18 +366,9 @@ def build_app(state: ServerState) -> FastAPI:
             )
         return P.ModelCard(id=state.model_name, max_model_len=state.max_model_len)
 
-    def parsed(model: type[P.RequestModel], body: object) -> P.RequestModel:
-        try:
-            return model.model_validate(body)
-        except ValidationError as e:
-            raise RequestValidationError(e.errors()) from None
-
     @app.post("/tokenize", response_model=P.TokenizeResponse)
-    async def tokenize(request: Request):
+    async def tokenize(req: P.TokenizeRequest):
         """vLLM's: a prompt, or chat messages rendered by the model's template, to token ids."""
-        body = await json_body(request)
-        chat = isinstance(body, dict) and "messages" in body
-        req = parsed(P.TokenizeChatRequest if chat else P.TokenizeCompletionRequest, body)
         check_model(req.model)
         check_fields(req)
         try:

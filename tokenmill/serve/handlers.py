@@ -8,14 +8,17 @@ streams, which aborts them and frees their KV blocks.
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import time
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
+import numpy as np
+
 from tokenmill.engine.async_engine import AsyncEngine, EngineDeadError, RequestStream
-from tokenmill.engine.outputs import CompletionOutput, RequestOutput
+from tokenmill.engine.outputs import CompletionOutput, RequestOutput, pooled_vector
 from tokenmill.models.tokenizer import Tokenizer
 from tokenmill.sampling_params import SamplingParams
 from tokenmill.serve import protocol as P
@@ -46,6 +49,7 @@ def sampling_params(
         prompt_logprobs=prompt_logprobs,
         skip_special_tokens=req.skip_special_tokens,
         include_stop_str_in_output=req.include_stop_str_in_output,
+        logit_bias=req.logit_bias or None,
     )
 
 
@@ -149,6 +153,40 @@ def usage(outs: list[RequestOutput], scoring: bool = False) -> P.Usage:
     completion = 0 if scoring else sum(len(c.token_ids) for o in outs for c in o.outputs)
     return P.Usage(
         prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion
+    )
+
+
+def so_far(out: RequestOutput, c: CompletionOutput) -> P.Usage:
+    """vLLM's continuous usage stats: the prompt and this choice's tokens so far."""
+    prompt, done = len(out.prompt_token_ids), len(c.token_ids)
+    return P.Usage(prompt_tokens=prompt, completion_tokens=done, total_tokens=prompt + done)
+
+
+# ---- embeddings ---------------------------------------------------------------------------
+async def embeddings(
+    engine: AsyncEngine, model: str, req: P.EmbeddingRequest, pooling: str, tenant: str | None
+) -> P.EmbeddingResponse:
+    """The served model's final hidden states pooled per input (the server's --embedding-pooling),
+    L2-normalized, as floats or base64 float32 (OpenAI's encoding_format)."""
+    params = SamplingParams(max_tokens=1, temperature=0.0, pooling=pooling)
+    rid = f"embd-{uuid.uuid4().hex}"
+    streams = await add_all(engine, rid, completion_prompts(req.input), params, tenant)
+    outs = await finals(streams)
+    data = []
+    for i, out in enumerate(outs):
+        vector = pooled_vector(out)
+        if req.dimensions is not None and req.dimensions != len(vector):
+            raise ValueError(
+                f"dimensions: this model's embeddings have {len(vector)} dimensions and are not "
+                f"shortened; got {req.dimensions}"
+            )
+        value: list[float] | str = vector
+        if req.encoding_format == "base64":
+            value = base64.b64encode(np.asarray(vector, dtype="<f4").tobytes()).decode()
+        data.append(P.EmbeddingData(index=i, embedding=value))
+    prompt = sum(len(o.prompt_token_ids) for o in outs)
+    return P.EmbeddingResponse(
+        data=data, model=model, usage=P.EmbeddingUsage(prompt_tokens=prompt, total_tokens=prompt)
     )
 
 
@@ -290,7 +328,7 @@ async def _stream_completions(tok, model, req, rid, streams) -> AsyncIterator[st
             if not delta and c.finish_reason is None:
                 continue
             sent_text[index], sent_tokens[index] = len(c.text), len(c.token_ids)
-            if c.finish_reason is None and req.logprobs is None:
+            if c.finish_reason is None and req.logprobs is None and not req.continuous_usage:
                 yield plain_event(index, delta)
                 continue
             lps = (
@@ -312,6 +350,7 @@ async def _stream_completions(tok, model, req, rid, streams) -> AsyncIterator[st
                             stop_reason=c.stop_reason,
                         )
                     ],
+                    usage=so_far(out, c) if req.continuous_usage else None,
                 )
             )
         if out.finished:
@@ -359,13 +398,14 @@ def tokenize(
     """vLLM's /tokenize: chat messages through the template (as a chat request would be
     tokenized), or a prompt (with the tokenizer's special tokens unless add_special_tokens is
     false). Not capped at max_model_len: the count says whether it fits."""
-    if isinstance(req, P.TokenizeChatRequest):
+    if req.messages is not None:
         rendered = render_chat(tok, req, literal_content)
         ids = rendered["prompt_token_ids"]
         if req.add_special_tokens:
             ids = tok.encode(rendered["prompt"], add_special_tokens=True)
     else:
-        ids = tok.encode(req.prompt, add_special_tokens=req.add_special_tokens)
+        special = True if req.add_special_tokens is None else req.add_special_tokens
+        ids = tok.encode(req.prompt, add_special_tokens=special)
     strs = [tok.id_to_token(i) or "" for i in ids] if req.return_token_strs else None
     return P.TokenizeResponse(
         count=len(ids), max_model_len=max_model_len or 0, tokens=ids, token_strs=strs
@@ -419,7 +459,7 @@ async def chat(
     rid = f"chatcmpl-{uuid.uuid4().hex}"
     streams = await add_all(engine, rid, [prompt], params, tenant)
     if req.stream:
-        return _stream_chat(tok, model, req, rid, streams)
+        return _stream_chat(tok, model, req, rid, streams, len(prompt["prompt_token_ids"]))
     (out,) = await finals(streams)
     choices = [
         P.ChatChoice(
@@ -434,7 +474,7 @@ async def chat(
     return P.ChatCompletionResponse(id=rid, model=model, choices=choices, usage=usage([out]))
 
 
-async def _stream_chat(tok, model, req, rid, streams) -> AsyncIterator[str]:
+async def _stream_chat(tok, model, req, rid, streams, prompt_tokens: int) -> AsyncIterator[str]:
     sent_text: dict[int, int] = {}
     sent_tokens: dict[int, int] = {}
     done: set[int] = set()
@@ -463,6 +503,13 @@ async def _stream_chat(tok, model, req, rid, streams) -> AsyncIterator[str]:
                 choices=[
                     P.ChatChunkChoice(index=i, delta=P.DeltaMessage(role="assistant", content=""))
                 ],
+                usage=(
+                    P.Usage(
+                        prompt_tokens=prompt_tokens, completion_tokens=0, total_tokens=prompt_tokens
+                    )
+                    if req.continuous_usage
+                    else None
+                ),  # fmt: skip
             )
         )
     async for _, out in merged(streams):
@@ -476,7 +523,7 @@ async def _stream_chat(tok, model, req, rid, streams) -> AsyncIterator[str]:
             if not delta and c.finish_reason is None:
                 continue
             sent_text[c.index], sent_tokens[c.index] = len(c.text), len(c.token_ids)
-            if c.finish_reason is None and not req.logprobs:
+            if c.finish_reason is None and not req.logprobs and not req.continuous_usage:
                 yield plain_event(c.index, delta)
                 continue
             yield sse(
@@ -494,6 +541,7 @@ async def _stream_chat(tok, model, req, rid, streams) -> AsyncIterator[str]:
                             finish_reason=c.finish_reason,
                         )
                     ],
+                    usage=so_far(out, c) if req.continuous_usage else None,
                 )
             )
         if out.finished:

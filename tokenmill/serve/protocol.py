@@ -65,6 +65,7 @@ class ErrorResponse(BaseModel):
 
 class StreamOptions(RequestModel):
     include_usage: bool = False
+    continuous_usage_stats: bool = False  # vLLM's: usage in every chunk too (needs include_usage)
 
 
 def _active(value: Any) -> bool:
@@ -78,15 +79,14 @@ NOT_YET = {
     "tool_choice": lambda v: v not in (None, "none", "auto"),
     "functions": _active,
     "function_call": lambda v: v not in (None, "none", "auto"),
-    "response_format": lambda v: v is not None and not (
-        isinstance(v, dict) and v.get("type") == "text"
+    "response_format": lambda v: (
+        v is not None and not (isinstance(v, dict) and v.get("type") == "text")
     ),
     "guided_json": _active,
     "guided_regex": _active,
     "guided_choice": _active,
     "guided_grammar": _active,
     "structured_outputs": _active,
-    "logit_bias": _active,
     "suffix": _active,
     "prompt_logprobs": lambda v: v is not None,
 }
@@ -117,6 +117,17 @@ class SamplingFields(RequestModel):
     stop_token_ids: list[int] | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    logit_bias: dict[Text, float] | None = None  # OpenAI's: token id (as a string) -> bias
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _token_ids(cls, bias):
+        if bias is None:
+            return None
+        try:
+            return {int(k): v for k, v in bias.items()}
+        except ValueError:
+            raise ValueError("keys must be token ids (integers as strings)") from None
 
     @model_validator(mode="after")
     def _nothing_silently_dropped(self):
@@ -127,13 +138,12 @@ class SamplingFields(RequestModel):
                     f"{name} is not supported by this server yet; remove it (answering without "
                     "it would silently ignore what it asks for)"
                 )
-        options = self.stream_options.model_extra if self.stream_options else None
-        if options and options.get("continuous_usage_stats"):
-            raise ValueError(
-                "stream_options is not supported with continuous_usage_stats yet; ask for "
-                "include_usage (usage in the last chunk)"
-            )
         return self
+
+    @property
+    def continuous_usage(self) -> bool:
+        o = self.stream_options
+        return o is not None and o.include_usage and o.continuous_usage_stats
 
     @model_validator(mode="after")
     def _best_of_is_n(self):
@@ -279,20 +289,33 @@ class ModelList(BaseModel):
 
 
 # ---- vLLM's /tokenize and /detokenize --------------------------------------------------------
-class TokenizeCompletionRequest(RequestModel):
+class TokenizeRequest(RequestModel):
+    """vLLM's /tokenize: a `prompt`, or chat `messages` rendered by the model's template."""
+
+    model_config = ConfigDict(
+        extra="allow",
+        json_schema_extra={  # exactly one of the two, as the validator below checks
+            "oneOf": [
+                {"required": ["prompt"], "not": {"required": ["messages"]},
+                 "properties": {"prompt": {"type": "string"}}},
+                {"required": ["messages"], "not": {"required": ["prompt"]},
+                 "properties": {"messages": {"type": "array"}}},
+            ]
+        },
+    )  # fmt: skip
     model: Text | None = None
-    prompt: Text
-    add_special_tokens: bool = True
+    prompt: Text | None = None
+    messages: list[ChatMessage] | None = Field(default=None, min_length=1)
+    add_generation_prompt: bool = True  # chat
+    add_special_tokens: bool | None = None  # default: true for a prompt, false for chat
+    chat_template_kwargs: dict[Text, JsonValue] | None = None  # chat
     return_token_strs: bool = False
 
-
-class TokenizeChatRequest(RequestModel):
-    model: Text | None = None
-    messages: list[ChatMessage] = Field(min_length=1)
-    add_generation_prompt: bool = True
-    add_special_tokens: bool = False  # the template writes them
-    chat_template_kwargs: dict[Text, JsonValue] | None = None
-    return_token_strs: bool = False
+    @model_validator(mode="after")
+    def _one_input(self):
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("prompt or messages: send exactly one")
+        return self
 
 
 class TokenizeResponse(BaseModel):
@@ -309,3 +332,39 @@ class DetokenizeRequest(RequestModel):
 
 class DetokenizeResponse(BaseModel):
     prompt: str
+
+
+# ---- embeddings ------------------------------------------------------------------------------
+class EmbeddingRequest(RequestModel):
+    model: Text | None = None
+    input: Text | list[Text] | list[int] | list[list[int]]
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = None  # only the model's own: its vectors are not shortened
+    user: Text | None = None
+
+    @field_validator("input")
+    @classmethod
+    def _not_empty(cls, value):
+        if value == "" or (
+            isinstance(value, list) and (not value or any(v in ("", []) for v in value))
+        ):
+            raise ValueError("must not be empty (nor hold an empty input)")
+        return value
+
+
+class EmbeddingData(BaseModel):
+    object: str = "embedding"
+    index: int
+    embedding: list[float] | str  # base64 of little-endian float32 with encoding_format base64
+
+
+class EmbeddingUsage(BaseModel):
+    prompt_tokens: int
+    total_tokens: int
+
+
+class EmbeddingResponse(BaseModel):
+    object: str = "list"
+    data: list[EmbeddingData]
+    model: str
+    usage: EmbeddingUsage

@@ -85,6 +85,7 @@ def serve(config: EngineConfig, opts: ServeConfig, usage: UsageOptions | None = 
         name, keys, opts.max_body_bytes, usage=tracker, strict_api=opts.strict_api,
         admin_keys=admins, max_request_sequences=opts.max_request_sequences,
         body_timeout_s=opts.body_timeout, literal_content=not opts.special_tokens_in_content,
+        embedding_pooling=opts.embedding_pooling,
     )  # fmt: skip
     app = build_app(state)
     holder: dict[str, AsyncEngine] = {}
