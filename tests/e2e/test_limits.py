@@ -112,8 +112,16 @@ def test_slow_headers_get_408_and_the_connection_closed(limited):
     )
     with socket.create_connection(("127.0.0.1", limited.port), timeout=6) as sock:
         sock.sendall(whole)  # served; the connection stays open for the next request
-        first = sock.recv(65536)
-        assert first.startswith(b"HTTP/1.1 200"), first
+        first = b""
+        while b"\r\n\r\n" not in first:
+            first += sock.recv(65536)
+        head, body_part = first.split(b"\r\n\r\n", 1)
+        assert head.startswith(b"HTTP/1.1 200"), head
+        length = int(next(x for x in head.split(b"\r\n") if x.lower().startswith(b"content-length"))
+                     .split(b":")[1])  # fmt: skip
+        while len(body_part) < length:
+            body_part += sock.recv(65536)
+        assert len(body_part) == length  # the whole first response, nothing more
         sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHo")  # the next one stalls
         rest = b""
         while chunk := sock.recv(65536):
