@@ -43,8 +43,9 @@ def main() -> None:
     others = [{"prompt_token_ids": p} for p in others]
     checks = {
         "greedy": SamplingParams(max_tokens=32, temperature=0.0, ignore_eos=True, logprobs=2),
-        "seeded": SamplingParams(max_tokens=32, temperature=0.8, top_p=0.9, seed=11,
-                                 ignore_eos=True, logprobs=2),  # fmt: skip
+        "seeded": SamplingParams(
+            max_tokens=32, temperature=0.8, top_p=0.9, seed=11, ignore_eos=True, logprobs=2
+        ),  # fmt: skip
     }
     work = Workload(args.num_prompts, args.input_len, args.output_len)
     prompts = [{"prompt_token_ids": p} for p in work.prompts(49152)]

@@ -31,7 +31,9 @@ class SamplingParams:
     top_p: float = 1.0
     top_k: int = 0  # 0 or -1: off
     min_p: float = 0.0
-    seed: int | None = None  # same seed, same tokens, whatever else is in the batch
+    # the same draws whatever else is in the batch; the same tokens too with batch_invariant
+    # (without it, logits differ in their last bits with the batch, and a near tie may flip)
+    seed: int | None = None
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0

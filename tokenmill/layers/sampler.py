@@ -1,10 +1,11 @@
 """Sampler: the last logits of each request -> its next token, batched.
 
 Order of processing (as vLLM): logprobs of the raw logits; penalties (repetition on prompt and
-output, presence and frequency on output); logit_bias; min_tokens bans of EOS/stop ids; greedy rows take the
-argmax; other rows divide by temperature, then min_p, top_k and top_p masks, then draw with the
-exponential-race trick argmax(p / E), E ~ Exp(1). A seeded row draws E from its own generator, so
-its tokens do not depend on what else is in the batch.
+output, presence and frequency on output); logit_bias; min_tokens bans of EOS/stop ids; greedy
+rows take the argmax; other rows divide by temperature, then min_p, top_k and top_p masks, then
+draw with the exponential-race trick argmax(p / E), E ~ Exp(1). A seeded row draws E from its own
+generator, so its draws do not depend on what else is in the batch (its tokens neither, given
+logits that do not: --batch-invariant).
 """
 
 from __future__ import annotations
