@@ -11,7 +11,6 @@ offline tokens/s of num_prompts x (input_len -> output_len) and batch-1 decode t
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import time
 
@@ -35,6 +34,7 @@ def main() -> None:
     ap.add_argument("--json-out", default=None)
     args = ap.parse_args()
     from tokenmill import LLM, SamplingParams
+    from tokenmill.bench.ab import emit
     from tokenmill.bench.offline import Workload, commit, machine
 
     rng = random.Random(0)
@@ -75,10 +75,7 @@ def main() -> None:
     bar.close()
     report = {"machine": machine(), "commit": commit(), "date": time.strftime("%Y-%m-%d"),
               "workload": vars(work), "results": results}  # fmt: skip
-    print(json.dumps(report, indent=2))
-    if args.json_out:
-        with open(args.json_out, "w") as f:
-            json.dump(report, f, indent=2)
+    emit(report, args.json_out)
 
 
 if __name__ == "__main__":

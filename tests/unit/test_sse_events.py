@@ -23,17 +23,17 @@ DELTAS = [
 
 
 def completion(model: str):
-    return lambda text: P.CompletionResponse(
-        id="cmpl-1", model=model, created=7, choices=[P.CompletionChoice(index=2, text=text)]
+    return lambda index, text: P.CompletionResponse(
+        id="cmpl-1", model=model, created=7, choices=[P.CompletionChoice(index=index, text=text)]
     )
 
 
 def chat(model: str):
-    return lambda text: P.ChatCompletionChunk(
+    return lambda index, text: P.ChatCompletionChunk(
         id="chatcmpl-1",
         model=model,
         created=7,
-        choices=[P.ChatChunkChoice(index=1, delta=P.DeltaMessage(content=text))],
+        choices=[P.ChatChunkChoice(index=index, delta=P.DeltaMessage(content=text))],
     )
 
 
@@ -41,10 +41,11 @@ def chat(model: str):
 @pytest.mark.parametrize("model", ["smollm2", 'odd "model" ☃', f"has-{DeltaEvents.MARK}-mark"])
 def test_delta_event_equals_model_rendering(make, model):
     events = DeltaEvents(make(model))
-    assert (events.parts is None) == (DeltaEvents.MARK in model)
-    for delta in DELTAS:
-        fast, slow = events.event(delta), sse(make(model)(delta))
-        assert fast.startswith("data: ") and fast.endswith("\n\n")
-        assert json.loads(fast[6:]) == json.loads(slow[6:])
-        if delta.isprintable():
-            assert fast == slow  # byte for byte where no escaping choice exists
+    for index in (0, 2, 11):  # each choice its own template
+        assert events.templated(index) == (DeltaEvents.MARK not in model)
+        for delta in DELTAS:
+            fast, slow = events.event(index, delta), sse(make(model)(index, delta))
+            assert fast.startswith("data: ") and fast.endswith("\n\n")
+            assert json.loads(fast[6:]) == json.loads(slow[6:])
+            if delta.isprintable():
+                assert fast == slow  # byte for byte where no escaping choice exists

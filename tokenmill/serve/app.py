@@ -283,6 +283,15 @@ def build_app(state: ServerState) -> FastAPI:
             )
         log.warning("ignoring unknown request field(s): %s", ", ".join(unknown))
 
+    def check_sequences(count: int, field: str, what: str) -> None:
+        if count > state.max_request_sequences:
+            raise APIError(
+                400,
+                f"{field}: {count} {what} exceed this server's limit of "
+                f"{state.max_request_sequences} per request; split the request",
+                param=field,
+            )
+
     def tenant(request: Request, user: str | None) -> str:
         """The API key's name, else the request's `user`, else anonymous."""
         return getattr(request.state, "key_name", None) or user or "anonymous"
@@ -291,14 +300,8 @@ def build_app(state: ServerState) -> FastAPI:
     async def completions(req: P.CompletionRequest, request: Request):
         check_model(req.model)
         check_fields(req)
-        count = len(handlers.completion_prompts(req.prompt)) * req.n
-        if count > state.max_request_sequences:
-            raise APIError(
-                400,
-                f"prompt: {count} sequences (prompts x n) exceed this server's limit of "
-                f"{state.max_request_sequences} per request; split the request",
-                param="prompt",
-            )
+        check_sequences(len(handlers.completion_prompts(req.prompt)) * req.n, "prompt",
+                        "sequences (prompts x n)")  # fmt: skip
         who = tenant(request, req.user)
         coro = handlers.completions(engine(), tokenizer(), state.model_name, req, who)
         return await run(coro, request)
@@ -317,14 +320,7 @@ def build_app(state: ServerState) -> FastAPI:
     async def embeddings(req: P.EmbeddingRequest, request: Request):
         check_model(req.model)
         check_fields(req)
-        count = len(handlers.completion_prompts(req.input))
-        if count > state.max_request_sequences:
-            raise APIError(
-                400,
-                f"input: {count} inputs exceed this server's limit of "
-                f"{state.max_request_sequences} per request; split the request",
-                param="input",
-            )
+        check_sequences(len(handlers.completion_prompts(req.input)), "input", "inputs")
         who = tenant(request, req.user)
         coro = handlers.embeddings(engine(), state.model_name, req, state.embedding_pooling, who)
         return await run(coro, request)

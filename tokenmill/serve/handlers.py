@@ -85,22 +85,26 @@ class DeltaEvents:
     """SSE events for the commonest chunk, a bare text delta of one choice (no logprobs, not
     the last), cut from one pydantic rendering per choice: the same fields in the same order
     as the model writes them, at a string join per token instead of a model build and dump.
-    `make(mark)` renders the chunk with `mark` as the delta; if the mark is not found once
-    (a model name that holds it), every event is rendered by the model."""
+    `make(index, text)` renders choice `index`'s chunk; where the mark is not found once in its
+    rendering (a model name that holds it), that choice's events are rendered by the model."""
 
     MARK = "\u2063tokenmill-delta\u2063"
 
     def __init__(self, make: Any) -> None:
         self.make = make
-        body = make(self.MARK).model_dump_json()
-        self.parts = body.split(self.MARK) if body.count(self.MARK) == 1 else None
+        self._parts: dict[int, list[str] | None] = {}
 
-    def event(self, delta: str) -> str:
-        if self.parts is None:
-            return sse(self.make(delta))
-        return (
-            f"data: {self.parts[0]}{json.dumps(delta, ensure_ascii=False)[1:-1]}{self.parts[1]}\n\n"
-        )
+    def templated(self, index: int) -> bool:
+        if index not in self._parts:
+            body = self.make(index, self.MARK).model_dump_json()
+            self._parts[index] = body.split(self.MARK) if body.count(self.MARK) == 1 else None
+        return self._parts[index] is not None
+
+    def event(self, index: int, delta: str) -> str:
+        if not self.templated(index):
+            return sse(self.make(index, delta))
+        head, tail = self._parts[index]  # type: ignore[misc]
+        return f"data: {head}{json.dumps(delta, ensure_ascii=False)[1:-1]}{tail}\n\n"
 
 
 async def add_all(
@@ -294,19 +298,14 @@ async def _stream_completions(tok, model, req, rid, streams) -> AsyncIterator[st
     finals: dict[int, RequestOutput] = {}
     done: set[int] = set()
     created = int(time.time())  # one stream, one creation time (as OpenAI's chunks carry)
-    plain: dict[int, DeltaEvents] = {}
-
-    def plain_event(index: int, delta: str) -> str:
-        if index not in plain:
-            plain[index] = DeltaEvents(
-                lambda text: P.CompletionResponse(
-                    id=rid,
-                    model=model,
-                    created=created,
-                    choices=[P.CompletionChoice(index=index, text=text)],
-                )
-            )
-        return plain[index].event(delta)
+    plain = DeltaEvents(
+        lambda index, text: P.CompletionResponse(
+            id=rid,
+            model=model,
+            created=created,
+            choices=[P.CompletionChoice(index=index, text=text)],
+        )
+    )
 
     async for i, out in merged(streams):
         for c in out.outputs:
@@ -329,7 +328,7 @@ async def _stream_completions(tok, model, req, rid, streams) -> AsyncIterator[st
                 continue
             sent_text[index], sent_tokens[index] = len(c.text), len(c.token_ids)
             if c.finish_reason is None and req.logprobs is None and not req.continuous_usage:
-                yield plain_event(index, delta)
+                yield plain.event(index, delta)
                 continue
             lps = (
                 completion_logprobs(tok, c, start_tok, start_text)
@@ -480,19 +479,14 @@ async def _stream_chat(tok, model, req, rid, streams, prompt_tokens: int) -> Asy
     done: set[int] = set()
     final = None
     created = int(time.time())
-    plain: dict[int, DeltaEvents] = {}
-
-    def plain_event(index: int, delta: str) -> str:
-        if index not in plain:
-            plain[index] = DeltaEvents(
-                lambda text: P.ChatCompletionChunk(
-                    id=rid,
-                    model=model,
-                    created=created,
-                    choices=[P.ChatChunkChoice(index=index, delta=P.DeltaMessage(content=text))],
-                )
-            )
-        return plain[index].event(delta)
+    plain = DeltaEvents(
+        lambda index, text: P.ChatCompletionChunk(
+            id=rid,
+            model=model,
+            created=created,
+            choices=[P.ChatChunkChoice(index=index, delta=P.DeltaMessage(content=text))],
+        )
+    )
 
     for i in range(req.n):
         yield sse(
@@ -524,7 +518,7 @@ async def _stream_chat(tok, model, req, rid, streams, prompt_tokens: int) -> Asy
                 continue
             sent_text[c.index], sent_tokens[c.index] = len(c.text), len(c.token_ids)
             if c.finish_reason is None and not req.logprobs and not req.continuous_usage:
-                yield plain_event(c.index, delta)
+                yield plain.event(c.index, delta)
                 continue
             yield sse(
                 P.ChatCompletionChunk(
