@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi_offline import FastAPIOffline
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -189,7 +190,7 @@ class APIKeys:
 
 
 def build_app(state: ServerState) -> FastAPI:
-    app = FastAPI(
+    app = FastAPIOffline(  # /docs and /redoc with their scripts served here, never from a CDN
         title="tokenmill",
         version=tokenmill.__version__,
         description="OpenAI-compatible LLM inference microservice",
