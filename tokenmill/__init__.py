@@ -1,13 +1,14 @@
 """tokenmill: an inference-optimized LLM microservice.
 
-Public face: `LLM` (offline, vLLM-compatible), `SamplingParams`, `EngineConfig`.
+Public face: `LLM` (offline, vLLM-compatible), `SamplingParams`, `StructuredOutputsParams`,
+`EngineConfig`.
 """
 
 from tokenmill.config import EngineConfig
-from tokenmill.sampling_params import SamplingParams
+from tokenmill.sampling_params import SamplingParams, StructuredOutputsParams
 
 __version__ = "0.1.0"
-__all__ = ["LLM", "SamplingParams", "EngineConfig", "__version__"]
+__all__ = ["LLM", "SamplingParams", "StructuredOutputsParams", "EngineConfig", "__version__"]
 
 
 def __getattr__(name: str):

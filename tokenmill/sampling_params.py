@@ -6,6 +6,7 @@ them into a 400 that names the parameter. No torch here; the sampler reads these
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, field
 
@@ -22,6 +23,59 @@ FLOAT_FIELDS = (
     "frequency_penalty",
     "repetition_penalty",
 )
+
+
+STRUCTURED_KINDS = ("json", "json_object", "regex", "choice", "grammar")
+
+
+@dataclass(frozen=True)
+class StructuredOutputsParams:
+    """Constrain the output to a language (vLLM's StructuredOutputsParams): exactly one of a JSON
+    schema, any JSON object, a regular expression, a choice of strings, or a grammar (Lark or
+    GBNF/EBNF). Enforced token by token by a grammar engine (tokenmill/structured/): a token
+    that would leave the language is never sampled, and the request ends when it is complete.
+
+    JSON is compact by default (", " and ": " between items and keys, no other whitespace): a
+    small model allowed any whitespace can spend its max_tokens on newlines. `any_whitespace`
+    (vLLM's disable_any_whitespace=False) allows JSON's whitespace anywhere it is legal.
+    `source` names the request field it came from, for error messages."""
+
+    json: str | dict | None = None  # a JSON schema (a dict, or its JSON text)
+    json_object: bool = False  # any JSON object
+    regex: str | None = None
+    choice: tuple[str, ...] | list[str] | None = None
+    grammar: str | None = None  # Lark (llguidance's dialect) or GBNF/EBNF (llama.cpp's)
+    any_whitespace: bool = False
+    source: str = field(default="structured_outputs", compare=False)
+
+    def __post_init__(self) -> None:
+        given = [k for k in STRUCTURED_KINDS if getattr(self, k) not in (None, False)]
+        if len(given) != 1:
+            raise ValueError(
+                f"{self.source} takes exactly one of {', '.join(STRUCTURED_KINDS)}; "
+                f"got {given or 'none'}"
+            )
+        if isinstance(self.json, dict):  # key order kept: it orders the output's properties
+            object.__setattr__(self, "json", json.dumps(self.json, ensure_ascii=False))
+        elif self.json is not None and not isinstance(self.json, str):
+            raise ValueError(f"{self.source}: a JSON schema must be an object, got {self.json!r}")
+        if self.choice is not None:
+            if not self.choice or not all(isinstance(c, str) and c for c in self.choice):
+                raise ValueError(f"{self.source}: choice must be a list of non-empty strings")
+            object.__setattr__(self, "choice", tuple(self.choice))
+        for name in ("regex", "grammar"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not value.strip()):
+                raise ValueError(f"{self.source}: {name} must be a non-empty string")
+
+    @property
+    def kind(self) -> str:
+        return next(k for k in STRUCTURED_KINDS if getattr(self, k) not in (None, False))
+
+    @property
+    def key(self) -> tuple:
+        """What identifies the compiled grammar (the cache key)."""
+        return (self.kind, self.json, self.regex, self.choice, self.grammar, self.any_whitespace)
 
 
 @dataclass
@@ -50,6 +104,7 @@ class SamplingParams:
     # An embedding request: the prompt's final hidden states pooled ("last" token or "mean"),
     # returned as RequestOutput.embedding; it runs as a one-token request (max_tokens 1)
     pooling: str | None = None
+    structured_outputs: StructuredOutputsParams | None = None  # a grammar the output must match
     stop_strings: list[str] = field(init=False, repr=False)  # normalized `stop`
 
     def __post_init__(self) -> None:
@@ -157,6 +212,11 @@ class SamplingParams:
                 raise ValueError(f"pooling must be one of {POOLING}, got {self.pooling!r}")
             if self.n != 1 or self.max_tokens != 1:
                 raise ValueError("pooling requests take n 1 and max_tokens 1")
+        if self.structured_outputs is not None:
+            if not isinstance(self.structured_outputs, StructuredOutputsParams):
+                raise ValueError("structured_outputs must be a StructuredOutputsParams")
+            if self.pooling is not None:
+                raise ValueError("structured_outputs do not apply to pooling requests")
         for token, bias in (self.logit_bias or {}).items():
             if isinstance(token, bool) or not isinstance(token, int) or not 0 <= token <= INT32_MAX:
                 raise ValueError(f"logit_bias keys must be token ids, got {token!r}")

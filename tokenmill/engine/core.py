@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from concurrent.futures import Future
+from concurrent.futures import wait as wait_futures
+from dataclasses import dataclass, replace
 
 from tokenmill.config import EngineConfig
 from tokenmill.engine.messages import (
@@ -90,6 +92,8 @@ class EngineCore:
         )
         self._sequences: dict[str, _Sequence] = {}  # sequence id -> its state
         self._requests: dict[str, list[str]] = {}  # request id -> its sequence ids
+        self._structured = None  # StructuredOutputManager, made by the first constrained request
+        self._compiling: dict[str, tuple[EngineCoreRequest, Future]] = {}  # their grammars build
         log.info(
             "KV cache: %d blocks of %d tokens (%.1f MiB), max_model_len %d",
             plan.num_blocks,
@@ -115,9 +119,54 @@ class EngineCore:
 
     # ---- requests in -----------------------------------------------------------------------
     def add_request(self, r: EngineCoreRequest) -> None:
-        """Queue a validated request (the front checked ids and lengths)."""
-        if r.request_id in self._requests:
+        """Queue a validated request (the front checked ids and lengths). A constrained one
+        waits for its grammar to compile (off the step loop), then queues."""
+        if r.request_id in self._requests or r.request_id in self._compiling:
             raise ValueError(f"request_id {r.request_id!r} is already in use")
+        if r.params.structured_outputs is not None:
+            future = self.structured.compile(r.params.structured_outputs)
+            self._compiling[r.request_id] = (r, future)
+            return
+        self._queue(r)
+
+    @property
+    def structured(self):
+        if self._structured is None:
+            from tokenmill.models.loader import load_tokenizer
+            from tokenmill.structured.manager import StructuredOutputManager
+
+            model = self.config.model.model
+            self._structured = StructuredOutputManager(
+                lambda: load_tokenizer(model).backend.to_str(),
+                self.info.vocab_size,
+                self.eos_token_ids,
+            )
+        return self._structured
+
+    def _admit_compiled(self) -> tuple[EngineCoreOutput, ...]:
+        """Queue the constrained requests whose grammar is ready; end those whose grammar
+        failed (the front validated it, so this is rare) with "error"."""
+        failed: list[EngineCoreOutput] = []
+        for request_id, (r, future) in list(self._compiling.items()):
+            if not future.done():
+                continue
+            del self._compiling[request_id]
+            try:
+                pristine = future.result()
+            except Exception as exc:
+                log.warning("request %s: grammar failed to compile: %s", request_id, exc)
+                metrics = RequestMetrics(r.arrival_time, None, None, None, time.monotonic(), 0)
+                failed += [
+                    EngineCoreOutput(request_id, i, (), None, None, "error", str(exc), 0, metrics)
+                    for i in range(r.params.n)
+                ]
+                continue
+            self._queue(r)
+            for seq_id in self._requests[request_id]:
+                self.structured.attach(seq_id, pristine)
+        return tuple(failed)
+
+    def _queue(self, r: EngineCoreRequest) -> None:
         n = r.params.n
         children = []
         for i in range(n):
@@ -149,26 +198,62 @@ class EngineCore:
         self.scheduler.finish(seq_ids, RequestStatus.FINISHED_ABORTED)
         for seq_id in seq_ids:
             self._forget(seq_id)
+        for i in ids:
+            self._compiling.pop(i, None)
 
     # ---- the step ----------------------------------------------------------------------------
     def step(self) -> EngineCoreOutputs:
         started = time.perf_counter()
+        compile_failed = self._admit_compiled() if self._compiling else ()
         out = self.scheduler.schedule()
         if out.is_empty and not out.finished_request_ids:
-            return EngineCoreOutputs((), self.stats())
-        failed: tuple[EngineCoreOutput, ...] = ()
+            if self._compiling and not compile_failed:  # only grammars to wait for
+                wait_futures([f for _, f in self._compiling.values()], timeout=0.05)
+            return EngineCoreOutputs(compile_failed, self.stats())
+        if self._structured is not None and self._structured.matchers:
+            out = self._with_bitmask(out)
+        failed: tuple[EngineCoreOutput, ...] = compile_failed
         try:
             result = self.executor.execute(out)
         except ExecutorDeadError:
             raise  # nothing to isolate: the core cannot go on
         except Exception as exc:
             result, culprits = self._isolate(list(out.num_scheduled_tokens), exc)
-            failed = self._fail(culprits)
+            failed += self._fail(culprits)
         changed = self.scheduler.update(out, result)
+        if out.grammar_bitmask is not None:
+            self._advance_grammars(changed)
         outputs = failed + tuple(self._output(req) for req in changed)
         return EngineCoreOutputs(
             outputs, self.stats(), time.perf_counter() - started, out.num_tokens
         )
+
+    def _with_bitmask(self, out):
+        """Attach the allowed tokens of each constrained sequence that samples this step (its
+        scheduled tokens reach its end: a decode, or the last chunk of a prompt)."""
+        matchers = self._structured.matchers
+        rows = [
+            seq_id
+            for seq_id, n in out.num_scheduled_tokens.items()
+            if seq_id in matchers
+            and (req := self._sequences[seq_id].request).num_computed_tokens + n == req.num_tokens
+        ]
+        return replace(out, grammar_bitmask=self._structured.bitmask(rows)) if rows else out
+
+    def _advance_grammars(self, changed: list[Request]) -> None:
+        """Feed each constrained sequence's new token to its matcher; a sequence whose grammar
+        is complete ends ("stop") without sampling an EOS it can only take."""
+        manager = self._structured
+        for req in changed:
+            seq_id = req.request_id
+            if seq_id not in manager.matchers or req.is_finished:
+                continue
+            if not manager.accept(seq_id, req.output_token_ids[-1]):
+                log.error("request %s: sampled a token its grammar refuses (%s); ended",
+                          seq_id, manager.error(seq_id))  # fmt: skip
+                self.scheduler.finish([seq_id], RequestStatus.FINISHED_ERROR)
+            elif manager.is_terminated(seq_id):
+                self.scheduler.finish([seq_id], RequestStatus.FINISHED_STOPPED)
 
     def _isolate(self, seq_ids: list[str], exc: Exception) -> tuple[RunnerOutput, list[str]]:
         """The step failed: run it again on halves, then halves of the failing halves, until
@@ -179,6 +264,7 @@ class EngineCore:
                     type(exc).__name__, exc)  # fmt: skip
         sampled: dict = {}
         prompt_logprobs: dict = {}
+        pooled: dict = {}
         culprits: list[str] = []
         pending = [seq_ids]
         while pending:
@@ -197,7 +283,8 @@ class EngineCore:
                 continue
             sampled.update(partial.sampled)
             prompt_logprobs.update(partial.prompt_logprobs)
-        return RunnerOutput(sampled, prompt_logprobs), culprits
+            pooled.update(partial.pooled)
+        return RunnerOutput(sampled, prompt_logprobs, pooled), culprits
 
     def _fail(self, seq_ids: list[str]) -> tuple[EngineCoreOutput, ...]:
         """End every sequence of the requests these sequences belong to, with "error"."""
@@ -231,6 +318,8 @@ class EngineCore:
         return out
 
     def _forget(self, seq_id: str) -> None:
+        if self._structured is not None:
+            self._structured.drop(seq_id)
         seq = self._sequences.pop(seq_id, None)
         if seq is None:
             return
@@ -240,7 +329,7 @@ class EngineCore:
 
     # ---- state -------------------------------------------------------------------------------
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_unfinished()
+        return self.scheduler.has_unfinished() or bool(self._compiling)
 
     def stats(self) -> EngineStats:
         pool = self.kv.pool
@@ -257,4 +346,6 @@ class EngineCore:
         )
 
     def shutdown(self) -> None:
+        if self._structured is not None:
+            self._structured.shutdown()
         self.executor.shutdown()

@@ -73,5 +73,9 @@ class InputProcessor:
             raise ValueError(
                 f"logit_bias keys must be token ids in [0, {vocab}), got {max(params.logit_bias)}"
             )
+        if params.structured_outputs is not None:  # the grammar engine's checks, cached by spec
+            from tokenmill.structured.grammar import validate as validate_structured
+
+            validate_structured(params.structured_outputs)
         if params.top_k > vocab:
             raise ValueError(f"top_k must be <= the vocabulary size ({vocab}), got {params.top_k}")

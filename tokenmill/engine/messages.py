@@ -42,6 +42,15 @@ class CachedRequestData:
 
 
 @dataclass(frozen=True)
+class GrammarBitmask:
+    """Allowed next tokens of the structured-output rows that sample this step."""
+
+    request_ids: tuple[str, ...]  # one row each, in this order
+    words: int  # int32 words per row: ceil(vocab / 32)
+    data: bytes  # rows x words int32 (native order); bit t % 32 of word t // 32: token t allowed
+
+
+@dataclass(frozen=True)
 class SchedulerOutput:
     num_scheduled_tokens: dict[str, int]  # request id -> tokens computed this step, in order
     new_requests: tuple[NewRequestData, ...] = ()
@@ -49,6 +58,7 @@ class SchedulerOutput:
     block_copies: tuple[tuple[int, int], ...] = ()  # (src, dst) copy-on-write, before the forward
     finished_request_ids: tuple[str, ...] = ()  # workers drop their state of these
     preempted_request_ids: tuple[str, ...] = ()  # their blocks are gone; they return as new
+    grammar_bitmask: GrammarBitmask | None = None  # set by the core for constrained rows
 
     @property
     def num_tokens(self) -> int:

@@ -1,7 +1,7 @@
 """Sampler: the last logits of each request -> its next token, batched.
 
 Order of processing (as vLLM): logprobs of the raw logits; penalties (repetition on prompt and
-output, presence and frequency on output); logit_bias; min_tokens bans of EOS/stop ids; greedy
+output, presence and frequency on output); logit_bias; min_tokens bans of EOS/stop ids; structured outputs' grammar masks; greedy
 rows take the argmax; other rows divide by temperature, then min_p, top_k and top_p masks, then
 draw with the exponential-race trick argmax(p / E), E ~ Exp(1). A seeded row draws E from its own
 generator, so its draws do not depend on what else is in the batch (its tokens neither, given
@@ -32,6 +32,8 @@ class SamplingBatch:
     banned: list[tuple[int, list[int]]] = field(default_factory=list)  # (row, ids) min_tokens bans
     num_logprobs: list[int | None] = field(default_factory=list)  # per row; None = not asked
     bias: list[tuple[int, torch.Tensor, torch.Tensor]] = field(default_factory=list)  # logit_bias
+    # structured outputs: (rows, [len(rows), ceil(vocab / 32)] int32 bitmasks of allowed tokens)
+    allowed: tuple[torch.Tensor, torch.Tensor] | None = None
 
 
 @dataclass(frozen=True)
@@ -55,6 +57,11 @@ class Sampler:
                 logits[row, ids] += values
             for row, ids in batch.banned:
                 logits[row, ids] = float("-inf")
+        if batch.allowed is not None:
+            logits = apply_bitmask(
+                logits if batch.penalty_rows or batch.bias or batch.banned else logits.clone(),
+                *batch.allowed,
+            )
         if batch.all_greedy:
             tokens = logits.argmax(dim=-1)
         else:
@@ -112,6 +119,25 @@ class Sampler:
                 continue
             out.append(token_logprobs(raw[row], tokens[row], k))
         return out
+
+
+_BITS = {}
+
+
+def apply_bitmask(logits: torch.Tensor, rows: torch.Tensor, words: torch.Tensor) -> torch.Tensor:
+    """-inf where a row's bitmask bit is 0 (the grammar forbids the token), in place; columns
+    past the mask's width are forbidden too."""
+    device = logits.device
+    bits = _BITS.get(device)
+    if bits is None:
+        bits = _BITS[device] = torch.arange(32, dtype=torch.int32, device=device)
+    allowed = ((words.unsqueeze(-1) >> bits) & 1).bool().flatten(1)  # [m, 32 * words]
+    vocab = logits.shape[1]
+    if allowed.shape[1] < vocab:
+        pad = torch.zeros(len(rows), vocab - allowed.shape[1], dtype=torch.bool, device=device)
+        allowed = torch.cat([allowed, pad], dim=1)
+    logits[rows] = logits[rows].masked_fill(~allowed[:, :vocab], float("-inf"))
+    return logits
 
 
 def token_logprobs(logits: torch.Tensor, token_id: int, k: int) -> dict[int, float]:

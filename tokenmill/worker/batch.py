@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from tokenmill.engine.messages import GrammarBitmask
 from tokenmill.layers.attention import AttentionBackend, AttentionMetadata, SequenceSlice
 from tokenmill.layers.sampler import SamplingBatch
 from tokenmill.worker.input_batch import CachedRequestState, ScheduledState
@@ -112,8 +113,21 @@ def build_sampling_batch(
     generators: dict[str, torch.Generator],
     eos_token_ids: frozenset[int],
     device: torch.device,
+    bitmask: GrammarBitmask | None = None,
 ) -> SamplingBatch:
     params = [r.params for r in states]
+    allowed = None
+    if bitmask is not None:
+        row_of = {state.request_id: row for row, state in enumerate(states)}
+        pairs = [(row_of[r], i) for i, r in enumerate(bitmask.request_ids) if r in row_of]
+        if pairs:  # a retry may run a subset of the step's rows
+            words = torch.frombuffer(bytearray(bitmask.data), dtype=torch.int32)
+            words = words.view(len(bitmask.request_ids), bitmask.words)
+            take = torch.tensor([i for _, i in pairs])
+            allowed = (
+                torch.tensor([row for row, _ in pairs], device=device),
+                words[take].to(device),
+            )
     temperature = torch.tensor([p.temperature for p in params], device=device)
     all_greedy = all(p.is_greedy for p in params)
     top_k = top_p = min_p = None
@@ -150,6 +164,7 @@ def build_sampling_batch(
         prompt_ids=[states[r].prompt_token_ids for r in pen],
         banned=[(row, ids) for row, ids in banned if ids],
         num_logprobs=[p.logprobs for p in params],
+        allowed=allowed,
         bias=[
             (
                 row,

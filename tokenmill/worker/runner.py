@@ -114,6 +114,7 @@ class ModelRunner:
         self.batch_invariant = False  # make_batch_invariant
         self.input_batch = InputBatch()
         self._last: tuple | None = None  # the last step's requests and generator states (retry)
+        self._bitmask = None  # the step's allowed tokens of constrained rows (retry keeps it)
 
     def compile_model(self) -> None:
         """The compile policy (config `compile`): each decoder layer's halves around attention
@@ -184,6 +185,7 @@ class ModelRunner:
         for request_id in out.finished_request_ids:  # a preempted one keeps its generator
             self.generators.pop(request_id, None)
         self._last = None
+        self._bitmask = out.grammar_bitmask
         scheduled = self.input_batch.apply(out)
         if not scheduled:
             return RunnerOutput()
@@ -220,7 +222,11 @@ class ModelRunner:
         if inp.sample_states:
             logits = self.model.compute_logits(hidden[inp.logits_indices])
             batch = build_sampling_batch(
-                inp.sample_states, self.generators, self.loaded.eos_token_ids, self.device
+                inp.sample_states,
+                self.generators,
+                self.loaded.eos_token_ids,
+                self.device,
+                self._bitmask,
             )
             result = self.sampler(logits, batch)
             for state, token, lps in zip(inp.sample_states, result.token_ids, result.logprobs):
