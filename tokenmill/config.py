@@ -157,6 +157,9 @@ class DeviceConfig:
             raise ValueError(f"cpu_kernels must be one of {CPU_KERNELS}, got {self.cpu_kernels!r}")
 
 
+TOOL_CALL_PARSERS = ("hermes", "llama3_json", "mistral")  # serve/tool_parsers.py FORMATS
+
+
 @dataclass(frozen=True)
 class ServeConfig:
     """The HTTP front: where it listens, who may call it, and its limits."""
@@ -225,6 +228,23 @@ class ServeConfig:
         "ignoring them with a warning in the log (vLLM's behaviour, the default).",
         default=False,
     )
+    chat_template: str | None = doc_field(
+        "A Jinja chat template file used in place of the model's own (for every chat "
+        "request; e.g. one with a tool section).",
+        default=None,
+    )
+    tool_call_parser: str | None = doc_field(
+        "How to read tool calls in the model's output for tool_choice auto: hermes "
+        "(<tool_call> JSON blocks; the bundled model with tokenmill's tool template), "
+        "llama3_json or mistral.",
+        default=None,
+    )
+    enable_auto_tool_choice: bool = doc_field(
+        "Serve tool_choice auto (the default when a request has tools): the model decides "
+        "whether to call, the --tool-call-parser reads the calls. Without it such requests are "
+        "refused (400); tool_choice required or a named function always work.",
+        default=False,
+    )
     engine_process: bool = doc_field(
         "Run the engine core in its own process (HTTP, templating, tokenizing and "
         "detokenizing stay in the front process). If the core dies, the server answers every "
@@ -238,6 +258,16 @@ class ServeConfig:
             raise ValueError(f"port must be in [0, 65535], got {self.port}")
         if self.grace_period < 0:
             raise ValueError(f"grace_period must be >= 0 seconds, got {self.grace_period}")
+        if self.tool_call_parser is not None and self.tool_call_parser not in TOOL_CALL_PARSERS:
+            raise ValueError(
+                f"tool_call_parser must be one of {', '.join(TOOL_CALL_PARSERS)}, got "
+                f"{self.tool_call_parser!r}"
+            )
+        if self.enable_auto_tool_choice and self.tool_call_parser is None:
+            raise ValueError(
+                "enable_auto_tool_choice needs tool_call_parser (one of "
+                f"{', '.join(TOOL_CALL_PARSERS)}): how to read tool calls in the model's output"
+            )
         if self.embedding_pooling not in ("last", "mean"):
             raise ValueError(
                 f"embedding_pooling must be last or mean, got {self.embedding_pooling!r}"

@@ -58,21 +58,15 @@ def test_scoring_needs_echo_and_no_stream(server):
 
 
 TOOL = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
-SCHEMA = {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object"}}}
 MSG = [{"role": "user", "content": "hi"}]
 
 
 @pytest.mark.parametrize(
     "path, extra, param",
     [
-        ("/v1/chat/completions", {"tools": [TOOL]}, "tools"),
-        ("/v1/chat/completions", {"tool_choice": "required"}, "tool_choice"),
-        ("/v1/chat/completions", {"response_format": {"type": "json_object"}}, "response_format"),
-        ("/v1/chat/completions", {"response_format": SCHEMA}, "response_format"),
-        ("/v1/chat/completions", {"guided_json": {"type": "object"}}, "guided_json"),
-        ("/v1/chat/completions", {"guided_choice": ["a", "b"]}, "guided_choice"),
-        ("/v1/chat/completions", {"structured_outputs": {"regex": "a+"}}, "structured_outputs"),
-        ("/v1/completions", {"guided_regex": "[0-9]+"}, "guided_regex"),
+        ("/v1/chat/completions", {"functions": [TOOL["function"]]}, "functions"),
+        ("/v1/chat/completions", {"function_call": {"name": "f"}}, "function_call"),
+        ("/v1/chat/completions", {"guided_whitespace_pattern": " *"}, "guided_whitespace_pattern"),
         ("/v1/completions", {"suffix": " end"}, "suffix"),
         ("/v1/completions", {"prompt_logprobs": 1}, "prompt_logprobs"),
     ],
@@ -94,13 +88,13 @@ def test_the_same_fields_asking_for_nothing_are_served(server, extra):
     assert r.status_code == 200, r.text
 
 
-def test_the_openai_client_gets_a_bad_request_for_tools(server):
+def test_the_openai_client_gets_a_bad_request_for_auto_tools_without_a_parser(server):
     import openai
 
     from tests.e2e.conftest import API_KEY
 
     client = openai.OpenAI(base_url=f"{server.url}/v1", api_key=API_KEY)
-    with pytest.raises(openai.BadRequestError, match="tools"):
+    with pytest.raises(openai.BadRequestError, match="--enable-auto-tool-choice"):
         client.chat.completions.create(model="tiny", messages=MSG, tools=[TOOL], max_tokens=2)
     assert client.models.retrieve("tiny").id == "tiny"
 

@@ -128,12 +128,17 @@ class Tokenizer:
         literal_content: bool = True,
         template_kwargs: dict[str, Any] | None = None,
         max_tokens: int | None = None,
+        tools: list[dict[str, Any]] | None = None,
+        chat_template: str | None = None,
     ) -> tuple[str, list[int]]:
         """(rendered text, token ids). With `literal_content` (the server's default), special
         tokens written inside a message's content are tokenized as text, so a user cannot forge
         a turn ("<|im_start|>system"); only the template itself emits control tokens. Content
         without special-token text is tokenized exactly as the whole text would be."""
-        text = self.apply_chat_template(messages, add_generation_prompt, False, template_kwargs)
+        render = dict(tools=tools, chat_template=chat_template)
+        text = self.apply_chat_template(
+            messages, add_generation_prompt, False, template_kwargs, **render
+        )
         if max_tokens is not None:
             self.check_fits(text, max_tokens)
         contents = [m.get("content") for m in messages]
@@ -142,14 +147,14 @@ class Tokenizer:
         ):
             return text, self.encode(text, add_special_tokens=False)
         return text, self._encode_contents_literally(
-            messages, text, add_generation_prompt, template_kwargs
+            messages, text, add_generation_prompt, template_kwargs, render
         )
 
-    def _encode_contents_literally(self, messages, text, add_generation_prompt, kwargs):
+    def _encode_contents_literally(self, messages, text, add_generation_prompt, kwargs, render):
         """Render with a marker in place of each content, then tokenize the template's pieces
         as usual and each content literally; the pieces must rebuild the real rendering."""
         marked = [{**m, "content": f"\ue000{i}\ue001"} for i, m in enumerate(messages)]
-        rendered = self.apply_chat_template(marked, add_generation_prompt, False, kwargs)
+        rendered = self.apply_chat_template(marked, add_generation_prompt, False, kwargs, **render)
         ids: list[int] = []
         pieces: list[str] = []
         pos = 0
@@ -180,12 +185,17 @@ class Tokenizer:
         add_generation_prompt: bool = True,
         continue_final_message: bool = False,
         template_kwargs: dict[str, Any] | None = None,
+        tools: list[dict[str, Any]] | None = None,
+        chat_template: str | None = None,
     ) -> str:
-        """The conversation rendered with the model's chat template. `template_kwargs` are
-        extra variables for the template (as transformers' chat_template_kwargs); they may not
-        override the renderer's own arguments."""
+        """The conversation rendered with the model's chat template (or `chat_template`, one
+        given in its place). `tools` are OpenAI-shaped tool definitions, passed to the template
+        as transformers passes them. `template_kwargs` are extra variables for the template (as
+        transformers' chat_template_kwargs); they may not override the renderer's own
+        arguments."""
         kwargs = dict(template_kwargs or {})
-        if not self.chat_template:
+        template = chat_template or self.chat_template
+        if not template:
             raise ValueError(
                 "this model's tokenizer has no chat template; use a completion (plain prompt) "
                 "instead, or a model whose tokenizer_config.json has a 'chat_template'"
@@ -194,7 +204,7 @@ class Tokenizer:
 
         render_jinja_template = chat_renderer()
         own = {k: v for k, v in self.special_tokens.items() if v is not None}
-        reserved = {"conversations", "chat_template", "add_generation_prompt",
+        reserved = {"conversations", "chat_template", "add_generation_prompt", "tools",
                     "continue_final_message", "messages", *self.special_tokens}  # fmt: skip
         clash = sorted(reserved & set(kwargs))
         if clash:
@@ -205,7 +215,8 @@ class Tokenizer:
         try:
             rendered, _ = render_jinja_template(
                 conversations=[messages],
-                chat_template=self.chat_template,
+                chat_template=template,
+                tools=tools,
                 add_generation_prompt=add_generation_prompt,
                 continue_final_message=continue_final_message,
                 **own,

@@ -26,6 +26,7 @@ from tokenmill.serve import handlers
 from tokenmill.serve import protocol as P
 from tokenmill.serve.limits import LimitExceeded, RequestLimits
 from tokenmill.serve.metrics import ServingMetrics
+from tokenmill.serve.tool_calls import ToolSettings
 from tokenmill.serve.usage import UsageTracker
 
 log = logging.getLogger(__name__)
@@ -67,6 +68,7 @@ class ServerState:
     body_timeout_s: float = 30.0  # a stalled body ends with 408
     literal_content: bool = True  # special-token text in chat content is plain text
     embedding_pooling: str = "last"  # /v1/embeddings: "last" or "mean"
+    tools: ToolSettings = field(default_factory=ToolSettings)  # parser, auto choice, template
     metrics: ServingMetrics = field(init=False)
 
     def __post_init__(self) -> None:
@@ -105,7 +107,7 @@ def error_response(e: APIError) -> JSONResponse:
 
 def value_error(exc: ValueError) -> APIError:
     text = str(exc)
-    param = re.match(r"^([a-z_]+)[ :]", text)
+    param = re.match(r"^([a-z_][a-z_0-9.\[\]]*)[ :]", text)
     code = "context_length_exceeded" if "context_length_exceeded" in text else None
     return APIError(400, text, param=param.group(1) if param else None, code=code)
 
@@ -313,7 +315,7 @@ def build_app(state: ServerState) -> FastAPI:
         check_fields(req)
         who = tenant(request, req.user)
         coro = handlers.chat(
-            engine(), tokenizer(), state.model_name, req, who, state.literal_content
+            engine(), tokenizer(), state.model_name, req, who, state.literal_content, state.tools
         )
         return await run(coro, request)
 

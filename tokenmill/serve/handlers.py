@@ -20,8 +20,11 @@ import numpy as np
 from tokenmill.engine.async_engine import AsyncEngine, EngineDeadError, RequestStream
 from tokenmill.engine.outputs import CompletionOutput, RequestOutput, pooled_vector
 from tokenmill.models.tokenizer import Tokenizer
-from tokenmill.sampling_params import SamplingParams
+from tokenmill.sampling_params import SamplingParams, StructuredOutputsParams
+from tokenmill.serve import constraints, tool_calls
 from tokenmill.serve import protocol as P
+from tokenmill.serve.tool_calls import ToolPlan, ToolSettings
+from tokenmill.serve.tool_parsers import ToolCallStream, call_id
 
 
 def sampling_params(
@@ -29,6 +32,8 @@ def sampling_params(
     max_tokens: int | None,
     logprobs: int | None,
     prompt_logprobs: int | None = None,
+    structured: StructuredOutputsParams | None = None,
+    skip_special_tokens: bool | None = None,
 ) -> SamplingParams:
     return SamplingParams(
         n=req.n,
@@ -47,9 +52,12 @@ def sampling_params(
         min_tokens=req.min_tokens,
         logprobs=logprobs,
         prompt_logprobs=prompt_logprobs,
-        skip_special_tokens=req.skip_special_tokens,
+        skip_special_tokens=(
+            req.skip_special_tokens if skip_special_tokens is None else skip_special_tokens
+        ),
         include_stop_str_in_output=req.include_stop_str_in_output,
         logit_bias=req.logit_bias or None,
+        structured_outputs=structured,
     )
 
 
@@ -258,7 +266,12 @@ async def completions(
     if scoring and req.stream:
         raise ValueError("max_tokens 0 (scoring the echoed prompt) is not supported with stream")
     prompt_lps = req.logprobs if req.echo and req.logprobs is not None else None
-    params = sampling_params(req, 1 if scoring else req.max_tokens, req.logprobs, prompt_lps)
+    structured = constraints.requested(req)
+    if scoring and structured is not None:
+        raise ValueError(f"{structured.source}: does not apply to max_tokens 0 (scoring)")
+    params = sampling_params(
+        req, 1 if scoring else req.max_tokens, req.logprobs, prompt_lps, structured
+    )
     prompts = completion_prompts(req.prompt)
     rid = f"cmpl-{uuid.uuid4().hex}"
     streams = await add_all(engine, rid, prompts, params, tenant)
@@ -369,6 +382,7 @@ def render_chat(
     req: P.ChatCompletionRequest,
     literal_content: bool = True,
     max_model_len: int | None = None,
+    plan: ToolPlan | None = None,
 ) -> dict:
     messages = []
     for i, m in enumerate(req.messages):
@@ -384,9 +398,12 @@ def render_chat(
                     raise ValueError(f"messages: content part {i}.{j} of type 'text' has no text")
             content = "".join(part.text or "" for part in content)
         messages.append({**m.model_dump(exclude_none=True), "content": content or ""})
+    if any(m.get("tool_calls") for m in messages):
+        messages = tool_calls.template_messages(messages)
+    tools, template = (plan.tools, plan.chat_template) if plan is not None else (None, None)
     text, ids = tok.encode_chat(
         messages, req.add_generation_prompt, literal_content, req.chat_template_kwargs,
-        max_model_len,
+        max_model_len, tools, template,
     )  # fmt: skip
     return {"prompt": text, "prompt_token_ids": ids}
 
@@ -441,6 +458,11 @@ def chat_logprobs(tok: Tokenizer, c: CompletionOutput, start: int, k: int) -> P.
     return P.ChatLogprobs(content=content)
 
 
+def _plan_and_render(tok, req, literal_content, max_model_len, settings):
+    plan = tool_calls.plan(req, settings, tok.chat_template)
+    return plan, render_chat(tok, req, literal_content, max_model_len, plan)
+
+
 async def chat(
     engine: AsyncEngine,
     tok: Tokenizer,
@@ -448,29 +470,123 @@ async def chat(
     req: P.ChatCompletionRequest,
     tenant: str | None = None,
     literal_content: bool = True,
+    settings: ToolSettings | None = None,
 ):
     max_tokens = req.max_completion_tokens or req.max_tokens
     k = (req.top_logprobs or 0) if req.logprobs else None
-    params = sampling_params(req, max_tokens, k)
-    prompt = await asyncio.to_thread(
-        render_chat, tok, req, literal_content, engine.max_model_len
-    )  # off the event loop
+    plan, prompt = await asyncio.to_thread(
+        _plan_and_render, tok, req, literal_content, engine.max_model_len,
+        settings or ToolSettings(),
+    )  # off the event loop: templates, tokenizing, tool schemas  # fmt: skip
+    special = plan.format is not None and plan.format.special_tokens
+    params = sampling_params(
+        req,
+        max_tokens,
+        k,
+        structured=plan.constraint,
+        skip_special_tokens=False if special else None,
+    )
     rid = f"chatcmpl-{uuid.uuid4().hex}"
     streams = await add_all(engine, rid, [prompt], params, tenant)
     if req.stream:
+        if plan.calls_tools:
+            return _stream_tool_chat(tok, model, req, rid, streams, plan)
         return _stream_chat(tok, model, req, rid, streams, len(prompt["prompt_token_ids"]))
     (out,) = await finals(streams)
-    choices = [
-        P.ChatChoice(
-            index=c.index,
-            message=P.AssistantMessage(content=c.text),
-            logprobs=chat_logprobs(tok, c, 0, k or 0) if req.logprobs else None,
-            finish_reason=c.finish_reason,
-            stop_reason=c.stop_reason,
+    eos = _eos_texts(tok)
+    choices = []
+    for c in out.outputs:
+        msg = tool_calls.message(plan, c.text, eos) if plan.calls_tools else None
+        choices.append(
+            P.ChatChoice(
+                index=c.index,
+                message=msg or P.AssistantMessage(content=c.text),
+                logprobs=chat_logprobs(tok, c, 0, k or 0) if req.logprobs else None,
+                finish_reason=(
+                    tool_calls.finish_reason(plan, msg, c.finish_reason) if msg else c.finish_reason
+                ),
+                stop_reason=c.stop_reason,
+            )
         )
-        for c in out.outputs
-    ]
     return P.ChatCompletionResponse(id=rid, model=model, choices=choices, usage=usage([out]))
+
+
+def _eos_texts(tok: Tokenizer) -> tuple[str, ...]:
+    return tuple(t for t in (tok.special_tokens.get("eos_token"),) if t)
+
+
+async def _stream_tool_chat(tok, model, req, rid, streams, plan: ToolPlan) -> AsyncIterator[str]:
+    """A chat stream whose output is read as tool calls: content deltas as they are surely
+    content, each call's id and name once known, then its arguments in fragments."""
+    created = int(time.time())
+    eos = _eos_texts(tok)
+
+    def chunk(index, delta, finish=None, usage_=None, lps=None) -> str:
+        choice = P.ChatChunkChoice(index=index, delta=delta, logprobs=lps, finish_reason=finish)
+        return sse(
+            P.ChatCompletionChunk(
+                id=rid, model=model, created=created, choices=[choice], usage=usage_
+            )
+        )
+
+    parsers = {i: ToolCallStream(plan.format) for i in range(req.n)} if plan.format else {}
+    named_ids = {i: call_id() for i in range(req.n)}
+    sent_text: dict[int, int] = {}
+    sent_tokens: dict[int, int] = {}
+    called: dict[int, bool] = {}
+    done: set[int] = set()
+    final = None
+    for i in range(req.n):
+        yield chunk(i, P.DeltaMessage(role="assistant", content=""))
+    async for _, out in merged(streams):
+        for c in out.outputs:
+            if c.index in done:
+                continue
+            finished = c.finish_reason is not None
+            if finished:
+                done.add(c.index)
+            start_tok = sent_tokens.get(c.index, 0)
+            sent_tokens[c.index] = len(c.token_ids)
+            lps = chat_logprobs(tok, c, start_tok, req.top_logprobs or 0) if req.logprobs else None
+            if plan.named is not None:
+                start = sent_text.get(c.index, 0)
+                sent_text[c.index] = len(c.text)
+                call: dict[str, Any] = {"index": 0, "function": {"arguments": c.text[start:]}}
+                if not called.get(c.index):
+                    called[c.index] = True
+                    call = {"index": 0, "id": named_ids[c.index], "type": "function",
+                            "function": {"name": plan.named, "arguments": c.text[start:]}}  # fmt: skip
+                deltas = [call] if call["function"]["arguments"] or "id" in call else []
+                content = ""
+            else:
+                text = tool_calls.strip_eos(c.text, eos) if finished else c.text
+                content, deltas = parsers[c.index].feed(text, finished)
+                if not plan.parallel:
+                    deltas = [d for d in deltas if d["index"] == 0]
+                called[c.index] = called.get(c.index, False) or bool(deltas)
+            if content or deltas or lps:
+                delta = P.DeltaMessage(
+                    content=content or None,
+                    tool_calls=[P.DeltaToolCall.model_validate(d) for d in deltas] or None,
+                )
+                yield chunk(c.index, delta, lps=lps)
+            if finished:
+                reason = c.finish_reason
+                if called.get(c.index) and reason == "stop" and plan.named is None:
+                    reason = "tool_calls"
+                yield chunk(
+                    c.index, P.DeltaMessage(), reason,
+                    so_far(out, c) if req.continuous_usage else None,
+                )  # fmt: skip
+        if out.finished:
+            final = out
+    if req.stream_options and req.stream_options.include_usage and final is not None:
+        yield sse(
+            P.ChatCompletionChunk(
+                id=rid, model=model, created=created, choices=[], usage=usage([final])
+            )
+        )
+    yield "data: [DONE]\n\n"
 
 
 async def _stream_chat(tok, model, req, rid, streams, prompt_tokens: int) -> AsyncIterator[str]:

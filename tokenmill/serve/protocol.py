@@ -75,25 +75,67 @@ def _active(value: Any) -> bool:
 # Fields OpenAI's or vLLM's clients send whose effect this server does not have yet: refused
 # with a 400 naming them, never answered as if they had been honoured. Each: is it in use?
 NOT_YET = {
-    "tools": _active,
-    "tool_choice": lambda v: v not in (None, "none", "auto"),
-    "functions": _active,
+    "functions": _active,  # the deprecated form of tools: send `tools`
     "function_call": lambda v: v not in (None, "none", "auto"),
-    "response_format": lambda v: (
-        v is not None and not (isinstance(v, dict) and v.get("type") == "text")
-    ),
-    "guided_json": _active,
-    "guided_regex": _active,
-    "guided_choice": _active,
-    "guided_grammar": _active,
-    "structured_outputs": _active,
+    "guided_whitespace_pattern": _active,
     "suffix": _active,
     "prompt_logprobs": lambda v: v is not None,
 }
 
 
+# ---- structured outputs -----------------------------------------------------------------------
+class JsonSchemaFormat(RequestModel):
+    name: Text = "response"
+    description: Text | None = None
+    schema_: dict[Text, JsonValue] | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+
+    model_config = ConfigDict(extra="allow", populate_by_name=True)
+
+
+class ResponseFormat(RequestModel):
+    """OpenAI's response_format: text, any JSON object, or JSON matching a schema."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
+class StructuredOutputsFields(RequestModel):
+    """vLLM's `structured_outputs` extra field (its StructuredOutputsParams)."""
+
+    json_: dict[Text, JsonValue] | Text | None = Field(default=None, alias="json")
+    regex: Text | None = None
+    choice: list[NonEmptyText] | None = Field(default=None, min_length=1)
+    grammar: Text | None = None
+    json_object: bool | None = None
+    disable_any_whitespace: bool | None = None  # false: JSON whitespace allowed anywhere
+
+    model_config = ConfigDict(extra="allow", populate_by_name=True)
+
+
+CONSTRAINT_FIELDS = ("structured_outputs", "guided_json", "guided_regex", "guided_choice",
+                     "guided_grammar")  # fmt: skip
+_AT_MOST_ONE = {  # documents what constraints.requested checks: one output constraint at most
+    "allOf": [
+        {"not": {"required": [a, b]}}
+        for i, a in enumerate(CONSTRAINT_FIELDS)
+        for b in CONSTRAINT_FIELDS[i + 1 :]
+    ]
+}
+NonEmptyText = Annotated[str, AfterValidator(valid_unicode), Field(min_length=1)]
+# a prompt (or embedding input): text, texts, token ids or lists of them; nothing empty
+PromptInput = (
+    NonEmptyText
+    | Annotated[list[NonEmptyText], Field(min_length=1)]
+    | Annotated[list[int], Field(min_length=1)]
+    | Annotated[list[Annotated[list[int], Field(min_length=1)]], Field(min_length=1)]
+)
+
+
 class SamplingFields(RequestModel):
     """Fields shared by completions and chat completions."""
+
+    model_config = ConfigDict(extra="allow", json_schema_extra=_AT_MOST_ONE)
 
     model: Text | None = None
     max_tokens: int | None = None
@@ -118,6 +160,14 @@ class SamplingFields(RequestModel):
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     logit_bias: dict[Text, float] | None = None  # OpenAI's: token id (as a string) -> bias
+    # structured outputs: OpenAI's response_format, vLLM's structured_outputs and guided_*
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputsFields | None = None
+    guided_json: dict[Text, JsonValue] | Text | None = None
+    guided_regex: Text | None = None
+    guided_choice: list[NonEmptyText] | None = Field(default=None, min_length=1)
+    guided_grammar: Text | None = None
+    guided_decoding_backend: Text | None = None  # accepted; the grammar engine is llguidance
 
     @field_validator("logit_bias")
     @classmethod
@@ -156,7 +206,7 @@ class SamplingFields(RequestModel):
 
 
 class CompletionRequest(SamplingFields):
-    prompt: Text | list[Text] | list[int] | list[list[int]]
+    prompt: PromptInput
     logprobs: int | None = Field(default=None, description="top logprobs per token, 0-20")
     echo: bool = False
     max_tokens: int | None = 16
@@ -177,10 +227,37 @@ class ContentPart(RequestModel):
 class ChatMessage(RequestModel):
     role: Literal["system", "user", "assistant", "tool", "developer"]
     content: Text | list[ContentPart] | None = None
+    name: Text | None = None
+    tool_calls: list[dict[Text, JsonValue]] | None = None  # an assistant's earlier calls
+    tool_call_id: Text | None = None  # a tool message: the call it answers
+
+
+class FunctionDefinition(RequestModel):
+    name: Annotated[str, AfterValidator(valid_unicode)] = Field(min_length=1, max_length=256)
+    description: Text | None = None
+    parameters: dict[Text, JsonValue] | None = None
+    strict: bool | None = None
+
+
+class Tool(RequestModel):
+    type: Literal["function"] = "function"
+    function: FunctionDefinition
+
+
+class NamedFunction(RequestModel):
+    name: Text
+
+
+class NamedToolChoice(RequestModel):
+    type: Literal["function"] = "function"
+    function: NamedFunction
 
 
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
+    tools: list[Tool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool = True
     max_completion_tokens: int | None = None
     logprobs: bool = False
     top_logprobs: int | None = None
@@ -232,9 +309,21 @@ class ChatLogprobs(BaseModel):
     content: list[TokenLogprob] | None = None
 
 
+class FunctionCall(BaseModel):
+    name: str
+    arguments: str  # JSON text of the arguments
+
+
+class ToolCall(BaseModel):
+    id: str
+    type: str = "function"
+    function: FunctionCall
+
+
 class AssistantMessage(BaseModel):
     role: str = "assistant"
     content: str | None = None
+    tool_calls: list[ToolCall] = Field(default_factory=list)
 
 
 class ChatChoice(BaseModel):
@@ -254,9 +343,22 @@ class ChatCompletionResponse(BaseModel):
     usage: Usage
 
 
+class DeltaFunctionCall(BaseModel):
+    name: str | None = None
+    arguments: str | None = None
+
+
+class DeltaToolCall(BaseModel):
+    index: int
+    id: str | None = None
+    type: str | None = None
+    function: DeltaFunctionCall
+
+
 class DeltaMessage(BaseModel):
     role: str | None = None
     content: str | None = None
+    tool_calls: list[DeltaToolCall] | None = None
 
 
 class ChatChunkChoice(BaseModel):
@@ -337,7 +439,7 @@ class DetokenizeResponse(BaseModel):
 # ---- embeddings ------------------------------------------------------------------------------
 class EmbeddingRequest(RequestModel):
     model: Text | None = None
-    input: Text | list[Text] | list[int] | list[list[int]]
+    input: PromptInput
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: int | None = None  # only the model's own: its vectors are not shortened
     user: Text | None = None

@@ -22,6 +22,7 @@ import uvicorn
 from tokenmill.config import EngineConfig, ServeConfig
 from tokenmill.engine.async_engine import AsyncEngine
 from tokenmill.serve.app import ServerState, build_app
+from tokenmill.serve.tool_calls import ToolSettings
 from tokenmill.serve.usage import UsageOptions, UsageTracker
 
 log = logging.getLogger(__name__)
@@ -73,6 +74,18 @@ def parse_api_keys(values: list[str] | None) -> dict[str, str | None] | None:
     return keys
 
 
+def tool_settings(opts: ServeConfig) -> ToolSettings:
+    """--tool-call-parser, --enable-auto-tool-choice and --chat-template (read once, here:
+    a missing file is an error at start, not in a request)."""
+    template = None
+    if opts.chat_template is not None:
+        path = Path(opts.chat_template)
+        if not path.is_file():
+            raise ValueError(f"chat_template: no file {path}")
+        template = path.read_text()
+    return ToolSettings(opts.tool_call_parser, opts.enable_auto_tool_choice, template)
+
+
 def serve(config: EngineConfig, opts: ServeConfig, usage: UsageOptions | None = None) -> int:
     """Serve until stopped; the exit status (0 drained, 1 engine core lost)."""
     name = opts.served_model_name or default_model_name(config.model.model)
@@ -85,7 +98,7 @@ def serve(config: EngineConfig, opts: ServeConfig, usage: UsageOptions | None = 
         name, keys, opts.max_body_bytes, usage=tracker, strict_api=opts.strict_api,
         admin_keys=admins, max_request_sequences=opts.max_request_sequences,
         body_timeout_s=opts.body_timeout, literal_content=not opts.special_tokens_in_content,
-        embedding_pooling=opts.embedding_pooling,
+        embedding_pooling=opts.embedding_pooling, tools=tool_settings(opts),
     )  # fmt: skip
     app = build_app(state)
     holder: dict[str, AsyncEngine] = {}
