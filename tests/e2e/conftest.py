@@ -78,3 +78,16 @@ def server(tiny_model_dir):
     s = Server(str(tiny_model_dir("llama")), "--api-key", API_KEY)
     yield s
     assert s.stop() == 0
+
+
+@pytest.fixture(scope="session")
+def smol():
+    """The bundled SmolLM2-135M-Instruct (a real model: real JSON, real answers), with the
+    hermes tool parser and auto tool choice; shared by the modules that need it."""
+    s = Server(
+        "default",
+        "--dtype", "auto", "--max-model-len", "1024", "--kv-cache-memory", str(160 << 20),
+        "--block-size", "16", "--tool-call-parser", "hermes", "--enable-auto-tool-choice",
+    )  # fmt: skip
+    yield s
+    assert s.stop() == 0

@@ -14,7 +14,6 @@ import openai
 import pytest
 from pydantic import BaseModel, Field
 
-from tests.e2e.conftest import Server
 from tests.e2e.test_errors import assert_error
 
 PERSON = {
@@ -80,17 +79,6 @@ TIME = {
     },
 }
 ASK = [{"role": "user", "content": "What is the weather in Paris, and what time is it there?"}]
-
-
-@pytest.fixture(scope="module")
-def smol():
-    s = Server(
-        "default",
-        "--dtype", "auto", "--max-model-len", "1024", "--kv-cache-memory", str(160 << 20),
-        "--block-size", "16", "--tool-call-parser", "hermes", "--enable-auto-tool-choice",
-    )  # fmt: skip
-    yield s
-    assert s.stop() == 0
 
 
 @pytest.fixture(scope="module")

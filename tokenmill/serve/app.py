@@ -22,7 +22,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import tokenmill
 from tokenmill.engine.async_engine import AsyncEngine, EngineDeadError, QueueFullError
-from tokenmill.serve import handlers
+from tokenmill.serve import handlers, responses
 from tokenmill.serve import protocol as P
 from tokenmill.serve.limits import LimitExceeded, RequestLimits
 from tokenmill.serve.metrics import ServingMetrics
@@ -318,6 +318,28 @@ def build_app(state: ServerState) -> FastAPI:
             engine(), tokenizer(), state.model_name, req, who, state.literal_content, state.tools
         )
         return await run(coro, request)
+
+    @app.post("/v1/responses", response_model=P.ResponseObject)
+    async def create_response(req: P.ResponsesRequest, request: Request):
+        """OpenAI's Responses API, the text subset (serve/responses.py): text or message input,
+        instructions, text.format (structured outputs), streaming events. Not stored."""
+        check_model(req.model)
+        check_fields(req)
+        who = tenant(request, req.user)
+        coro = responses.respond(
+            engine(), tokenizer(), state.model_name, req, who, state.literal_content
+        )
+        return await run(coro, request)
+
+    @app.get("/v1/responses/{response_id}", include_in_schema=False)  # always a 404
+    async def get_response(response_id: str):
+        raise APIError(
+            404,
+            f"response {response_id!r} not found: this server does not store responses "
+            "(send the conversation again as input)",
+            "not_found_error",
+            param="response_id",
+        )
 
     @app.post("/v1/embeddings", response_model=P.EmbeddingResponse)
     async def embeddings(req: P.EmbeddingRequest, request: Request):

@@ -470,3 +470,105 @@ class EmbeddingResponse(BaseModel):
     data: list[EmbeddingData]
     model: str
     usage: EmbeddingUsage
+
+
+# ---- the Responses API -----------------------------------------------------------------------
+class InputPart(RequestModel):
+    type: Text  # input_text / output_text; others are refused when the prompt is rendered
+    text: Text | None = None
+
+
+class InputMessage(RequestModel):
+    type: Literal["message"] = "message"
+    role: Literal["user", "assistant", "system", "developer"]
+    content: NonEmptyText | list[InputPart]
+
+
+class TextFormat(RequestModel):
+    type: Literal["text", "json_object", "json_schema"] = "text"
+    name: Text | None = None
+    description: Text | None = None
+    schema_: dict[Text, JsonValue] | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+
+    model_config = ConfigDict(extra="allow", populate_by_name=True)
+
+
+class TextConfig(RequestModel):
+    format: TextFormat | None = None
+
+
+# Responses API fields this server does not serve: refused naming them (nothing is stored, so
+# there is no earlier response to continue; function tools are served by chat completions)
+RESPONSES_REFUSED = {
+    "previous_response_id": _active,
+    "conversation": _active,
+    "background": _active,
+    "tools": _active,
+    "reasoning": _active,
+    "prompt": _active,
+    "include": _active,
+}
+
+
+class ResponsesRequest(RequestModel):
+    model: Text | None = None
+    input: NonEmptyText | Annotated[list[InputMessage], Field(min_length=1)]
+    instructions: Text | None = None
+    max_output_tokens: int | None = Field(default=None, ge=1)
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None  # vLLM's extension, as on chat
+    seed: int | None = None  # likewise
+    stream: bool = False
+    text: TextConfig | None = None
+    store: bool | None = None  # accepted; responses are never stored (GET .../{id} is a 404)
+    metadata: dict[Text, Text] | None = None
+    user: Text | None = None
+    tool_choice: Literal["none", "auto"] | None = None
+    parallel_tool_calls: bool | None = None
+    truncation: Literal["disabled"] | None = None
+
+    @model_validator(mode="after")
+    def _refused(self):
+        extra = self.model_extra or {}
+        for name, in_use in RESPONSES_REFUSED.items():
+            if name in extra and in_use(extra[name]):
+                raise ValueError(
+                    f"{name} is not supported by this server's Responses API (responses are not "
+                    "stored; function tools are served on /v1/chat/completions); remove it"
+                )
+        return self
+
+
+class ResponseUsage(BaseModel):
+    input_tokens: int
+    input_tokens_details: dict[str, int]
+    output_tokens: int
+    output_tokens_details: dict[str, int]
+    total_tokens: int
+
+
+class ResponseObject(BaseModel):
+    id: str
+    object: str = "response"
+    created_at: int
+    model: str
+    status: Literal["completed", "incomplete", "in_progress", "failed"]
+    output: list[dict[str, Any]]
+    usage: ResponseUsage | None = None
+    incomplete_details: dict[str, str] | None = None
+    error: dict[str, str] | None = None
+    instructions: str | None = None
+    max_output_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    text: dict[str, Any]
+    metadata: dict[str, str] = Field(default_factory=dict)
+    user: str | None = None
+    tools: list[Any] = Field(default_factory=list)
+    tool_choice: str = "auto"
+    parallel_tool_calls: bool = True
+    store: bool = False
+    truncation: str = "disabled"
+    previous_response_id: str | None = None
