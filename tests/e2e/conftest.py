@@ -83,11 +83,14 @@ def server(tiny_model_dir):
 @pytest.fixture(scope="session")
 def smol():
     """The bundled SmolLM2-135M-Instruct (a real model: real JSON, real answers), with the
-    hermes tool parser and auto tool choice; shared by the modules that need it."""
+    hermes tool parser and auto tool choice; shared by the modules that need it. Without the
+    prefix cache, a greedy request repeated alone computes the same bits (a cached prefix
+    changes the shapes, and a near tie may flip), so streams can be compared with answers."""
     s = Server(
         "default",
         "--dtype", "auto", "--max-model-len", "1024", "--kv-cache-memory", str(160 << 20),
         "--block-size", "16", "--tool-call-parser", "hermes", "--enable-auto-tool-choice",
+        "--no-enable-prefix-caching",
     )  # fmt: skip
     yield s
     assert s.stop() == 0

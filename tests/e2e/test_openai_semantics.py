@@ -35,6 +35,48 @@ def test_echo_scoring_equals_the_offline_prompt_logprobs(server, tiny_model_dir)
     assert lp["text_offset"] == sorted(lp["text_offset"])
 
 
+@pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
+def test_vllm_prompt_logprobs_with_ranks_match_transformers(server, tiny_model_dir, path):
+    import torch
+    import transformers
+
+    k = 3
+    if path == "/v1/completions":
+        body = {"prompt": IDS, "max_tokens": 2, "prompt_logprobs": k, "logprobs": 1,
+                "echo": True, "temperature": 0}  # fmt: skip
+    else:
+        body = {"messages": [{"role": "user", "content": "the quick brown fox"}],
+                "max_tokens": 2, "prompt_logprobs": k}  # fmt: skip
+    r = post(server, path, body)
+    assert r.status_code == 200, r.text
+    data = r.json()
+    plp = data["choices"][0]["prompt_logprobs"] if "chat" not in path else data["prompt_logprobs"]
+    ids = IDS if "chat" not in path else None
+    if ids is None:  # the chat prompt's token ids, from the server's own /tokenize
+        ids = post(server, "/tokenize", {"messages": body["messages"]}).json()["tokens"]
+    assert plp[0] is None and len(plp) == len(ids)
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(tiny_model_dir("llama")),
+                                                              dtype=torch.float32)  # fmt: skip
+    with torch.no_grad():
+        lp = model(torch.tensor([ids])).logits[0].log_softmax(-1)
+    for pos in range(1, len(ids)):
+        row, dist = plp[pos], lp[pos - 1]
+        mine = row[str(ids[pos])]
+        assert abs(mine["logprob"] - dist[ids[pos]].item()) < 1e-4
+        assert mine["rank"] == int((dist > dist[ids[pos]]).sum()) + 1
+        top = dist.topk(k)
+        for rank, (tid, value) in enumerate(zip(top.indices.tolist(), top.values.tolist())):
+            assert (
+                row[str(tid)]["rank"] == rank + 1 and abs(row[str(tid)]["logprob"] - value) < 1e-4
+            )
+        assert len(row) in (k, k + 1) and all("decoded_token" in e for e in row.values())
+    if "chat" not in path:  # the echo view keeps its own k (logprobs 1): token + top 1
+        tops = data["choices"][0]["logprobs"]["top_logprobs"]
+        assert all(len(t) <= 2 for t in tops[1:])
+    stream = post(server, path, {**body, "stream": True})
+    assert_error(stream, 400, "prompt_logprobs")
+
+
 def test_echo_with_a_completion_covers_prompt_then_completion(server):
     body = {"prompt": IDS, "echo": True, "max_tokens": 4, "logprobs": 1, "temperature": 0,
             "ignore_eos": True}  # fmt: skip
@@ -68,7 +110,6 @@ MSG = [{"role": "user", "content": "hi"}]
         ("/v1/chat/completions", {"function_call": {"name": "f"}}, "function_call"),
         ("/v1/chat/completions", {"guided_whitespace_pattern": " *"}, "guided_whitespace_pattern"),
         ("/v1/completions", {"suffix": " end"}, "suffix"),
-        ("/v1/completions", {"prompt_logprobs": 1}, "prompt_logprobs"),
     ],
 )  # fmt: skip
 def test_what_would_be_silently_ignored_is_refused_naming_it(server, path, extra, param):

@@ -265,6 +265,7 @@ class EngineCore:
         sampled: dict = {}
         prompt_logprobs: dict = {}
         pooled: dict = {}
+        ranks: dict = {}
         culprits: list[str] = []
         pending = [seq_ids]
         while pending:
@@ -284,7 +285,8 @@ class EngineCore:
             sampled.update(partial.sampled)
             prompt_logprobs.update(partial.prompt_logprobs)
             pooled.update(partial.pooled)
-        return RunnerOutput(sampled, prompt_logprobs, pooled), culprits
+            ranks.update(partial.prompt_ranks)
+        return RunnerOutput(sampled, prompt_logprobs, pooled, ranks), culprits
 
     def _fail(self, seq_ids: list[str]) -> tuple[EngineCoreOutput, ...]:
         """End every sequence of the requests these sequences belong to, with "error"."""
@@ -297,9 +299,10 @@ class EngineCore:
         seq = self._sequences[req.request_id]
         start = seq.num_sent_tokens
         seq.num_sent_tokens = req.num_output_tokens
-        new_prompt_lps = None
+        new_prompt_lps = new_ranks = None
         if req.params.prompt_logprobs is not None and seq.index == 0:
             new_prompt_lps = tuple(req.prompt_logprobs[seq.num_sent_prompt_logprobs :])
+            new_ranks = tuple(req.prompt_ranks[seq.num_sent_prompt_logprobs :])
             seq.num_sent_prompt_logprobs = len(req.prompt_logprobs)
         out = EngineCoreOutput(
             request_id=seq.request_id,
@@ -312,6 +315,7 @@ class EngineCore:
             num_cached_tokens=req.num_cached_tokens,
             metrics=metrics_of(req),
             pooled=req.pooled if req.is_finished else None,
+            new_prompt_ranks=new_ranks,
         )
         if req.is_finished:
             self._forget(req.request_id)

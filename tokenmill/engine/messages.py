@@ -86,6 +86,7 @@ class RunnerOutput:
     sampled: dict[str, SampledToken] = field(default_factory=dict)  # requests that sampled
     prompt_logprobs: dict[str, list[TokenLogprobs | None]] = field(default_factory=dict)
     pooled: dict[str, tuple[float, ...]] = field(default_factory=dict)  # embedding requests
+    prompt_ranks: dict[str, list[int | None]] = field(default_factory=dict)  # per prompt entry
 
 
 # ---- front -> core ------------------------------------------------------------------------------
@@ -155,6 +156,7 @@ class EngineCoreOutput:
     num_cached_tokens: int  # prompt tokens served from the prefix cache
     metrics: RequestMetrics
     pooled: tuple[float, ...] | None = None  # an embedding request's vector, when it is done
+    new_prompt_ranks: tuple[int | None, ...] | None = None  # each new prompt entry's token rank
 
 
 @dataclass(frozen=True)

@@ -38,6 +38,7 @@ class _RequestState:
     seqs: list[_SequenceState]
     prompt_logprobs: list[TokenLogprobs | None] | None
     num_cached_tokens: int = 0
+    prompt_ranks: list[int | None] = field(default_factory=list)
     embedding: tuple[float, ...] | None = None  # a pooling request's, when done
 
     @property
@@ -110,6 +111,7 @@ class OutputProcessor:
             state.embedding = out.pooled
         if out.new_prompt_logprobs is not None and state.prompt_logprobs is not None:
             state.prompt_logprobs.extend(out.new_prompt_logprobs)
+            state.prompt_ranks.extend(out.new_prompt_ranks or ())
         new_tokens = () if state.params.pooling is not None else out.new_token_ids
         for i, token_id in enumerate(new_tokens):  # an embedding request shows no token
             seq.token_ids.append(token_id)
@@ -170,4 +172,7 @@ class OutputProcessor:
             num_cached_tokens=state.num_cached_tokens,
             child_metrics=[s.metrics for s in state.seqs],
             embedding=list(state.embedding) if state.embedding is not None else None,
+            prompt_logprob_ranks=list(state.prompt_ranks)
+            if state.prompt_logprobs is not None
+            else None,
         )

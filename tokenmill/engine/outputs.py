@@ -40,6 +40,7 @@ class RequestOutput:
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
     child_metrics: list[RequestMetrics] = field(default_factory=list)
     embedding: list[float] | None = None  # a pooling request's vector (SamplingParams.pooling)
+    prompt_logprob_ranks: list[int | None] | None = None  # rank of each prompt token (1: top)
 
 
 def pooled_vector(out: RequestOutput, normalize: bool = True) -> list[float]:

@@ -87,6 +87,7 @@ class Request:
         self.logprobs: list[TokenLogprobs] = []  # one per output token, when asked for
         self.pooled: tuple[float, ...] | None = None  # an embedding request's vector
         self.prompt_logprobs: list[TokenLogprobs | None] = []  # None for the first prompt token
+        self.prompt_ranks: list[int | None] = []  # each prompt token's rank at its position
         self.num_cached_tokens = 0  # prompt tokens served from the prefix cache
         self.fork_children: list[Request] = []  # n > 1: siblings forked after this one's prefill
 

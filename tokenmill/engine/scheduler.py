@@ -234,6 +234,7 @@ class Scheduler:
             req.num_computed_tokens = computed[request_id] + num_new
             if request_id in result.prompt_logprobs:
                 req.prompt_logprobs.extend(result.prompt_logprobs[request_id])
+                req.prompt_ranks.extend(result.prompt_ranks.get(request_id, ()))
             if request_id in result.pooled:
                 req.pooled = result.pooled[request_id]
             sampled = result.sampled.get(request_id)
@@ -265,5 +266,6 @@ class Scheduler:
             child.times.first_scheduled = now = time.monotonic()
             child.times.arrival = min(child.times.arrival, now)
             child.prompt_logprobs = parent.prompt_logprobs
+            child.prompt_ranks = parent.prompt_ranks
             self.running.append(child)
         parent.fork_children = []

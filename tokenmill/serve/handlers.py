@@ -211,7 +211,38 @@ def completion_prompts(prompt: Any) -> list:
     return [p if isinstance(p, str) else {"prompt_token_ids": p} for p in prompt]
 
 
-def echoed_logprobs(tok: Tokenizer, out: RequestOutput) -> P.CompletionLogprobs:
+def top_of(entry: dict[int, float], chosen: int, k: int) -> dict[int, float]:
+    """An entry cut to the chosen token and the k most likely (the engine may hold more)."""
+    best = sorted(entry.items(), key=lambda kv: -kv[1])[:k]
+    return {chosen: entry[chosen], **dict(best)}
+
+
+def vllm_prompt_logprobs(tok: Tokenizer, out: RequestOutput, k: int) -> P.PromptLogprobs:
+    """vLLM's prompt_logprobs: per prompt token (the first: null) {token id: {logprob, rank,
+    decoded_token}} for the token itself and the k most likely there (ranks 1..k)."""
+    result: P.PromptLogprobs = []
+    ranks = out.prompt_logprob_ranks or []
+    entries = out.prompt_logprobs or []
+    for pos, (token_id, entry) in enumerate(zip(out.prompt_token_ids, entries)):
+        if entry is None:
+            result.append(None)
+            continue
+        row = {}
+        for r, (tid, value) in enumerate(sorted(entry.items(), key=lambda kv: -kv[1])[:k]):
+            text = tok.decode([tid], skip_special_tokens=False)
+            row[str(tid)] = P.PromptLogprob(logprob=value, rank=r + 1, decoded_token=text)
+        row[str(token_id)] = P.PromptLogprob(
+            logprob=entry[token_id],
+            rank=ranks[pos] if pos < len(ranks) else None,
+            decoded_token=tok.decode([token_id], skip_special_tokens=False),
+        )
+        result.append(row)
+    return result
+
+
+def echoed_logprobs(
+    tok: Tokenizer, out: RequestOutput, k: int | None = None
+) -> P.CompletionLogprobs:
     """The prompt's part of echo + logprobs: every prompt token, the first with no logprob
     (nothing comes before it), each other with its logprob given those before it and the top
     k; text offsets from 0, as OpenAI's and vLLM's echo return them."""
@@ -219,6 +250,8 @@ def echoed_logprobs(tok: Tokenizer, out: RequestOutput) -> P.CompletionLogprobs:
     offset = 0
     entries = out.prompt_logprobs or [None] * len(out.prompt_token_ids)
     for token_id, entry in zip(out.prompt_token_ids, entries):
+        if entry is not None and k is not None:
+            entry = top_of(entry, token_id, k)
         text = tok.decode([token_id], skip_special_tokens=False)
         lp.tokens.append(text)
         lp.token_logprobs.append(None if entry is None else entry[token_id])
@@ -266,6 +299,10 @@ async def completions(
     if scoring and req.stream:
         raise ValueError("max_tokens 0 (scoring the echoed prompt) is not supported with stream")
     prompt_lps = req.logprobs if req.echo and req.logprobs is not None else None
+    if req.prompt_logprobs is not None:  # vLLM's field; the engine computes the larger k once
+        if req.stream:
+            raise ValueError("prompt_logprobs is not supported with stream; send stream false")
+        prompt_lps = max(prompt_lps or 0, req.prompt_logprobs)
     structured = constraints.requested(req)
     if scoring and structured is not None:
         raise ValueError(f"{structured.source}: does not apply to max_tokens 0 (scoring)")
@@ -281,7 +318,16 @@ async def completions(
     choices = []
     for i, out in enumerate(outs):
         prefix = (out.prompt or tok.decode(out.prompt_token_ids)) if req.echo else ""
-        echoed = echoed_logprobs(tok, out) if prompt_lps is not None else None
+        echoed = (
+            echoed_logprobs(tok, out, req.logprobs)
+            if req.echo and req.logprobs is not None
+            else None
+        )
+        vllm_lps = (
+            vllm_prompt_logprobs(tok, out, req.prompt_logprobs)
+            if req.prompt_logprobs is not None
+            else None
+        )
         for c in out.outputs:
             lps = None
             if req.logprobs is not None:  # completion tokens sit after the prefix in the text
@@ -298,6 +344,7 @@ async def completions(
                     logprobs=lps,
                     finish_reason="length" if scoring else c.finish_reason,
                     stop_reason=None if scoring else c.stop_reason,
+                    prompt_logprobs=vllm_lps,
                 )
             )
     return P.CompletionResponse(
@@ -479,11 +526,14 @@ async def chat(
         settings or ToolSettings(),
     )  # off the event loop: templates, tokenizing, tool schemas  # fmt: skip
     special = plan.format is not None and plan.format.special_tokens
+    if req.prompt_logprobs is not None and req.stream:
+        raise ValueError("prompt_logprobs is not supported with stream; send stream false")
     params = sampling_params(
         req,
         max_tokens,
         k,
-        structured=plan.constraint,
+        req.prompt_logprobs,
+        plan.constraint,
         skip_special_tokens=False if special else None,
     )
     rid = f"chatcmpl-{uuid.uuid4().hex}"
@@ -508,7 +558,17 @@ async def chat(
                 stop_reason=c.stop_reason,
             )
         )
-    return P.ChatCompletionResponse(id=rid, model=model, choices=choices, usage=usage([out]))
+    return P.ChatCompletionResponse(
+        id=rid,
+        model=model,
+        choices=choices,
+        usage=usage([out]),
+        prompt_logprobs=(
+            vllm_prompt_logprobs(tok, out, req.prompt_logprobs)
+            if req.prompt_logprobs is not None
+            else None
+        ),
+    )
 
 
 def _eos_texts(tok: Tokenizer) -> tuple[str, ...]:

@@ -79,7 +79,6 @@ NOT_YET = {
     "function_call": lambda v: v not in (None, "none", "auto"),
     "guided_whitespace_pattern": _active,
     "suffix": _active,
-    "prompt_logprobs": lambda v: v is not None,
 }
 
 
@@ -168,6 +167,7 @@ class SamplingFields(RequestModel):
     guided_choice: list[NonEmptyText] | None = Field(default=None, min_length=1)
     guided_grammar: Text | None = None
     guided_decoding_backend: Text | None = None  # accepted; the grammar engine is llguidance
+    prompt_logprobs: int | None = None  # vLLM's: every prompt token's logprob, rank, top k
 
     @field_validator("logit_bias")
     @classmethod
@@ -278,12 +278,24 @@ class CompletionLogprobs(BaseModel):
     text_offset: list[int] = Field(default_factory=list)
 
 
+class PromptLogprob(BaseModel):
+    """vLLM's prompt_logprobs entry: one token at one prompt position."""
+
+    logprob: float
+    rank: int | None = None  # 1: the most likely token there
+    decoded_token: str
+
+
+PromptLogprobs = list[dict[str, PromptLogprob] | None]  # per prompt token; the first is null
+
+
 class CompletionChoice(BaseModel):
     index: int
     text: str
     logprobs: CompletionLogprobs | None = None
     finish_reason: str | None = None
     stop_reason: int | str | None = None
+    prompt_logprobs: PromptLogprobs | None = None
 
 
 class CompletionResponse(BaseModel):
@@ -341,6 +353,7 @@ class ChatCompletionResponse(BaseModel):
     model: str
     choices: list[ChatChoice]
     usage: Usage
+    prompt_logprobs: PromptLogprobs | None = None  # vLLM's, with prompt_logprobs
 
 
 class DeltaFunctionCall(BaseModel):

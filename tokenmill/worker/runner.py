@@ -231,13 +231,13 @@ class ModelRunner:
             result = self.sampler(logits, batch)
             for state, token, lps in zip(inp.sample_states, result.token_ids, result.logprobs):
                 sampled[state.request_id] = SampledToken(token, lps)
-        prompt_logprobs = self._prompt_logprobs(hidden, inp.prompt_logprob_spans)
+        prompt_logprobs, prompt_ranks = self._prompt_logprobs(hidden, inp.prompt_logprob_spans)
         pooled, sums = self._pool(hidden, inp.pool_spans)
         for span in inp.prompt_logprob_spans:  # counted once the whole step succeeded
             span.state.num_prompt_logprobs += len(prompt_logprobs[span.state.request_id])
         for state, total in sums:  # likewise: a retried step must not add its rows twice
             state.pool_sum = total
-        return RunnerOutput(sampled, prompt_logprobs, pooled)
+        return RunnerOutput(sampled, prompt_logprobs, pooled, prompt_ranks)
 
     @staticmethod
     def _pool(hidden, spans):
@@ -273,16 +273,18 @@ class ModelRunner:
 
     def _prompt_logprobs(self, hidden, spans):
         """Per prompt position p >= 1: {token p: logprob, top-k}, from the logits at p - 1,
-        one batched log_softmax per span."""
-        out = {}
+        one batched log_softmax per span; and token p's rank there (1: the most likely)."""
+        out, ranks = {}, {}
         for span in spans:
             req, start, first_pos = span.state, span.start, span.first_position
             n = min(span.end - start, req.num_prompt_tokens - 1 - first_pos)  # have a next token
             entries: list[dict[int, float] | None] = [None] if first_pos == 0 else []
+            rank_list: list[int | None] = [None] if first_pos == 0 else []
             if n > 0:
                 lp = self.model.compute_logits(hidden[start : start + n]).float().log_softmax(-1)
                 targets = req.all_token_ids[first_pos + 1 : first_pos + 1 + n]
                 chosen = lp.gather(1, torch.tensor(targets, device=lp.device)[:, None])[:, 0]
+                rank_list += ((lp > chosen[:, None]).sum(-1) + 1).tolist()
                 k = req.params.prompt_logprobs or 0
                 top = lp.topk(k, dim=-1) if k else None
                 for i, (t, v) in enumerate(zip(targets, chosen.tolist())):
@@ -292,7 +294,8 @@ class ModelRunner:
                             entry.setdefault(tid, val)
                     entries.append(entry)
             out[req.request_id] = entries
-        return out
+            ranks[req.request_id] = rank_list
+        return out, ranks
 
     def _copy_blocks(self, copies: tuple[tuple[int, int], ...]) -> None:
         bs = self.block_size
