@@ -294,3 +294,12 @@ def test_langchain_bind_tools_returns_tool_calls(lc_chat):
     assert call["name"] == "get_weather" and set(call["args"]) == {"city", "unit"}
     bound = lc_chat.bind_tools([get_weather], tool_choice="any")  # langchain's "required"
     assert bound.invoke("What's the weather in Oslo?").tool_calls
+
+
+def test_tokenize_renders_tools_as_a_chat_request_does(smol, client):
+    r = chat(client, messages=ASK, tools=[WEATHER], tool_choice="none", max_tokens=1)
+    body = {"model": "tiny", "messages": ASK, "tools": [WEATHER]}
+    tokens = httpx.post(f"{smol.url}/tokenize", json=body, timeout=60).json()
+    assert tokens["count"] == r.usage.prompt_tokens
+    plain = httpx.post(f"{smol.url}/tokenize", json={"model": "tiny", "messages": ASK}).json()
+    assert plain["count"] < tokens["count"]  # the tool section is in the prompt

@@ -394,7 +394,12 @@ def build_app(state: ServerState) -> FastAPI:
         check_fields(req)
         try:
             return await asyncio.to_thread(
-                handlers.tokenize, tokenizer(), state.max_model_len, req, state.literal_content
+                handlers.tokenize,
+                tokenizer(),
+                state.max_model_len,
+                req,
+                state.literal_content,
+                state.tools,
             )
         except ValueError as e:
             raise value_error(e) from None

@@ -456,13 +456,21 @@ def render_chat(
 
 
 def tokenize(
-    tok: Tokenizer, max_model_len: int | None, req, literal_content: bool = True
+    tok: Tokenizer,
+    max_model_len: int | None,
+    req,
+    literal_content: bool = True,
+    settings: ToolSettings | None = None,
 ) -> P.TokenizeResponse:
-    """vLLM's /tokenize: chat messages through the template (as a chat request would be
-    tokenized), or a prompt (with the tokenizer's special tokens unless add_special_tokens is
+    """vLLM's /tokenize: chat messages (and tools) through the template a chat request would
+    use, or a prompt (with the tokenizer's special tokens unless add_special_tokens is
     false). Not capped at max_model_len: the count says whether it fits."""
     if req.messages is not None:
-        rendered = render_chat(tok, req, literal_content)
+        tools = [t.model_dump(exclude_none=True) for t in req.tools] if req.tools else None
+        template = tool_calls.chat_template(bool(tools), settings or ToolSettings(),
+                                            tok.chat_template)  # fmt: skip
+        plan = ToolPlan(tools, template, None, None)
+        rendered = render_chat(tok, req, literal_content, None, plan)
         ids = rendered["prompt_token_ids"]
         if req.add_special_tokens:
             ids = tok.encode(rendered["prompt"], add_special_tokens=True)

@@ -424,6 +424,7 @@ class TokenizeRequest(RequestModel):
     add_generation_prompt: bool = True  # chat
     add_special_tokens: bool | None = None  # default: true for a prompt, false for chat
     chat_template_kwargs: dict[Text, JsonValue] | None = None  # chat
+    tools: list[Tool] | None = None  # chat: rendered as a chat request's tools would be
     return_token_strs: bool = False
 
     @model_validator(mode="after")

@@ -69,20 +69,13 @@ def plan(
 ) -> ToolPlan:
     """ValueError naming the field for what cannot be served."""
     constraint = constraints.requested(req)
-    template = settings.chat_template
     choice = req.tool_choice or ("auto" if req.tools else "none")
+    template = chat_template(bool(req.tools), settings, model_template)
     if not req.tools:
         if choice not in ("none", "auto"):
             raise ValueError("tool_choice: there are no tools to choose from; send `tools`")
         return ToolPlan(None, template, constraint, None)
     tools = [t.model_dump(exclude_none=True) for t in req.tools]
-    if template is None and "tools" not in (model_template or ""):
-        if "<|im_start|>" not in (model_template or ""):
-            raise ValueError(
-                "tools: this model's chat template has no tool section; start the server with "
-                "--chat-template FILE (a template that renders `tools`)"
-            )
-        template = shipped_template()
     if choice == "none":
         return ToolPlan(tools, template, constraint, None)
     if constraint is not None:
@@ -113,6 +106,24 @@ def plan(
     return ToolPlan(
         tools, template, None, FORMATS[settings.parser], parallel=req.parallel_tool_calls
     )
+
+
+def chat_template(
+    has_tools: bool, settings: ToolSettings, model_template: str | None
+) -> str | None:
+    """The template a chat request renders with: --chat-template, else the model's own, or for
+    a request with tools and a ChatML model whose template has no tool section, the shipped
+    one. None: the model's own."""
+    if settings.chat_template is not None or not has_tools:
+        return settings.chat_template
+    if "tools" in (model_template or ""):
+        return None
+    if "<|im_start|>" not in (model_template or ""):
+        raise ValueError(
+            "tools: this model's chat template has no tool section; start the server with "
+            "--chat-template FILE (a template that renders `tools`)"
+        )
+    return shipped_template()
 
 
 def _validate(p: StructuredOutputsParams) -> None:
