@@ -113,6 +113,29 @@ def test_json_schema_outputs_validate_over_schemas_and_seeds(client):
     assert len(texts) > len(jobs) // 2
 
 
+REGEXES = [
+    r"[A-Z][a-z]{2,9}, [A-Z][a-z]{2,9}",
+    r"(19|20)[0-9]{2}-(0[1-9]|1[0-2])-(0[1-9]|[12][0-9]|3[01])",
+    r"[a-z]{3,8}@[a-z]{3,8}\.(com|org|net)",
+    r"(yes|no|maybe)!?",
+    r"#[0-9a-f]{6}",
+]
+
+
+def test_regex_outputs_match_over_patterns_and_seeds(client):
+    jobs = [(rx, seed) for rx in REGEXES for seed in range(3)]
+
+    def run(job):
+        rx, seed = job
+        r = client.completions.create(model="tiny", prompt="Answer:", max_tokens=40, seed=seed,
+                                      temperature=0.9, extra_body={"guided_regex": rx})  # fmt: skip
+        return rx, r.choices[0]
+
+    with ThreadPoolExecutor(5) as pool:
+        for rx, choice in pool.map(run, jobs):
+            assert choice.finish_reason == "stop" and re.fullmatch(rx, choice.text), (rx, choice)
+
+
 def test_json_object_regex_choice_and_grammar(client):
     r = chat(client, response_format={"type": "json_object"}, temperature=0, max_tokens=300)
     text = r.choices[0].message.content
