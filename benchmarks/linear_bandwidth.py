@@ -25,8 +25,9 @@ SOURCE = Path(__file__).parent / "csrc" / "skinny_gemm.cpp"
 
 def build_prototype() -> ctypes.CDLL:
     target = Path(tempfile.mkdtemp()) / "skinny_gemm.so"
+    include = Path(__file__).parent.parent / "tokenmill" / "layers" / "csrc"  # vec_math.h
     cmd = ["g++", "-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17",
-           str(SOURCE), "-o", str(target)]  # fmt: skip
+           f"-I{include}", str(SOURCE), "-o", str(target)]  # fmt: skip
     subprocess.run(cmd, check=True)
     lib = ctypes.CDLL(str(target))  # torch is loaded: it binds to torch's libgomp
     p, i = ctypes.c_void_p, ctypes.c_int64

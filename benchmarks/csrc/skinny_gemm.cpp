@@ -22,6 +22,8 @@
 #include <cstdint>
 #include <cstring>
 
+#include "vec_math.h"  // tokenmill/layers/csrc, on the include path
+
 #if defined(__AVX512F__)
 #include <immintrin.h>
 #endif
@@ -31,21 +33,8 @@ namespace {
 constexpr int64_t kCols = 4;      // output columns (weight rows) per block
 constexpr int64_t kPrefetch = 8;  // blocks ahead of the one being read
 
-inline float bf16_to_f32(uint16_t h) {
-  uint32_t bits = static_cast<uint32_t>(h) << 16;
-  float f;
-  std::memcpy(&f, &bits, sizeof f);
-  return f;
-}
-
-inline uint16_t f32_to_bf16(float v) {  // round to nearest even, NaN kept
-  uint32_t bits;
-  std::memcpy(&bits, &v, sizeof bits);
-  if ((bits & 0x7f800000u) == 0x7f800000u && (bits & 0x007fffffu))
-    return static_cast<uint16_t>((bits >> 16) | 0x40);
-  bits += 0x7fffu + ((bits >> 16) & 1u);
-  return static_cast<uint16_t>(bits >> 16);
-}
+using tm::bf16_to_f32;
+using tm::f32_to_bf16;
 
 inline void store(float* y, float v) { *y = v; }
 inline void store(uint16_t* y, float v) { *y = f32_to_bf16(v); }

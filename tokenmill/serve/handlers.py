@@ -583,6 +583,17 @@ def _eos_texts(tok: Tokenizer) -> tuple[str, ...]:
     return tuple(t for t in (tok.special_tokens.get("eos_token"),) if t)
 
 
+def chat_stream_end(req, rid: str, model: str, created: int, final) -> list[str]:
+    """A chat stream's last events: the usage chunk when asked for, then [DONE]."""
+    events = []
+    if req.stream_options and req.stream_options.include_usage and final is not None:
+        chunk = P.ChatCompletionChunk(
+            id=rid, model=model, created=created, choices=[], usage=usage([final])
+        )
+        events.append(sse(chunk))
+    return [*events, "data: [DONE]\n\n"]
+
+
 async def _stream_tool_chat(tok, model, req, rid, streams, plan: ToolPlan) -> AsyncIterator[str]:
     """A chat stream whose output is read as tool calls: content deltas as they are surely
     content, each call's id and name once known, then its arguments in fragments."""
@@ -648,13 +659,8 @@ async def _stream_tool_chat(tok, model, req, rid, streams, plan: ToolPlan) -> As
                 )  # fmt: skip
         if out.finished:
             final = out
-    if req.stream_options and req.stream_options.include_usage and final is not None:
-        yield sse(
-            P.ChatCompletionChunk(
-                id=rid, model=model, created=created, choices=[], usage=usage([final])
-            )
-        )
-    yield "data: [DONE]\n\n"
+    for event in chat_stream_end(req, rid, model, created, final):
+        yield event
 
 
 async def _stream_chat(tok, model, req, rid, streams, prompt_tokens: int) -> AsyncIterator[str]:
@@ -724,10 +730,5 @@ async def _stream_chat(tok, model, req, rid, streams, prompt_tokens: int) -> Asy
             )
         if out.finished:
             final = out
-    if req.stream_options and req.stream_options.include_usage and final is not None:
-        yield sse(
-            P.ChatCompletionChunk(
-                id=rid, model=model, created=created, choices=[], usage=usage([final])
-            )
-        )
-    yield "data: [DONE]\n\n"
+    for event in chat_stream_end(req, rid, model, created, final):
+        yield event

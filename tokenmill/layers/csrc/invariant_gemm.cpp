@@ -17,6 +17,8 @@
 #include <cstring>
 #include <vector>
 
+#include "vec_math.h"
+
 namespace {
 
 constexpr int64_t kCols = 16;  // columns per panel: one AVX-512 vector, two AVX2 vectors
@@ -24,21 +26,8 @@ constexpr int64_t kRows = 6;   // rows per block: 6 accumulators (12 on AVX2) in
 
 typedef float v16 __attribute__((vector_size(64)));
 
-inline float bf16_to_f32(uint16_t h) {
-  uint32_t bits = static_cast<uint32_t>(h) << 16;
-  float f;
-  std::memcpy(&f, &bits, sizeof f);
-  return f;
-}
-
-inline uint16_t f32_to_bf16(float v) {  // round to nearest even, NaN kept
-  uint32_t bits;
-  std::memcpy(&bits, &v, sizeof bits);
-  if ((bits & 0x7f800000u) == 0x7f800000u && (bits & 0x007fffffu))
-    return static_cast<uint16_t>((bits >> 16) | 0x40);
-  bits += 0x7fffu + ((bits >> 16) & 1u);
-  return static_cast<uint16_t>(bits >> 16);
-}
+using tm::bf16_to_f32;
+using tm::f32_to_bf16;
 
 inline v16 load_panel_row(const float* p) {
   v16 v;

@@ -8,6 +8,22 @@
 
 namespace tm {
 
+inline float bf16_to_f32(uint16_t h) {
+  uint32_t bits = static_cast<uint32_t>(h) << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof f);
+  return f;
+}
+
+inline uint16_t f32_to_bf16(float v) {  // round to nearest even, NaN kept
+  uint32_t bits;
+  std::memcpy(&bits, &v, sizeof bits);
+  if ((bits & 0x7f800000u) == 0x7f800000u && (bits & 0x007fffffu))
+    return static_cast<uint16_t>((bits >> 16) | 0x40);
+  bits += 0x7fffu + ((bits >> 16) & 1u);
+  return static_cast<uint16_t>(bits >> 16);
+}
+
 // exp(x) for x <= 0 (scores minus their running max): 2^k * p(r), r = x - k ln2 in [-ln2/2, ln2/2],
 // a degree-6 polynomial (relative error ~2e-7, as vectorized expf in oneDNN or Sleef). Plain
 // arithmetic, so the compiler vectorizes the loops that call it, unlike std::exp.
