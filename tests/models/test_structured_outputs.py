@@ -206,8 +206,15 @@ def test_abort_while_the_grammar_compiles(llm):
     assert llm.generate([PROMPT], sampled(S(choice=["a", "b"]), 0), use_tqdm=False)
 
 
-@pytest.mark.parametrize("vocab", [32, 70, 384])
-def test_apply_bitmask_against_a_loop(vocab):
+@pytest.mark.parametrize("path", ["native", "torch"])
+@pytest.mark.parametrize("vocab", [32, 70, 384, 1000])
+def test_apply_bitmask_against_a_loop(vocab, path, monkeypatch):
+    from tokenmill.layers import sampler
+
+    if path == "torch":
+        monkeypatch.setattr(sampler, "_NATIVE", [None])
+    elif sampler._native_rows() is None:
+        pytest.skip("no native kernels here (no C++ compiler)")
     gen = torch.Generator().manual_seed(vocab)
     logits = torch.randn(5, vocab, generator=gen)
     words = (vocab + 31) // 32 - (1 if vocab == 70 else 0)  # 70: a mask narrower than the row

@@ -43,6 +43,26 @@ class RowKernels:
             rope.argtypes = [_PTR, _I64, _PTR, _PTR, _PTR, _I64, _I64, _I64, ctypes.c_int]
             rope.restype = None
             self.rope[dtype] = rope
+        self.bitmask = lib.tm_apply_bitmask_f32
+        self.bitmask.argtypes = [_PTR, _I64, _PTR, _PTR, _I64, _I64, _I64, ctypes.c_int]
+        self.bitmask.restype = None
+
+    def apply_bitmask(self, logits: torch.Tensor, rows: torch.Tensor, words: torch.Tensor):
+        """As layers/sampler.apply_bitmask, in place; False where the kernel does not apply."""
+        if not (
+            logits.device.type == rows.device.type == words.device.type == "cpu"
+            and logits.dtype == torch.float32
+            and logits.dim() == 2
+            and logits.stride(1) == 1
+            and words.dtype == torch.int32
+            and words.is_contiguous()
+            and rows.dtype == torch.int64
+            and rows.is_contiguous()
+        ):
+            return False
+        self.bitmask(logits.data_ptr(), logits.stride(0), rows.data_ptr(), words.data_ptr(),
+                     len(rows), logits.shape[1], words.shape[1], torch.get_num_threads())  # fmt: skip
+        return True
 
     def rms_norm(self, x: torch.Tensor, residual: torch.Tensor | None, weight, eps: float):
         """As RMSNorm.forward, or None where these kernels do not apply."""

@@ -122,11 +122,29 @@ class Sampler:
 
 
 _BITS = {}
+_NATIVE: list = []
+
+
+def _native_rows():
+    """The native row kernels where they build (once), else None."""
+    if not _NATIVE:
+        from tokenmill.layers import native
+        from tokenmill.layers.native_ops import shared_row_kernels
+
+        try:
+            _NATIVE.append(shared_row_kernels())
+        except native.NativeUnavailable:
+            _NATIVE.append(None)
+    return _NATIVE[0]
 
 
 def apply_bitmask(logits: torch.Tensor, rows: torch.Tensor, words: torch.Tensor) -> torch.Tensor:
     """-inf where a row's bitmask bit is 0 (the grammar forbids the token), in place; columns
-    past the mask's width are forbidden too."""
+    past the mask's width are forbidden too. On CPU one native blend pass
+    (layers/csrc/elementwise.cpp), else torch."""
+    native = _native_rows()
+    if native is not None and native.apply_bitmask(logits, rows, words):
+        return logits
     device = logits.device
     bits = _BITS.get(device)
     if bits is None:

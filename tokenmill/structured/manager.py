@@ -5,8 +5,11 @@
   requests keep decoding meanwhile.
 - Cached by spec: one pristine matcher per grammar (LRU), deep-copied per sequence, so a client
   that sends the same schema every time compiles it once.
-- Per step, `bitmask(seq_ids)` fills one row of allowed tokens per constrained row that samples
-  (in parallel, llguidance's executor) as plain bytes the workers receive in the SchedulerOutput.
+- Per step, `bitmask(seq_ids)` fills one row of allowed tokens per constrained row that samples,
+  as plain bytes the workers receive in the SchedulerOutput. Row by row in the core's thread:
+  llguidance's parallel executor took 1.64 ms per step for 8 rows where this takes 0.88, and its
+  idle threads kept spinning into the forward pass (a JSON-schema batch of 8: TPOT 1.14x
+  unconstrained with the executor, 1.03x without; BENCHMARKS.md).
 - After sampling, `accept` advances a sequence's matcher by its token. A preempted sequence keeps
   its matcher: its tokens are kept and recomputed, never re-sampled.
 
@@ -51,7 +54,7 @@ class StructuredOutputManager:
         self._cache: OrderedDict[tuple, Future[llguidance.LLMatcher]] = OrderedDict()
         self._cache_size = cache_size
         self._lock = threading.Lock()
-        self._executor = llguidance.LLExecutor(num_threads=num_threads)
+
         self.matchers: dict[str, llguidance.LLMatcher] = {}  # sequence id -> its matcher
 
     def _make_tokenizer(self, tokenizer_json: Callable[[], str]) -> llguidance.LLTokenizer:
@@ -94,8 +97,8 @@ class StructuredOutputManager:
     def bitmask(self, seq_ids: list[str]) -> GrammarBitmask:
         """Allowed tokens of each sequence's next sample, one row per id, in order."""
         mask = np.full((len(seq_ids), self.words), -1, dtype=np.int32)
-        rows = [(self.matchers[s], i) for i, s in enumerate(seq_ids)]
-        self._executor.unsafe_compute_mask_ptr(rows, mask.ctypes.data, self.words * 4, len(rows))
+        for i, seq_id in enumerate(seq_ids):  # in this thread: see the module's docstring
+            self.matchers[seq_id].unsafe_compute_mask_ptr(mask[i].ctypes.data, self.words * 4)
         return GrammarBitmask(tuple(seq_ids), self.words, mask.tobytes())
 
     def accept(self, seq_id: str, token_id: int) -> bool:
