@@ -8,8 +8,9 @@ round (median and range).
         float32 float32+compile bfloat16+compile w8a8/bfloat16+compile float32+torch-kernels
 
 A configuration is [METHOD/]DTYPE[+FLAG...]: METHOD a --quantization, FLAG `compile`,
-`torch-kernels` (the gather + SDPA decode attention instead of the native kernel) or `rotate`
-(--rotate).
+`torch-kernels` (the gather + SDPA decode attention instead of the native kernel), `rotate`
+(--rotate) or `gemm-only` (oneDNN's GEMM at every batch size: layers/skinny.py's kernel taken off
+after loading, for A/B runs of it).
 """
 
 from __future__ import annotations
@@ -31,11 +32,23 @@ def parse(spec: str) -> dict:
     method, _, dtype = body.rpartition("/")
     out = {"dtype": dtype, "quantization": method or None}
     for flag in flags:
+        if flag == "gemm-only":
+            out[flag] = True
+            continue
         if flag not in FLAGS:
             raise SystemExit(f"{spec!r}: a flag after '+' is one of {sorted(FLAGS)}")
         key, value = FLAGS[flag]
         out[key] = value
     return out
+
+
+def without_skinny_kernels(model) -> None:
+    """Every packed linear layer (and a tied head) back on oneDNN's GEMM for all sizes."""
+    for module in model.modules():
+        if hasattr(getattr(module, "quant_method", None), "block_cols"):
+            module.quant_method.block_cols = 0
+    if hasattr(model, "tied_head_block_cols"):
+        model.tied_head_block_cols = 0
 
 
 def main() -> None:
@@ -56,7 +69,11 @@ def main() -> None:
 
     engines = []
     for spec in tqdm(args.configs, desc="loading", unit="config"):
-        llm = LLM(args.model, max_model_len=1024, kv_cache_memory=512 << 20, **parse(spec))
+        options = parse(spec)
+        gemm_only = options.pop("gemm-only", False)
+        llm = LLM(args.model, max_model_len=1024, kv_cache_memory=512 << 20, **options)
+        if gemm_only:
+            without_skinny_kernels(llm.engine.runner.model)
         touch_kv_cache(llm)  # first-touch page faults out of the figures
         vocab = llm.engine.loaded.arch.vocab_size
         decode_tps(llm, args.batch, 4, vocab, seed=10_000)  # warm-up at the measured batch

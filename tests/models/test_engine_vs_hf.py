@@ -11,6 +11,8 @@ import transformers
 
 from tests.conftest import ALL_ARCHS
 from tokenmill import LLM, SamplingParams
+from tokenmill.layers import skinny
+from tokenmill.layers.linear import Linear
 from tokenmill.models.arch import arch_from_hf_config
 
 PROMPTS = [
@@ -58,10 +60,23 @@ def record_logits(llm: LLM) -> list[torch.Tensor]:
     return seen
 
 
+def assert_decode_uses_the_skinny_kernels(llm: LLM, dtype: torch.dtype) -> None:
+    """Where this CPU has them, the plain linear layers whose outputs fill whole 64-column
+    blocks (oneDNN pads the others) and a tied head decode through layers/skinny.py, so the
+    comparisons with transformers cover that kernel as well as oneDNN's (prefill)."""
+    if not skinny.available(dtype):
+        return
+    model = llm.engine.runner.model
+    layers = [m for m in model.modules() if isinstance(m, Linear) and m.out_features % 64 == 0]
+    assert layers and all(m.quant_method.block_cols > 0 for m in layers)
+    assert model.lm_head is not None or model.tied_head_block_cols > 0
+
+
 @pytest.mark.parametrize("kind", ALL_ARCHS)
 def test_logits_and_greedy_match_transformers(tiny_model_dir, kind):
     folder = tiny_model_dir(kind)
     llm = LLM(model=str(folder), dtype="float32", kv_cache_memory=4 << 20, block_size=4)
+    assert_decode_uses_the_skinny_kernels(llm, torch.float32)
     ref = hf_model(folder)
     tok = llm.get_tokenizer()
     prompt_ids = tok.encode(PROMPTS[0])
@@ -133,6 +148,7 @@ def test_bfloat16_stays_close_to_the_fp32_reference(tiny_model_dir, kind):
     folder = tiny_model_dir(kind)
     llm = LLM(model=str(folder), dtype="bfloat16", kv_cache_memory=4 << 20, block_size=4)
     assert llm.engine.loaded.dtype == torch.bfloat16
+    assert_decode_uses_the_skinny_kernels(llm, torch.bfloat16)
     ref = hf_model(folder)
     ids = llm.get_tokenizer().encode(PROMPTS[3])
     seen = record_logits(llm)

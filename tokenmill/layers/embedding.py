@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from tokenmill.layers.linear import Linear, pack_for_cpu, packed_linear
+from tokenmill.layers.skinny import match_block_cols
 from tokenmill.quant.formats import QuantizedTensor, dequantize_fast, take_rows
 
 
@@ -56,6 +57,8 @@ class EmbeddingHead:
     # is the quantized head's table: tied) or "own" (quantized on its own)
     embedding_source: str | None = None
     tied_head_packed: torch.Tensor | None = None  # oneDNN copy of a plain tied table
+    tied_head_readable_cols: int = 0  # skinny.match_block_cols of that copy, at load
+    tied_head_block_cols: int = 0  # the skinny kernel's reading of it; 0: oneDNN only
 
     invariant_head: object | None = None  # batch-invariant mode: a tied head's kernel
 
@@ -64,7 +67,7 @@ class EmbeddingHead:
             return self.invariant_head(hidden)  # type: ignore[operator]
         if self.lm_head is None:
             if self.tied_head_packed is not None:
-                return packed_linear(hidden, self.tied_head_packed)
+                return packed_linear(hidden, self.tied_head_packed, None, self.tied_head_block_cols)
             return torch.nn.functional.linear(hidden, self.model.embed_tokens.weight)
         return self.lm_head(hidden)
 
@@ -94,7 +97,7 @@ class EmbeddingHead:
             if isinstance(embed, QuantizedEmbedding):
                 raise ValueError("batch_invariant does not take a quantized tied embedding")
             self.invariant_head = InvariantLinear(embed.weight.data)
-            self.tied_head_packed = None
+            self.tied_head_packed, self.tied_head_block_cols = None, 0
 
     def untie_embedding(self) -> None:
         """The head and the embedding no longer hold the same matrix (rotation.py)."""
@@ -116,4 +119,12 @@ class EmbeddingHead:
                 table, scale = method.quantize_weight(embed.weight.data.float()), None
             self.model.embed_tokens = QuantizedEmbedding(table, embed.weight.dtype, scale)
         elif self.lm_head is None:
-            self.tied_head_packed = pack_for_cpu(self.model.embed_tokens.weight.data)
+            table = self.model.embed_tokens.weight.data
+            self.tied_head_packed = pack_for_cpu(table)
+            if self.tied_head_packed is not None:
+                self.tied_head_readable_cols = match_block_cols(self.tied_head_packed, table)
+
+    def attach_native_head(self) -> None:
+        """Decode's skinny kernel over the packed tied head (layers/skinny.py), where it applies."""
+        if self.tied_head_packed is not None:
+            self.tied_head_block_cols = self.tied_head_readable_cols

@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tokenmill.layers import skinny
+
 
 class UnquantizedMethod:
     """Plain weights in the model dtype; matmul through torch.
@@ -28,6 +30,8 @@ class UnquantizedMethod:
 
     compilable = True  # apply is pure tensor code
     packed: torch.Tensor | None = None  # the oneDNN layout of the weight, where it applies
+    block_cols: int = 0  # skinny.linear's reading of `packed` for 1-8 rows; 0: oneDNN only
+    _readable_cols: int = 0  # what skinny.match_block_cols found at load (attach_native uses it)
     invariant: object | None = None  # batch-invariant mode's kernel (layers/invariant.py)
 
     def create_weights(self, layer: Linear) -> None:
@@ -37,12 +41,20 @@ class UnquantizedMethod:
         )
 
     def process_weights_after_loading(self, layer: Linear) -> None:
-        self.packed = pack_for_cpu(layer.weight.data)
+        weight = layer.weight.data
+        self.packed = pack_for_cpu(weight)
         if self.packed is not None:
+            # whether the skinny kernel can read the packed bytes: checked now, while the plain
+            # weight to compare them with is still here (attach_native comes later)
+            self._readable_cols = skinny.match_block_cols(self.packed, weight)
             del layer.weight  # the packed copy is the weight now
 
     def attach_native(self, layer: Linear) -> bool:
-        return False
+        """Decode's skinny kernel over the packed weight (layers/skinny.py), where it applies."""
+        if self.packed is None or self.invariant is not None:
+            return False
+        self.block_cols = self._readable_cols
+        return self.block_cols > 0
 
     def tensors(self) -> list[torch.Tensor]:
         if self.invariant is not None:
@@ -63,7 +75,7 @@ class UnquantizedMethod:
         if self.invariant is not None:
             return self.invariant(x)
         if self.packed is not None:
-            return packed_linear(x, self.packed, layer.bias)
+            return packed_linear(x, self.packed, layer.bias, self.block_cols)
         return F.linear(x, layer.weight, layer.bias)
 
 
@@ -96,27 +108,38 @@ def unpack_for_cpu(packed: torch.Tensor, layer: Linear) -> torch.Tensor:
     return torch.ops.mkldnn._linear_pointwise(eye, packed, None, "none", [], "").t().contiguous()
 
 
-def packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None = None):
-    """x [..., in] @ W^T (+ bias) with a weight from `pack_for_cpu`."""
+def packed_linear(
+    x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None = None, block_cols: int = 0
+):
+    """x [..., in] @ W^T (+ bias) with a weight from `pack_for_cpu`: 1-8 rows through the
+    skinny kernel where `block_cols` says it reads `packed` (skinny.match_block_cols), the rest
+    through oneDNN's GEMM."""
     x2 = x.reshape(-1, x.shape[-1]).contiguous()
     if torch.compiler.is_compiling():  # inductor lowers the raw op only for frozen weights
-        y = _packed_linear_op(x2, packed, bias)
+        y = _packed_linear_op(x2, packed, bias, block_cols)
     else:
-        y = torch.ops.mkldnn._linear_pointwise(x2, packed, bias, "none", [], "")
+        y = _packed_linear(x2, packed, bias, block_cols)
     return y.view(*x.shape[:-1], y.shape[-1])
+
+
+def _packed_linear(x: torch.Tensor, packed: torch.Tensor, bias, block_cols: int) -> torch.Tensor:
+    y = skinny.linear(x, packed, bias, block_cols) if block_cols else None
+    if y is None:
+        y = torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+    return y
 
 
 @torch.library.custom_op("tokenmill::packed_linear", mutates_args=())
 def _packed_linear_op(
-    x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None
+    x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, block_cols: int
 ) -> torch.Tensor:
-    """The oneDNN GEMM as an opaque op for torch.compile: a compiled region calls it as is and
+    """The packed GEMM as an opaque op for torch.compile: a compiled region calls it as is and
     fuses what lies around it (norms, activations, residual adds)."""
-    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+    return _packed_linear(x, packed, bias, block_cols)
 
 
 @_packed_linear_op.register_fake
-def _(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+def _(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, block_cols: int):
     return x.new_empty(x.shape[0], packed.shape[0])
 
 

@@ -218,10 +218,13 @@ def select_kernels(
         log.info("torch kernels (%s)", why)
         return "torch"
     fp4 = True
+    if hasattr(model, "attach_native_head"):  # layers/embedding.EmbeddingHead: a tied head
+        model.attach_native_head()
     for module in model.modules():
         if isinstance(module, RMSNorm | SiluAndMul | RotaryEmbedding):
             module.native = rows
-        if fp4 and isinstance(module, Linear):  # weight-only nvfp4/mxfp4/fp8: quant/fp4_cpu.py
+        # weight-only nvfp4/mxfp4/fp8 (quant/fp4_cpu.py), plain fp32/bf16 (layers/skinny.py)
+        if fp4 and isinstance(module, Linear):
             try:
                 module.quant_method.attach_native(module)
             except native.NativeUnavailable as e:

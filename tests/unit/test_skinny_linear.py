@@ -1,0 +1,107 @@
+"""The skinny linear kernel (layers/skinny.py) against a float64 product and oneDNN's GEMM over
+the same packed bytes: every row count it takes, the model's shapes, bias, strided inputs, and
+the layout check that keeps it off weights it cannot read."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tokenmill.layers import native, skinny
+from tokenmill.layers.linear import Linear, pack_for_cpu
+
+pytestmark = pytest.mark.skipif(native.compiler() is None, reason="no C++ compiler")
+
+# (N, K) of SmolLM2-135M: fused q/k/v, o, gate/up, down, the tied head; and a 1B-class shape
+SHAPES = [(960, 576), (576, 576), (3072, 576), (576, 1536), (49152, 576), (2048, 2048)]
+
+
+def kernel_or_skip(packed, weight):
+    if not skinny.available(weight.dtype):
+        pytest.skip(f"no skinny kernel for {weight.dtype} on this CPU")
+    cols = skinny.match_block_cols(packed, weight)
+    if not cols:
+        pytest.skip(f"oneDNN packs {weight.dtype} {tuple(weight.shape)} in another layout here")
+    return lambda x, bias=None: skinny.linear(x, packed, bias, cols)
+
+
+def operands(n, k, rows, dtype, seed):
+    gen = torch.Generator().manual_seed(seed)
+    weight = (torch.randn(n, k, generator=gen) / k**0.5).to(dtype)
+    x = (torch.randn(rows, k, generator=gen) * torch.logspace(-2, 1, rows)[:, None]).to(dtype)
+    bias = torch.randn(n, generator=gen).to(dtype)
+    return weight, x, bias
+
+
+def assert_within_rounding(got, x, weight, bias):
+    """|got - exact| within the output's rounding (bf16: half an ulp, plus a margin for the fp32
+    sum) and the fp32 accumulation error bound sum|x||w| * K * eps."""
+    exact = x.double() @ weight.double().T + (0 if bias is None else bias.double())
+    bound = (x.double().abs() @ weight.double().abs().T) * x.shape[-1] * 2**-24
+    half_ulp = 2**-8 if got.dtype == torch.bfloat16 else 2**-24
+    err = (got.double() - exact).abs()
+    assert (err <= exact.abs() * half_ulp * 1.01 + bound + 1e-30).all(), err.max()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("n,k", SHAPES)
+def test_every_row_count_matches_the_exact_product(dtype, n, k):
+    weight, x, bias = operands(n, k, skinny.MAX_ROWS, dtype, seed=n + k)
+    packed = pack_for_cpu(weight)
+    kernel = kernel_or_skip(packed, weight)
+    for rows in range(1, skinny.MAX_ROWS + 1):
+        for b in (None, bias):
+            got = kernel(x[:rows], b)
+            assert got is not None and got.shape == (rows, n) and got.dtype == dtype
+            assert_within_rounding(got, x[:rows], weight, b)
+            if dtype == torch.bfloat16:  # oneDNN's fp32 sums in another order, rounded to bf16:
+                onednn = torch.ops.mkldnn._linear_pointwise(x[:rows], packed, b, "none", [], "")
+                assert (got != onednn).float().mean() < 0.02  # equal but for rare last bits
+
+
+def test_rows_it_does_not_take_are_handed_back():
+    weight, x, _ = operands(576, 576, 9, torch.bfloat16, seed=1)
+    kernel = kernel_or_skip(pack_for_cpu(weight), weight)
+    assert kernel(x) is None  # 9 rows: oneDNN's GEMM
+    assert kernel(x[:0]) is None
+    assert kernel(x[:2].float()) is None  # another dtype
+
+
+def test_strided_rows_and_nan_inputs():
+    weight, x, bias = operands(960, 576, 3, torch.bfloat16, seed=2)
+    kernel = kernel_or_skip(pack_for_cpu(weight), weight)
+    wide = torch.zeros(3, 1024, dtype=torch.bfloat16)
+    wide[:, 100:676] = x
+    got = kernel(wide[:, 100:676], bias)  # row stride 1024, not K
+    assert got is not None
+    assert_within_rounding(got, x, weight, bias)
+    x[1, 7] = float("nan")
+    got = kernel(x, bias)
+    assert got is not None and got[1].isnan().all() and not got[[0, 2]].isnan().any()
+
+
+def test_the_layout_check_refuses_what_the_kernel_cannot_read():
+    weight, _, _ = operands(960, 576, 1, torch.bfloat16, seed=3)
+    packed = pack_for_cpu(weight)
+    kernel_or_skip(packed, weight)
+    other = weight.clone()
+    other[5, 9] += 1
+    assert skinny.match_block_cols(packed, other) == 0  # not these bytes: no kernel
+    odd = operands(100, 72, 1, torch.bfloat16, seed=4)[0]  # padded by oneDNN
+    assert skinny.match_block_cols(pack_for_cpu(odd), odd) == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("n,k", [(960, 576), (100, 72)])
+def test_a_linear_layer_uses_it_for_decode_and_onednn_for_prefill(dtype, n, k):
+    weight, x, bias = operands(n, k, 33, dtype, seed=5)
+    layer = Linear(k, [n], bias=True, params_dtype=dtype)
+    layer.weight.data.copy_(weight)
+    layer.bias.data.copy_(bias)
+    layer.quant_method.process_weights_after_loading(layer)
+    attached = layer.quant_method.attach_native(layer)
+    if n == 100:
+        assert not attached  # padded by oneDNN: GEMM for every size
+    for rows in (1, 4, 8, 9, 33):
+        got = layer(x[:rows])
+        assert_within_rounding(got, x[:rows], weight, bias)
