@@ -9,8 +9,9 @@ round (median and range).
 
 A configuration is [METHOD/]DTYPE[+FLAG...]: METHOD a --quantization, FLAG `compile`,
 `torch-kernels` (the gather + SDPA decode attention instead of the native kernel), `rotate`
-(--rotate) or `gemm-only` (oneDNN's GEMM at every batch size: layers/skinny.py's kernel taken off
-after loading, for A/B runs of it).
+(--rotate), `gemm-only` (oneDNN's GEMM at every batch size: layers/skinny.py's kernel taken off
+after loading, for A/B runs of it) or `unfused` (the decoder layers' output halves as separate
+calls: layers/fused_decode.py taken off).
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ def parse(spec: str) -> dict:
     method, _, dtype = body.rpartition("/")
     out = {"dtype": dtype, "quantization": method or None}
     for flag in flags:
-        if flag == "gemm-only":
+        if flag in ("gemm-only", "unfused"):
             out[flag] = True
             continue
         if flag not in FLAGS:
@@ -49,6 +50,11 @@ def without_skinny_kernels(model) -> None:
             module.quant_method.block_cols = 0
     if hasattr(model, "tied_head_block_cols"):
         model.tied_head_block_cols = 0
+
+
+def without_fused_outputs(model) -> None:
+    for layer in model.compile_units():
+        layer.fused_outputs = None
 
 
 def main() -> None:
@@ -70,8 +76,10 @@ def main() -> None:
     engines = []
     for spec in tqdm(args.configs, desc="loading", unit="config"):
         options = parse(spec)
-        gemm_only = options.pop("gemm-only", False)
+        gemm_only, unfused = options.pop("gemm-only", False), options.pop("unfused", False)
         llm = LLM(args.model, max_model_len=1024, kv_cache_memory=512 << 20, **options)
+        if gemm_only or unfused:
+            without_fused_outputs(llm.engine.runner.model)
         if gemm_only:
             without_skinny_kernels(llm.engine.runner.model)
         touch_kv_cache(llm)  # first-touch page faults out of the figures

@@ -70,6 +70,8 @@ def assert_decode_uses_the_skinny_kernels(llm: LLM, dtype: torch.dtype) -> None:
     layers = [m for m in model.modules() if isinstance(m, Linear) and m.out_features % 64 == 0]
     assert layers and all(m.quant_method.block_cols > 0 for m in layers)
     assert model.lm_head is not None or model.tied_head_block_cols > 0
+    # and their output halves (o_proj .. down) as one call: layers/fused_decode.py
+    assert all(layer.fused_outputs is not None for layer in model.compile_units())
 
 
 @pytest.mark.parametrize("kind", ALL_ARCHS)

@@ -105,3 +105,51 @@ def test_a_linear_layer_uses_it_for_decode_and_onednn_for_prefill(dtype, n, k):
     for rows in (1, 4, 8, 9, 33):
         got = layer(x[:rows])
         assert_within_rounding(got, x[:rows], weight, bias)
+
+
+def plain_linear(k, n, dtype, gen, bias=False):
+    layer = Linear(k, [n], bias=bias, params_dtype=dtype)
+    layer.weight.data.copy_((torch.randn(n, k, generator=gen) / k**0.5).to(dtype))
+    if bias:
+        layer.bias.data.copy_(torch.randn(n, generator=gen).to(dtype))
+    layer.quant_method.process_weights_after_loading(layer)
+    layer.quant_method.attach_native(layer)
+    return layer
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("bias", [False, True])
+def test_the_fused_mlp_block_is_the_layers_bit_for_bit(dtype, bias):
+    """fused_decode.MLPBlock against o_proj, residual + RMSNorm, gate_up, SiLU * up and down
+    called one by one (the same kernels, so the same bits), for every row count it takes."""
+    from tokenmill.layers.activation import SiluAndMul
+    from tokenmill.layers.fused_decode import MLPBlock
+    from tokenmill.layers.native_ops import RowKernels
+    from tokenmill.layers.norm import RMSNorm
+
+    if not skinny.available(dtype):
+        pytest.skip(f"no skinny kernel for {dtype} on this CPU")
+    gen = torch.Generator().manual_seed(7)
+    hidden, inter, q = 576, 1536, 640
+    o_proj = plain_linear(q, hidden, dtype, gen, bias)
+    gate_up = plain_linear(hidden, 2 * inter, dtype, gen, bias)
+    down = plain_linear(inter, hidden, dtype, gen, bias)
+    norm = RMSNorm(hidden, 1e-5, dtype)
+    norm.weight.data.copy_((1 + 0.1 * torch.randn(hidden, generator=gen)).to(dtype))
+    norm.native = act_native = RowKernels()
+    act = SiluAndMul()
+    act.native = act_native
+    block = MLPBlock.build(o_proj, norm, gate_up, down, act)
+    assert block is not None
+    for rows in range(1, skinny.MAX_ROWS + 1):
+        o = torch.randn(rows, q, generator=gen).to(dtype)
+        residual = (4 * torch.randn(rows, hidden, generator=gen)).to(dtype)
+        x, summed = norm(o_proj(o), residual)
+        want = down(act(gate_up(x)))
+        got = block(o, residual)
+        assert got is not None
+        assert torch.equal(got[1], summed) and torch.equal(got[0], want), rows
+    assert block(torch.randn(9, q).to(dtype), torch.randn(9, hidden).to(dtype)) is None
+    unread = plain_linear(inter, hidden, dtype, gen)
+    unread.quant_method.block_cols = 0  # a layout the skinny kernel does not read: no block
+    assert MLPBlock.build(o_proj, norm, gate_up, unread, act) is None

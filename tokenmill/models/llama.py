@@ -109,9 +109,27 @@ class DecoderLayer(nn.Module):
         return q, k, v, residual
 
     def attention_outputs(self, o, residual):
+        if self.fused_outputs is not None and not torch.compiler.is_compiling():
+            fused = self.fused_outputs(o.reshape(o.shape[0], -1), residual)
+            if fused is not None:  # decode sizes (layers/fused_decode.py)
+                return fused
         x = self.self_attn.o_proj(o.reshape(o.shape[0], -1))
         x, residual = self.post_attention_layernorm(x, residual)
         return self.mlp(x), residual
+
+    fused_outputs = None  # attention_outputs as one native call at decode sizes (fuse_with)
+
+    def fuse_with(self, build) -> None:
+        """Let `build(o_proj, norm, gate_up, down, act)` (layers/fused_decode.MLPBlock.build,
+        the runner's choice) take attention_outputs at decode sizes where it can."""
+        mlp = self.mlp
+        self.fused_outputs = build(
+            self.self_attn.o_proj,
+            self.post_attention_layernorm,
+            mlp.gate_up_proj,
+            mlp.down_proj,
+            mlp.act,
+        )
 
     def compile_with(self, compile_fn) -> None:
         """Replace the two halves by `compile_fn(half)` (the runner chooses the compiler)."""

@@ -235,10 +235,13 @@ int decode(const T* q, const T* kv, const int64_t* tables, const int32_t* lens, 
   const int64_t group = num_heads / num_kv_heads;
   const int64_t scratch = group * (2 * head_dim + 2 + block_size);
   const int64_t items = num_seqs * num_kv_heads;
+  // chunks of 4 items amortize the scheduling, but with few items (batch 1: one per KV head)
+  // they would leave every thread but one idle
+  const int chunk = items >= 16 * num_threads ? 4 : 1;
 #pragma omp parallel num_threads(num_threads)
   {
     std::vector<float> buf(scratch);
-#pragma omp for schedule(dynamic, 4)
+#pragma omp for schedule(dynamic, chunk)
     for (int64_t i = 0; i < items; ++i) {
       const int64_t seq = i / num_kv_heads, h = i % num_kv_heads;
       const int64_t off = (seq * num_heads + h * group) * head_dim;

@@ -15,132 +15,78 @@
 // prefetcher alone does not at one row (BENCHMARKS.md, "single-stream decode"). Accumulation is
 // in fp32; bf16 outputs are rounded to nearest even once, as oneDNN does.
 
-#include <immintrin.h>
 #include <omp.h>
 
 #include <cstdint>
+#include <type_traits>
+#include <vector>
+
+#include "row_ops.h"
+#include "skinny_gemv.h"
 
 namespace {
 
-constexpr int kPrefetchBytes = 2048;  // ahead of the row being read, in each thread's stream
+struct MlpBlock {  // int64 fields, laid out by fused_decode.MLPBlock
+  int64_t w_o, bias_o, cols_o, in_o;  // o_proj: [hidden, in_o]
+  int64_t w_gu, bias_gu, cols_gu;     // gate_up_proj: [2 * inter, hidden]
+  int64_t w_down, bias_down, cols_down;  // down_proj: [hidden, inter]
+  int64_t norm_weight, hidden, inter;
+};
 
 #if defined(__AVX512F__)
+using tm::skinny::dispatch_m;
 
-// One pass over one block: V vectors (16 outputs each) of the block's rows, starting at vector
-// `v0`, for M rows of x. `rows` block rows of `row_words` 32-bit words each.
-template <int M, int V, bool kBf16>
-inline void block_pass(const uint32_t* x, int64_t ldx_words, const uint32_t* w, int64_t rows,
-                       int64_t row_words, int v0, __m512 (&acc)[M][V]) {
-  for (int m = 0; m < M; ++m)
-    for (int v = 0; v < V; ++v) acc[m][v] = _mm512_setzero_ps();
-  const char* pf = reinterpret_cast<const char*>(w) + kPrefetchBytes;
-  const int64_t row_bytes = row_words * 4;
-  for (int64_t r = 0; r < rows; ++r) {
-    const uint32_t* wr = w + r * row_words + v0 * 16;
-    for (int64_t b = 0; b < row_bytes; b += 64) _mm_prefetch(pf + r * row_bytes + b, _MM_HINT_T0);
-    __m512i wv[V];
-    for (int v = 0; v < V; ++v) wv[v] = _mm512_loadu_si512(wr + v * 16);
-    for (int m = 0; m < M; ++m) {
-      const __m512i xb = _mm512_set1_epi32(static_cast<int>(x[m * ldx_words + r]));
-      for (int v = 0; v < V; ++v) {
-        if constexpr (kBf16) {
-#if defined(__AVX512BF16__)
-          acc[m][v] = _mm512_dpbf16_ps(acc[m][v], (__m512bh)xb, (__m512bh)wv[v]);
-#endif
-        } else {
-          acc[m][v] = _mm512_fmadd_ps(_mm512_castsi512_ps(xb), _mm512_castsi512_ps(wv[v]),
-                                      acc[m][v]);
-        }
-      }
-    }
-  }
-}
-
-inline __m512 load_bias(const void* bias, bool bf16, int64_t n) {
-  if (!bias) return _mm512_setzero_ps();
-  if (!bf16) return _mm512_loadu_ps(static_cast<const float*>(bias) + n);
-  const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(
-      static_cast<const uint16_t*>(bias) + n));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-}
-
-inline void store_row(void* y, bool bf16, int64_t at, __m512 v) {
-  if (!bf16) {
-    _mm512_storeu_ps(static_cast<float*>(y) + at, v);
-    return;
-  }
-  // round to nearest even (NaN kept quiet): the bits of fp32 plus 0x7fff plus the kept lsb
-  const __m512i bits = _mm512_castps_si512(v);
-  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
-  __m512i r = _mm512_srli_epi32(
-      _mm512_add_epi32(bits, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff))), 16);
-  const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
-  r = _mm512_mask_or_epi32(r, nan, _mm512_srli_epi32(bits, 16), _mm512_set1_epi32(0x40));
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(static_cast<uint16_t*>(y) + at),
-                      _mm512_cvtepi32_epi16(r));
-}
-
-// y[M, N] = x[M, K] W^T + bias over the blocks [nb_begin, nb_end).
-template <int M, int V, bool kBf16>
-void run_blocks(const void* x, int64_t ldx, const void* w, const void* bias, void* y, int64_t ldy,
-                int64_t K, int64_t block_cols, int64_t nb_begin, int64_t nb_end) {
-  const int64_t pair = kBf16 ? 2 : 1;
-  const int64_t rows = K / pair, row_words = block_cols;  // a row: block_cols 32-bit lanes
-  const int64_t ldx_words = ldx / pair;
-  const auto* xw = static_cast<const uint32_t*>(x);
-  const int passes = static_cast<int>(block_cols / 16 / V);
-  for (int64_t nb = nb_begin; nb < nb_end; ++nb) {
-    const auto* wb = static_cast<const uint32_t*>(w) + nb * rows * row_words;
-    for (int p = 0; p < passes; ++p) {
-      __m512 acc[M][V];
-      block_pass<M, V, kBf16>(xw, ldx_words, wb, rows, row_words, p * V, acc);
-      for (int v = 0; v < V; ++v) {
-        const int64_t n = nb * block_cols + (p * V + v) * 16;
-        const __m512 b = load_bias(bias, kBf16, n);
-        for (int m = 0; m < M; ++m) store_row(y, kBf16, m * ldy + n, _mm512_add_ps(acc[m][v], b));
-      }
-    }
-  }
-}
-
-template <int M, bool kBf16>
-void dispatch_v(const void* x, int64_t ldx, const void* w, const void* bias, void* y, int64_t ldy,
-                int64_t K, int64_t block_cols, int64_t b0, int64_t b1) {
-  // as many vectors per pass as the accumulators allow (M * V <= 16 of the 32 registers)
-  const int64_t vecs = block_cols / 16;
-  if (vecs % 4 == 0 && M <= 4)
-    run_blocks<M, 4, kBf16>(x, ldx, w, bias, y, ldy, K, block_cols, b0, b1);
-  else if (vecs % 2 == 0)
-    run_blocks<M, 2, kBf16>(x, ldx, w, bias, y, ldy, K, block_cols, b0, b1);
-  else
-    run_blocks<M, 1, kBf16>(x, ldx, w, bias, y, ldy, K, block_cols, b0, b1);
-}
-
+// This thread's contiguous run of the column blocks of y[M, N] = x W^T + bias, inside a
+// parallel region.
 template <bool kBf16>
-void dispatch_m(int64_t M, const void* x, int64_t ldx, const void* w, const void* bias, void* y,
-                int64_t ldy, int64_t K, int64_t block_cols, int64_t b0, int64_t b1) {
-  switch (M) {
-    case 1: return dispatch_v<1, kBf16>(x, ldx, w, bias, y, ldy, K, block_cols, b0, b1);
-    case 2: return dispatch_v<2, kBf16>(x, ldx, w, bias, y, ldy, K, block_cols, b0, b1);
-    case 3: return dispatch_v<3, kBf16>(x, ldx, w, bias, y, ldy, K, block_cols, b0, b1);
-    case 4: return dispatch_v<4, kBf16>(x, ldx, w, bias, y, ldy, K, block_cols, b0, b1);
-    case 5: return dispatch_v<5, kBf16>(x, ldx, w, bias, y, ldy, K, block_cols, b0, b1);
-    case 6: return dispatch_v<6, kBf16>(x, ldx, w, bias, y, ldy, K, block_cols, b0, b1);
-    case 7: return dispatch_v<7, kBf16>(x, ldx, w, bias, y, ldy, K, block_cols, b0, b1);
-    case 8: return dispatch_v<8, kBf16>(x, ldx, w, bias, y, ldy, K, block_cols, b0, b1);
-  }
+void share_of(int64_t M, const void* x, int64_t ldx, const void* w, const void* bias, void* y,
+              int64_t ldy, int64_t N, int64_t K, int64_t cols) {
+  const int64_t blocks = N / cols, t = omp_get_thread_num(), nt = omp_get_num_threads();
+  const int64_t b0 = blocks * t / nt, b1 = blocks * (t + 1) / nt;
+  if (b0 < b1) dispatch_m<kBf16>(M, x, ldx, w, bias, y, ldy, K, cols, b0, b1);
 }
 
 template <bool kBf16>
 int skinny(int64_t M, const void* x, int64_t ldx, const void* w, const void* bias, void* y,
            int64_t ldy, int64_t N, int64_t K, int64_t block_cols, int num_threads) {
   if (M < 1 || M > 8 || block_cols % 16 || N % block_cols || K % (kBf16 ? 2 : 1)) return 0;
-  const int64_t blocks = N / block_cols;
+#pragma omp parallel num_threads(num_threads)
+  share_of<kBf16>(M, x, ldx, w, bias, y, ldy, N, K, block_cols);
+  return 1;
+}
+
+inline const void* ptr(int64_t address) { return reinterpret_cast<const void*>(address); }
+
+// The output half of a decoder layer at decode sizes, as one call: o_proj, residual add +
+// RMSNorm, gate_up, SiLU(gate) * up, down (layers/fused_decode.py). The GEMVs are split over
+// the threads as skinny() splits them, the row ops (a few microseconds at <= 8 rows) run on one
+// thread between barriers; every intermediate is rounded to the model dtype where the unfused
+// layers round it, so the result is the same bits as those layers' calls in a row.
+
+template <bool kBf16>
+int mlp_block(int64_t M, const void* a, int64_t lda, const void* residual, void* out,
+              void* summed, const MlpBlock& d, float eps, int num_threads) {
+  using T = std::conditional_t<kBf16, uint16_t, float>;
+  const int64_t H = d.hidden, I = d.inter, pair = kBf16 ? 2 : 1;
+  const bool fits = M >= 1 && M <= 8 && H % d.cols_o == 0 && (2 * I) % d.cols_gu == 0 &&
+                    H % d.cols_down == 0 && d.in_o % pair == 0 && H % pair == 0 && I % pair == 0;
+  if (!fits) return 0;
+  std::vector<T> x1(M * H), normed(M * H), gate_up(M * 2 * I), act(M * I);
 #pragma omp parallel num_threads(num_threads)
   {
-    const int64_t t = omp_get_thread_num(), nt = omp_get_num_threads();
-    const int64_t b0 = blocks * t / nt, b1 = blocks * (t + 1) / nt;  // contiguous runs
-    if (b0 < b1) dispatch_m<kBf16>(M, x, ldx, w, bias, y, ldy, K, block_cols, b0, b1);
+    share_of<kBf16>(M, a, lda, ptr(d.w_o), ptr(d.bias_o), x1.data(), H, H, d.in_o, d.cols_o);
+#pragma omp barrier
+#pragma omp single
+    tm::rows::add_rms_norm<T>(x1.data(), static_cast<const T*>(residual),
+                              reinterpret_cast<const T*>(d.norm_weight), normed.data(),
+                              static_cast<T*>(summed), M, H, eps, 1);
+    share_of<kBf16>(M, normed.data(), H, ptr(d.w_gu), ptr(d.bias_gu), gate_up.data(), 2 * I,
+                    2 * I, H, d.cols_gu);
+#pragma omp barrier
+#pragma omp single
+    tm::rows::silu_mul<T>(gate_up.data(), act.data(), M, I, 1);
+    share_of<kBf16>(M, act.data(), I, ptr(d.w_down), ptr(d.bias_down), out, H, H, I,
+                    d.cols_down);
   }
   return 1;
 }
@@ -150,6 +96,27 @@ int skinny(int64_t M, const void* x, int64_t ldx, const void* w, const void* bia
 }  // namespace
 
 extern "C" {
+
+// out[M, hidden] and summed[M, hidden] (= o_proj(a) + residual) of the block above; 1 when
+// done, 0 where it does not apply (the caller then runs the layers one by one).
+int tm_decode_mlp_f32(int64_t M, const float* a, int64_t lda, const float* residual, float* out,
+                      float* summed, const MlpBlock* block, float eps, int num_threads) {
+#if defined(__AVX512F__)
+  return mlp_block<false>(M, a, lda, residual, out, summed, *block, eps, num_threads);
+#else
+  return 0;
+#endif
+}
+
+int tm_decode_mlp_bf16(int64_t M, const uint16_t* a, int64_t lda, const uint16_t* residual,
+                       uint16_t* out, uint16_t* summed, const MlpBlock* block, float eps,
+                       int num_threads) {
+#if defined(__AVX512F__) && defined(__AVX512BF16__)
+  return mlp_block<true>(M, a, lda, residual, out, summed, *block, eps, num_threads);
+#else
+  return 0;
+#endif
+}
 
 // Which kernels this build has: bit 0 fp32 (AVX-512F), bit 1 bf16 (AVX512-BF16).
 int tm_skinny_available() {
