@@ -6,7 +6,8 @@ offline throughput (64 x 128 -> 128 by default), batch-1 TTFT and decode speed, 
     python benchmarks/peers/compare.py --hf /tmp/smollm2-hf [--json-out F]
 
 An engine whose venv is missing is reported as such, not skipped silently. llama.cpp reads the
-GGUF directly (the bundled Q4_1 file, as shipped, and an F32 copy of the same values).
+GGUF directly (the bundled Q4_1 file, as shipped, an F32 copy of the same values, and BF16 / Q8_0
+files that llama.cpp re-encodes from it: quantize_gguf.py).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ def venv_python(name: str | None) -> Path:
 
 
 def engines(
-    hf: str, gguf: str, gguf_f32: str | None
+    hf: str, gguf: str, gguf_f32: str | None, more_ggufs: dict[str, str | None] | None = None
 ) -> list[tuple[str, str | None, str, str, str]]:
     """(label, venv, driver, model, variant)."""
     rows = [
@@ -44,6 +45,9 @@ def engines(
     ]
     if gguf_f32:
         rows.insert(5, ("llama.cpp F32", "llamacpp", "llamacpp_driver.py", gguf_f32, "f32"))
+    for kind, path in (more_ggufs or {}).items():  # quantize_gguf.py's BF16 and Q8_0 files
+        if path:
+            rows.append((f"llama.cpp {kind.upper()}", "llamacpp", "llamacpp_driver.py", path, kind))
     return rows
 
 
@@ -65,6 +69,8 @@ def main() -> None:
     ap.add_argument("--hf", required=True, help="HF folder (export_default.py)")
     ap.add_argument("--gguf", default=None, help="GGUF for llama.cpp (default: the bundled file)")
     ap.add_argument("--gguf-f32", default=None, help="an F32 GGUF of the same weights")
+    ap.add_argument("--gguf-bf16", default=None, help="a BF16 GGUF of them (quantize_gguf.py)")
+    ap.add_argument("--gguf-q8_0", default=None, help="a Q8_0 GGUF of them (quantize_gguf.py)")
     ap.add_argument("--num-prompts", type=int, default=64)
     ap.add_argument("--input-len", type=int, default=128)
     ap.add_argument("--output-len", type=int, default=128)
@@ -82,8 +88,10 @@ def main() -> None:
     work.write_text(
         json.dumps(workload(vocab, args.num_prompts, args.input_len, args.output_len, 0))
     )
+    bandwidth = [read_bandwidth_gbs()]  # before the engines and after them: the drift shows
     results = []
-    for label, venv, driver, model, variant in engines(args.hf, gguf, args.gguf_f32):
+    more = {"bf16": args.gguf_bf16, "q8_0": args.gguf_q8_0}
+    for label, venv, driver, model, variant in engines(args.hf, gguf, args.gguf_f32, more):
         if args.only and label not in args.only.split(","):
             continue
         python = venv_python(venv)
@@ -112,9 +120,12 @@ def main() -> None:
             print(f"{label}: failed: {tail}", flush=True)
             continue
         row = {"label": label, **json.loads(out.read_text()), "wall_s": time.perf_counter() - t}
+        row["weight_bytes"] = weight_bytes(model, variant)
         results.append(row)
         print(json.dumps(row), flush=True)
+    bandwidth.append(read_bandwidth_gbs())
     stamp = {
+        "read_gb_per_s": bandwidth,
         "machine": machine(),
         "commit": commit(),
         "date": time.strftime("%Y-%m-%d"),
@@ -125,22 +136,65 @@ def main() -> None:
         Path(args.json_out).write_text(json.dumps({**stamp, "results": results}, indent=2))
 
 
+def read_bandwidth_gbs(gib: int = 1, repeats: int = 5) -> float:
+    """Memory read bandwidth: the median of `repeats` sums over a buffer larger than the last
+    cache level (torch, every thread), the roofline a batch-1 decode streams its weights at."""
+    import statistics
+
+    import torch
+
+    buf = torch.ones(gib << 28, dtype=torch.float32)  # gib GiB
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        buf.sum()
+        times.append(time.perf_counter() - t)
+    return buf.numel() * 4 / statistics.median(times) / 1e9
+
+
+def weight_bytes(model: str, variant: str) -> int:
+    """What one decode step reads of weights: a GGUF's size, or an HF folder's parameters at the
+    variant's width (a tied head counted once, as stored)."""
+    path = Path(model)
+    if path.is_file():
+        return path.stat().st_size
+    from safetensors import safe_open
+
+    count = 0
+    for f in path.glob("*.safetensors"):
+        with safe_open(str(f), "pt") as st:
+            for name in st.keys():
+                count += _numel(st, name)
+    return count * {"float32": 4, "bfloat16": 2, "float16": 2}.get(variant, 1)
+
+
+def _numel(st, name: str) -> int:
+    n = 1
+    for d in st.get_slice(name).get_shape():
+        n *= d
+    return n
+
+
 def table(results: list[dict], stamp: dict) -> None:
     base = next((r for r in results if r["label"] == "tokenmill fp32" and "error" not in r), None)
+    bw = stamp["read_gb_per_s"]
     print(f"\n{stamp['machine']}, commit {stamp['commit']}, {stamp['date']}, {stamp['workload']}")
+    print(f"memory read bandwidth {bw[0]:.1f} GB/s before the engines, {bw[-1]:.1f} after")
     print(
         "| engine | version | offline out tok/s | vs tokenmill fp32 | batch-1 decode tok/s "
-        "| batch-1 TTFT ms | start-up s |"
+        "| share of the bandwidth roofline | batch-1 TTFT ms | start-up s |"
     )
-    print("|---|---|---:|---:|---:|---:|---:|")
+    print("|---|---|---:|---:|---:|---:|---:|---:|")
     for r in results:
         if "error" in r:
-            print(f"| {r['label']} | - | {r['error']} | | | | |")
+            print(f"| {r['label']} | - | {r['error']} | | | | | |")
             continue
         ratio = r["offline_output_tps"] / base["offline_output_tps"] if base else float("nan")
+        roofline = max(bw) * 1e9 / r["weight_bytes"]  # tok/s if the weights streamed at bw
         print(
             f"| {r['label']} | {r['version']} | {r['offline_output_tps']:.1f} | {ratio:.2f}x | "
-            f"{r['decode_b1_tps']:.1f} | {1000 * r['ttft_b1_s']:.0f} | {r['startup_s']:.1f} |"
+            f"{r['decode_b1_tps']:.1f} | {r['decode_b1_tps'] / roofline:.0%} | "
+            f"{1000 * r['ttft_b1_s']:.0f} | {r['startup_s']:.1f} |"
         )
 
 
