@@ -10,8 +10,8 @@ round (median and range).
 A configuration is [METHOD/]DTYPE[+FLAG...]: METHOD a --quantization, FLAG `compile`,
 `torch-kernels` (the gather + SDPA decode attention instead of the native kernel), `rotate`
 (--rotate), `gemm-only` (oneDNN's GEMM at every batch size: layers/skinny.py's kernel taken off
-after loading, for A/B runs of it) or `unfused` (the decoder layers' output halves as separate
-calls: layers/fused_decode.py taken off).
+after loading, for A/B runs of it) or `unfused` (the decoder layers' halves as separate calls:
+layers/fused_decode.py taken off).
 """
 
 from __future__ import annotations
@@ -52,9 +52,9 @@ def without_skinny_kernels(model) -> None:
         model.tied_head_block_cols = 0
 
 
-def without_fused_outputs(model) -> None:
+def without_fused_halves(model) -> None:
     for layer in model.compile_units():
-        layer.fused_outputs = None
+        layer.fused_inputs = layer.fused_outputs = None
 
 
 def main() -> None:
@@ -79,7 +79,7 @@ def main() -> None:
         gemm_only, unfused = options.pop("gemm-only", False), options.pop("unfused", False)
         llm = LLM(args.model, max_model_len=1024, kv_cache_memory=512 << 20, **options)
         if gemm_only or unfused:
-            without_fused_outputs(llm.engine.runner.model)
+            without_fused_halves(llm.engine.runner.model)
         if gemm_only:
             without_skinny_kernels(llm.engine.runner.model)
         touch_kv_cache(llm)  # first-touch page faults out of the figures

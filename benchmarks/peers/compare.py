@@ -36,6 +36,9 @@ def engines(
     rows = [
         ("tokenmill fp32", None, "tokenmill_driver.py", hf, "float32"),
         ("tokenmill bf16", None, "tokenmill_driver.py", hf, "bfloat16"),
+        ("tokenmill int8 (weight-only)", None, "tokenmill_driver.py", hf, "int8/bfloat16"),
+        ("tokenmill w8a8", None, "tokenmill_driver.py", hf, "w8a8/bfloat16"),
+        ("tokenmill nvfp4", None, "tokenmill_driver.py", hf, "nvfp4/bfloat16"),
         ("transformers fp32", None, "transformers_driver.py", hf, "float32"),
         ("vLLM fp32", "vllm", "vllm_driver.py", hf, "float32"),
         ("vLLM bf16", "vllm", "vllm_driver.py", hf, "bfloat16"),
@@ -154,18 +157,24 @@ def read_bandwidth_gbs(gib: int = 1, repeats: int = 5) -> float:
 
 def weight_bytes(model: str, variant: str) -> int:
     """What one decode step reads of weights: a GGUF's size, or an HF folder's parameters at the
-    variant's width (a tied head counted once, as stored)."""
+    variant's width: a quantization method's bits for the linear layers (codes and scales:
+    nvfp4 an fp8 scale per 16, int4 a bf16 scale and zero per 32), the model dtype for the rest
+    (the embedding, which a tied model's head reads whole each step; norms)."""
     path = Path(model)
     if path.is_file():
         return path.stat().st_size
     from safetensors import safe_open
 
-    count = 0
+    method, _, dtype = variant.rpartition("/")
+    plain = {"float32": 4, "bfloat16": 2, "float16": 2}[dtype]
+    bits = {"int8": 8, "w8a8": 8, "nvfp4": 4.5, "mxfp4": 4.25, "int4": 4.5}.get(method)
+    total = 0.0
     for f in path.glob("*.safetensors"):
         with safe_open(str(f), "pt") as st:
             for name in st.keys():
-                count += _numel(st, name)
-    return count * {"float32": 4, "bfloat16": 2, "float16": 2}.get(variant, 1)
+                quantized = bits and "_proj." in name
+                total += _numel(st, name) * (bits / 8 if quantized else plain)
+    return int(total)
 
 
 def _numel(st, name: str) -> int:

@@ -7,5 +7,11 @@ here=$(cd "$(dirname "$0")" && pwd)
 venv="$here/.venv-llamacpp"
 python3.11 -m venv "$venv"
 "$venv/bin/pip" install -q --upgrade pip
-CMAKE_ARGS="-DGGML_NATIVE=ON" "$venv/bin/pip" install "llama-cpp-python[server]==0.3.36"
+# AMX off: on the Xeon of 2026-12 its AMX matmul (Q8_0, Q4_x) dies of SIGILL in a worker thread's
+# first tileloadd (gdb: ggml_backend_amx_mul_mat), though AMX itself runs there (a standalone
+# ldtilecfg/tilezero test passes) and the process holds the XTILEDATA permission. Its AVX-512
+# VNNI and repacked kernels stay on.
+CMAKE_ARGS="-DGGML_NATIVE=ON -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF" \
+    "$venv/bin/pip" install --no-cache-dir --force-reinstall --no-deps "llama-cpp-python==0.3.36"
+"$venv/bin/pip" install "llama-cpp-python[server]==0.3.36"
 "$venv/bin/python" -c "import llama_cpp; print('llama-cpp-python', llama_cpp.__version__)"

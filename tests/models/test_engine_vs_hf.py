@@ -70,8 +70,14 @@ def assert_decode_uses_the_skinny_kernels(llm: LLM, dtype: torch.dtype) -> None:
     layers = [m for m in model.modules() if isinstance(m, Linear) and m.out_features % 64 == 0]
     assert layers and all(m.quant_method.block_cols > 0 for m in layers)
     assert model.lm_head is not None or model.tied_head_block_cols > 0
-    # and their output halves (o_proj .. down) as one call: layers/fused_decode.py
-    assert all(layer.fused_outputs is not None for layer in model.compile_units())
+    # and their halves as one call each (layers/fused_decode.py): the output half always, the
+    # input half where q/k/v is readable and there is no q/k norm
+    units = model.compile_units()
+    assert all(layer.fused_outputs is not None for layer in units)
+    for layer in units:
+        attn = layer.self_attn
+        readable = attn.qkv_proj.quant_method.block_cols > 0 and attn.q_norm is None
+        assert (layer.fused_inputs is not None) == readable
 
 
 @pytest.mark.parametrize("kind", ALL_ARCHS)

@@ -153,3 +153,46 @@ def test_the_fused_mlp_block_is_the_layers_bit_for_bit(dtype, bias):
     unread = plain_linear(inter, hidden, dtype, gen)
     unread.quant_method.block_cols = 0  # a layout the skinny kernel does not read: no block
     assert MLPBlock.build(o_proj, norm, gate_up, unread, act) is None
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("first_layer", [False, True])
+def test_the_fused_qkv_block_is_the_layers_bit_for_bit(dtype, first_layer):
+    """fused_decode.QKVBlock against residual + RMSNorm, qkv_proj and rotary called one by one
+    (models/llama.DecoderLayer.attention_inputs without fusion), for every row count."""
+    from types import SimpleNamespace
+
+    from tokenmill.layers.fused_decode import QKVBlock
+    from tokenmill.layers.native_ops import RowKernels
+    from tokenmill.layers.norm import RMSNorm
+    from tokenmill.layers.rotary import RotaryEmbedding
+
+    if not skinny.available(dtype):
+        pytest.skip(f"no skinny kernel for {dtype} on this CPU")
+    gen = torch.Generator().manual_seed(11)
+    hidden, heads, kv_heads, d = 576, 9, 3, 64
+    qkv = plain_linear(hidden, (heads + 2 * kv_heads) * d, dtype, gen)
+    norm = RMSNorm(hidden, 1e-5, dtype)
+    norm.weight.data.copy_((1 + 0.1 * torch.randn(hidden, generator=gen)).to(dtype))
+    rotary = RotaryEmbedding(d, 4096, 10000.0, None)
+    norm.native = rotary.native = RowKernels()
+    attn = SimpleNamespace(q_norm=None, num_heads=heads, num_kv_heads=kv_heads, head_dim=d)
+    block = QKVBlock.build(norm, qkv, rotary, attn)
+    assert block is not None
+    for rows in range(1, skinny.MAX_ROWS + 1):
+        x = torch.randn(rows, hidden, generator=gen).to(dtype)
+        residual = None if first_layer else (4 * torch.randn(rows, hidden, generator=gen)).to(dtype)  # fmt: skip
+        cos_sin = rotary.lookup(torch.randint(0, 4096, (rows,), generator=gen), dtype)
+        if residual is None:
+            want_res, normed = x, norm(x)
+        else:
+            normed, want_res = norm(x, residual)
+        out = qkv(normed).view(rows, heads + 2 * kv_heads, d)
+        qk = rotary.apply(out[:, : heads + kv_heads], cos_sin)
+        got = block(cos_sin, x, residual)
+        assert got is not None
+        q, k, v, res = got
+        assert torch.equal(q, qk[:, :heads]) and torch.equal(k, qk[:, heads:]), rows
+        assert torch.equal(v, out[:, heads + kv_heads :]) and torch.equal(res, want_res)
+    attn.q_norm = norm  # Qwen3's q/k norms: not this block's
+    assert QKVBlock.build(norm, qkv, rotary, attn) is None

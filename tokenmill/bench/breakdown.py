@@ -2,7 +2,9 @@
 writes, norms, rotary, activation, LM head, sampler), measured on decode-only steps after every
 prompt is prefilled. Timers wrap the parts' Python entry points, so on CUDA (asynchronous) they
 measure dispatch, not kernels: use it on CPU, and torch.profiler on GPUs. A part called inside
-another (an untied LM head is a Linear) counts for the outer one, so parts never overlap.
+another (an untied LM head is a Linear) counts for the outer one, so parts never overlap. With
+the native kernels a decoder layer's halves run fused at decode sizes (layers/fused_decode.py):
+their linear layers, norms, rotary and SiLU * up then count as the two fused parts.
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ from collections import Counter
 from contextlib import contextmanager
 
 PARTS = [  # (module, class, method, label)
+    ("tokenmill.layers.fused_decode", "QKVBlock", "__call__", "fused norm + q/k/v + rotary"),
+    ("tokenmill.layers.fused_decode", "MLPBlock", "__call__", "fused o_proj .. down"),
     ("tokenmill.layers.linear", "Linear", "forward", "linear layers"),
     ("tokenmill.layers.attention", "TorchAttention", "_decode", "attention (gather + SDPA)"),
     ("tokenmill.layers.cpu_attention", "NativeCpuAttention", "_decode", "attention (native)"),

@@ -1,12 +1,15 @@
-"""A decoder layer's output half at decode sizes as one native call (`csrc/skinny_linear.cpp`,
-`tm_decode_mlp_*`): o_proj, residual add + RMSNorm, gate_up, SiLU(gate) * up, down.
+"""A decoder layer's two halves around attention at decode sizes, one native call each
+(`csrc/skinny_linear.cpp`): `QKVBlock` is residual add + RMSNorm, qkv_proj and rotary on q and
+k (`tm_decode_qkv_*`); `MLPBlock` is o_proj, residual add + RMSNorm, gate_up, SiLU(gate) * up and
+down (`tm_decode_mlp_*`).
 
 At batch 1 the five layers' Python, dispatch and thread wake-ups cost about as much as their
 GEMVs' arithmetic; one call with barriers between the stages keeps the threads in one parallel
 region. The stages are the very kernels the layers call one by one (the skinny GEMV, the native
 row ops), so the output is the same bits. Built only where every part is plain: packed fp32/bf16
-weights the skinny kernel reads, a plain RMSNorm with native row kernels, plain SiLU * up. More
-than MAX_ROWS rows, or anything else, and the caller runs the layers as before.
+weights the skinny kernel reads, a plain RMSNorm with native row kernels, plain SiLU * up, rotary
+with native kernels and no q/k norm. More than MAX_ROWS rows, or anything else, and the caller
+runs the layers as before.
 """
 
 from __future__ import annotations
@@ -20,12 +23,109 @@ from tokenmill.layers.activation import SiluAndMul
 from tokenmill.layers.linear import Linear, UnquantizedMethod
 from tokenmill.layers.norm import RMSNorm
 
-_FIELDS = 13  # int64 fields of the C struct MlpBlock
+_MLP_FIELDS = 13  # int64 fields of the C struct MlpBlock
+_QKV_FIELDS = 8  # and of QkvBlock
 
 
 def _readable(layer: Linear) -> bool:
     method = layer.quant_method
     return type(method) is UnquantizedMethod and method.packed is not None and method.block_cols > 0
+
+
+def _still_packed(held: list[tuple[Linear, torch.Tensor]]) -> bool:
+    """Whether each layer still applies the packed weight a block was built over (batch-invariant
+    mode, for one, repacks them later: the block then steps aside)."""
+    return all(layer.quant_method.packed is p and layer.quant_method.block_cols for layer, p in held)  # fmt: skip
+
+
+def _linear_fields(layer: Linear) -> list[int]:
+    bias = layer.bias.data_ptr() if layer.bias is not None else 0
+    return [torch.ops.mkldnn.data_ptr(layer.quant_method.packed), bias, layer.quant_method.block_cols]  # fmt: skip
+
+
+def _function(name: str, dtype: torch.dtype, args: int):
+    """`name`_bf16 or _f32 of the skinny library: (rows, `args` pointers, eps, threads)."""
+    lib = skinny._library()
+    assert lib is not None
+    fn = getattr(lib, f"{name}_{'bf16' if dtype == torch.bfloat16 else 'f32'}")
+    fn.argtypes = [ctypes.c_int64, *[ctypes.c_void_p] * args, ctypes.c_float, ctypes.c_int]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+def _takes(x: torch.Tensor, dtype: torch.dtype) -> bool:
+    """Whether x is rows the kernels read: 1..MAX_ROWS contiguous rows of `dtype`."""
+    return 0 < x.shape[0] <= skinny.MAX_ROWS and x.dtype == dtype and x.is_contiguous()
+
+
+def _plain(norm, *linears) -> bool:
+    dtype = norm.weight.dtype
+    return (
+        type(norm) is RMSNorm
+        and norm.native is not None
+        and dtype in (torch.float32, torch.bfloat16)
+        and all(isinstance(x, Linear) and _readable(x) and x.params_dtype == dtype for x in linears)
+    )
+
+
+class QKVBlock:
+    """(cos_sin, x [rows, hidden], residual or None) -> (q, k, v, residual) as
+    DecoderLayer.attention_inputs returns them: q, k rotated; v a view of the q/k/v output."""
+
+    def __init__(self, norm: RMSNorm, qkv: Linear, num_heads: int, num_kv_heads: int, head_dim: int):  # fmt: skip
+        self.dtype, self.eps = norm.weight.dtype, float(norm.eps)
+        self.hidden, self.n_qkv = qkv.in_features, qkv.out_features
+        self.heads, self.kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+        self._held = [(qkv, qkv.quant_method.packed)]  # keeps what the pointers below point at
+        self._norm_weight = norm.weight
+        fields = [*_linear_fields(qkv), self.n_qkv, norm.weight.data_ptr(), self.hidden]
+        fields += [num_heads + num_kv_heads, head_dim]
+        assert len(fields) == _QKV_FIELDS
+        self._desc = (ctypes.c_int64 * _QKV_FIELDS)(*fields)
+        self._desc_ptr = ctypes.addressof(self._desc)
+        self._fn = _function("tm_decode_qkv", self.dtype, 8)
+
+    @classmethod
+    def build(cls, norm, qkv, rotary, attention) -> QKVBlock | None:
+        """The fused half over these modules, or None where one of them is not plain."""
+        if attention.q_norm is not None or rotary.native is None or not _plain(norm, qkv):
+            return None
+        h, kvh, d = attention.num_heads, attention.num_kv_heads, attention.head_dim
+        if qkv.out_features != (h + 2 * kvh) * d or qkv.in_features != norm.weight.shape[0]:
+            return None
+        return cls(norm, qkv, h, kvh, d)
+
+    def __call__(self, cos_sin, x: torch.Tensor, residual: torch.Tensor | None):
+        cos, sin = cos_sin
+        if not _takes(x, self.dtype) or not (cos.is_contiguous() and sin.is_contiguous()):
+            return None
+        if cos.dtype != self.dtype or cos.shape != (x.shape[0], 1, self.head_dim):
+            return None
+        if residual is not None and not _takes(residual, self.dtype):
+            return None
+        if not _still_packed(self._held):
+            return None
+        rows, h, kvh, d = x.shape[0], self.heads, self.kv_heads, self.head_dim
+        summed = torch.empty_like(x) if residual is not None else None
+        qkv = torch.empty(rows, self.n_qkv, dtype=self.dtype)
+        rotated = torch.empty(rows, h + kvh, d, dtype=self.dtype)
+        done = self._fn(
+            rows,
+            x.data_ptr(),
+            residual.data_ptr() if residual is not None else None,
+            summed.data_ptr() if summed is not None else None,
+            qkv.data_ptr(),
+            rotated.data_ptr(),
+            cos.data_ptr(),
+            sin.data_ptr(),
+            self._desc_ptr,
+            self.eps,
+            torch.get_num_threads(),
+        )
+        if not done:
+            return None
+        v = qkv.view(rows, h + 2 * kvh, d)[:, h + kvh :]
+        return rotated[:, :h], rotated[:, h:], v, x if residual is None else summed
 
 
 class MLPBlock:
@@ -34,36 +134,21 @@ class MLPBlock:
     def __init__(self, o_proj: Linear, norm: RMSNorm, gate_up: Linear, down: Linear) -> None:
         self.dtype = norm.weight.dtype
         self.hidden, self.eps = o_proj.out_features, float(norm.eps)
-        self._keep = [o_proj, norm, gate_up, down]  # the pointers below live as long as these
-        fields = []
-        for layer in (o_proj, gate_up, down):
-            method = layer.quant_method
-            bias = layer.bias.data_ptr() if layer.bias is not None else 0
-            fields += [torch.ops.mkldnn.data_ptr(method.packed), bias, method.block_cols]
-            if layer is o_proj:
-                fields.append(o_proj.in_features)
-        fields += [norm.weight.data_ptr(), self.hidden, down.in_features]
-        assert len(fields) == _FIELDS
-        self._desc = (ctypes.c_int64 * _FIELDS)(*fields)
+        self._held = [(x, x.quant_method.packed) for x in (o_proj, gate_up, down)]  # as QKVBlock
+        self._norm_weight = norm.weight
+        fields = [*_linear_fields(o_proj), o_proj.in_features, *_linear_fields(gate_up)]
+        fields += [*_linear_fields(down), norm.weight.data_ptr(), self.hidden, down.in_features]
+        assert len(fields) == _MLP_FIELDS
+        self._desc = (ctypes.c_int64 * _MLP_FIELDS)(*fields)
         self._desc_ptr = ctypes.addressof(self._desc)
-        lib = skinny._library()
-        assert lib is not None
-        tag = "bf16" if self.dtype == torch.bfloat16 else "f32"
-        self._fn = getattr(lib, f"tm_decode_mlp_{tag}")
-        i64, ptr = ctypes.c_int64, ctypes.c_void_p
-        self._fn.argtypes = [i64, ptr, i64, ptr, ptr, ptr, ptr, ctypes.c_float, ctypes.c_int]
-        self._fn.restype = ctypes.c_int
+        self._fn = _function("tm_decode_mlp", self.dtype, 5)
 
     @classmethod
     def build(cls, o_proj, norm, gate_up, down, act) -> MLPBlock | None:
         """The fused block over these layers, or None where one of them is not plain."""
         plain = (
-            all(isinstance(x, Linear) and _readable(x) for x in (o_proj, gate_up, down))
-            and type(norm) is RMSNorm
-            and norm.native is not None
+            _plain(norm, o_proj, gate_up, down)
             and type(act) is SiluAndMul
-            and norm.weight.dtype in (torch.float32, torch.bfloat16)
-            and all(x.params_dtype == norm.weight.dtype for x in (o_proj, gate_up, down))
             and gate_up.out_features == 2 * down.in_features
             and down.out_features == o_proj.out_features == norm.weight.shape[0]
         )
@@ -83,7 +168,6 @@ class MLPBlock:
         done = self._fn(
             rows,
             o.data_ptr(),
-            o.stride(0),
             residual.data_ptr(),
             out.data_ptr(),
             summed.data_ptr(),

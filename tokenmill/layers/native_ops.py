@@ -233,9 +233,9 @@ def select_kernels(
         backend = getattr(module, "backend", None)
         if attention and type(backend) is TorchAttention:
             module.backend = NativeCpuAttention(backend.scale)
-    if hasattr(model, "compile_units"):  # decoder layers: their output half as one call
-        from tokenmill.layers.fused_decode import MLPBlock
+    if hasattr(model, "compile_units"):  # decoder layers: each half as one call at decode
+        from tokenmill.layers.fused_decode import MLPBlock, QKVBlock
 
         for unit in model.compile_units():
-            unit.fuse_with(MLPBlock.build)
+            unit.fuse_with(QKVBlock.build, MLPBlock.build)
     return "native"

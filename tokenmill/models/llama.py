@@ -101,6 +101,10 @@ class DecoderLayer(nn.Module):
     # policy may hand to torch.compile (`compile_with`; the attention reads block tables and
     # writes the KV cache, so it stays eager, as vLLM's piecewise compilation splits there).
     def attention_inputs(self, cos_sin, x, residual):
+        if self.fused_inputs is not None and not torch.compiler.is_compiling():
+            fused = self.fused_inputs(cos_sin, x, residual)
+            if fused is not None:  # decode sizes (layers/fused_decode.py)
+                return fused
         if residual is None:
             residual, x = x, self.input_layernorm(x)
         else:
@@ -117,13 +121,16 @@ class DecoderLayer(nn.Module):
         x, residual = self.post_attention_layernorm(x, residual)
         return self.mlp(x), residual
 
-    fused_outputs = None  # attention_outputs as one native call at decode sizes (fuse_with)
+    fused_inputs = None  # attention_inputs as one native call at decode sizes (fuse_with)
+    fused_outputs = None  # and attention_outputs
 
-    def fuse_with(self, build) -> None:
-        """Let `build(o_proj, norm, gate_up, down, act)` (layers/fused_decode.MLPBlock.build,
-        the runner's choice) take attention_outputs at decode sizes where it can."""
-        mlp = self.mlp
-        self.fused_outputs = build(
+    def fuse_with(self, build_inputs, build_outputs) -> None:
+        """Let `build_inputs(norm, qkv_proj, rotary, attn)` and `build_outputs(o_proj, norm,
+        gate_up, down, act)` (layers/fused_decode.py, the runner's choice) take the two halves
+        at decode sizes where they can."""
+        attn, mlp = self.self_attn, self.mlp
+        self.fused_inputs = build_inputs(self.input_layernorm, attn.qkv_proj, attn.rotary, attn)
+        self.fused_outputs = build_outputs(
             self.self_attn.o_proj,
             self.post_attention_layernorm,
             mlp.gate_up_proj,

@@ -1,4 +1,5 @@
-"""tokenmill's offline engine (variant: float32 | bfloat16)."""
+"""tokenmill's offline engine (variant: float32 | bfloat16 | METHOD/DTYPE, e.g. nvfp4/bfloat16 for
+--quantization nvfp4 over bf16 activations)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,14 @@ t0 = time.perf_counter()
 import tokenmill  # noqa: E402
 from tokenmill import LLM, SamplingParams  # noqa: E402
 
-llm = LLM(args.model, dtype=args.variant, num_threads=args.threads, max_model_len=1024)
+method, _, dtype = args.variant.rpartition("/")
+llm = LLM(
+    args.model,
+    dtype=dtype,
+    quantization=method or None,
+    num_threads=args.threads,
+    max_model_len=1024,
+)
 startup = time.perf_counter() - t0
 n = w["output_len"]
 params = SamplingParams(max_tokens=n, temperature=0, ignore_eos=True)

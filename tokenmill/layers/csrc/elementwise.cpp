@@ -94,37 +94,6 @@ void silu_mul_hadamard(const T* x, T* out, int64_t rows, int64_t d, int64_t bloc
   }
 }
 
-// Rotary position embedding, neox layout (layers/rotary.py): for each of `heads` heads of a row,
-// out = x * cos + rotate_half(x) * sin, rotate_half(x) = [-x2, x1]. The input rows may be a
-// strided view (q and k inside the fused q/k/v output); the output is contiguous. Each product and
-// the sum are rounded to T where the eager code rounds them; in fp32 the products are kept apart
-// (no FMA contraction), so the result is the eager one bit for bit.
-template <typename T>
-__attribute__((optimize("fp-contract=off"))) void rotary(const T* x, int64_t row_stride,
-                                                         const T* cos, const T* sin, T* out,
-                                                         int64_t rows, int64_t heads,
-                                                         int64_t head_dim, int num_threads) {
-  const int64_t half = head_dim / 2;
-#pragma omp parallel for num_threads(num_threads) schedule(static) if (rows * heads * head_dim >= 16384)
-  for (int64_t r = 0; r < rows; ++r) {
-    const T* c = cos + r * head_dim;
-    const T* s = sin + r * head_dim;
-    for (int64_t h = 0; h < heads; ++h) {
-      const T* xh = x + r * row_stride + h * head_dim;
-      T* o = out + (r * heads + h) * head_dim;
-#pragma omp simd
-      for (int64_t i = 0; i < half; ++i) {
-        const float x1 = load(xh, i), x2 = load(xh, i + half);
-        const float a = round_to(x, x1 * load(c, i)), b = round_to(x, -x2 * load(s, i));
-        const float a2 = round_to(x, x2 * load(c, i + half));
-        const float b2 = round_to(x, x1 * load(s, i + half));
-        store(o, i, a + b);
-        store(o, i + half, a2 + b2);
-      }
-    }
-  }
-}
-
 // One row of logits: -inf where bit t % 32 of word t / 32 is 0, and past the mask's width.
 // A data-dependent choice per token: torch's masked_fill branches on every element (1.5 ms for
 // 8 rows of 49k: mispredicted branches); here it is a blend, 16 tokens per 16 mask bits.

@@ -33,6 +33,12 @@ struct MlpBlock {  // int64 fields, laid out by fused_decode.MLPBlock
   int64_t norm_weight, hidden, inter;
 };
 
+struct QkvBlock {  // int64 fields, laid out by fused_decode.QKVBlock
+  int64_t w_qkv, bias_qkv, cols_qkv, n_qkv;  // qkv_proj: [n_qkv, hidden]
+  int64_t norm_weight, hidden;
+  int64_t rotated_heads, head_dim;  // q and k heads, side by side at the start of each row
+};
+
 #if defined(__AVX512F__)
 using tm::skinny::dispatch_m;
 
@@ -64,8 +70,8 @@ inline const void* ptr(int64_t address) { return reinterpret_cast<const void*>(a
 // layers round it, so the result is the same bits as those layers' calls in a row.
 
 template <bool kBf16>
-int mlp_block(int64_t M, const void* a, int64_t lda, const void* residual, void* out,
-              void* summed, const MlpBlock& d, float eps, int num_threads) {
+int mlp_block(int64_t M, const void* a, const void* residual, void* out, void* summed,
+              const MlpBlock& d, float eps, int num_threads) {
   using T = std::conditional_t<kBf16, uint16_t, float>;
   const int64_t H = d.hidden, I = d.inter, pair = kBf16 ? 2 : 1;
   const bool fits = M >= 1 && M <= 8 && H % d.cols_o == 0 && (2 * I) % d.cols_gu == 0 &&
@@ -74,7 +80,7 @@ int mlp_block(int64_t M, const void* a, int64_t lda, const void* residual, void*
   std::vector<T> x1(M * H), normed(M * H), gate_up(M * 2 * I), act(M * I);
 #pragma omp parallel num_threads(num_threads)
   {
-    share_of<kBf16>(M, a, lda, ptr(d.w_o), ptr(d.bias_o), x1.data(), H, H, d.in_o, d.cols_o);
+    share_of<kBf16>(M, a, d.in_o, ptr(d.w_o), ptr(d.bias_o), x1.data(), H, H, d.in_o, d.cols_o);
 #pragma omp barrier
 #pragma omp single
     tm::rows::add_rms_norm<T>(x1.data(), static_cast<const T*>(residual),
@@ -91,28 +97,81 @@ int mlp_block(int64_t M, const void* a, int64_t lda, const void* residual, void*
   return 1;
 }
 
+// The input half: residual add + RMSNorm, qkv_proj, rotary on q and k; the same kernels and
+// roundings as the layers (norm.py, linear.py, rotary.py) called one by one.
+template <bool kBf16>
+int qkv_block(int64_t M, const void* x, const void* residual, void* summed, void* qkv,
+              void* rotated, const void* cos, const void* sin, const QkvBlock& d, float eps,
+              int num_threads) {
+  using T = std::conditional_t<kBf16, uint16_t, float>;
+  const int64_t H = d.hidden, pair = kBf16 ? 2 : 1;
+  if (M < 1 || M > 8 || d.n_qkv % d.cols_qkv || H % pair ||
+      d.rotated_heads * d.head_dim > d.n_qkv || d.head_dim % 2)
+    return 0;
+  std::vector<T> normed(M * H);
+#pragma omp parallel num_threads(num_threads)
+  {
+#pragma omp single
+    tm::rows::add_rms_norm<T>(static_cast<const T*>(x), static_cast<const T*>(residual),
+                              reinterpret_cast<const T*>(d.norm_weight), normed.data(),
+                              static_cast<T*>(summed), M, H, eps, 1);
+    share_of<kBf16>(M, normed.data(), H, ptr(d.w_qkv), ptr(d.bias_qkv), qkv, d.n_qkv, d.n_qkv, H,
+                    d.cols_qkv);
+#pragma omp barrier
+#pragma omp single
+    tm::rows::rotary<T>(static_cast<const T*>(qkv), d.n_qkv, static_cast<const T*>(cos),
+                        static_cast<const T*>(sin), static_cast<T*>(rotated), M, d.rotated_heads,
+                        d.head_dim, 1);
+  }
+  return 1;
+}
+
 #endif  // __AVX512F__
 
 }  // namespace
 
 extern "C" {
 
-// out[M, hidden] and summed[M, hidden] (= o_proj(a) + residual) of the block above; 1 when
-// done, 0 where it does not apply (the caller then runs the layers one by one).
-int tm_decode_mlp_f32(int64_t M, const float* a, int64_t lda, const float* residual, float* out,
-                      float* summed, const MlpBlock* block, float eps, int num_threads) {
+// summed (= x + residual; untouched without residual), qkv[M, n_qkv] and rotated[M,
+// rotated_heads, head_dim] of the block above; 1 when done, 0 where it does not apply.
+int tm_decode_qkv_f32(int64_t M, const float* x, const float* residual, float* summed, float* qkv,
+                      float* rotated, const float* cos, const float* sin, const QkvBlock* block,
+                      float eps, int num_threads) {
 #if defined(__AVX512F__)
-  return mlp_block<false>(M, a, lda, residual, out, summed, *block, eps, num_threads);
+  return qkv_block<false>(M, x, residual, summed, qkv, rotated, cos, sin, *block, eps,
+                          num_threads);
 #else
   return 0;
 #endif
 }
 
-int tm_decode_mlp_bf16(int64_t M, const uint16_t* a, int64_t lda, const uint16_t* residual,
-                       uint16_t* out, uint16_t* summed, const MlpBlock* block, float eps,
-                       int num_threads) {
+int tm_decode_qkv_bf16(int64_t M, const uint16_t* x, const uint16_t* residual, uint16_t* summed,
+                       uint16_t* qkv, uint16_t* rotated, const uint16_t* cos, const uint16_t* sin,
+                       const QkvBlock* block, float eps, int num_threads) {
 #if defined(__AVX512F__) && defined(__AVX512BF16__)
-  return mlp_block<true>(M, a, lda, residual, out, summed, *block, eps, num_threads);
+  return qkv_block<true>(M, x, residual, summed, qkv, rotated, cos, sin, *block, eps,
+                         num_threads);
+#else
+  return 0;
+#endif
+}
+
+// out[M, hidden] and summed[M, hidden] (= o_proj(a) + residual) of the block above, a[M, in_o]
+// contiguous; 1 when
+// done, 0 where it does not apply (the caller then runs the layers one by one).
+int tm_decode_mlp_f32(int64_t M, const float* a, const float* residual, float* out, float* summed,
+                      const MlpBlock* block, float eps, int num_threads) {
+#if defined(__AVX512F__)
+  return mlp_block<false>(M, a, residual, out, summed, *block, eps, num_threads);
+#else
+  return 0;
+#endif
+}
+
+int tm_decode_mlp_bf16(int64_t M, const uint16_t* a, const uint16_t* residual, uint16_t* out,
+                       uint16_t* summed, const MlpBlock* block, float eps, int num_threads) {
+#if defined(__AVX512F__) && defined(__AVX512BF16__)
+  return mlp_block<true>(M, a, residual, out, summed, *block, eps, num_threads);
 #else
   return 0;
 #endif
