@@ -10,8 +10,10 @@ python3.11 -m venv "$venv"
 # AMX off: on the Xeon of 2026-12 its AMX matmul (Q8_0, Q4_x) dies of SIGILL in a worker thread's
 # first tileloadd (gdb: ggml_backend_amx_mul_mat), though AMX itself runs there (a standalone
 # ldtilecfg/tilezero test passes) and the process holds the XTILEDATA permission. Its AVX-512
-# VNNI and repacked kernels stay on.
-CMAKE_ARGS="-DGGML_NATIVE=ON -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF" \
+# VNNI and repacked kernels stay on. With GGML_NATIVE the ISA comes from -march=native (the
+# GGML_AMX_* options apply only without it), so AMX is switched off in the compiler flags.
+no_amx="-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
+CMAKE_ARGS="-DGGML_NATIVE=ON -DCMAKE_C_FLAGS='$no_amx' -DCMAKE_CXX_FLAGS='$no_amx'" \
     "$venv/bin/pip" install --no-cache-dir --force-reinstall --no-deps "llama-cpp-python==0.3.36"
 "$venv/bin/pip" install "llama-cpp-python[server]==0.3.36"
 "$venv/bin/python" -c "import llama_cpp; print('llama-cpp-python', llama_cpp.__version__)"
