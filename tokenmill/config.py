@@ -133,7 +133,9 @@ class DeviceConfig:
     cpu_kernels: str = doc_field(
         "CPU kernels: native (C++, built on first use with the system's g++: decode attention "
         "reading K/V in place from the paged pool, the KV write, residual + RMSNorm and "
-        "SiLU * up; float32/bfloat16; attention stays torch with a quantized KV cache), torch "
+        "SiLU * up, and at 1-8 rows skinny GEMVs over the packed weights with each decoder "
+        "layer's halves fused into one call; float32/bfloat16; attention stays torch with a "
+        "quantized KV cache), torch "
         "(torch ops only), or auto: native where it applies and builds, else torch.",
         default="auto",
     )
