@@ -7,7 +7,7 @@ keeps oneDNN's GEMM without a second copy of any weight.
 
 oneDNN's blocked layout is not a public contract: it depends on the library version, the CPU and
 the shape. So a kernel is attached only after the packed bytes have been compared, exactly, with
-the plain weight rearranged in the layout the kernel reads (`block_layout`, `match_block_cols`);
+the plain weight read in the layout the kernel reads (`match_block_cols`);
 anything else keeps oneDNN for every batch size. Other precisions' methods own their kernels.
 """
 
@@ -54,18 +54,15 @@ def packed_bytes(packed: torch.Tensor) -> torch.Tensor:
     return torch.frombuffer(buffer, dtype=torch.uint8, count=nbytes)
 
 
-def block_layout(weight: torch.Tensor, block_cols: int) -> torch.Tensor:
-    """[N, K] -> the kernel's layout: [N / block_cols, K / pair, block_cols, pair], pair = 2 for
-    bf16 (VNNI pairs along K) and 1 for fp32."""
-    n, k = weight.shape
-    pair = 2 if weight.dtype == torch.bfloat16 else 1
-    blocks = weight.reshape(n // block_cols, block_cols, k // pair, pair)
-    return blocks.permute(0, 2, 1, 3).contiguous()
-
-
 def match_block_cols(packed: torch.Tensor, weight: torch.Tensor) -> int:
     """The column block of `packed` if it is `weight` in the kernel's layout and the kernel for
-    its dtype is here; 0 (oneDNN for every size) otherwise."""
+    its dtype is here; 0 (oneDNN for every size) otherwise.
+
+    The kernel's layout, [N / block_cols, K / pair, block_cols, pair] with pair = 2 for bf16
+    (VNNI pairs along K) and 1 for fp32, is [N / block_cols, K / pair, block_cols] in 32-bit
+    lanes (a bf16 pair is one lane): the comparison reads the plain weight through that
+    transposed view, lane by lane, without a rearranged copy (about 0.1 s for a 135M bf16 model).
+    """
     if not available(weight.dtype):
         return 0
     n, k = weight.shape
@@ -73,10 +70,12 @@ def match_block_cols(packed: torch.Tensor, weight: torch.Tensor) -> int:
     raw = packed_bytes(packed)
     if raw.numel() != weight.numel() * weight.element_size() or k % pair:
         return 0  # padded (a shape that is not a multiple of the block): not this layout
-    plain = weight.contiguous().view(torch.uint8).view(n, -1)
+    lanes = weight.contiguous().view(torch.int32)  # [N, K / pair]
+    packed_lanes = raw.view(torch.int32)
     for cols in _BLOCK_COLS:
-        if n % cols == 0 and torch.equal(block_layout(plain.view(weight.dtype), cols)
-                                          .view(torch.uint8).reshape(-1), raw):  # fmt: skip
+        if n % cols == 0 and torch.equal(
+            packed_lanes.view(n // cols, -1, cols), lanes.view(n // cols, cols, -1).transpose(1, 2)
+        ):
             return cols
     log.debug("oneDNN packed %s %s in another layout: GEMM only", weight.dtype, tuple(weight.shape))  # fmt: skip
     return 0
