@@ -10,11 +10,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from tokenmill.config_quant import FORMATS, QUANTIZATIONS, QuantConfig, doc_field
+from tokenmill.config_quant import FORMATS, QUANTIZATIONS, QUANTIZERS, QuantConfig, doc_field
 
 __all__ = [
     "FORMATS",
     "QUANTIZATIONS",
+    "QUANTIZERS",
     "CacheConfig",
     "DeviceConfig",
     "EngineConfig",

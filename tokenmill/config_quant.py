@@ -10,7 +10,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 FORMATS = ("int8", "int4", "fp8_e4m3", "fp8_e5m2", "fp6_e3m2", "fp6_e2m3", "mxfp4", "nvfp4")
-QUANTIZATIONS = ("w8a8", "fp8", *FORMATS)  # quant/methods' METHODS is this tuple
+QUANTIZERS = ("w8a8", "fp8", *FORMATS)  # the methods that quantize a 16/32-bit checkpoint
+QUANTIZATIONS = (*QUANTIZERS, "gguf")  # quant/methods' METHODS is this tuple
 ROTATION_SEED = 0
 BLOCK_SCALED = ("nvfp4", "mxfp4", "fp6_e3m2", "fp6_e2m3", "int4")  # scale_search.SEARCHABLE
 
@@ -26,7 +27,10 @@ class QuantConfig:
     quantization: str | None = doc_field(
         "w8a8 (int8 weights x int8 per-token activations), fp8 (E4M3 weights and activations), "
         "or a format for weight-only: int8, int4, fp8_e4m3, fp8_e5m2, fp6_e3m2, fp6_e2m3, mxfp4, "
-        "nvfp4. Default: none, or what a quantized checkpoint says.",
+        "nvfp4; or gguf: a .gguf model served from its own codes (Q4_0, Q4_1, Q5_*, Q8_0, "
+        "Q4_K, Q5_K, Q6_K: the file's size in memory, its bits per weight read per token) "
+        "instead of dequantized to --dtype at load. Default: none, or what a quantized "
+        "checkpoint says.",
         default=None,
     )
     activation_scaling: str = doc_field(
@@ -110,6 +114,14 @@ class QuantConfig:
             raise ValueError(
                 f"quantization must be one of {QUANTIZATIONS}, got {self.quantization!r}"
             )
+        if self.quantization == "gguf":
+            tuned = [n for n in ("gptq", "awq", "scale_search", "rotate", "quantize_embedding")
+                     if getattr(self, n)]  # fmt: skip
+            if tuned:
+                raise ValueError(
+                    f"quantization gguf serves a GGUF file's codes as they are; {tuned[0]} "
+                    "does not apply to it (the embedding and head are served from the file too)"
+                )
         if self.activation_scaling not in ("current", "delayed"):
             raise ValueError(
                 f"activation_scaling must be current or delayed, got {self.activation_scaling!r}"

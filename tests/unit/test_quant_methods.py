@@ -16,7 +16,7 @@ from tokenmill.quant.methods.weight_only import int4_group
 from tokenmill.quant.scaled_mm import scaled_mm_form
 from tokenmill.quant.smoothquant import smoothing_scale
 
-WEIGHT_ONLY = [m for m in METHODS if m not in ("w8a8", "fp8")]
+WEIGHT_ONLY = [m for m in METHODS if m not in ("w8a8", "fp8", "gguf")]  # gguf: its own tests
 TOL = {torch.float32: 2e-5, torch.bfloat16: 2e-2}  # relative to the output's scale
 # CUDA runs its own kernels (Triton, _int_mm, _scaled_mm) against the same references
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])

@@ -110,7 +110,7 @@ class EmbeddingHead:
         """After the head's method quantized it: the embedding in its format, or the packed
         copy of a plain tied table."""
         embed = self.model.embed_tokens
-        if self.embedding_source is not None and not isinstance(embed, QuantizedEmbedding):
+        if self.embedding_source is not None and isinstance(embed, nn.Embedding):
             assert self.lm_head is not None
             method = self.lm_head.quant_method
             if self.embedding_source == "head":

@@ -9,7 +9,9 @@ region. The stages are the very kernels the layers call one by one (the skinny G
 row ops), so the output is the same bits. Built only where every part is plain: packed fp32/bf16
 weights the skinny kernel reads, a plain RMSNorm with native row kernels, plain SiLU * up, rotary
 with native kernels and no q/k norm. More than MAX_ROWS rows, or anything else, and the caller
-runs the layers as before.
+runs the layers as before. `GGUFQKVBlock` and `GGUFMLPBlock` are the same halves over a GGUF
+file's codes (quantization='gguf': `tm_gguf_decode_*` in csrc/gguf.cpp, its decode GEMVs);
+`build_inputs` / `build_outputs` pick whichever applies.
 """
 
 from __future__ import annotations
@@ -158,6 +160,8 @@ class MLPBlock:
         rows = o.shape[0]
         if not 0 < rows <= skinny.MAX_ROWS or o.dtype != self.dtype or residual.dtype != o.dtype:
             return None
+        if not _still_packed(self._held):
+            return None
         if o.stride(-1) != 1 or (
             self.dtype == torch.bfloat16 and (o.stride(0) % 2 or o.data_ptr() % 4)
         ):
@@ -176,3 +180,120 @@ class MLPBlock:
             torch.get_num_threads(),
         )
         return (out, summed) if done else None
+
+
+def _gguf_readable(layer: Linear, dtype: torch.dtype) -> bool:
+    from tokenmill.quant.methods.gguf import GGUFMethod, NativeGGUFKernel
+
+    method = layer.quant_method
+    if not isinstance(method, GGUFMethod) or not isinstance(method.impl, NativeGGUFKernel):
+        return False
+    return layer.params_dtype == dtype and (dtype == torch.float32 or method.impl.kernels.bf16_gemv)
+
+
+def _gguf_plain(norm, *linears) -> bool:
+    dtype = norm.weight.dtype
+    return (
+        type(norm) is RMSNorm
+        and norm.native is not None
+        and dtype in (torch.float32, torch.bfloat16)
+        and all(isinstance(x, Linear) and _gguf_readable(x, dtype) for x in linears)
+    )
+
+
+def _gguf_fields(layer: Linear) -> list[int]:
+    w = layer.quant_method.impl.w  # type: ignore[union-attr]
+    bias = layer.bias.data_ptr() if layer.bias is not None else 0
+    return [w.table.data_ptr(), len(w.segments), w.rows, w.cols, bias]
+
+
+def _gguf_function(name: str, dtype: torch.dtype, args: int):
+    """csrc/gguf.cpp's `name`: (rows, `args` pointers, eps, x_bf16, threads), as the skinny
+    halves are called (the x_bf16 flag filled in)."""
+    from tokenmill.quant.methods.gguf import shared_kernels
+
+    fn = getattr(shared_kernels().lib, name)
+    fn.argtypes = [ctypes.c_int64, *[ctypes.c_void_p] * args, ctypes.c_float, ctypes.c_int, ctypes.c_int]  # fmt: skip
+    fn.restype = ctypes.c_int
+    flag = int(dtype == torch.bfloat16)
+    return lambda *a: fn(*a[:-1], flag, a[-1])
+
+
+def _still_native(held: list[tuple[Linear, object]]) -> bool:
+    return all(layer.quant_method.impl is impl for layer, impl in held)
+
+
+class GGUFQKVBlock(QKVBlock):
+    """QKVBlock over GGUF codes (csrc/gguf.cpp tm_gguf_decode_qkv)."""
+
+    def __init__(self, norm: RMSNorm, qkv: Linear, num_heads: int, num_kv_heads: int, head_dim: int):  # fmt: skip
+        self.dtype, self.eps = norm.weight.dtype, float(norm.eps)
+        self.hidden, self.n_qkv = qkv.in_features, qkv.out_features
+        self.heads, self.kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+        self._gguf_held = [(qkv, qkv.quant_method.impl)]  # keeps what the pointers point at
+        self._held = []
+        self._norm_weight = norm.weight
+        fields = [*_gguf_fields(qkv), norm.weight.data_ptr(), self.hidden]
+        fields += [num_heads + num_kv_heads, head_dim]
+        self._desc = (ctypes.c_int64 * len(fields))(*fields)
+        self._desc_ptr = ctypes.addressof(self._desc)
+        self._fn = _gguf_function("tm_gguf_decode_qkv", self.dtype, 8)
+
+    @classmethod
+    def build(cls, norm, qkv, rotary, attention) -> QKVBlock | None:
+        if attention.q_norm is not None or rotary.native is None or not _gguf_plain(norm, qkv):
+            return None
+        h, kvh, d = attention.num_heads, attention.num_kv_heads, attention.head_dim
+        if qkv.out_features != (h + 2 * kvh) * d or qkv.in_features != norm.weight.shape[0]:
+            return None
+        return cls(norm, qkv, h, kvh, d)
+
+    def __call__(self, cos_sin, x, residual):
+        if not _still_native(self._gguf_held):
+            return None
+        return super().__call__(cos_sin, x, residual)
+
+
+class GGUFMLPBlock(MLPBlock):
+    """MLPBlock over GGUF codes (csrc/gguf.cpp tm_gguf_decode_mlp)."""
+
+    def __init__(self, o_proj: Linear, norm: RMSNorm, gate_up: Linear, down: Linear) -> None:
+        self.dtype = norm.weight.dtype
+        self.hidden, self.eps = o_proj.out_features, float(norm.eps)
+        self._gguf_held = [(x, x.quant_method.impl) for x in (o_proj, gate_up, down)]
+        self._held = []
+        self._norm_weight = norm.weight
+        fields = [*_gguf_fields(o_proj), *_gguf_fields(gate_up), *_gguf_fields(down)]
+        fields += [norm.weight.data_ptr(), self.hidden, down.in_features]
+        self._desc = (ctypes.c_int64 * len(fields))(*fields)
+        self._desc_ptr = ctypes.addressof(self._desc)
+        self._fn = _gguf_function("tm_gguf_decode_mlp", self.dtype, 5)
+
+    @classmethod
+    def build(cls, o_proj, norm, gate_up, down, act) -> MLPBlock | None:
+        plain = (
+            _gguf_plain(norm, o_proj, gate_up, down)
+            and type(act) is SiluAndMul
+            and gate_up.out_features == 2 * down.in_features
+            and down.out_features == o_proj.out_features == norm.weight.shape[0]
+        )
+        return cls(o_proj, norm, gate_up, down) if plain else None
+
+    def __call__(self, o, residual):
+        if not _still_native(self._gguf_held):
+            return None
+        return super().__call__(o, residual)
+
+
+def build_inputs(norm, qkv, rotary, attention) -> QKVBlock | None:
+    """The fused input half over these modules: plain packed weights or GGUF codes; None if
+    neither applies."""
+    return QKVBlock.build(norm, qkv, rotary, attention) or GGUFQKVBlock.build(
+        norm, qkv, rotary, attention
+    )
+
+
+def build_outputs(o_proj, norm, gate_up, down, act) -> MLPBlock | None:
+    return MLPBlock.build(o_proj, norm, gate_up, down, act) or GGUFMLPBlock.build(
+        o_proj, norm, gate_up, down, act
+    )

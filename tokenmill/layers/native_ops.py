@@ -230,12 +230,14 @@ def select_kernels(
             except native.NativeUnavailable as e:
                 log.info("torch path for FP4/FP8 weights (%s)", e)
                 fp4 = False
+        elif hasattr(module, "attach_native"):  # a GGUF table's rows (quant/methods/gguf.py)
+            module.attach_native()
         backend = getattr(module, "backend", None)
         if attention and type(backend) is TorchAttention:
             module.backend = NativeCpuAttention(backend.scale)
     if hasattr(model, "compile_units"):  # decoder layers: each half as one call at decode
-        from tokenmill.layers.fused_decode import MLPBlock, QKVBlock
+        from tokenmill.layers.fused_decode import build_inputs, build_outputs
 
         for unit in model.compile_units():
-            unit.fuse_with(QKVBlock.build, MLPBlock.build)
+            unit.fuse_with(build_inputs, build_outputs)
     return "native"

@@ -215,41 +215,98 @@ def unpermute_qk(w: torch.Tensor, num_heads: int) -> torch.Tensor:
     return pairs.transpose(1, 2).reshape(w.shape)
 
 
-def gguf_weights(f: GGUFFile, arch: ModelArch, dtype: torch.dtype):
-    """(HF name, tensor) pairs, dequantized to float32 then cast to `dtype`."""
+def gguf_weights(f: GGUFFile, arch: ModelArch, dtype: torch.dtype, codes: bool = False):
+    """(HF name, tensor) pairs, dequantized to float32 then cast to `dtype`; with `codes`, every
+    2-D tensor comes as its raw blocks instead (a GGUFWeight, for quantization='gguf')."""
     permute = arch.architecture == "LlamaForCausalLM"
     for t in f.tensors.values():
-        w = f.dequantized(t)
+        keep = codes and len(t.shape) == 2
+        w = f.raw(t) if keep else f.dequantized(t)  # rows of blocks: a row permutation is exact
         if permute and t.name.endswith(("attn_q.weight", "attn_q.bias")):
             w = unpermute_qk(w, arch.num_heads)
         elif permute and t.name.endswith(("attn_k.weight", "attn_k.bias")):
             w = unpermute_qk(w, arch.num_kv_heads)
-        yield hf_name(t.name), w.to(dtype)
+        if keep:
+            from tokenmill.quant.methods.gguf import GGUFWeight
+
+            yield hf_name(t.name), GGUFWeight([(t.ggml_type, w.contiguous())], t.shape[1])
+        else:
+            yield hf_name(t.name), w.to(dtype)
+
+
+class GGUFCodes:
+    """quantization='gguf': takes the raw tensors out of the weight stream (fill_weights'
+    `quantized`) and installs them in their layers, the embedding and the head."""
+
+    def __init__(self) -> None:
+        self.codes: dict[str, object] = {}
+
+    def filter(self, weights):
+        from tokenmill.quant.methods.gguf import GGUFWeight
+
+        for name, tensor in weights:
+            if isinstance(tensor, GGUFWeight):
+                self.codes[name] = tensor
+            else:
+                yield name, tensor
+
+    def install(self, model) -> set[str]:
+        from tokenmill.quant.methods.gguf import GGUFEmbedding, GGUFWeight
+
+        by_module: dict[str, dict[int, GGUFWeight]] = {}
+        loaded: set[str] = set()
+        for name, w in self.codes.items():
+            assert isinstance(w, GGUFWeight)
+            if name == "model.embed_tokens.weight":
+                dtype = model.model.embed_tokens.weight.dtype
+                model.model.embed_tokens = GGUFEmbedding(w, dtype)
+                loaded.add(name)
+                if model.embedding_source == "head":  # tied: the head reads the same bytes
+                    model.lm_head.quant_method.install(model.lm_head, w)
+                continue
+            if name == "lm_head.weight" and model.embedding_source == "head":
+                continue  # tied, and the file still carries a copy
+            target, shard = model.resolve_name(name)
+            module_name = target.rsplit(".", 1)[0]
+            by_module.setdefault(module_name, {})[shard or 0] = w
+            loaded.add(target if shard is None else f"{target}#{shard}")
+        for module_name, shards in by_module.items():
+            layer = model.get_submodule(module_name)
+            if sorted(shards) != list(range(len(layer.output_sizes))):
+                continue  # a shard is missing: fill_weights names it
+            parts = [shards[i] for i in sorted(shards)]
+            layer.quant_method.install(
+                layer, GGUFWeight.stack(parts) if len(parts) > 1 else parts[0]
+            )
+        return loaded
 
 
 def load_gguf(path: Path, dtype: str, device: torch.device, max_model_len: int | None, quant):
-    """A GGUF file -> LoadedModel (weights dequantized to `dtype`)."""
+    """A GGUF file -> LoadedModel: weights dequantized to `dtype`, or with quantization='gguf'
+    served from the file's codes (quant/methods/gguf.py)."""
     f = GGUFFile(path)
     arch = arch_from_gguf(f)
     torch_dtype = resolve_dtype(dtype, arch, device)
     max_len = resolve_max_model_len(arch, max_model_len)
     method = quant.quantization
+    codes = method == "gguf"
+    if codes and device.type != "cpu":
+        raise ValueError("quantization gguf runs on CPU for now; on CUDA leave it unset")
     options = quant.method_options()
     model = build_model(
-        arch, torch_dtype, device, max_len, method, options, quant.quantize_embedding
+        arch, torch_dtype, device, max_len, method, options, quant.quantize_embedding or codes
     )
     tensors = tqdm(
-        gguf_weights(f, arch, torch_dtype),
+        gguf_weights(f, arch, torch_dtype, codes),
         desc=f"loading {path.name}",
         total=len(f.tensors),
         unit="tensor",
         leave=False,
     )
     tokenizer = tokenizer_from_gguf(f.metadata)
-    weights = ((n, w.to(device)) for n, w in tensors)
-    fill_weights(
-        model, weights, calibrate=calibration_hook(tokenizer, max_len, quant.rotation_seeds)
-    )
+    weights = ((n, w if codes else w.to(device)) for n, w in tensors)
+    calibrate = None if codes else calibration_hook(tokenizer, max_len, quant.rotation_seeds)
+    fill_weights(model, weights, quantized=GGUFCodes() if codes else None, calibrate=calibrate)
     arch = model.arch  # a rotated model has its own head
     eos = frozenset(arch.eos_token_ids)
     return LoadedModel(

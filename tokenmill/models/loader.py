@@ -35,6 +35,11 @@ def load_model(
     dev = resolve_device(device)
     if is_gguf(path):
         loaded = load_gguf(path, dtype, dev, max_model_len, quant or QuantConfig())
+    elif quant is not None and quant.quantization == "gguf":
+        raise ValueError(
+            f"quantization gguf serves a .gguf file's own codes; {path} is not one (give a "
+            ".gguf model, or a quantization such as int8 or nvfp4 for this checkpoint)"
+        )
     else:
         loaded = load_hf_folder(path, dtype, dev, max_model_len, quant or QuantConfig())
     loaded.load_s = time.perf_counter() - start

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from tokenmill.cli_options import add_config_options
-from tokenmill.config import QUANTIZATIONS, QuantConfig, option_help
+from tokenmill.config import QUANTIZERS, QuantConfig, option_help
 
 
 def add_parsers(sub, add_engine_options) -> None:
@@ -19,7 +19,7 @@ def add_parsers(sub, add_engine_options) -> None:
         "safetensors checkpoint that `tokenmill serve --model OUT` loads without re-quantizing.",
     )
     q.add_argument("--model", required=True, help="HF folder with safetensors weights")
-    q.add_argument("--method", required=True, choices=QUANTIZATIONS)
+    q.add_argument("--method", required=True, choices=QUANTIZERS)
     q.add_argument("--out", required=True, help="folder to write")
     add_config_options(
         q.add_argument_group("quantization options"),

@@ -1,0 +1,104 @@
+"""quantization='gguf' kernels (layers/csrc/gguf.cpp) against the torch dequantization
+(models/gguf_quants.py, itself checked against the `gguf` package): the dense matrix bit for bit,
+the decode GEMV within fp32 summation order, for every GGML type the kernel reads."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tokenmill.layers import native
+from tokenmill.models.gguf_quants import GGML_TYPES
+from tokenmill.quant.methods.gguf import KERNEL_TYPES, GGUFWeight, shared_kernels
+
+# byte offsets of each block's f16 scale fields (d, m / dmin), which random bytes would make NaN
+F16_FIELDS = {2: (0,), 3: (0, 2), 6: (0,), 7: (0, 2), 8: (0,), 12: (0, 2), 13: (0, 2), 14: (208,)}
+
+
+def random_codes(kind: int, rows: int, cols: int, gen: torch.Generator) -> torch.Tensor:
+    """Raw GGML bytes [rows, row bytes] of a valid random tensor of type `kind`."""
+    _, block, block_bytes = GGML_TYPES[kind]
+    if block == 1:  # plain rows
+        dtype = {0: torch.float32, 1: torch.float16, 30: torch.bfloat16}[kind]
+        values = torch.randn(rows, cols, generator=gen).to(dtype)
+        return values.view(torch.uint8).reshape(rows, -1)
+    blocks = torch.randint(0, 256, (rows * cols // block, block_bytes), generator=gen)
+    blocks = blocks.to(torch.uint8)
+    for offset in F16_FIELDS[kind]:
+        scale = (torch.rand(blocks.shape[0], generator=gen) * 0.02 + 1e-3).to(torch.float16)
+        blocks[:, offset : offset + 2] = scale.view(torch.uint8).reshape(-1, 2)
+    return blocks.reshape(rows, -1)
+
+
+@pytest.fixture(scope="module")
+def kernels():
+    """Skipped only where the kernels cannot exist (no compiler, no AVX-512); a build error
+    fails."""
+    if native.compiler() is None or "avx512bw" not in native._cpu_flags():
+        pytest.skip("no C++ compiler or no AVX-512 here: the torch path serves gguf")
+    return shared_kernels()
+
+
+TYPES = sorted(KERNEL_TYPES)
+
+
+@pytest.mark.parametrize("kind", TYPES, ids=[GGML_TYPES[k][0] for k in TYPES])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_dense_equals_torch_dequantization(kernels, kind, dtype):
+    gen = torch.Generator().manual_seed(kind)
+    cols = 512 if GGML_TYPES[kind][1] == 256 else 96
+    w = GGUFWeight([(kind, random_codes(kind, 37, cols, gen))], cols)
+    reference = w.dequantize(torch.float32).to(dtype)
+    assert torch.equal(kernels.dense(w, dtype), reference)
+
+
+@pytest.mark.parametrize("kind", TYPES, ids=[GGML_TYPES[k][0] for k in TYPES])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("m", [1, 2, 3, 5, 8])
+def test_gemv_matches_reference(kernels, kind, dtype, m):
+    gen = torch.Generator().manual_seed(100 + kind)
+    cols = 512 if GGML_TYPES[kind][1] == 256 else 160
+    rows = 67  # not a multiple of any row tile
+    w = GGUFWeight([(kind, random_codes(kind, rows, cols, gen))], cols)
+    x = torch.randn(m, cols, generator=gen).to(dtype)
+    # block formats: the file's weights exactly (the scale is factored out of the bf16 dot
+    # products); plain F32/F16 rows with bf16 x: rounded to bf16 as the bf16 model holds them
+    exact = w.dequantize(torch.float32)
+    plain = GGML_TYPES[kind][1] == 1
+    weights = exact.to(dtype) if plain else exact
+    reference = x.double() @ weights.double().T
+    y = kernels.matmul(x, w)
+    assert y.dtype == torch.float32 and y.shape == (m, rows)
+    scale = (x.double().abs() @ w.dequantize(torch.float32).double().abs().T).max()
+    assert (y.double() - reference).abs().max() <= 1e-5 * scale
+
+
+def test_mixed_segments_and_threads(kernels):
+    """A merged layer whose shards have different types (llama.cpp's Q4_K_M mixes), in one
+    call, equals each shard alone; large enough to run on every thread."""
+    gen = torch.Generator().manual_seed(7)
+    cols = 1024
+    parts = [
+        GGUFWeight([(k, random_codes(k, r, cols, gen))], cols)
+        for k, r in ((12, 300), (14, 200), (12, 100))
+    ]
+    merged = GGUFWeight.stack(parts)
+    assert [k for k, _ in merged.segments] == [12, 14, 12]
+    x = torch.randn(3, cols, generator=gen)
+    alone = torch.cat([kernels.matmul(x, p) for p in parts], dim=1)
+    torch.testing.assert_close(kernels.matmul(x, merged), alone, rtol=0, atol=0)
+    assert torch.equal(kernels.dense(merged, torch.float32), merged.dequantize(torch.float32))
+
+
+def test_stack_joins_runs_of_one_type():
+    gen = torch.Generator().manual_seed(3)
+    parts = [GGUFWeight([(3, random_codes(3, r, 64, gen))], 64) for r in (4, 2, 2)]
+    merged = GGUFWeight.stack(parts)
+    assert len(merged.segments) == 1 and merged.shape == (8, 64)
+    expected = torch.cat([p.dequantize(torch.float32) for p in parts])
+    assert torch.equal(merged.dequantize(torch.float32), expected)
+
+
+def test_rows_that_do_not_match_their_bytes_are_refused():
+    with pytest.raises(ValueError, match="do not match their bytes"):
+        GGUFWeight([(3, torch.zeros(4, 21, dtype=torch.uint8))], 32)

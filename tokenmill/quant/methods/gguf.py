@@ -1,0 +1,284 @@
+"""quantization='gguf': a GGUF file's weights served from its own codes, never re-quantized.
+
+Every 2-D tensor of the file (the linear layers, the embedding, an untied head) stays in memory
+as the file stores it: rows of GGML blocks (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K) or
+plain F32/F16/BF16 rows, so the model takes the file's size and a decode step reads the file's
+bits per weight (4.5-5 for Q4_*), where the default path dequantizes everything to the model
+dtype at load (16 bits per weight in bf16). Merged layers (q/k/v, gate/up) keep each shard's type
+as segments of rows, since llama.cpp's mixes (Q4_K_M) give shards of one layer different types.
+
+Kernels (layers/csrc/gguf.cpp, quant/methods/gguf.py's `GGUFKernels`): up to 8 rows (decode) a
+fused pass that decodes each block in registers and multiplies it into every row; more rows
+(prefill) the codes expanded into a dense matrix of the model dtype, then one GEMM. Both use the
+weights of the dequantized path exactly (models/gguf_quants.dequantize in fp32; bf16 models: then
+rounded to bf16), so outputs equal the dequantized model's within the order of the sums. Without
+the native kernels (no compiler, no AVX-512) the torch dequantization runs before every GEMM.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tokenmill.models.gguf_quants import GGML_TYPES, dequantize
+from tokenmill.quant.methods.base import LinearKernel, QuantMethod, finish, rows
+
+GEMV_ROWS = 8  # csrc/gguf.cpp kMaxRows
+KERNEL_TYPES = frozenset({0, 1, 2, 3, 6, 7, 8, 12, 13, 14, 30})  # the types gguf.cpp decodes
+_I64, _PTR, _INT = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
+
+
+@dataclass
+class GGUFWeight:
+    """A [rows, cols] weight as GGUF stores it: segments of rows, each (GGML type id, raw bytes
+    uint8 [rows, bytes per row]), stacked along the rows."""
+
+    segments: list[tuple[int, torch.Tensor]]
+    cols: int
+    table: torch.Tensor = field(init=False, repr=False)  # int64 [segments, 4] for the kernels
+
+    def __post_init__(self) -> None:
+        for kind, raw in self.segments:
+            name, block, block_bytes = GGML_TYPES.get(kind, (f"type {kind}", 0, 0))
+            if not block:
+                raise ValueError(f"GGUF tensor type {name} is not supported")
+            if (
+                self.cols % block
+                or raw.dim() != 2
+                or raw.shape[1] != self.cols // block * block_bytes
+            ):
+                raise ValueError(f"{name} rows of {self.cols} elements do not match their bytes")
+        self.table = torch.tensor(
+            [[k, r.shape[0], r.data_ptr(), r.shape[1]] for k, r in self.segments], dtype=torch.int64
+        )
+
+    @property
+    def rows(self) -> int:
+        return sum(r.shape[0] for _, r in self.segments)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.rows, self.cols)
+
+    @property
+    def types(self) -> list[str]:
+        return [GGML_TYPES[k][0] for k, _ in self.segments]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(r.numel() for _, r in self.segments)
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [r for _, r in self.segments]
+
+    @classmethod
+    def stack(cls, parts: list[GGUFWeight]) -> GGUFWeight:
+        """The shards of a merged layer stacked along the rows; runs of one type become one
+        segment (one kernel pass)."""
+        cols = parts[0].cols
+        if any(p.cols != cols for p in parts):
+            raise ValueError("the shards of a merged layer must share their row length")
+        merged: list[tuple[int, list[torch.Tensor]]] = []
+        for kind, raw in (s for p in parts for s in p.segments):
+            if merged and merged[-1][0] == kind:
+                merged[-1][1].append(raw)
+            else:
+                merged.append((kind, [raw]))
+        segments = [(k, rs[0] if len(rs) == 1 else torch.cat(rs)) for k, rs in merged]
+        return cls(segments, cols)
+
+    def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
+        """The dense [rows, cols] weight through torch (models/gguf_quants.py, fp32) in `dtype`."""
+        parts = [dequantize(raw, k, (raw.shape[0], self.cols)) for k, raw in self.segments]
+        return (parts[0] if len(parts) == 1 else torch.cat(parts)).to(dtype)
+
+
+class GGUFKernels:
+    """csrc/gguf.cpp through ctypes; one per process (`shared_kernels`)."""
+
+    def __init__(self) -> None:
+        from tokenmill.layers import native
+
+        self.lib = lib = native.load("gguf")
+        self._gemv = lib.tm_gguf_gemv
+        self._gemv.argtypes = [_PTR, _I64, _INT, _PTR, _I64, _I64, _PTR, _INT]
+        self._gemv.restype = _INT
+        self._dequant = lib.tm_gguf_dequant
+        self._dequant.argtypes = [_PTR, _I64, _I64, _PTR, _INT, _INT]
+        self._dequant.restype = _INT
+        probe = GGUFWeight([(0, torch.zeros(1, 128, dtype=torch.uint8))], 32)
+        y, dense = torch.empty(1, 1), torch.empty(1, 32)
+        if self._dequant(probe.table.data_ptr(), 1, 32, dense.data_ptr(), 0, 1):
+            raise native.NativeUnavailable("gguf.cpp needs AVX-512 (F, BW, VL)")
+        x = torch.zeros(1, 32, dtype=torch.bfloat16)
+        self.bf16_gemv = not self._gemv(
+            x.data_ptr(), 1, 1, probe.table.data_ptr(), 1, 32, y.data_ptr(), 1
+        )
+
+    @staticmethod
+    def supports(w: GGUFWeight, dtype: torch.dtype) -> bool:
+        return (
+            dtype in (torch.float32, torch.bfloat16)
+            and w.cols % 32 == 0
+            and all(k in KERNEL_TYPES for k, _ in w.segments)
+        )
+
+    def dense(self, w: GGUFWeight, dtype: torch.dtype) -> torch.Tensor:
+        """The weight as a dense [rows, cols] fp32 or bf16 matrix (the dequantized path's)."""
+        out = torch.empty(w.rows, w.cols, dtype=dtype)
+        rc = self._dequant(
+            w.table.data_ptr(), len(w.segments), w.cols, out.data_ptr(),
+            int(dtype == torch.bfloat16), torch.get_num_threads(),
+        )  # fmt: skip
+        assert rc == 0, "gguf dequant refused a weight supports() accepted"
+        return out
+
+    def matmul(self, x2: torch.Tensor, w: GGUFWeight) -> torch.Tensor:
+        """x2 [n, cols] (fp32 or bf16) @ W^T -> [n, rows] (fp32 for n <= 8, else x2's dtype)."""
+        n = x2.shape[0]
+        if not 0 < n <= GEMV_ROWS:
+            return F.linear(x2, self.dense(w, x2.dtype))
+        bf16 = x2.dtype == torch.bfloat16 and self.bf16_gemv
+        xc = x2.contiguous() if bf16 else x2.float().contiguous()
+        y = torch.empty(n, w.rows, dtype=torch.float32)
+        rc = self._gemv(
+            xc.data_ptr(), n, int(bf16), w.table.data_ptr(), len(w.segments), w.cols,
+            y.data_ptr(), torch.get_num_threads(),
+        )  # fmt: skip
+        assert rc == 0, "gguf gemv refused a weight supports() accepted"
+        return y
+
+
+_SHARED: list[GGUFKernels] = []
+
+
+def shared_kernels() -> GGUFKernels:
+    """One per process, built on first use (native.NativeUnavailable where it cannot be)."""
+    if not _SHARED:
+        _SHARED.append(GGUFKernels())
+    return _SHARED[0]
+
+
+class TorchGGUFKernel(LinearKernel):
+    def __init__(self, w: GGUFWeight) -> None:
+        self.w = w
+        self.name = f"dequantize gguf {'/'.join(w.types)} in torch + GEMM (no native kernel)"
+
+    def __call__(self, x2):
+        return F.linear(x2, self.w.dequantize(x2.dtype))
+
+    def tensors(self):
+        return self.w.tensors()
+
+
+class NativeGGUFKernel(LinearKernel):
+    def __init__(self, kernels: GGUFKernels, w: GGUFWeight) -> None:
+        self.kernels, self.w = kernels, w
+        types = "/".join(w.types)
+        self.name = f"native gguf {types}: fused decode-GEMV up to 8 rows, else decode + GEMM"
+
+    def __call__(self, x2):
+        return self.kernels.matmul(x2, self.w)
+
+    def tensors(self):
+        return self.w.tensors()
+
+
+class GGUFMethod(QuantMethod):
+    """A linear layer over a GGUF tensor's own codes (installed by models/gguf.GGUFCodes)."""
+
+    format = "gguf"
+    compilable = False  # the native call is opaque to torch.compile
+    weight: GGUFWeight | None = None
+
+    def create_weights(self, layer) -> None:
+        # a placeholder that takes no memory, so the loader still checks each weight was found
+        layer.weight = nn.Parameter(
+            torch.empty(layer.out_features, layer.in_features, device="meta"), requires_grad=False
+        )
+
+    def quantize_weight(self, weight):
+        raise ValueError(
+            "quantization 'gguf' serves a GGUF file's own codes and quantizes nothing; give a "
+            ".gguf model, or another quantization for a 16/32-bit checkpoint"
+        )
+
+    def install(self, layer, qweight) -> None:
+        w: GGUFWeight = qweight
+        if w.shape != (layer.out_features, layer.in_features):
+            raise ValueError(
+                f"GGUF weight of shape {w.shape} does not fit a layer of "
+                f"{(layer.out_features, layer.in_features)}"
+            )
+        self.weight = w
+        self.impl = TorchGGUFKernel(w)
+        if hasattr(layer, "weight"):
+            del layer.weight
+
+    def process_weights_after_loading(self, layer) -> None:
+        if self.weight is None:
+            raise ValueError("a layer of a gguf-quantized model got no weight from the file")
+
+    def attach_native(self, layer) -> bool:
+        """The native kernels (csrc/gguf.cpp) where they apply; called by
+        layers/native_ops.select_kernels when the runner's cpu_kernels allows."""
+        from tokenmill.layers.native import NativeUnavailable
+
+        if self.weight is None or not GGUFKernels.supports(self.weight, layer.params_dtype):
+            return False
+        try:
+            kernels = shared_kernels()
+        except NativeUnavailable:
+            return False
+        self.impl = NativeGGUFKernel(kernels, self.weight)
+        return True
+
+    def tensors(self) -> list[torch.Tensor]:
+        return self.weight.tensors() if self.weight is not None else []
+
+    def apply(self, layer, x):
+        assert self.impl is not None, "apply before install"
+        return finish(self.impl(rows(x)), x, layer.bias)
+
+
+class GGUFEmbedding(nn.Module):
+    """The token embedding read from a GGUF table's codes: each looked-up row dequantized (a
+    tied model's head reads the same bytes, held once)."""
+
+    def __init__(self, table: GGUFWeight, dtype: torch.dtype) -> None:
+        super().__init__()
+        if len(table.segments) != 1:
+            raise ValueError("a GGUF embedding table is one tensor")
+        self.kind, self.codes = table.segments[0]
+        self.num_embeddings, self.embedding_dim = table.shape
+        self.dtype = dtype
+        self.kernels: GGUFKernels | None = None  # native row decoding, set by attach_native
+
+    def attach_native(self) -> bool:
+        """Decode looked-up rows with csrc/gguf.cpp (layers/native_ops.select_kernels)."""
+        from tokenmill.layers.native import NativeUnavailable
+
+        table = GGUFWeight([(self.kind, self.codes[:1])], self.embedding_dim)
+        if not GGUFKernels.supports(table, self.dtype):
+            return False
+        try:
+            self.kernels = shared_kernels()
+        except NativeUnavailable:
+            return False
+        return True
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:  # [...] -> [..., hidden]
+        raw = self.codes.index_select(0, ids.reshape(-1))
+        picked = GGUFWeight([(self.kind, raw)], self.embedding_dim)
+        if self.kernels is not None:
+            x = self.kernels.dense(picked, self.dtype)
+        else:
+            x = picked.dequantize(self.dtype)
+        return x.view(*ids.shape, self.embedding_dim)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, gguf {GGML_TYPES[self.kind][0]}"
