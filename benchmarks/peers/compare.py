@@ -7,7 +7,8 @@ offline throughput (64 x 128 -> 128 by default), batch-1 TTFT and decode speed, 
 
 An engine whose venv is missing is reported as such, not skipped silently. llama.cpp reads the
 GGUF directly (the bundled Q4_1 file, as shipped, an F32 copy of the same values, and BF16 / Q8_0
-files that llama.cpp re-encodes from it: quantize_gguf.py).
+files that llama.cpp re-encodes from it: quantize_gguf.py); tokenmill serves the Q4_1 and Q8_0
+files from their codes too (--quantization gguf) beside its own formats on the HF copy.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ def engines(
         ("tokenmill int8 (weight-only)", None, "tokenmill_driver.py", hf, "int8/bfloat16"),
         ("tokenmill w8a8", None, "tokenmill_driver.py", hf, "w8a8/bfloat16"),
         ("tokenmill nvfp4", None, "tokenmill_driver.py", hf, "nvfp4/bfloat16"),
+        ("tokenmill gguf Q4_1 (as shipped)", None, "tokenmill_driver.py", gguf, "gguf/bfloat16"),
         ("transformers fp32", None, "transformers_driver.py", hf, "float32"),
         ("vLLM fp32", "vllm", "vllm_driver.py", hf, "float32"),
         ("vLLM bf16", "vllm", "vllm_driver.py", hf, "bfloat16"),
@@ -51,6 +53,9 @@ def engines(
     for kind, path in (more_ggufs or {}).items():  # quantize_gguf.py's BF16 and Q8_0 files
         if path:
             rows.append((f"llama.cpp {kind.upper()}", "llamacpp", "llamacpp_driver.py", path, kind))
+            if kind == "q8_0":  # served from the same file's codes
+                label = "tokenmill gguf Q8_0"
+                rows.append((label, None, "tokenmill_driver.py", path, "gguf/bfloat16"))
     return rows
 
 

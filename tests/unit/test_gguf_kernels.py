@@ -61,12 +61,10 @@ def test_gemv_matches_reference(kernels, kind, dtype, m):
     rows = 67  # not a multiple of any row tile
     w = GGUFWeight([(kind, random_codes(kind, rows, cols, gen))], cols)
     x = torch.randn(m, cols, generator=gen).to(dtype)
-    # block formats: the file's weights exactly (the scale is factored out of the bf16 dot
-    # products); plain F32/F16 rows with bf16 x: rounded to bf16 as the bf16 model holds them
+    # the file's weights exactly (bf16 x: the scale factored out of the bf16 dot products, or x
+    # in fp32), products and sums in float64
     exact = w.dequantize(torch.float32)
-    plain = GGML_TYPES[kind][1] == 1
-    weights = exact.to(dtype) if plain else exact
-    reference = x.double() @ weights.double().T
+    reference = x.double() @ exact.double().T
     y = kernels.matmul(x, w)
     assert y.dtype == torch.float32 and y.shape == (m, rows)
     scale = (x.double().abs() @ w.dequantize(torch.float32).double().abs().T).max()

@@ -280,73 +280,12 @@ inline __m256i load32(const uint8_t* p) {
   return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
 }
 
-struct Q8_0c {
-  static constexpr bool kConst = false;
-  template <class F> __attribute__((always_inline)) static void codes(const uint8_t* p, F&& f) {
-    const __m512 q0 = i32_ps(_mm512_cvtepi8_epi32(load16(p + 2)));
-    const __m512 q1 = i32_ps(_mm512_cvtepi8_epi32(load16(p + 18)));
-    f(0, reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(q1, q0)), _mm512_set1_ps(f16(p)), 0.f);
-  }
-};
-struct Q4_0c {
-  static constexpr bool kConst = false;
-  template <class F> __attribute__((always_inline)) static void codes(const uint8_t* p, F&& f) {
-    const __m512i q = _mm512_permutexvar_epi16(nibble_words(load16(p + 2)), table(kMinus8));
-    f(0, q, _mm512_set1_ps(f16(p)), 0.f);
-  }
-};
-struct Q4_1c {
-  static constexpr bool kConst = true;
-  template <class F> __attribute__((always_inline)) static void codes(const uint8_t* p, F&& f) {
-    const __m512i q = _mm512_permutexvar_epi16(nibble_words(load16(p + 4)), table(kPlain));
-    f(0, q, _mm512_set1_ps(f16(p)), f16(p + 2));
-  }
-};
 inline __m512i five_bit_words(const uint8_t* qh, const uint8_t* qs) {
   uint32_t bits;
   std::memcpy(&bits, qh, sizeof bits);
   const __m512i n = nibble_words(load16(qs));
   return _mm512_mask_add_epi16(n, bits, n, _mm512_set1_epi16(16));
 }
-struct Q5_0c {
-  static constexpr bool kConst = false;
-  template <class F> __attribute__((always_inline)) static void codes(const uint8_t* p, F&& f) {
-    const __m512i q = _mm512_permutexvar_epi16(five_bit_words(p + 2, p + 6), table(kMinus16));
-    f(0, q, _mm512_set1_ps(f16(p)), 0.f);
-  }
-};
-struct Q5_1c {
-  static constexpr bool kConst = true;
-  template <class F> __attribute__((always_inline)) static void codes(const uint8_t* p, F&& f) {
-    const __m512i q = _mm512_permutexvar_epi16(five_bit_words(p + 4, p + 8), table(kPlain));
-    f(0, q, _mm512_set1_ps(f16(p)), f16(p + 2));
-  }
-};
-struct Q4_Kc {
-  static constexpr bool kConst = true;
-  template <class F> __attribute__((always_inline)) static void codes(const uint8_t* p, F&& f) {
-    float scale[8], min[8];
-    k_scales(p + 4, f16(p), f16(p + 2), scale, min);
-    for (int g = 0; g < 8; ++g) {
-      const __m512i n = nibble_words32(load32(p + 16 + 32 * (g / 2)), g & 1);
-      f(g, _mm512_permutexvar_epi16(n, table(kPlain)), _mm512_set1_ps(scale[g]), -min[g]);
-    }
-  }
-};
-struct Q5_Kc {
-  static constexpr bool kConst = true;
-  template <class F> __attribute__((always_inline)) static void codes(const uint8_t* p, F&& f) {
-    float scale[8], min[8];
-    k_scales(p + 4, f16(p), f16(p + 2), scale, min);
-    const __m256i qh = load32(p + 16);
-    for (int g = 0; g < 8; ++g) {
-      const __m512i n = nibble_words32(load32(p + 48 + 32 * (g / 2)), g & 1);
-      const __mmask32 fifth = _mm256_test_epi8_mask(qh, _mm256_set1_epi8(static_cast<char>(1 << g)));
-      const __m512i q = _mm512_mask_add_epi16(n, fifth, n, _mm512_set1_epi16(16));
-      f(g, _mm512_permutexvar_epi16(q, table(kPlain)), _mm512_set1_ps(scale[g]), -min[g]);
-    }
-  }
-};
 struct Q6_Kc {
   static constexpr bool kConst = false;
   template <class F> __attribute__((always_inline)) static void codes(const uint8_t* p, F&& f) {
@@ -371,15 +310,6 @@ struct Q6_Kc {
   }
 };
 
-template <class Fmt> struct CodesOf { using type = void; };
-template <> struct CodesOf<Q8_0> { using type = Q8_0c; };
-template <> struct CodesOf<Q4_0> { using type = Q4_0c; };
-template <> struct CodesOf<Q4_1> { using type = Q4_1c; };
-template <> struct CodesOf<Q5_0> { using type = Q5_0c; };
-template <> struct CodesOf<Q5_1> { using type = Q5_1c; };
-template <> struct CodesOf<Q4_K> { using type = Q4_Kc; };
-template <> struct CodesOf<Q5_K> { using type = Q5_Kc; };
-template <> struct CodesOf<Q6_K> { using type = Q6_Kc; };
 
 inline __m512 bf16_round16(__m512 v) {  // finite values: round to nearest even
   const __m512i bits = _mm512_castps_si512(v);
@@ -403,6 +333,7 @@ inline void prefetch_share(const uint8_t* tile, int64_t step, int64_t share) {
 template <class Fmt, int M, int R>
 void rows_fp32(const float* x, int64_t cols, const uint8_t* w, int64_t row_bytes, float* y,
                int64_t ldy) {
+  constexpr int G = Fmt::kBlock / 32;  // groups of 32 per block
   __m512 acc[R][M][2];
   for (int r = 0; r < R; ++r)
     for (int m = 0; m < M; ++m) acc[r][m][0] = acc[r][m][1] = _mm512_setzero_ps();
@@ -411,15 +342,21 @@ void rows_fp32(const float* x, int64_t cols, const uint8_t* w, int64_t row_bytes
     prefetch_share(w, b, R * Fmt::kBytes);
 #pragma GCC unroll 8
     for (int r = 0; r < R; ++r) {
-      const uint8_t* p = w + r * row_bytes + b * Fmt::kBytes;
-      Fmt::block(p, [&](int g, __m512 w0, __m512 w1) {
+      // the decoded block in locals (the accumulators stay out of the callback, in registers)
+      __m512 ws[2 * G];
+      Fmt::block(w + r * row_bytes + b * Fmt::kBytes, [&](int g, __m512 w0, __m512 w1) {
+        ws[2 * g] = w0;
+        ws[2 * g + 1] = w1;
+      });
+#pragma GCC unroll 8
+      for (int g = 0; g < G; ++g) {
         const float* xs = x + b * Fmt::kBlock + 32 * g;
 #pragma GCC unroll 8
         for (int m = 0; m < M; ++m) {
-          acc[r][m][0] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(xs + m * cols), acc[r][m][0]);
-          acc[r][m][1] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(xs + m * cols + 16), acc[r][m][1]);
+          acc[r][m][0] = _mm512_fmadd_ps(ws[2 * g], _mm512_loadu_ps(xs + m * cols), acc[r][m][0]);
+          acc[r][m][1] = _mm512_fmadd_ps(ws[2 * g + 1], _mm512_loadu_ps(xs + m * cols + 16), acc[r][m][1]);
         }
-      });
+      }
     }
   }
   for (int r = 0; r < R; ++r)
@@ -428,67 +365,46 @@ void rows_fp32(const float* x, int64_t cols, const uint8_t* w, int64_t row_bytes
 }
 
 #if defined(__AVX512BF16__)
-// bf16 x, plain F32/F16/BF16 rows: the 32 weights of a group rounded to bf16 by one conversion
-// (as the bf16 model holds them), one dot product per row.
-template <class Fmt, int M, int R>
-void rows_bf16_plain(const uint16_t* x, int64_t cols, const uint8_t* w, int64_t row_bytes,
+// bf16 x, Q6_K: s * (q . x) per 16 elements (the scale lanes), codes decoded in registers.
+template <class Codes, int kBlock, int kBytes, int M, int R>
+void rows_bf16_codes(const uint16_t* x, int64_t cols, const uint8_t* w, int64_t row_bytes,
                      float* y, int64_t ldy) {
+  constexpr int G = kBlock / 32;
   __m512 acc[R][M];
   for (int r = 0; r < R; ++r)
     for (int m = 0; m < M; ++m) acc[r][m] = _mm512_setzero_ps();
-  const int64_t blocks = cols / Fmt::kBlock;
+  const int64_t blocks = cols / kBlock;
   for (int64_t b = 0; b < blocks; ++b) {
-    prefetch_share(w, b, R * Fmt::kBytes);
+    prefetch_share(w, b, R * kBytes);
 #pragma GCC unroll 8
     for (int r = 0; r < R; ++r) {
-      const uint8_t* p = w + r * row_bytes + b * Fmt::kBytes;
-      Fmt::block(p, [&](int g, __m512 w0, __m512 w1) {
-        const uint16_t* xs = x + b * Fmt::kBlock + 32 * g;
-        const __m512bh wb = _mm512_cvtne2ps_pbh(w1, w0);  // elements 0-31 in order
+      __m512i qs[G];
+      __m512 ss[G];  // the decoded block in locals, the accumulators out of the callback
+      Codes::codes(w + r * row_bytes + b * kBytes, [&](int g, __m512i q, __m512 scale, float) {
+        qs[g] = q;
+        ss[g] = scale;
+      });
+#pragma GCC unroll 8
+      for (int g = 0; g < G; ++g) {
+        const uint16_t* xs = x + b * kBlock + 32 * g;
 #pragma GCC unroll 8
         for (int m = 0; m < M; ++m) {
           const __m512bh xm = reinterpret_cast<__m512bh>(_mm512_loadu_si512(xs + m * cols));
-          acc[r][m] = _mm512_dpbf16_ps(acc[r][m], wb, xm);
+          const __m512 t = _mm512_dpbf16_ps(_mm512_setzero_ps(), reinterpret_cast<__m512bh>(qs[g]), xm);
+          acc[r][m] = _mm512_fmadd_ps(t, ss[g], acc[r][m]);
         }
-      });
+      }
     }
   }
   for (int r = 0; r < R; ++r)
     for (int m = 0; m < M; ++m) y[m * ldy + r] = _mm512_reduce_add_ps(acc[r][m]);
 }
 
-// bf16 x, block formats: s * (q . x) + c * sum(x) per group (see CodesOf); `sums` holds each
-// row of x's sum per group of 32, [M][cols / 32].
-template <class Codes, int kBlock, int kBytes, int M, int R>
-__attribute__((optimize("no-tree-slp-vectorize"))) void rows_bf16_codes(const uint16_t* x, const float* sums, int64_t cols, const uint8_t* w,
-                     int64_t row_bytes, float* y, int64_t ldy) {
-  __m512 acc[R][M];
-  float cacc[R][M];
-  for (int r = 0; r < R; ++r)
-    for (int m = 0; m < M; ++m) acc[r][m] = _mm512_setzero_ps(), cacc[r][m] = 0.f;
-  const int64_t blocks = cols / kBlock, groups = cols / 32;
-  for (int64_t b = 0; b < blocks; ++b) {
-    prefetch_share(w, b, R * kBytes);
-#pragma GCC unroll 8
-    for (int r = 0; r < R; ++r) {
-      const uint8_t* p = w + r * row_bytes + b * kBytes;
-      Codes::codes(p, [&](int g, __m512i q, __m512 scale, float c) {
-        const int64_t group = b * (kBlock / 32) + g;
-        const uint16_t* xs = x + 32 * group;
-#pragma GCC unroll 8
-        for (int m = 0; m < M; ++m) {
-          const __m512bh xm = reinterpret_cast<__m512bh>(_mm512_loadu_si512(xs + m * cols));
-          const __m512 t = _mm512_dpbf16_ps(_mm512_setzero_ps(), reinterpret_cast<__m512bh>(q), xm);
-          acc[r][m] = _mm512_fmadd_ps(t, scale, acc[r][m]);
-          if constexpr (Codes::kConst) cacc[r][m] += c * sums[m * groups + group];
-        }
-      });
-    }
-  }
-  for (int r = 0; r < R; ++r)
-    for (int m = 0; m < M; ++m) y[m * ldy + r] = _mm512_reduce_add_ps(acc[r][m]) + cacc[r][m];
-}
+#endif
 
+// cvtne2ps_pbh(w1, w0) puts w0's 16 values in the low half and w1's in the high half, i.e. the
+// bf16 vector holds elements 0..31 in order; the dot product pairs lanes (2i, 2i+1) of both
+// operands, so the order of x (elements 0..31 as stored) matches.
 
 // ---- bf16 x, fast paths for the 4/5-bit formats: no shuffles per block ----
 // The 16 code bytes of a Q4_0/Q4_1/Q5_0/Q5_1 block are broadcast to the four 128-bit lanes of a
@@ -514,9 +430,8 @@ struct XPrep {
   const uint16_t* x = nullptr;  // [m, cols] bf16 as given
   const float* sums = nullptr;  // [m, cols / 32]
   const uint16_t* x32 = nullptr;  // [m, cols] permuted by order32 within each 32
-  const float* pair32 = nullptr;  // [m, cols / 2] sums of the pairs of x32
   const uint16_t* xk = nullptr;  // permuted by orderK
-  const float* pairk = nullptr;
+  const float* xf = nullptr;  // [m, cols] x in fp32 (the fp32 paths)
 };
 
 inline float bf16_value(uint16_t h) {
@@ -526,12 +441,9 @@ inline float bf16_value(uint16_t h) {
   return f;
 }
 
-void permute_x(const uint16_t* x, int64_t m, int64_t cols, bool k_order, uint16_t* out,
-               float* pairs) {
+void permute_x(const uint16_t* x, int64_t m, int64_t cols, bool k_order, uint16_t* out) {
   for (int64_t i = 0; i < m * cols; i += 32)
     for (int w = 0; w < 32; ++w) out[i + w] = x[i + (k_order ? orderK(w) : order32(w))];
-  for (int64_t i = 0; i < m * cols / 2; ++i)
-    pairs[i] = bf16_value(out[2 * i]) + bf16_value(out[2 * i + 1]);
 }
 
 inline __m512i shifts32() {  // per word: 0 (lane 0), 8, 4, 12
@@ -594,6 +506,19 @@ using Q4_1s = Simple<20, 4, -1, true, 0>;
 using Q5_0s = Simple<22, 6, 2, false, 16>;
 using Q5_1s = Simple<24, 8, 4, true, 0>;
 
+// c' . sum(x) of a row: the constant terms, one dot product over the groups (sums: one row of x)
+inline float const_term(const float* c, const float* sums, int64_t groups) {
+  __m512 acc = _mm512_setzero_ps();
+  int64_t g = 0;
+  for (; g + 16 <= groups; g += 16)
+    acc = _mm512_fmadd_ps(_mm512_loadu_ps(c + g), _mm512_loadu_ps(sums + g), acc);
+  if (g < groups) {
+    const __mmask16 k = static_cast<__mmask16>((1u << (groups - g)) - 1);
+    acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(k, c + g), _mm512_maskz_loadu_ps(k, sums + g), acc);
+  }
+  return _mm512_reduce_add_ps(acc);
+}
+
 template <class S, int M, int R>
 void rows_bf16_simple(const XPrep& xp, int64_t cols, const uint8_t* w, int64_t row_bytes,
                       float* y, int64_t ldy, float* scratch) {
@@ -601,28 +526,26 @@ void rows_bf16_simple(const XPrep& xp, int64_t cols, const uint8_t* w, int64_t r
   float* d = scratch;  // [R][blocks]
   float* c = scratch + R * blocks;
   for (int r = 0; r < R; ++r) S::scales(w + r * row_bytes, blocks, d + r * blocks, c + r * blocks);
-  __m512 acc[R][M], cacc[R][M];
+  __m512 acc[R][M];
   for (int r = 0; r < R; ++r)
-    for (int m = 0; m < M; ++m) acc[r][m] = cacc[r][m] = _mm512_setzero_ps();
+    for (int m = 0; m < M; ++m) acc[r][m] = _mm512_setzero_ps();
   for (int64_t b = 0; b < blocks; ++b) {
     prefetch_share(w, b, R * S::kBytes);
 #pragma GCC unroll 8
     for (int r = 0; r < R; ++r) {
       const uint8_t* p = w + r * row_bytes + b * S::kBytes;
       const __m512bh q = reinterpret_cast<__m512bh>(S::codes(p));
-      const __m512 ds = _mm512_set1_ps(d[r * blocks + b]), cs = _mm512_set1_ps(c[r * blocks + b]);
+      const __m512 ds = _mm512_set1_ps(d[r * blocks + b]);
 #pragma GCC unroll 8
       for (int m = 0; m < M; ++m) {
         const __m512bh xm = reinterpret_cast<__m512bh>(_mm512_loadu_si512(xp.x32 + m * cols + 32 * b));
-        const __m512 t = _mm512_dpbf16_ps(_mm512_setzero_ps(), q, xm);
-        acc[r][m] = _mm512_fmadd_ps(t, ds, acc[r][m]);
-        cacc[r][m] = _mm512_fmadd_ps(_mm512_loadu_ps(xp.pair32 + m * cols / 2 + 16 * b), cs, cacc[r][m]);
+        acc[r][m] = _mm512_fmadd_ps(_mm512_dpbf16_ps(_mm512_setzero_ps(), q, xm), ds, acc[r][m]);
       }
     }
   }
   for (int r = 0; r < R; ++r)
     for (int m = 0; m < M; ++m)
-      y[m * ldy + r] = _mm512_reduce_add_ps(_mm512_add_ps(acc[r][m], cacc[r][m]));
+      y[m * ldy + r] = _mm512_reduce_add_ps(acc[r][m]) + const_term(c + r * blocks, xp.sums + m * blocks, blocks);
 }
 
 // Q4_K, Q5_K: per group g of a super-block, scale sc and c' = -mn - 128 sc
@@ -656,9 +579,9 @@ void rows_bf16_k(const XPrep& xp, int64_t cols, const uint8_t* w, int64_t row_by
   float* d = scratch;  // [R][groups]
   float* c = scratch + R * groups;
   for (int r = 0; r < R; ++r) K::scales(w + r * row_bytes, blocks, d + r * groups, c + r * groups);
-  __m512 acc[R][M], cacc[R][M];
+  __m512 acc[R][M];
   for (int r = 0; r < R; ++r)
-    for (int m = 0; m < M; ++m) acc[r][m] = cacc[r][m] = _mm512_setzero_ps();
+    for (int m = 0; m < M; ++m) acc[r][m] = _mm512_setzero_ps();
   for (int64_t b = 0; b < blocks; ++b) {
     prefetch_share(w, b, R * K::kBytes);
     for (int g = 0; g < 8; ++g) {
@@ -667,20 +590,18 @@ void rows_bf16_k(const XPrep& xp, int64_t cols, const uint8_t* w, int64_t row_by
       for (int r = 0; r < R; ++r) {
         const uint8_t* p = w + r * row_bytes + b * K::kBytes;
         const __m512bh q = reinterpret_cast<__m512bh>(K::codes(p, g));
-        const __m512 ds = _mm512_set1_ps(d[r * groups + gi]), cs = _mm512_set1_ps(c[r * groups + gi]);
+        const __m512 ds = _mm512_set1_ps(d[r * groups + gi]);
 #pragma GCC unroll 8
         for (int m = 0; m < M; ++m) {
           const __m512bh xm = reinterpret_cast<__m512bh>(_mm512_loadu_si512(xp.xk + m * cols + 32 * gi));
-          const __m512 t = _mm512_dpbf16_ps(_mm512_setzero_ps(), q, xm);
-          acc[r][m] = _mm512_fmadd_ps(t, ds, acc[r][m]);
-          cacc[r][m] = _mm512_fmadd_ps(_mm512_loadu_ps(xp.pairk + m * cols / 2 + 16 * gi), cs, cacc[r][m]);
+          acc[r][m] = _mm512_fmadd_ps(_mm512_dpbf16_ps(_mm512_setzero_ps(), q, xm), ds, acc[r][m]);
         }
       }
     }
   }
   for (int r = 0; r < R; ++r)
     for (int m = 0; m < M; ++m)
-      y[m * ldy + r] = _mm512_reduce_add_ps(_mm512_add_ps(acc[r][m], cacc[r][m]));
+      y[m * ldy + r] = _mm512_reduce_add_ps(acc[r][m]) + const_term(c + r * groups, xp.sums + m * groups, groups);
 }
 
 template <class Fmt> struct FastOf { using type = void; static constexpr int kind = 0; };
@@ -691,27 +612,23 @@ template <> struct FastOf<Q5_1> { using type = Q5_1s; static constexpr int kind 
 template <> struct FastOf<Q4_K> { using type = KQuant<false>; static constexpr int kind = 2; };
 template <> struct FastOf<Q5_K> { using type = KQuant<true>; static constexpr int kind = 2; };
 
+
+#if defined(__AVX512BF16__)
 template <class Fmt, int M, int R>
 void rows_bf16(const XPrep& xp, int64_t cols, const uint8_t* w, int64_t row_bytes, float* y,
                int64_t ldy, float* scratch) {
-  using Codes = typename CodesOf<Fmt>::type;
   using Fast = typename FastOf<Fmt>::type;
-  const uint16_t* x = xp.x;
-  const float* sums = xp.sums;
   if constexpr (FastOf<Fmt>::kind == 1)
     rows_bf16_simple<Fast, M, R>(xp, cols, w, row_bytes, y, ldy, scratch);
   else if constexpr (FastOf<Fmt>::kind == 2)
     rows_bf16_k<Fast, M, R>(xp, cols, w, row_bytes, y, ldy, scratch);
-  else if constexpr (std::is_void_v<Codes>)
-    rows_bf16_plain<Fmt, M, R>(x, cols, w, row_bytes, y, ldy);
   else
-    rows_bf16_codes<Codes, Fmt::kBlock, Fmt::kBytes, M, R>(x, sums, cols, w, row_bytes, y, ldy);
+    rows_bf16_codes<Q6_Kc, Fmt::kBlock, Fmt::kBytes, M, R>(xp.x, cols, w, row_bytes, y, ldy);
 }
 #endif
 
-// cvtne2ps_pbh(w1, w0) puts w0's 16 values in the low half and w1's in the high half, i.e. the
-// bf16 vector holds elements 0..31 in order; the dot product pairs lanes (2i, 2i+1) of both
-// operands, so the order of x (elements 0..31 as stored) matches.
+template <class Fmt>
+constexpr bool kBf16Dots = FastOf<Fmt>::kind != 0 || std::is_same_v<Fmt, Q6_K>;  // see segment
 
 template <class Fmt, int M>
 void segment(const void* x, const XPrep& xp, bool bf16, int64_t cols, const uint8_t* w,
@@ -720,6 +637,11 @@ void segment(const void* x, const XPrep& xp, bool bf16, int64_t cols, const uint
   const int64_t tiles = (rows + R - 1) / R;
   thread_local std::vector<float> scratch;  // a row tile's scales (the fast paths)
   if (static_cast<int64_t>(scratch.size()) < 2 * R * (cols / 32)) scratch.resize(2 * R * (cols / 32));
+  // bf16 x: the bf16 dot products where they win (1-2 rows of the 4-6-bit formats: decoding the
+  // codes costs two instructions); else x in fp32 (exact) and fp32 FMAs, which this CPU runs at
+  // 4x the rate of vdpbf16ps (measured), once the decode is shared by 3+ rows
+  const bool dot_bf16 = bf16 && (M <= 2 || std::is_same_v<Fmt, Q6_K>) && kBf16Dots<Fmt>;
+  const float* xf = bf16 ? xp.xf : static_cast<const float*>(x);
 #pragma omp for schedule(static) nowait
   for (int64_t t = 0; t < tiles; ++t) {
     const int64_t r0 = t * R;
@@ -727,7 +649,7 @@ void segment(const void* x, const XPrep& xp, bool bf16, int64_t cols, const uint
     for (int64_t r = r0; r < r0 + n; r += (n == R ? R : 1)) {
       const uint8_t* wr = w + r * row_bytes;
 #if defined(__AVX512BF16__)
-      if (bf16) {
+      if constexpr (kBf16Dots<Fmt>) if (dot_bf16) {
         if (n == R)
           rows_bf16<Fmt, M, R>(xp, cols, wr, row_bytes, y + r, ldy, scratch.data());
         else
@@ -736,9 +658,9 @@ void segment(const void* x, const XPrep& xp, bool bf16, int64_t cols, const uint
       }
 #endif
       if (n == R)
-        rows_fp32<Fmt, M, R>(static_cast<const float*>(x), cols, wr, row_bytes, y + r, ldy);
+        rows_fp32<Fmt, M, R>(xf, cols, wr, row_bytes, y + r, ldy);
       else
-        rows_fp32<Fmt, M, 1>(static_cast<const float*>(x), cols, wr, row_bytes, y + r, ldy);
+        rows_fp32<Fmt, M, 1>(xf, cols, wr, row_bytes, y + r, ldy);
     }
   }
 }
@@ -840,7 +762,7 @@ namespace {
 // copies the fast paths read. Built by one thread before the pass.
 struct Prepared {
   XPrep prep;
-  std::vector<float> sums, pair32, pairk;
+  std::vector<float> sums, xf;
   std::vector<uint16_t> x32, xk;
 
   void build(const void* x, int64_t m, bool bf16, int64_t cols, const int64_t* segs,
@@ -864,15 +786,18 @@ struct Prepared {
       simple |= t == kQ4_0 || t == kQ4_1 || t == kQ5_0 || t == kQ5_1;
       kquant |= t == kQ4_K || t == kQ5_K;
     }
+    xf.resize(m * cols);
+    for (int64_t i = 0; i < m * cols; ++i) xf[i] = bf16_value(prep.x[i]);
+    prep.xf = xf.data();
     if (simple) {
-      x32.resize(m * cols), pair32.resize(m * cols / 2);
-      permute_x(prep.x, m, cols, false, x32.data(), pair32.data());
-      prep.x32 = x32.data(), prep.pair32 = pair32.data();
+      x32.resize(m * cols);
+      permute_x(prep.x, m, cols, false, x32.data());
+      prep.x32 = x32.data();
     }
     if (kquant) {
-      xk.resize(m * cols), pairk.resize(m * cols / 2);
-      permute_x(prep.x, m, cols, true, xk.data(), pairk.data());
-      prep.xk = xk.data(), prep.pairk = pairk.data();
+      xk.resize(m * cols);
+      permute_x(prep.x, m, cols, true, xk.data());
+      prep.xk = xk.data();
     }
   }
 };
