@@ -9,7 +9,13 @@ import torch
 
 from tokenmill.layers import native
 from tokenmill.models.gguf_quants import GGML_TYPES
-from tokenmill.quant.methods.gguf import KERNEL_TYPES, GGUFWeight, shared_kernels
+from tokenmill.quant.methods.gguf import (
+    INT8_ROWS,
+    KERNEL_TYPES,
+    KINDS,
+    GGUFWeight,
+    shared_kernels,
+)
 
 # byte offsets of each block's f16 scale fields (d, m / dmin), which random bytes would make NaN
 F16_FIELDS = {2: (0,), 3: (0, 2), 6: (0,), 7: (0, 2), 8: (0,), 12: (0, 2), 13: (0, 2), 14: (208,)}
@@ -30,6 +36,14 @@ def random_codes(kind: int, rows: int, cols: int, gen: torch.Generator) -> torch
     return blocks.reshape(rows, -1)
 
 
+def make_weight(kind: int, rows: int, cols: int, gen: torch.Generator) -> GGUFWeight:
+    """A valid random weight of type `kind` (int8 rows: tokenmill's int8 codes and row scales)."""
+    if kind == INT8_ROWS:
+        codes = torch.randint(-127, 128, (rows, cols), generator=gen).to(torch.int8)
+        return GGUFWeight.int8_rows(codes, torch.rand(rows, generator=gen) * 0.01 + 1e-3)
+    return GGUFWeight([(kind, random_codes(kind, rows, cols, gen))], cols)
+
+
 @pytest.fixture(scope="module")
 def kernels():
     """Skipped only where the kernels cannot exist (no compiler, no AVX-512); a build error
@@ -42,24 +56,24 @@ def kernels():
 TYPES = sorted(KERNEL_TYPES)
 
 
-@pytest.mark.parametrize("kind", TYPES, ids=[GGML_TYPES[k][0] for k in TYPES])
+@pytest.mark.parametrize("kind", TYPES, ids=[KINDS[k][0] for k in TYPES])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_dense_equals_torch_dequantization(kernels, kind, dtype):
     gen = torch.Generator().manual_seed(kind)
-    cols = 512 if GGML_TYPES[kind][1] == 256 else 96
-    w = GGUFWeight([(kind, random_codes(kind, 37, cols, gen))], cols)
+    cols = 512 if KINDS[kind][1] == 256 else 96
+    w = make_weight(kind, 37, cols, gen)
     reference = w.dequantize(torch.float32).to(dtype)
     assert torch.equal(kernels.dense(w, dtype), reference)
 
 
-@pytest.mark.parametrize("kind", TYPES, ids=[GGML_TYPES[k][0] for k in TYPES])
+@pytest.mark.parametrize("kind", TYPES, ids=[KINDS[k][0] for k in TYPES])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("m", [1, 2, 3, 5, 8])
 def test_gemv_matches_reference(kernels, kind, dtype, m):
     gen = torch.Generator().manual_seed(100 + kind)
-    cols = 512 if GGML_TYPES[kind][1] == 256 else 160
+    cols = 512 if KINDS[kind][1] == 256 else 160
     rows = 67  # not a multiple of any row tile
-    w = GGUFWeight([(kind, random_codes(kind, rows, cols, gen))], cols)
+    w = make_weight(kind, rows, cols, gen)
     x = torch.randn(m, cols, generator=gen).to(dtype)
     # the file's weights exactly (bf16 x: the scale factored out of the bf16 dot products, or x
     # in fp32), products and sums in float64
@@ -100,3 +114,5 @@ def test_stack_joins_runs_of_one_type():
 def test_rows_that_do_not_match_their_bytes_are_refused():
     with pytest.raises(ValueError, match="do not match their bytes"):
         GGUFWeight([(3, torch.zeros(4, 21, dtype=torch.uint8))], 32)
+    with pytest.raises(ValueError, match="scale per row goes with int8 rows"):
+        GGUFWeight([(INT8_ROWS, torch.zeros(4, 32, dtype=torch.uint8))], 32)

@@ -11,7 +11,8 @@ weights the skinny kernel reads, a plain RMSNorm with native row kernels, plain 
 with native kernels and no q/k norm. More than MAX_ROWS rows, or anything else, and the caller
 runs the layers as before. `GGUFQKVBlock` and `GGUFMLPBlock` are the same halves over a GGUF
 file's codes (quantization='gguf': `tm_gguf_decode_*` in csrc/gguf.cpp, its decode GEMVs);
-`build_inputs` / `build_outputs` pick whichever applies.
+the int8 weight-only layers take them too (their codes are such rows); `build_inputs` /
+`build_outputs` pick whichever applies.
 """
 
 from __future__ import annotations
@@ -183,12 +184,18 @@ class MLPBlock:
 
 
 def _gguf_readable(layer: Linear, dtype: torch.dtype) -> bool:
-    from tokenmill.quant.methods.gguf import GGUFMethod, NativeGGUFKernel
+    """Whether the layer applies csrc/gguf.cpp's GEMV over segments of rows (a GGUF file's codes,
+    or int8 weight-only rows) with nothing around it (no input smoothing)."""
+    from tokenmill.quant.methods.gguf import NativeGGUFKernel
+    from tokenmill.quant.methods.weight_only import Int8RowsKernel
 
     method = layer.quant_method
-    if not isinstance(method, GGUFMethod) or not isinstance(method.impl, NativeGGUFKernel):
+    impl = getattr(method, "impl", None)
+    if not isinstance(impl, NativeGGUFKernel | Int8RowsKernel):
         return False
-    return layer.params_dtype == dtype and (dtype == torch.float32 or method.impl.kernels.bf16_gemv)
+    if getattr(method, "smooth_inv", None) is not None:
+        return False
+    return layer.params_dtype == dtype and (dtype == torch.float32 or impl.kernels.bf16_gemv)
 
 
 def _gguf_plain(norm, *linears) -> bool:

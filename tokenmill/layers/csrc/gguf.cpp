@@ -4,7 +4,10 @@
 // Layout: a weight [rows, cols] is rows of GGML blocks along `cols`, exactly as the file stores
 // them (models/gguf_quants.py spells out each block). A merged layer (q/k/v, gate/up) is a list
 // of segments of rows, each of one GGML type, stacked along the output dimension; the segment
-// table is int64 [segments, 4]: type, rows, data pointer, bytes per row.
+// table is int64 [segments, 5]: type, rows, data pointer, bytes per row, and a fp32 scale per
+// row or 0. Besides the GGML types, type 1000 is tokenmill's own int8 weight-only layout
+// (quant/formats.py "int8": plain int8 rows, one fp32 scale per row), so those layers take the
+// same GEMVs and fused halves.
 //
 // A weight is computed as models/gguf_quants.dequantize computes it in fp32, in the same order
 // of operations with one rounding each (mul, add: never fused), so the dense matrix that
@@ -41,7 +44,9 @@ constexpr int kRound = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
 enum GGMLType : int64_t {
   kF32 = 0, kF16 = 1, kQ4_0 = 2, kQ4_1 = 3, kQ5_0 = 6, kQ5_1 = 7, kQ8_0 = 8,
   kQ4_K = 12, kQ5_K = 13, kQ6_K = 14, kBF16 = 30,
+  kI8 = 1000,  // tokenmill int8 rows (with a row scale)
 };
+constexpr int64_t kSegFields = 5;
 
 // one rounding each, never contracted into an FMA (the torch dequantization rounds twice)
 inline __m512 mul(__m512 a, __m512 b) { return _mm512_mul_round_ps(a, b, kRound); }
@@ -102,6 +107,13 @@ struct Q8_0 {  // d f16, 32 x int8: w = q * d
     const __m512 q0 = i32_ps(_mm512_cvtepi8_epi32(load16(p + 2)));
     const __m512 q1 = i32_ps(_mm512_cvtepi8_epi32(load16(p + 18)));
     f(0, mul(q0, d), mul(q1, d));
+  }
+};
+
+struct I8 {  // 32 x int8, the scale applied per row after the sums
+  static constexpr int kBlock = 32, kBytes = 32;
+  template <class F> __attribute__((always_inline)) static void block(const uint8_t* p, F&& f) {
+    f(0, i32_ps(_mm512_cvtepi8_epi32(load16(p))), i32_ps(_mm512_cvtepi8_epi32(load16(p + 16))));
   }
 };
 
@@ -632,7 +644,7 @@ constexpr bool kBf16Dots = FastOf<Fmt>::kind != 0 || std::is_same_v<Fmt, Q6_K>; 
 
 template <class Fmt, int M>
 void segment(const void* x, const XPrep& xp, bool bf16, int64_t cols, const uint8_t* w,
-             int64_t rows, int64_t row_bytes, float* y, int64_t ldy) {
+             int64_t rows, int64_t row_bytes, const float* rs, float* y, int64_t ldy) {
   constexpr int R = M == 1 ? 4 : (M <= 4 ? 2 : 1);
   const int64_t tiles = (rows + R - 1) / R;
   thread_local std::vector<float> scratch;  // a row tile's scales (the fast paths)
@@ -662,39 +674,44 @@ void segment(const void* x, const XPrep& xp, bool bf16, int64_t cols, const uint
       else
         rows_fp32<Fmt, M, 1>(xf, cols, wr, row_bytes, y + r, ldy);
     }
+    if (rs)  // a scale per row (int8 rows): applied to the finished sums
+      for (int64_t m = 0; m < M; ++m)
+        for (int64_t r = r0; r < r0 + n; ++r) y[m * ldy + r] *= rs[r];
   }
 }
 
 template <int M>
 bool segment_m(int64_t type, const void* x, const XPrep& sums, bool bf16, int64_t cols, const uint8_t* w,
-               int64_t rows, int64_t row_bytes, float* y, int64_t ldy) {
+               int64_t rows, int64_t row_bytes, const float* rs, float* y, int64_t ldy) {
   switch (type) {
-    case kF32: segment<F32, M>(x, sums, bf16, cols, w, rows, row_bytes, y, ldy); return true;
-    case kF16: segment<F16, M>(x, sums, bf16, cols, w, rows, row_bytes, y, ldy); return true;
-    case kBF16: segment<BF16, M>(x, sums, bf16, cols, w, rows, row_bytes, y, ldy); return true;
-    case kQ8_0: segment<Q8_0, M>(x, sums, bf16, cols, w, rows, row_bytes, y, ldy); return true;
-    case kQ4_0: segment<Q4_0, M>(x, sums, bf16, cols, w, rows, row_bytes, y, ldy); return true;
-    case kQ4_1: segment<Q4_1, M>(x, sums, bf16, cols, w, rows, row_bytes, y, ldy); return true;
-    case kQ5_0: segment<Q5_0, M>(x, sums, bf16, cols, w, rows, row_bytes, y, ldy); return true;
-    case kQ5_1: segment<Q5_1, M>(x, sums, bf16, cols, w, rows, row_bytes, y, ldy); return true;
-    case kQ4_K: segment<Q4_K, M>(x, sums, bf16, cols, w, rows, row_bytes, y, ldy); return true;
-    case kQ5_K: segment<Q5_K, M>(x, sums, bf16, cols, w, rows, row_bytes, y, ldy); return true;
-    case kQ6_K: segment<Q6_K, M>(x, sums, bf16, cols, w, rows, row_bytes, y, ldy); return true;
+    case kF32: segment<F32, M>(x, sums, bf16, cols, w, rows, row_bytes, rs, y, ldy); return true;
+    case kF16: segment<F16, M>(x, sums, bf16, cols, w, rows, row_bytes, rs, y, ldy); return true;
+    case kBF16: segment<BF16, M>(x, sums, bf16, cols, w, rows, row_bytes, rs, y, ldy); return true;
+    case kQ8_0: segment<Q8_0, M>(x, sums, bf16, cols, w, rows, row_bytes, rs, y, ldy); return true;
+    case kQ4_0: segment<Q4_0, M>(x, sums, bf16, cols, w, rows, row_bytes, rs, y, ldy); return true;
+    case kQ4_1: segment<Q4_1, M>(x, sums, bf16, cols, w, rows, row_bytes, rs, y, ldy); return true;
+    case kQ5_0: segment<Q5_0, M>(x, sums, bf16, cols, w, rows, row_bytes, rs, y, ldy); return true;
+    case kQ5_1: segment<Q5_1, M>(x, sums, bf16, cols, w, rows, row_bytes, rs, y, ldy); return true;
+    case kQ4_K: segment<Q4_K, M>(x, sums, bf16, cols, w, rows, row_bytes, rs, y, ldy); return true;
+    case kQ5_K: segment<Q5_K, M>(x, sums, bf16, cols, w, rows, row_bytes, rs, y, ldy); return true;
+    case kQ6_K: segment<Q6_K, M>(x, sums, bf16, cols, w, rows, row_bytes, rs, y, ldy); return true;
+    case kI8: segment<I8, M>(x, sums, bf16, cols, w, rows, row_bytes, rs, y, ldy); return true;
     default: return false;
   }
 }
 
 bool segment_any(int64_t m, int64_t type, const void* x, const XPrep& sums, bool bf16, int64_t cols,
-                 const uint8_t* w, int64_t rows, int64_t row_bytes, float* y, int64_t ldy) {
+                 const uint8_t* w, int64_t rows, int64_t row_bytes, const float* rs, float* y,
+                 int64_t ldy) {
   switch (m) {
-    case 1: return segment_m<1>(type, x, sums, bf16, cols, w, rows, row_bytes, y, ldy);
-    case 2: return segment_m<2>(type, x, sums, bf16, cols, w, rows, row_bytes, y, ldy);
-    case 3: return segment_m<3>(type, x, sums, bf16, cols, w, rows, row_bytes, y, ldy);
-    case 4: return segment_m<4>(type, x, sums, bf16, cols, w, rows, row_bytes, y, ldy);
-    case 5: return segment_m<5>(type, x, sums, bf16, cols, w, rows, row_bytes, y, ldy);
-    case 6: return segment_m<6>(type, x, sums, bf16, cols, w, rows, row_bytes, y, ldy);
-    case 7: return segment_m<7>(type, x, sums, bf16, cols, w, rows, row_bytes, y, ldy);
-    case 8: return segment_m<8>(type, x, sums, bf16, cols, w, rows, row_bytes, y, ldy);
+    case 1: return segment_m<1>(type, x, sums, bf16, cols, w, rows, row_bytes, rs, y, ldy);
+    case 2: return segment_m<2>(type, x, sums, bf16, cols, w, rows, row_bytes, rs, y, ldy);
+    case 3: return segment_m<3>(type, x, sums, bf16, cols, w, rows, row_bytes, rs, y, ldy);
+    case 4: return segment_m<4>(type, x, sums, bf16, cols, w, rows, row_bytes, rs, y, ldy);
+    case 5: return segment_m<5>(type, x, sums, bf16, cols, w, rows, row_bytes, rs, y, ldy);
+    case 6: return segment_m<6>(type, x, sums, bf16, cols, w, rows, row_bytes, rs, y, ldy);
+    case 7: return segment_m<7>(type, x, sums, bf16, cols, w, rows, row_bytes, rs, y, ldy);
+    case 8: return segment_m<8>(type, x, sums, bf16, cols, w, rows, row_bytes, rs, y, ldy);
     default: return false;
   }
 }
@@ -707,35 +724,38 @@ inline void store16(uint16_t* o, __m512 w) {
 }
 
 template <class Fmt, class T>
-void dequant_segment(const uint8_t* w, int64_t rows, int64_t row_bytes, int64_t cols, T* out) {
+void dequant_segment(const uint8_t* w, int64_t rows, int64_t row_bytes, const float* rs,
+                     int64_t cols, T* out) {
   const int64_t blocks = cols / Fmt::kBlock;
 #pragma omp for schedule(static) nowait
   for (int64_t r = 0; r < rows; ++r) {
+    const __m512 scale = _mm512_set1_ps(rs ? rs[r] : 1.f);  // value x scale, one rounding
     for (int64_t b = 0; b < blocks; ++b) {
       T* o = out + r * cols + b * Fmt::kBlock;
       Fmt::block(w + r * row_bytes + b * Fmt::kBytes, [&](int g, __m512 w0, __m512 w1) {
-        store16(o + 32 * g, w0);
-        store16(o + 32 * g + 16, w1);
+        store16(o + 32 * g, rs ? mul(w0, scale) : w0);
+        store16(o + 32 * g + 16, rs ? mul(w1, scale) : w1);
       });
     }
   }
 }
 
 template <class T>
-bool dequant_any(int64_t type, const uint8_t* w, int64_t rows, int64_t row_bytes, int64_t cols,
-                 T* out) {
+bool dequant_any(int64_t type, const uint8_t* w, int64_t rows, int64_t row_bytes,
+                 const float* rs, int64_t cols, T* out) {
   switch (type) {
-    case kF32: dequant_segment<F32>(w, rows, row_bytes, cols, out); return true;
-    case kF16: dequant_segment<F16>(w, rows, row_bytes, cols, out); return true;
-    case kBF16: dequant_segment<BF16>(w, rows, row_bytes, cols, out); return true;
-    case kQ8_0: dequant_segment<Q8_0>(w, rows, row_bytes, cols, out); return true;
-    case kQ4_0: dequant_segment<Q4_0>(w, rows, row_bytes, cols, out); return true;
-    case kQ4_1: dequant_segment<Q4_1>(w, rows, row_bytes, cols, out); return true;
-    case kQ5_0: dequant_segment<Q5_0>(w, rows, row_bytes, cols, out); return true;
-    case kQ5_1: dequant_segment<Q5_1>(w, rows, row_bytes, cols, out); return true;
-    case kQ4_K: dequant_segment<Q4_K>(w, rows, row_bytes, cols, out); return true;
-    case kQ5_K: dequant_segment<Q5_K>(w, rows, row_bytes, cols, out); return true;
-    case kQ6_K: dequant_segment<Q6_K>(w, rows, row_bytes, cols, out); return true;
+    case kF32: dequant_segment<F32>(w, rows, row_bytes, rs, cols, out); return true;
+    case kF16: dequant_segment<F16>(w, rows, row_bytes, rs, cols, out); return true;
+    case kBF16: dequant_segment<BF16>(w, rows, row_bytes, rs, cols, out); return true;
+    case kQ8_0: dequant_segment<Q8_0>(w, rows, row_bytes, rs, cols, out); return true;
+    case kQ4_0: dequant_segment<Q4_0>(w, rows, row_bytes, rs, cols, out); return true;
+    case kQ4_1: dequant_segment<Q4_1>(w, rows, row_bytes, rs, cols, out); return true;
+    case kQ5_0: dequant_segment<Q5_0>(w, rows, row_bytes, rs, cols, out); return true;
+    case kQ5_1: dequant_segment<Q5_1>(w, rows, row_bytes, rs, cols, out); return true;
+    case kQ4_K: dequant_segment<Q4_K>(w, rows, row_bytes, rs, cols, out); return true;
+    case kQ5_K: dequant_segment<Q5_K>(w, rows, row_bytes, rs, cols, out); return true;
+    case kQ6_K: dequant_segment<Q6_K>(w, rows, row_bytes, rs, cols, out); return true;
+    case kI8: dequant_segment<I8>(w, rows, row_bytes, rs, cols, out); return true;
     default: return false;
   }
 }
@@ -743,13 +763,16 @@ bool dequant_any(int64_t type, const uint8_t* w, int64_t rows, int64_t row_bytes
 bool known(int64_t type) {
   switch (type) {
     case kF32: case kF16: case kBF16: case kQ8_0: case kQ4_0: case kQ4_1: case kQ5_0:
-    case kQ5_1: case kQ4_K: case kQ5_K: case kQ6_K: return true;
+    case kQ5_1: case kQ4_K: case kQ5_K: case kQ6_K: case kI8: return true;
     default: return false;
   }
 }
 
 inline const uint8_t* seg_data(const int64_t* seg) {
   return reinterpret_cast<const uint8_t*>(static_cast<uintptr_t>(seg[2]));
+}
+inline const float* seg_scale(const int64_t* seg) {
+  return reinterpret_cast<const float*>(static_cast<uintptr_t>(seg[4]));
 }
 
 }  // namespace
@@ -782,7 +805,7 @@ struct Prepared {
     prep.sums = sums.data();
     bool simple = false, kquant = false;
     for (int64_t s = 0; s < nsegs; ++s) {
-      const int64_t t = segs[4 * s];
+      const int64_t t = segs[kSegFields * s];
       simple |= t == kQ4_0 || t == kQ4_1 || t == kQ5_0 || t == kQ5_1;
       kquant |= t == kQ4_K || t == kQ5_K;
     }
@@ -810,8 +833,8 @@ bool fits(int64_t m, bool bf16, const int64_t* segs, int64_t nsegs, int64_t cols
   if (m < 1 || m > kMaxRows || cols % 32) return false;
   *total = 0;
   for (int64_t s = 0; s < nsegs; ++s) {
-    if (!known(segs[4 * s])) return false;
-    *total += segs[4 * s + 1];
+    if (!known(segs[kSegFields * s])) return false;
+    *total += segs[kSegFields * s + 1];
   }
   return true;
 }
@@ -821,8 +844,9 @@ void gemv_share(int64_t m, const void* x, const Prepared& p, bool bf16, const in
                 int64_t nsegs, int64_t cols, float* y, int64_t total) {
   int64_t row0 = 0;
   for (int64_t s = 0; s < nsegs; ++s) {
-    const int64_t* seg = segs + 4 * s;
-    segment_any(m, seg[0], x, p.prep, bf16, cols, seg_data(seg), seg[1], seg[3], y + row0, total);
+    const int64_t* seg = segs + kSegFields * s;
+    segment_any(m, seg[0], x, p.prep, bf16, cols, seg_data(seg), seg[1], seg[3], seg_scale(seg),
+                y + row0, total);
     row0 += seg[1];
   }
 }
@@ -997,17 +1021,17 @@ int tm_gguf_dequant(const int64_t* segs, int64_t nsegs, int64_t cols, void* out,
 #if TM_GGUF_AVX512
   if (cols % 32) return -1;
   for (int64_t s = 0; s < nsegs; ++s)
-    if (!known(segs[4 * s])) return -1;
+    if (!known(segs[kSegFields * s])) return -1;
 #pragma omp parallel num_threads(num_threads)
   {
     int64_t row0 = 0;
     for (int64_t s = 0; s < nsegs; ++s) {
-      const int64_t* seg = segs + 4 * s;
+      const int64_t* seg = segs + kSegFields * s;
       if (out_bf16)
-        dequant_any(seg[0], seg_data(seg), seg[1], seg[3], cols,
+        dequant_any(seg[0], seg_data(seg), seg[1], seg[3], seg_scale(seg), cols,
                     static_cast<uint16_t*>(out) + row0 * cols);
       else
-        dequant_any(seg[0], seg_data(seg), seg[1], seg[3], cols,
+        dequant_any(seg[0], seg_data(seg), seg[1], seg[3], seg_scale(seg), cols,
                     static_cast<float*>(out) + row0 * cols);
       row0 += seg[1];
     }

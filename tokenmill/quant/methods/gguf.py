@@ -28,32 +28,43 @@ from tokenmill.models.gguf_quants import GGML_TYPES, dequantize
 from tokenmill.quant.methods.base import LinearKernel, QuantMethod, finish, rows
 
 GEMV_ROWS = 8  # csrc/gguf.cpp kMaxRows
-KERNEL_TYPES = frozenset({0, 1, 2, 3, 6, 7, 8, 12, 13, 14, 30})  # the types gguf.cpp decodes
+INT8_ROWS = 1000  # not a GGML type: tokenmill's int8 weight-only rows, a fp32 scale per row
+KINDS = {**GGML_TYPES, INT8_ROWS: ("I8", 32, 32)}  # id -> (name, elements, bytes) per block
+KERNEL_TYPES = frozenset({0, 1, 2, 3, 6, 7, 8, 12, 13, 14, 30, INT8_ROWS})  # gguf.cpp decodes
 _I64, _PTR, _INT = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
 
 
 @dataclass
 class GGUFWeight:
     """A [rows, cols] weight as GGUF stores it: segments of rows, each (GGML type id, raw bytes
-    uint8 [rows, bytes per row]), stacked along the rows."""
+    uint8 [rows, bytes per row]), stacked along the rows. Type INT8_ROWS (int8 weight-only) also
+    holds its fp32 scale per row: `scales` (None for the GGML types, whose scales are in-block)."""
 
     segments: list[tuple[int, torch.Tensor]]
     cols: int
-    table: torch.Tensor = field(init=False, repr=False)  # int64 [segments, 4] for the kernels
+    scales: list[torch.Tensor | None] | None = None  # per segment: fp32 [rows] or None
+    table: torch.Tensor = field(init=False, repr=False)  # int64 [segments, 5] for the kernels
 
     def __post_init__(self) -> None:
-        for kind, raw in self.segments:
-            name, block, block_bytes = GGML_TYPES.get(kind, (f"type {kind}", 0, 0))
+        if self.scales is None:
+            self.scales = [None] * len(self.segments)
+        for (kind, raw), scale in zip(self.segments, self.scales):
+            name, block, block_bytes = KINDS.get(kind, (f"type {kind}", 0, 0))
             if not block:
                 raise ValueError(f"GGUF tensor type {name} is not supported")
-            if (
-                self.cols % block
-                or raw.dim() != 2
-                or raw.shape[1] != self.cols // block * block_bytes
-            ):
+            row_bytes = self.cols // block * block_bytes
+            if self.cols % block or raw.dim() != 2 or raw.shape[1] != row_bytes:
                 raise ValueError(f"{name} rows of {self.cols} elements do not match their bytes")
+            if (scale is not None) != (kind == INT8_ROWS):
+                raise ValueError("a scale per row goes with int8 rows, and only with them")
+            if scale is not None and (scale.dtype != torch.float32 or scale.shape != raw.shape[:1]):
+                raise ValueError("int8 rows need a contiguous fp32 scale per row")
         self.table = torch.tensor(
-            [[k, r.shape[0], r.data_ptr(), r.shape[1]] for k, r in self.segments], dtype=torch.int64
+            [
+                [k, r.shape[0], r.data_ptr(), r.shape[1], 0 if sc is None else sc.data_ptr()]
+                for (k, r), sc in zip(self.segments, self.scales)
+            ],
+            dtype=torch.int64,
         )
 
     @property
@@ -66,14 +77,23 @@ class GGUFWeight:
 
     @property
     def types(self) -> list[str]:
-        return [GGML_TYPES[k][0] for k, _ in self.segments]
+        return [KINDS[k][0] for k, _ in self.segments]
 
     @property
     def nbytes(self) -> int:
-        return sum(r.numel() for _, r in self.segments)
+        return sum(t.numel() * t.element_size() for t in self.tensors())
 
     def tensors(self) -> list[torch.Tensor]:
-        return [r for _, r in self.segments]
+        return [r for _, r in self.segments] + [s for s in self.scales or [] if s is not None]
+
+    @classmethod
+    def int8_rows(cls, codes: torch.Tensor, scale: torch.Tensor) -> GGUFWeight:
+        """tokenmill's int8 weight-only weight (int8 [rows, cols], a fp32 scale per row) as one
+        segment; the codes are shared, not copied."""
+        codes = codes.contiguous()
+        return cls(
+            [(INT8_ROWS, codes.view(torch.uint8))], codes.shape[1], [scale.float().contiguous()]
+        )
 
     @classmethod
     def stack(cls, parts: list[GGUFWeight]) -> GGUFWeight:
@@ -82,6 +102,8 @@ class GGUFWeight:
         cols = parts[0].cols
         if any(p.cols != cols for p in parts):
             raise ValueError("the shards of a merged layer must share their row length")
+        if any(s is not None for p in parts for s in p.scales or []):
+            raise ValueError("stack joins GGUF tensors; int8 rows come merged already")
         merged: list[tuple[int, list[torch.Tensor]]] = []
         for kind, raw in (s for p in parts for s in p.segments):
             if merged and merged[-1][0] == kind:
@@ -93,7 +115,13 @@ class GGUFWeight:
 
     def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
         """The dense [rows, cols] weight through torch (models/gguf_quants.py, fp32) in `dtype`."""
-        parts = [dequantize(raw, k, (raw.shape[0], self.cols)) for k, raw in self.segments]
+        parts = []
+        for (kind, raw), scale in zip(self.segments, self.scales or []):
+            if kind == INT8_ROWS:
+                assert scale is not None
+                parts.append(raw.view(torch.int8).float() * scale[:, None])
+            else:
+                parts.append(dequantize(raw, kind, (raw.shape[0], self.cols)))
         return (parts[0] if len(parts) == 1 else torch.cat(parts)).to(dtype)
 
 
@@ -281,4 +309,4 @@ class GGUFEmbedding(nn.Module):
         return x.view(*ids.shape, self.embedding_dim)
 
     def extra_repr(self) -> str:
-        return f"{self.num_embeddings}, {self.embedding_dim}, gguf {GGML_TYPES[self.kind][0]}"
+        return f"{self.num_embeddings}, {self.embedding_dim}, gguf {KINDS[self.kind][0]}"

@@ -105,10 +105,13 @@ class WeightOnlyMethod(QuantMethod):
         return super().tensors() + quantized_tensors(self.row_table)
 
     def attach_native(self, layer) -> bool:
-        """Use the native CPU kernels for nvfp4/mxfp4/fp8 (quant/fp4_cpu.py) where they apply;
+        """Use the native CPU kernels for nvfp4/mxfp4/fp8 (quant/fp4_cpu.py) and, at decode
+        sizes, for int8 (the GEMVs of csrc/gguf.cpp over the same codes) where they apply;
         called by layers/native_ops.select_kernels when the runner's cpu_kernels allows."""
         from tokenmill.quant import fp4_cpu
 
+        if self.qweight is not None and self.qweight.format == "int8":
+            return self._attach_int8_rows(layer)
         if not isinstance(self.impl, DequantizeKernel) or self.impl.q.format not in fp4_cpu.FORMATS:
             return False
         if layer.params_dtype not in (torch.float32, torch.bfloat16):
@@ -118,6 +121,24 @@ class WeightOnlyMethod(QuantMethod):
         if weight is None:
             return False
         self.impl = NativeFp4Kernel(kernels, weight, self.impl)
+        return True
+
+    def _attach_int8_rows(self, layer) -> bool:
+        from tokenmill.layers.native import NativeUnavailable
+        from tokenmill.quant.methods.gguf import GGUFKernels, GGUFWeight, shared_kernels
+
+        q = self.qweight
+        assert q is not None and self.impl is not None
+        if q.data.device.type != "cpu" or len(q.shape) != 2 or q.scale.dim() > 1:
+            return False
+        weight = GGUFWeight.int8_rows(q.data, q.scale.float().expand(q.shape[0]))
+        if not GGUFKernels.supports(weight, layer.params_dtype):
+            return False
+        try:
+            kernels = shared_kernels()
+        except NativeUnavailable:
+            return False
+        self.impl = Int8RowsKernel(kernels, weight, self.impl)
         return True
 
     def apply(self, layer, x):
@@ -195,6 +216,26 @@ class NativeFp4Kernel(LinearKernel):
         if torch.compiler.is_compiling():
             return self.fallback(x2)
         return self.kernels.matmul(x2, self.weight)
+
+
+class Int8RowsKernel(LinearKernel):
+    """int8 weight-only at decode sizes: csrc/gguf.cpp's GEMV over the int8 codes (1-8 rows,
+    a scale per row after the sums; one native call per decoder-layer half where the layers
+    fuse), the previous kernel (_weight_int8pack_mm, or dequantize + GEMM) for more rows."""
+
+    def __init__(self, kernels, weight, fallback: LinearKernel) -> None:
+        from tokenmill.quant.methods.gguf import GEMV_ROWS
+
+        self.kernels, self.w, self.fallback, self.gemv_rows = kernels, weight, fallback, GEMV_ROWS
+        self.name = f"native int8 GEMV up to {GEMV_ROWS} rows, else {fallback.name}"
+
+    def __call__(self, x2):
+        if 0 < x2.shape[0] <= self.gemv_rows and not torch.compiler.is_compiling():
+            return self.kernels.matmul(x2, self.w)
+        return self.fallback(x2)
+
+    def tensors(self):
+        return self.w.tensors() + self.fallback.tensors()
 
 
 def triton_available() -> bool:
