@@ -147,37 +147,6 @@ def test_tiny_mixed_model_bf16_is_as_close_as_dequantized_bf16(tiny_gguf, tiny_f
         assert err <= 1.5 * deq_err + 1e-3, (err, deq_err)
 
 
-def test_fused_halves_equal_the_layers_bit_for_bit(tiny_gguf):
-    for dtype in (torch.float32, torch.bfloat16):
-        loaded = load_model(str(tiny_gguf), dtype=str(dtype).removeprefix("torch."), device="cpu",
-                            quant=QuantConfig(quantization="gguf"))  # fmt: skip
-        select_kernels(loaded.model, "native", CPU, dtype)
-        layer = loaded.model.model.layers[1]
-        attn = layer.self_attn
-        gen = torch.Generator().manual_seed(1)
-        for rows in (1, 3, 8):
-            x = torch.randn(rows, HIDDEN, generator=gen).to(dtype)
-            res = torch.randn(rows, HIDDEN, generator=gen).to(dtype)
-            o = torch.randn(rows, HIDDEN, generator=gen).to(dtype)
-            cos_sin = attn.rotary.lookup(torch.arange(rows) + 5, dtype)
-            fused_in, fused_out = layer.fused_inputs, layer.fused_outputs
-            got_out = fused_out(o, res)
-            got_in = fused_in(cos_sin, x, res)
-            first = fused_in(cos_sin, x, None)  # the first layer: no residual yet
-            layer.fused_inputs = layer.fused_outputs = None
-            try:
-                h = attn.o_proj(o)
-                normed, summed = layer.post_attention_layernorm(h, res)
-                assert torch.equal(got_out[0], layer.mlp(normed)) and torch.equal(
-                    got_out[1], summed
-                )
-                for got, residual in ((got_in, res), (first, None)):
-                    want = layer.attention_inputs(cos_sin, x, residual)
-                    assert all(torch.equal(g, w) for g, w in zip(got, want))
-            finally:
-                layer.fused_inputs, layer.fused_outputs = fused_in, fused_out
-
-
 def test_default_model_served_from_its_codes():
     """The bundled Q4_1 file: the model takes the file's size (not 2-3x it), and greedy decoding
     equals the dequantized model's in fp32."""
@@ -202,3 +171,59 @@ def test_gguf_needs_a_gguf_file(tmp_path):
         load_model(str(tmp_path), quant=QuantConfig(quantization="gguf"))
     with pytest.raises(ValueError, match="gptq does not apply"):
         QuantConfig(quantization="gguf", gptq=True)
+
+
+def assert_fused_equal_layers(path: str, quantization: str, hidden: int) -> None:
+    """Both fused halves of every decoder layer equal the layers one by one, at 1, 3, 8 rows."""
+    for dtype in (torch.float32, torch.bfloat16):
+        loaded = load_model(path, dtype=str(dtype).removeprefix("torch."), device="cpu",
+                            quant=QuantConfig(quantization=quantization))  # fmt: skip
+        select_kernels(loaded.model, "native", CPU, dtype)
+        gen = torch.Generator().manual_seed(1)
+        for layer in loaded.model.model.layers:
+            attn = layer.self_attn
+            assert isinstance(layer.fused_inputs, GGUFQKVBlock)
+            assert isinstance(layer.fused_outputs, GGUFMLPBlock)
+            for rows in (1, 3, 8):
+                x, res, o = (torch.randn(rows, hidden, generator=gen).to(dtype) for _ in range(3))
+                cos_sin = attn.rotary.lookup(torch.arange(rows) + 5, dtype)
+                fused_in, fused_out = layer.fused_inputs, layer.fused_outputs
+                got_out = fused_out(o, res)
+                got = [(fused_in(cos_sin, x, r), r) for r in (res, None)]  # None: the first layer
+                layer.fused_inputs = layer.fused_outputs = None
+                try:
+                    normed, summed = layer.post_attention_layernorm(attn.o_proj(o), res)
+                    assert torch.equal(got_out[0], layer.mlp(normed))
+                    assert torch.equal(got_out[1], summed)
+                    for fused, residual in got:
+                        want = layer.attention_inputs(cos_sin, x, residual)
+                        assert all(torch.equal(g, w) for g, w in zip(fused, want))
+                finally:
+                    layer.fused_inputs, layer.fused_outputs = fused_in, fused_out
+
+
+def test_gguf_fused_halves_every_layer(tiny_gguf):
+    assert_fused_equal_layers(str(tiny_gguf), "gguf", HIDDEN)
+
+
+def test_int8_weight_only_takes_the_same_gemvs_and_halves(tiny_model_dir):
+    """int8 weight-only rows are a segment type of the same kernels: the fused halves equal its
+    layers bit for bit, and decoding equals the torch path (_weight_int8pack_mm / dequantize +
+    GEMM, no native kernels) in fp32."""
+    from tokenmill.quant.methods.weight_only import Int8RowsKernel
+
+    path = str(tiny_model_dir("llama"))
+    assert_fused_equal_layers(path, "int8", 64)
+    runs = {}
+    for kernels in ("auto", "torch"):
+        llm = LLM(path, dtype="float32", quantization="int8", cpu_kernels=kernels,
+                  max_model_len=256, kv_cache_memory=32 << 20)  # fmt: skip
+        impl = llm.engine.runner.model.model.layers[0].mlp.down_proj.quant_method.impl
+        assert isinstance(impl, Int8RowsKernel) == (kernels == "auto")
+        params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True, logprobs=0)
+        prompts = [[t % 384 for t in p] for p in PROMPTS]  # the tiny model's vocabulary
+        outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+        runs[kernels] = [(o.outputs[0].token_ids, [e[t] for t, e in zip(o.outputs[0].token_ids, o.outputs[0].logprobs)]) for o in outs]  # fmt: skip
+    for (tokens, lps), (ref_tokens, ref_lps) in zip(runs["auto"], runs["torch"]):
+        assert tokens == ref_tokens
+        np.testing.assert_allclose(lps, ref_lps, rtol=1e-5, atol=1e-4)
