@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType, GGUFWriter
 
-from tokenmill.models.gguf_quants import dequantize
+from tokenmill.quant.gguf_quants import dequantize
 
 
 def convert(src: str, out: str) -> None:

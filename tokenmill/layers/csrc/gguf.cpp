@@ -2,14 +2,14 @@
 // the K-quants Q4_K, Q5_K, Q6_K, and the plain F32, F16, BF16 rows.
 //
 // Layout: a weight [rows, cols] is rows of GGML blocks along `cols`, exactly as the file stores
-// them (models/gguf_quants.py spells out each block). A merged layer (q/k/v, gate/up) is a list
+// them (quant/gguf_quants.py spells out each block). A merged layer (q/k/v, gate/up) is a list
 // of segments of rows, each of one GGML type, stacked along the output dimension; the segment
 // table is int64 [segments, 5]: type, rows, data pointer, bytes per row, and a fp32 scale per
 // row or 0. Besides the GGML types, type 1000 is tokenmill's own int8 weight-only layout
 // (quant/formats.py "int8": plain int8 rows, one fp32 scale per row), so those layers take the
 // same GEMVs and fused halves.
 //
-// A weight is computed as models/gguf_quants.dequantize computes it in fp32, in the same order
+// A weight is computed as quant/gguf_quants.dequantize computes it in fp32, in the same order
 // of operations with one rounding each (mul, add: never fused), so the dense matrix that
 // tm_gguf_dequant writes equals the torch dequantization bit for bit (bf16: then rounded to
 // nearest even, as torch's .to(bfloat16) does).

@@ -10,7 +10,7 @@ as segments of rows, since llama.cpp's mixes (Q4_K_M) give shards of one layer d
 Kernels (layers/csrc/gguf.cpp, quant/methods/gguf.py's `GGUFKernels`): up to 8 rows (decode) a
 fused pass that decodes each block in registers and multiplies it into every row; more rows
 (prefill) the codes expanded into a dense matrix of the model dtype, then one GEMM. Both use the
-weights of the dequantized path exactly (models/gguf_quants.dequantize in fp32; bf16 models: then
+weights of the dequantized path exactly (quant/gguf_quants.dequantize in fp32; bf16 models: then
 rounded to bf16), so outputs equal the dequantized model's within the order of the sums. Without
 the native kernels (no compiler, no AVX-512) the torch dequantization runs before every GEMM.
 """
@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tokenmill.models.gguf_quants import GGML_TYPES, dequantize
+from tokenmill.quant.gguf_quants import GGML_TYPES, dequantize
 from tokenmill.quant.methods.base import LinearKernel, QuantMethod, finish, rows
 
 GEMV_ROWS = 8  # csrc/gguf.cpp kMaxRows
@@ -114,7 +114,7 @@ class GGUFWeight:
         return cls(segments, cols)
 
     def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
-        """The dense [rows, cols] weight through torch (models/gguf_quants.py, fp32) in `dtype`."""
+        """The dense [rows, cols] weight through torch (quant/gguf_quants.py, fp32) in `dtype`."""
         parts = []
         for (kind, raw), scale in zip(self.segments, self.scales or []):
             if kind == INT8_ROWS:

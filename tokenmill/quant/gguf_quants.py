@@ -1,4 +1,5 @@
-"""Dequantization of GGML block formats to float32, vectorized in torch.
+"""Dequantization of GGML (GGUF) block formats to float32, vectorized in torch: a format, so it
+lives with the formats (models/gguf.py reads the files, quant/methods/gguf.py serves the codes).
 
 Input: the raw bytes of a tensor as a uint8 tensor [rows, row_bytes], blocks laid along each row
 (GGUF's fastest dimension). Output: float32 [rows, row_bytes / block_bytes * block_size].
