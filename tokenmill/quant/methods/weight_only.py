@@ -219,20 +219,24 @@ class NativeFp4Kernel(LinearKernel):
 
 
 class Int8RowsKernel(LinearKernel):
-    """int8 weight-only at decode sizes: csrc/gguf.cpp's GEMV over the int8 codes (1-8 rows,
-    a scale per row after the sums; one native call per decoder-layer half where the layers
-    fuse), the previous kernel (_weight_int8pack_mm, or dequantize + GEMM) for more rows."""
+    """int8 weight-only through csrc/gguf.cpp over the int8 codes: 1-8 rows its GEMV (a scale
+    per row after the sums; one native call per decoder-layer half where the layers fuse), more
+    rows the weight expanded to the model dtype (code x scale in fp32, as dequantize_fast) and
+    oneDNN's GEMM: 3.5-7x _weight_int8pack_mm at 128-512 rows here (BENCHMARKS.md). A compiled
+    graph takes the previous kernel."""
 
     def __init__(self, kernels, weight, fallback: LinearKernel) -> None:
         from tokenmill.quant.methods.gguf import GEMV_ROWS
 
         self.kernels, self.w, self.fallback, self.gemv_rows = kernels, weight, fallback, GEMV_ROWS
-        self.name = f"native int8 GEMV up to {GEMV_ROWS} rows, else {fallback.name}"
+        self.name = f"native int8: GEMV up to {GEMV_ROWS} rows, else decode + GEMM"
 
     def __call__(self, x2):
-        if 0 < x2.shape[0] <= self.gemv_rows and not torch.compiler.is_compiling():
+        if torch.compiler.is_compiling():
+            return self.fallback(x2)
+        if 0 < x2.shape[0] <= self.gemv_rows:
             return self.kernels.matmul(x2, self.w)
-        return self.fallback(x2)
+        return F.linear(x2, self.kernels.dense(self.w, x2.dtype))
 
     def tensors(self):
         return self.w.tensors() + self.fallback.tensors()
