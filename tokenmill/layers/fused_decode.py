@@ -71,6 +71,16 @@ def _plain(norm, *linears) -> bool:
     )
 
 
+def _mlp_fits(o_proj, norm, gate_up, down, act) -> bool:
+    """Whether the MLP half has the shapes the fused kernels assume: SiLU(gate) * up, and
+    o_proj, down and the norm on the hidden size."""
+    return (
+        type(act) is SiluAndMul
+        and gate_up.out_features == 2 * down.in_features
+        and down.out_features == o_proj.out_features == norm.weight.shape[0]
+    )
+
+
 class QKVBlock:
     """(cos_sin, x [rows, hidden], residual or None) -> (q, k, v, residual) as
     DecoderLayer.attention_inputs returns them: q, k rotated; v a view of the q/k/v output."""
@@ -149,12 +159,7 @@ class MLPBlock:
     @classmethod
     def build(cls, o_proj, norm, gate_up, down, act) -> MLPBlock | None:
         """The fused block over these layers, or None where one of them is not plain."""
-        plain = (
-            _plain(norm, o_proj, gate_up, down)
-            and type(act) is SiluAndMul
-            and gate_up.out_features == 2 * down.in_features
-            and down.out_features == o_proj.out_features == norm.weight.shape[0]
-        )
+        plain = _plain(norm, o_proj, gate_up, down) and _mlp_fits(o_proj, norm, gate_up, down, act)
         return cls(o_proj, norm, gate_up, down) if plain else None
 
     def __call__(self, o: torch.Tensor, residual: torch.Tensor):
@@ -278,11 +283,8 @@ class GGUFMLPBlock(MLPBlock):
 
     @classmethod
     def build(cls, o_proj, norm, gate_up, down, act) -> MLPBlock | None:
-        plain = (
-            _gguf_plain(norm, o_proj, gate_up, down)
-            and type(act) is SiluAndMul
-            and gate_up.out_features == 2 * down.in_features
-            and down.out_features == o_proj.out_features == norm.weight.shape[0]
+        plain = _gguf_plain(norm, o_proj, gate_up, down) and _mlp_fits(
+            o_proj, norm, gate_up, down, act
         )
         return cls(o_proj, norm, gate_up, down) if plain else None
 
