@@ -210,7 +210,7 @@ def test_int8_weight_only_takes_the_same_gemvs_and_halves(tiny_model_dir):
     """int8 weight-only rows are a segment type of the same kernels: the fused halves equal its
     layers bit for bit, and decoding equals the torch path (_weight_int8pack_mm / dequantize +
     GEMM, no native kernels) in fp32."""
-    from tokenmill.quant.methods.weight_only import Int8RowsKernel
+    from tokenmill.quant.methods.weight_only import NativeRowsKernel
 
     path = str(tiny_model_dir("llama"))
     assert_fused_equal_layers(path, "int8", 64)
@@ -219,7 +219,7 @@ def test_int8_weight_only_takes_the_same_gemvs_and_halves(tiny_model_dir):
         llm = LLM(path, dtype="float32", quantization="int8", cpu_kernels=kernels,
                   max_model_len=256, kv_cache_memory=32 << 20)  # fmt: skip
         impl = llm.engine.runner.model.model.layers[0].mlp.down_proj.quant_method.impl
-        assert isinstance(impl, Int8RowsKernel) == (kernels == "auto")
+        assert isinstance(impl, NativeRowsKernel) == (kernels == "auto")
         params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True, logprobs=0)
         prompts = [[t % 384 for t in p] for p in PROMPTS]  # the tiny model's vocabulary
         outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)

@@ -13,7 +13,10 @@ from tokenmill.layers.native_ops import select_kernels
 from tokenmill.quant import quantize
 from tokenmill.quant.fp4_cpu import GEMV_ROWS, Fp4Kernels, scale_table
 from tokenmill.quant.methods import make_method
-from tokenmill.quant.methods.weight_only import NativeFp4Kernel, dequantize_fast
+from tokenmill.quant.methods.weight_only import (
+    NativeRowsKernel,
+    dequantize_fast,
+)
 
 pytestmark = pytest.mark.skipif(native.compiler() is None, reason="no C++ compiler")
 
@@ -111,6 +114,13 @@ def test_layers_take_the_kernels_only_where_cpu_kernels_allows(choice):
     assert select_kernels(model, choice, torch.device("cpu"), torch.bfloat16) == choice.replace(
         "auto", "native"
     )
-    assert isinstance(layer.quant_method.impl, NativeFp4Kernel) == (choice == "auto")
+    # nvfp4 rows whose length is a multiple of 32 take csrc/gguf.cpp's kernels (and the fused
+    # halves in a model); this file's kernels serve the rest (and the FP8 formats)
+    assert isinstance(layer.quant_method.impl, NativeRowsKernel) == (choice == "auto")
     after = layer(x)
-    torch.testing.assert_close(after, before, rtol=8e-3, atol=1e-2)
+    # the torch path multiplies the weights rounded to bf16; the native GEMV the exact ones:
+    # against the float64 product, it is at least as close
+    truth = x.double() @ dequantize_fast(layer.quant_method.qweight, torch.float32).double().T
+    err_after, err_before = (after.double() - truth).abs(), (before.double() - truth).abs()
+    assert err_after.mean() <= err_before.mean() * 1.05 + 1e-6
+    assert err_after.max() <= 0.02 * truth.abs().max()

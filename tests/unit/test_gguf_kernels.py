@@ -8,11 +8,14 @@ import pytest
 import torch
 
 from tokenmill.layers import native
+from tokenmill.quant.formats import dequantize_fast, quantize
 from tokenmill.quant.gguf_quants import GGML_TYPES
 from tokenmill.quant.methods.gguf import (
     INT8_ROWS,
     KERNEL_TYPES,
     KINDS,
+    MXFP4_ROWS,
+    NVFP4_ROWS,
     GGUFWeight,
     shared_kernels,
 )
@@ -36,12 +39,21 @@ def random_codes(kind: int, rows: int, cols: int, gen: torch.Generator) -> torch
     return blocks.reshape(rows, -1)
 
 
-def make_weight(kind: int, rows: int, cols: int, gen: torch.Generator) -> GGUFWeight:
-    """A valid random weight of type `kind` (int8 rows: tokenmill's int8 codes and row scales)."""
+def make_weight(kind: int, rows: int, cols: int, gen: torch.Generator):
+    """A valid random weight of type `kind` and its exact fp32 values: GGML types from random
+    blocks (their values from quant/gguf_quants.py), tokenmill's int8 / nvfp4 / mxfp4 from
+    quant/formats.py (their values from dequantize_fast)."""
     if kind == INT8_ROWS:
         codes = torch.randint(-127, 128, (rows, cols), generator=gen).to(torch.int8)
-        return GGUFWeight.int8_rows(codes, torch.rand(rows, generator=gen) * 0.01 + 1e-3)
-    return GGUFWeight([(kind, random_codes(kind, rows, cols, gen))], cols)
+        w = GGUFWeight.int8_rows(codes, torch.rand(rows, generator=gen) * 0.01 + 1e-3)
+        return w, w.dequantize(torch.float32)
+    if kind in (NVFP4_ROWS, MXFP4_ROWS):
+        q = quantize(
+            torch.randn(rows, cols, generator=gen), "nvfp4" if kind == NVFP4_ROWS else "mxfp4"
+        )
+        return GGUFWeight.fp4_rows(q), dequantize_fast(q, torch.float32)
+    w = GGUFWeight([(kind, random_codes(kind, rows, cols, gen))], cols)
+    return w, w.dequantize(torch.float32)
 
 
 @pytest.fixture(scope="module")
@@ -61,8 +73,8 @@ TYPES = sorted(KERNEL_TYPES)
 def test_dense_equals_torch_dequantization(kernels, kind, dtype):
     gen = torch.Generator().manual_seed(kind)
     cols = 512 if KINDS[kind][1] == 256 else 96
-    w = make_weight(kind, 37, cols, gen)
-    reference = w.dequantize(torch.float32).to(dtype)
+    w, exact = make_weight(kind, 37, cols, gen)
+    reference = exact.to(dtype)
     assert torch.equal(kernels.dense(w, dtype), reference)
 
 
@@ -73,15 +85,14 @@ def test_gemv_matches_reference(kernels, kind, dtype, m):
     gen = torch.Generator().manual_seed(100 + kind)
     cols = 512 if KINDS[kind][1] == 256 else 160
     rows = 67  # not a multiple of any row tile
-    w = make_weight(kind, rows, cols, gen)
+    w, exact = make_weight(kind, rows, cols, gen)
     x = torch.randn(m, cols, generator=gen).to(dtype)
     # the file's weights exactly (bf16 x: the scale factored out of the bf16 dot products, or x
     # in fp32), products and sums in float64
-    exact = w.dequantize(torch.float32)
     reference = x.double() @ exact.double().T
     y = kernels.matmul(x, w)
     assert y.dtype == torch.float32 and y.shape == (m, rows)
-    scale = (x.double().abs() @ w.dequantize(torch.float32).double().abs().T).max()
+    scale = (x.double().abs() @ exact.double().abs().T).max()
     assert (y.double() - reference).abs().max() <= 1e-5 * scale
 
 
@@ -114,5 +125,5 @@ def test_stack_joins_runs_of_one_type():
 def test_rows_that_do_not_match_their_bytes_are_refused():
     with pytest.raises(ValueError, match="do not match their bytes"):
         GGUFWeight([(3, torch.zeros(4, 21, dtype=torch.uint8))], 32)
-    with pytest.raises(ValueError, match="scale per row goes with int8 rows"):
+    with pytest.raises(ValueError, match="scale per row goes with int8 and nvfp4 rows"):
         GGUFWeight([(INT8_ROWS, torch.zeros(4, 32, dtype=torch.uint8))], 32)

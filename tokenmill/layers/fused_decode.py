@@ -11,7 +11,7 @@ weights the skinny kernel reads, a plain RMSNorm with native row kernels, plain 
 with native kernels and no q/k norm. More than MAX_ROWS rows, or anything else, and the caller
 runs the layers as before. `GGUFQKVBlock` and `GGUFMLPBlock` are the same halves over a GGUF
 file's codes (quantization='gguf': `tm_gguf_decode_*` in csrc/gguf.cpp, its decode GEMVs);
-the int8 weight-only layers take them too (their codes are such rows); `build_inputs` /
+the int8, nvfp4 and mxfp4 weight-only layers take them too (their codes are such rows); `build_inputs` /
 `build_outputs` pick whichever applies.
 """
 
@@ -190,13 +190,13 @@ class MLPBlock:
 
 def _gguf_readable(layer: Linear, dtype: torch.dtype) -> bool:
     """Whether the layer applies csrc/gguf.cpp's GEMV over segments of rows (a GGUF file's codes,
-    or int8 weight-only rows) with nothing around it (no input smoothing)."""
+    or int8 / nvfp4 / mxfp4 weight-only rows) with nothing around it (no input smoothing)."""
     from tokenmill.quant.methods.gguf import NativeGGUFKernel
-    from tokenmill.quant.methods.weight_only import Int8RowsKernel
+    from tokenmill.quant.methods.weight_only import NativeRowsKernel
 
     method = layer.quant_method
     impl = getattr(method, "impl", None)
-    if not isinstance(impl, NativeGGUFKernel | Int8RowsKernel):
+    if not isinstance(impl, NativeGGUFKernel | NativeRowsKernel):
         return False
     if getattr(method, "smooth_inv", None) is not None:
         return False

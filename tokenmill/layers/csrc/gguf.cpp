@@ -5,9 +5,10 @@
 // them (quant/gguf_quants.py spells out each block). A merged layer (q/k/v, gate/up) is a list
 // of segments of rows, each of one GGML type, stacked along the output dimension; the segment
 // table is int64 [segments, 5]: type, rows, data pointer, bytes per row, and a fp32 scale per
-// row or 0. Besides the GGML types, type 1000 is tokenmill's own int8 weight-only layout
-// (quant/formats.py "int8": plain int8 rows, one fp32 scale per row), so those layers take the
-// same GEMVs and fused halves.
+// row or 0, and a pointer to block scale codes kept apart from the codes, or 0. Besides the GGML
+// types, tokenmill's own weight-only layouts (quant/formats.py) are types too, so those layers
+// take the same GEMVs and fused halves: 1000 int8 rows (one fp32 scale per row), 1001 nvfp4 and
+// 1002 mxfp4 (E2M1 codes, element 2i in the low nibble, block scale codes beside them).
 //
 // A weight is computed as quant/gguf_quants.dequantize computes it in fp32, in the same order
 // of operations with one rounding each (mul, add: never fused), so the dense matrix that
@@ -45,8 +46,19 @@ enum GGMLType : int64_t {
   kF32 = 0, kF16 = 1, kQ4_0 = 2, kQ4_1 = 3, kQ5_0 = 6, kQ5_1 = 7, kQ8_0 = 8,
   kQ4_K = 12, kQ5_K = 13, kQ6_K = 14, kBF16 = 30,
   kI8 = 1000,  // tokenmill int8 rows (with a row scale)
+  kNVFP4 = 1001,  // tokenmill nvfp4: E2M1 codes, an E4M3 scale per 16 (aux), a fp32 scale per row
+  kMXFP4 = 1002,  // tokenmill mxfp4: E2M1 codes, an E8M0 scale per 32 (aux)
 };
-constexpr int64_t kSegFields = 5;
+constexpr int64_t kSegFields = 7;
+
+// What a segment has besides its rows of blocks: a fp32 scale per row (int8 rows: applied to the
+// sums; nvfp4: inside each block scale, as formats.py computes it) and the block scale codes of
+// the formats that keep them apart from the codes (nvfp4, mxfp4: aux [rows, cols / 32 * kAux]).
+struct Extra {
+  const float* rs = nullptr;
+  const uint8_t* aux = nullptr;
+  int64_t rs_stride = 1;  // 0: one scale for every row (nvfp4's per-tensor scale, not copied)
+};
 
 // one rounding each, never contracted into an FMA (the torch dequantization rounds twice)
 inline __m512 mul(__m512 a, __m512 b) { return _mm512_mul_round_ps(a, b, kRound); }
@@ -116,6 +128,73 @@ struct I8 {  // 32 x int8, the scale applied per row after the sums
     f(0, i32_ps(_mm512_cvtepi8_epi32(load16(p))), i32_ps(_mm512_cvtepi8_epi32(load16(p + 16))));
   }
 };
+
+// E2M1 (FP4) codes of tokenmill's nvfp4 / mxfp4: 16 bytes per 32 elements, element 2i in the low
+// nibble; the block scales come from `aux` (kAux bytes per 32 elements) and, for nvfp4, the row's
+// fp32 scale: w = value * fp32(block scale * row scale), the rounding of formats.dequantize_fast.
+struct Minifloat {  // value tables of the scale codes, bit patterns decoded exactly
+  float e4m3[256], e8m0[256];
+  constexpr Minifloat() : e4m3{}, e8m0{} {
+    for (int c = 0; c < 256; ++c) {
+      const int e = (c >> 3) & 15, m = c & 7;
+      float v = e == 0 ? static_cast<float>(m) / 8.f : 1.f + static_cast<float>(m) / 8.f;
+      for (int k = 0; k < (e == 0 ? 6 : 0); ++k) v *= 0.5f;  // subnormal: 2^-6
+      for (int k = 7; k < e; ++k) v *= 2.f;
+      for (int k = e; k < 7 && e != 0; ++k) v *= 0.5f;
+      e4m3[c] = (e == 15 && m == 7) ? __builtin_nanf("") : ((c & 128) ? -v : v);
+      float p = 1.f;
+      for (int k = 127; k < c && c < 255; ++k) p *= 2.f;
+      for (int k = c; k < 127; ++k) p *= 0.5f;
+      e8m0[c] = c == 255 ? __builtin_nanf("") : p;
+    }
+  }
+};
+constexpr Minifloat kMinifloat;
+alignas(64) constexpr float kE2M1[16] = {0.f,  0.5f,  1.f,  1.5f,  2.f,  3.f,  4.f,  6.f,
+                                         -0.f, -0.5f, -1.f, -1.5f, -2.f, -3.f, -4.f, -6.f};
+
+inline void e2m1_values(const uint8_t* p, __m512& v0, __m512& v1) {
+  const __m128i b = load16(p);
+  const __m128i lo = lo_nibbles(b), hi = hi_nibbles(b);
+  const __m512 table = _mm512_load_ps(kE2M1);
+  v0 = _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(_mm_unpacklo_epi8(lo, hi)), table);
+  v1 = _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(_mm_unpackhi_epi8(lo, hi)), table);
+}
+
+struct NVFP4 {
+  static constexpr int kBlock = 32, kBytes = 16, kAux = 2;
+  template <class F>
+  __attribute__((always_inline)) static void block(const uint8_t* p, const uint8_t* s, float rs, F&& f) {
+    __m512 v0, v1;
+    e2m1_values(p, v0, v1);
+    const float s0 = kMinifloat.e4m3[s[0]] * rs, s1 = kMinifloat.e4m3[s[1]] * rs;
+    f(0, mul(v0, _mm512_set1_ps(s0)), mul(v1, _mm512_set1_ps(s1)));
+  }
+};
+
+struct MXFP4 {
+  static constexpr int kBlock = 32, kBytes = 16, kAux = 1;
+  template <class F>
+  __attribute__((always_inline)) static void block(const uint8_t* p, const uint8_t* s, float, F&& f) {
+    __m512 v0, v1;
+    e2m1_values(p, v0, v1);
+    const __m512 sc = _mm512_set1_ps(kMinifloat.e8m0[s[0]]);
+    f(0, mul(v0, sc), mul(v1, sc));
+  }
+};
+
+// kAux of a format (0: its scales are inside its blocks)
+template <class T, class = void> struct AuxOf { static constexpr int value = 0; };
+template <class T> struct AuxOf<T, std::void_t<decltype(T::kAux)>> { static constexpr int value = T::kAux; };
+
+// One block of a format, wherever its scales live: p the codes, s its aux bytes, rs the row scale.
+template <class Fmt, class F>
+__attribute__((always_inline)) inline void decode_block(const uint8_t* p, const uint8_t* s, float rs, F&& f) {
+  if constexpr (AuxOf<Fmt>::value != 0)
+    Fmt::block(p, s, rs, f);
+  else
+    Fmt::block(p, f);
+}
 
 struct Q4_0 {  // d, 16 bytes: element j < 16 the low nibble of byte j, else the high of j - 16
   static constexpr int kBlock = 32, kBytes = 18;
@@ -344,7 +423,10 @@ inline void prefetch_share(const uint8_t* tile, int64_t step, int64_t share) {
 // 16-element halves), so R * M * 2 independent FMA chains.
 template <class Fmt, int M, int R>
 void rows_fp32(const float* x, int64_t cols, const uint8_t* w, int64_t row_bytes, float* y,
-               int64_t ldy) {
+               int64_t ldy, const uint8_t* aux = nullptr, const float* rs = nullptr,
+               int64_t rs_stride = 1) {
+  constexpr int kAux = AuxOf<Fmt>::value;
+  const int64_t aux_row = cols / 32 * kAux;
   constexpr int G = Fmt::kBlock / 32;  // groups of 32 per block
   __m512 acc[R][M][2];
   for (int r = 0; r < R; ++r)
@@ -356,10 +438,12 @@ void rows_fp32(const float* x, int64_t cols, const uint8_t* w, int64_t row_bytes
     for (int r = 0; r < R; ++r) {
       // the decoded block in locals (the accumulators stay out of the callback, in registers)
       __m512 ws[2 * G];
-      Fmt::block(w + r * row_bytes + b * Fmt::kBytes, [&](int g, __m512 w0, __m512 w1) {
-        ws[2 * g] = w0;
-        ws[2 * g + 1] = w1;
-      });
+      const uint8_t* sa = kAux ? aux + r * aux_row + b * kAux : nullptr;
+      decode_block<Fmt>(w + r * row_bytes + b * Fmt::kBytes, sa, kAux && rs ? rs[r * rs_stride] : 1.f,
+                        [&](int g, __m512 w0, __m512 w1) {
+                          ws[2 * g] = w0;
+                          ws[2 * g + 1] = w1;
+                        });
 #pragma GCC unroll 8
       for (int g = 0; g < G; ++g) {
         const float* xs = x + b * Fmt::kBlock + 32 * g;
@@ -644,7 +728,9 @@ constexpr bool kBf16Dots = FastOf<Fmt>::kind != 0 || std::is_same_v<Fmt, Q6_K>; 
 
 template <class Fmt, int M>
 void segment(const void* x, const XPrep& xp, bool bf16, int64_t cols, const uint8_t* w,
-             int64_t rows, int64_t row_bytes, const float* rs, float* y, int64_t ldy) {
+             int64_t rows, int64_t row_bytes, const Extra& ex, float* y, int64_t ldy) {
+  constexpr int kAux = AuxOf<Fmt>::value;
+  const float* rs = ex.rs;
   constexpr int R = M == 1 ? 4 : (M <= 4 ? 2 : 1);
   const int64_t tiles = (rows + R - 1) / R;
   thread_local std::vector<float> scratch;  // a row tile's scales (the fast paths)
@@ -669,20 +755,22 @@ void segment(const void* x, const XPrep& xp, bool bf16, int64_t cols, const uint
         continue;
       }
 #endif
+      const uint8_t* aux = kAux ? ex.aux + r * (cols / 32 * kAux) : nullptr;
+      const float* rrs = kAux && rs ? rs + r * ex.rs_stride : nullptr;  // nvfp4: in the block scales
       if (n == R)
-        rows_fp32<Fmt, M, R>(xf, cols, wr, row_bytes, y + r, ldy);
+        rows_fp32<Fmt, M, R>(xf, cols, wr, row_bytes, y + r, ldy, aux, rrs, ex.rs_stride);
       else
-        rows_fp32<Fmt, M, 1>(xf, cols, wr, row_bytes, y + r, ldy);
+        rows_fp32<Fmt, M, 1>(xf, cols, wr, row_bytes, y + r, ldy, aux, rrs, ex.rs_stride);
     }
-    if (rs)  // a scale per row (int8 rows): applied to the finished sums
+    if (rs && !kAux)  // a scale per row (int8 rows): applied to the finished sums
       for (int64_t m = 0; m < M; ++m)
-        for (int64_t r = r0; r < r0 + n; ++r) y[m * ldy + r] *= rs[r];
+        for (int64_t r = r0; r < r0 + n; ++r) y[m * ldy + r] *= rs[r * ex.rs_stride];
   }
 }
 
 template <int M>
 bool segment_m(int64_t type, const void* x, const XPrep& sums, bool bf16, int64_t cols, const uint8_t* w,
-               int64_t rows, int64_t row_bytes, const float* rs, float* y, int64_t ldy) {
+               int64_t rows, int64_t row_bytes, const Extra& rs, float* y, int64_t ldy) {
   switch (type) {
     case kF32: segment<F32, M>(x, sums, bf16, cols, w, rows, row_bytes, rs, y, ldy); return true;
     case kF16: segment<F16, M>(x, sums, bf16, cols, w, rows, row_bytes, rs, y, ldy); return true;
@@ -696,12 +784,14 @@ bool segment_m(int64_t type, const void* x, const XPrep& sums, bool bf16, int64_
     case kQ5_K: segment<Q5_K, M>(x, sums, bf16, cols, w, rows, row_bytes, rs, y, ldy); return true;
     case kQ6_K: segment<Q6_K, M>(x, sums, bf16, cols, w, rows, row_bytes, rs, y, ldy); return true;
     case kI8: segment<I8, M>(x, sums, bf16, cols, w, rows, row_bytes, rs, y, ldy); return true;
+    case kNVFP4: segment<NVFP4, M>(x, sums, bf16, cols, w, rows, row_bytes, rs, y, ldy); return true;
+    case kMXFP4: segment<MXFP4, M>(x, sums, bf16, cols, w, rows, row_bytes, rs, y, ldy); return true;
     default: return false;
   }
 }
 
 bool segment_any(int64_t m, int64_t type, const void* x, const XPrep& sums, bool bf16, int64_t cols,
-                 const uint8_t* w, int64_t rows, int64_t row_bytes, const float* rs, float* y,
+                 const uint8_t* w, int64_t rows, int64_t row_bytes, const Extra& rs, float* y,
                  int64_t ldy) {
   switch (m) {
     case 1: return segment_m<1>(type, x, sums, bf16, cols, w, rows, row_bytes, rs, y, ldy);
@@ -724,25 +814,30 @@ inline void store16(uint16_t* o, __m512 w) {
 }
 
 template <class Fmt, class T>
-void dequant_segment(const uint8_t* w, int64_t rows, int64_t row_bytes, const float* rs,
+void dequant_segment(const uint8_t* w, int64_t rows, int64_t row_bytes, const Extra& ex,
                      int64_t cols, T* out) {
-  const int64_t blocks = cols / Fmt::kBlock;
+  constexpr int kAux = AuxOf<Fmt>::value;
+  const int64_t blocks = cols / Fmt::kBlock, aux_row = cols / 32 * kAux;
+  const float* rs = kAux ? nullptr : ex.rs;  // int8 rows: value x scale, one rounding
 #pragma omp for schedule(static) nowait
   for (int64_t r = 0; r < rows; ++r) {
-    const __m512 scale = _mm512_set1_ps(rs ? rs[r] : 1.f);  // value x scale, one rounding
+    const __m512 scale = _mm512_set1_ps(rs ? rs[r * ex.rs_stride] : 1.f);
+    const float block_rs = kAux && ex.rs ? ex.rs[r * ex.rs_stride] : 1.f;  // nvfp4: in the blocks
     for (int64_t b = 0; b < blocks; ++b) {
       T* o = out + r * cols + b * Fmt::kBlock;
-      Fmt::block(w + r * row_bytes + b * Fmt::kBytes, [&](int g, __m512 w0, __m512 w1) {
-        store16(o + 32 * g, rs ? mul(w0, scale) : w0);
-        store16(o + 32 * g + 16, rs ? mul(w1, scale) : w1);
-      });
+      const uint8_t* sa = kAux ? ex.aux + r * aux_row + b * kAux : nullptr;
+      decode_block<Fmt>(w + r * row_bytes + b * Fmt::kBytes, sa, block_rs,
+                        [&](int g, __m512 w0, __m512 w1) {
+                          store16(o + 32 * g, rs ? mul(w0, scale) : w0);
+                          store16(o + 32 * g + 16, rs ? mul(w1, scale) : w1);
+                        });
     }
   }
 }
 
 template <class T>
 bool dequant_any(int64_t type, const uint8_t* w, int64_t rows, int64_t row_bytes,
-                 const float* rs, int64_t cols, T* out) {
+                 const Extra& rs, int64_t cols, T* out) {
   switch (type) {
     case kF32: dequant_segment<F32>(w, rows, row_bytes, rs, cols, out); return true;
     case kF16: dequant_segment<F16>(w, rows, row_bytes, rs, cols, out); return true;
@@ -756,6 +851,8 @@ bool dequant_any(int64_t type, const uint8_t* w, int64_t rows, int64_t row_bytes
     case kQ5_K: dequant_segment<Q5_K>(w, rows, row_bytes, rs, cols, out); return true;
     case kQ6_K: dequant_segment<Q6_K>(w, rows, row_bytes, rs, cols, out); return true;
     case kI8: dequant_segment<I8>(w, rows, row_bytes, rs, cols, out); return true;
+    case kNVFP4: dequant_segment<NVFP4>(w, rows, row_bytes, rs, cols, out); return true;
+    case kMXFP4: dequant_segment<MXFP4>(w, rows, row_bytes, rs, cols, out); return true;
     default: return false;
   }
 }
@@ -763,7 +860,8 @@ bool dequant_any(int64_t type, const uint8_t* w, int64_t rows, int64_t row_bytes
 bool known(int64_t type) {
   switch (type) {
     case kF32: case kF16: case kBF16: case kQ8_0: case kQ4_0: case kQ4_1: case kQ5_0:
-    case kQ5_1: case kQ4_K: case kQ5_K: case kQ6_K: case kI8: return true;
+    case kQ5_1: case kQ4_K: case kQ5_K: case kQ6_K: case kI8: case kNVFP4: case kMXFP4:
+      return true;
     default: return false;
   }
 }
@@ -771,8 +869,12 @@ bool known(int64_t type) {
 inline const uint8_t* seg_data(const int64_t* seg) {
   return reinterpret_cast<const uint8_t*>(static_cast<uintptr_t>(seg[2]));
 }
-inline const float* seg_scale(const int64_t* seg) {
-  return reinterpret_cast<const float*>(static_cast<uintptr_t>(seg[4]));
+inline Extra seg_extra(const int64_t* seg) {
+  Extra e;
+  e.rs = reinterpret_cast<const float*>(static_cast<uintptr_t>(seg[4]));
+  e.aux = reinterpret_cast<const uint8_t*>(static_cast<uintptr_t>(seg[5]));
+  e.rs_stride = seg[6];
+  return e;
 }
 
 }  // namespace
@@ -845,7 +947,7 @@ void gemv_share(int64_t m, const void* x, const Prepared& p, bool bf16, const in
   int64_t row0 = 0;
   for (int64_t s = 0; s < nsegs; ++s) {
     const int64_t* seg = segs + kSegFields * s;
-    segment_any(m, seg[0], x, p.prep, bf16, cols, seg_data(seg), seg[1], seg[3], seg_scale(seg),
+    segment_any(m, seg[0], x, p.prep, bf16, cols, seg_data(seg), seg[1], seg[3], seg_extra(seg),
                 y + row0, total);
     row0 += seg[1];
   }
@@ -1028,10 +1130,10 @@ int tm_gguf_dequant(const int64_t* segs, int64_t nsegs, int64_t cols, void* out,
     for (int64_t s = 0; s < nsegs; ++s) {
       const int64_t* seg = segs + kSegFields * s;
       if (out_bf16)
-        dequant_any(seg[0], seg_data(seg), seg[1], seg[3], seg_scale(seg), cols,
+        dequant_any(seg[0], seg_data(seg), seg[1], seg[3], seg_extra(seg), cols,
                     static_cast<uint16_t*>(out) + row0 * cols);
       else
-        dequant_any(seg[0], seg_data(seg), seg[1], seg[3], seg_scale(seg), cols,
+        dequant_any(seg[0], seg_data(seg), seg[1], seg[3], seg_extra(seg), cols,
                     static_cast<float*>(out) + row0 * cols);
       row0 += seg[1];
     }

@@ -28,9 +28,19 @@ from tokenmill.quant.gguf_quants import GGML_TYPES, dequantize
 from tokenmill.quant.methods.base import LinearKernel, QuantMethod, finish, rows
 
 GEMV_ROWS = 8  # csrc/gguf.cpp kMaxRows
-INT8_ROWS = 1000  # not a GGML type: tokenmill's int8 weight-only rows, a fp32 scale per row
-KINDS = {**GGML_TYPES, INT8_ROWS: ("I8", 32, 32)}  # id -> (name, elements, bytes) per block
-KERNEL_TYPES = frozenset({0, 1, 2, 3, 6, 7, 8, 12, 13, 14, 30, INT8_ROWS})  # gguf.cpp decodes
+# Not GGML types: tokenmill's own weight-only layouts (quant/formats.py), served by the same kernels
+INT8_ROWS = 1000  # int8 rows, a fp32 scale per row
+NVFP4_ROWS = 1001  # E2M1 codes [rows, cols / 2]; aux: E4M3 scale codes [rows, cols / 16]; row scale
+MXFP4_ROWS = 1002  # E2M1 codes; aux: E8M0 scale codes [rows, cols / 32]
+KINDS = {  # id -> (name, elements, bytes) per block (of the codes alone where scales are apart)
+    **GGML_TYPES,
+    INT8_ROWS: ("I8", 32, 32),
+    NVFP4_ROWS: ("NVFP4", 32, 16),
+    MXFP4_ROWS: ("MXFP4", 32, 16),
+}
+AUX_BYTES = {NVFP4_ROWS: 2, MXFP4_ROWS: 1}  # block scale bytes per 32 elements, kept apart
+ROW_SCALED = {INT8_ROWS, NVFP4_ROWS}  # the kinds that need a fp32 scale per row
+KERNEL_TYPES = frozenset({0, 1, 2, 3, 6, 7, 8, 12, 13, 14, 30, *KINDS.keys() - GGML_TYPES.keys()})
 _I64, _PTR, _INT = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
 
 
@@ -43,11 +53,20 @@ class GGUFWeight:
     segments: list[tuple[int, torch.Tensor]]
     cols: int
     scales: list[torch.Tensor | None] | None = None  # per segment: fp32 [rows] or None
-    table: torch.Tensor = field(init=False, repr=False)  # int64 [segments, 5] for the kernels
+    aux: list[torch.Tensor | None] | None = None  # per segment: block scale codes or None
+    table: torch.Tensor = field(init=False, repr=False)  # int64 [segments, 7] for the kernels
 
     def __post_init__(self) -> None:
         if self.scales is None:
             self.scales = [None] * len(self.segments)
+        if self.aux is None:
+            self.aux = [None] * len(self.segments)
+        for (kind, raw), aux in zip(self.segments, self.aux):
+            want = AUX_BYTES.get(kind, 0) * (self.cols // 32)
+            if (aux is not None) != (want > 0):
+                raise ValueError("block scale codes go with nvfp4/mxfp4 rows, and only with them")
+            if aux is not None and (aux.dtype != torch.uint8 or aux.shape != (raw.shape[0], want)):
+                raise ValueError(f"block scale codes must be uint8 [{raw.shape[0]}, {want}]")
         for (kind, raw), scale in zip(self.segments, self.scales):
             name, block, block_bytes = KINDS.get(kind, (f"type {kind}", 0, 0))
             if not block:
@@ -55,14 +74,20 @@ class GGUFWeight:
             row_bytes = self.cols // block * block_bytes
             if self.cols % block or raw.dim() != 2 or raw.shape[1] != row_bytes:
                 raise ValueError(f"{name} rows of {self.cols} elements do not match their bytes")
-            if (scale is not None) != (kind == INT8_ROWS):
-                raise ValueError("a scale per row goes with int8 rows, and only with them")
-            if scale is not None and (scale.dtype != torch.float32 or scale.shape != raw.shape[:1]):
-                raise ValueError("int8 rows need a contiguous fp32 scale per row")
+            if (scale is not None) != (kind in ROW_SCALED):
+                raise ValueError(
+                    "a scale per row goes with int8 and nvfp4 rows, and only with them"
+                )
+            one = scale is not None and scale.dim() == 0  # one scale for every row (nvfp4)
+            if scale is not None and (
+                scale.dtype != torch.float32 or not (one or scale.shape == raw.shape[:1])
+            ):
+                raise ValueError("int8 and nvfp4 rows need a fp32 scale per row (nvfp4: or one)")
+        ptr = lambda t: 0 if t is None else t.data_ptr()  # noqa: E731
         self.table = torch.tensor(
             [
-                [k, r.shape[0], r.data_ptr(), r.shape[1], 0 if sc is None else sc.data_ptr()]
-                for (k, r), sc in zip(self.segments, self.scales)
+                [k, r.shape[0], r.data_ptr(), r.shape[1], ptr(sc), ptr(a), _stride(sc)]
+                for (k, r), sc, a in zip(self.segments, self.scales, self.aux)
             ],
             dtype=torch.int64,
         )
@@ -84,7 +109,8 @@ class GGUFWeight:
         return sum(t.numel() * t.element_size() for t in self.tensors())
 
     def tensors(self) -> list[torch.Tensor]:
-        return [r for _, r in self.segments] + [s for s in self.scales or [] if s is not None]
+        extra = [*(self.scales or []), *(self.aux or [])]
+        return [r for _, r in self.segments] + [t for t in extra if t is not None]
 
     @classmethod
     def int8_rows(cls, codes: torch.Tensor, scale: torch.Tensor) -> GGUFWeight:
@@ -96,14 +122,33 @@ class GGUFWeight:
         )
 
     @classmethod
+    def fp4_rows(cls, q) -> GGUFWeight | None:
+        """tokenmill's nvfp4 / mxfp4 weight (quant/formats.py: packed E2M1 codes, block scale
+        codes, nvfp4's fp32 scale per tensor or row) as one segment over the same tensors; None
+        where the layout does not fit (other block sizes, rows not a multiple of 32)."""
+        kind = {"nvfp4": NVFP4_ROWS, "mxfp4": MXFP4_ROWS}.get(q.format)
+        if kind is None or len(q.shape) != 2 or q.shape[1] % 32:
+            return None
+        rows, cols = q.shape
+        if q.group_size != (16 if kind == NVFP4_ROWS else 32) or q.data.shape != (rows, cols // 2):
+            return None
+        scale = None
+        if kind == NVFP4_ROWS:  # per tensor (0-d) or per shard's rows: used as it is, no copy
+            assert q.global_scale is not None and q.global_scale.dtype == torch.float32
+            scale = q.global_scale.contiguous()
+        codes = q.data.contiguous()
+        aux = q.scale.view(torch.uint8).contiguous()
+        return cls([(kind, codes)], cols, [scale], [aux])
+
+    @classmethod
     def stack(cls, parts: list[GGUFWeight]) -> GGUFWeight:
         """The shards of a merged layer stacked along the rows; runs of one type become one
         segment (one kernel pass)."""
         cols = parts[0].cols
         if any(p.cols != cols for p in parts):
             raise ValueError("the shards of a merged layer must share their row length")
-        if any(s is not None for p in parts for s in p.scales or []):
-            raise ValueError("stack joins GGUF tensors; int8 rows come merged already")
+        if any(t is not None for p in parts for t in [*(p.scales or []), *(p.aux or [])]):
+            raise ValueError("stack joins GGUF tensors; tokenmill's own rows come merged already")
         merged: list[tuple[int, list[torch.Tensor]]] = []
         for kind, raw in (s for p in parts for s in p.segments):
             if merged and merged[-1][0] == kind:
@@ -117,12 +162,19 @@ class GGUFWeight:
         """The dense [rows, cols] weight through torch (quant/gguf_quants.py, fp32) in `dtype`."""
         parts = []
         for (kind, raw), scale in zip(self.segments, self.scales or []):
+            if kind in AUX_BYTES:
+                raise NotImplementedError("nvfp4/mxfp4 rows dequantize through quant/formats.py")
             if kind == INT8_ROWS:
                 assert scale is not None
                 parts.append(raw.view(torch.int8).float() * scale[:, None])
             else:
                 parts.append(dequantize(raw, kind, (raw.shape[0], self.cols)))
         return (parts[0] if len(parts) == 1 else torch.cat(parts)).to(dtype)
+
+
+def _stride(scale: torch.Tensor | None) -> int:
+    """The row scale's stride for the kernels: 0 where one scale serves every row."""
+    return 0 if scale is not None and scale.dim() == 0 else 1
 
 
 class GGUFKernels:

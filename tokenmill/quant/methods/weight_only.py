@@ -110,8 +110,9 @@ class WeightOnlyMethod(QuantMethod):
         called by layers/native_ops.select_kernels when the runner's cpu_kernels allows."""
         from tokenmill.quant import fp4_cpu
 
-        if self.qweight is not None and self.qweight.format == "int8":
-            return self._attach_int8_rows(layer)
+        if self.qweight is not None and self.qweight.format in ("int8", "nvfp4", "mxfp4"):
+            if self._attach_rows(layer):
+                return True
         if not isinstance(self.impl, DequantizeKernel) or self.impl.q.format not in fp4_cpu.FORMATS:
             return False
         if layer.params_dtype not in (torch.float32, torch.bfloat16):
@@ -123,22 +124,29 @@ class WeightOnlyMethod(QuantMethod):
         self.impl = NativeFp4Kernel(kernels, weight, self.impl)
         return True
 
-    def _attach_int8_rows(self, layer) -> bool:
+    def _attach_rows(self, layer) -> bool:
+        """int8, nvfp4 and mxfp4 through csrc/gguf.cpp's GEMVs and fused halves, over the same
+        codes (NativeRowsKernel)."""
         from tokenmill.layers.native import NativeUnavailable
         from tokenmill.quant.methods.gguf import GGUFKernels, GGUFWeight, shared_kernels
 
         q = self.qweight
         assert q is not None and self.impl is not None
-        if q.data.device.type != "cpu" or len(q.shape) != 2 or q.scale.dim() > 1:
+        if q.data.device.type != "cpu" or len(q.shape) != 2:
             return False
-        weight = GGUFWeight.int8_rows(q.data, q.scale.float().expand(q.shape[0]))
-        if not GGUFKernels.supports(weight, layer.params_dtype):
+        if q.format == "int8":
+            if q.scale.dim() > 1:
+                return False
+            weight = GGUFWeight.int8_rows(q.data, q.scale.float().expand(q.shape[0]))
+        else:
+            weight = GGUFWeight.fp4_rows(q)
+        if weight is None or not GGUFKernels.supports(weight, layer.params_dtype):
             return False
         try:
             kernels = shared_kernels()
         except NativeUnavailable:
             return False
-        self.impl = Int8RowsKernel(kernels, weight, self.impl)
+        self.impl = NativeRowsKernel(kernels, weight, self.impl)
         return True
 
     def apply(self, layer, x):
@@ -218,18 +226,20 @@ class NativeFp4Kernel(LinearKernel):
         return self.kernels.matmul(x2, self.weight)
 
 
-class Int8RowsKernel(LinearKernel):
-    """int8 weight-only through csrc/gguf.cpp over the int8 codes: 1-8 rows its GEMV (a scale
-    per row after the sums; one native call per decoder-layer half where the layers fuse), more
-    rows the weight expanded to the model dtype (code x scale in fp32, as dequantize_fast) and
-    oneDNN's GEMM: 3.5-7x _weight_int8pack_mm at 128-512 rows here (BENCHMARKS.md). A compiled
-    graph takes the previous kernel."""
+class NativeRowsKernel(LinearKernel):
+    """int8, nvfp4, mxfp4 weight-only through csrc/gguf.cpp over the same codes: 1-8 rows its
+    GEMV (one native call per decoder-layer half where the layers fuse), more rows the weight
+    expanded to the model dtype (exactly dequantize_fast's values) and oneDNN's GEMM (int8: 3.5-7x
+    _weight_int8pack_mm at 128-512 rows here, BENCHMARKS.md). A compiled graph takes the previous
+    kernel."""
 
     def __init__(self, kernels, weight, fallback: LinearKernel) -> None:
         from tokenmill.quant.methods.gguf import GEMV_ROWS
 
         self.kernels, self.w, self.fallback, self.gemv_rows = kernels, weight, fallback, GEMV_ROWS
-        self.name = f"native int8: GEMV up to {GEMV_ROWS} rows, else decode + GEMM"
+        self.name = (
+            f"native {weight.types[0].lower()}: GEMV up to {GEMV_ROWS} rows, else decode + GEMM"
+        )
 
     def __call__(self, x2):
         if torch.compiler.is_compiling():
