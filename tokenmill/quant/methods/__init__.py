@@ -16,9 +16,9 @@ Fast paths, each measured in BENCHMARKS.md, and where none exists the method say
               (2.7 ms vs 0.03 ms bf16 for 576x1536), the same FP8 values go through bf16/fp32
               GEMMs: exact FP8 numerics, fp32 accumulation, no FP8 memory saving
   gguf        (gguf.py) a GGUF file's own blocks: native decode-GEMV and decode + GEMM
-  weight-only (weight_only.py): int8 _weight_int8pack_mm and int4 _weight_int4pack_mm_for_cpu
-              (bf16 on CPU); nvfp4/mxfp4/fp8 native kernels on CPU (fp4_cpu.py); fp6
-              and dtypes dequantize on the fly, then the GEMM
+  weight-only (weight_only.py): int8, nvfp4, mxfp4 the native kernels of gguf.py on CPU; fp8
+              fp4_cpu.py's; int4 _weight_int4pack_mm_for_cpu (bf16 on CPU); fp6 and dtypes
+              dequantize on the fly, then the GEMM
 """
 
 from __future__ import annotations

@@ -1,11 +1,13 @@
 """Weight-only quantization: weights stored in any format, activations in the model dtype.
 
 On CUDA every format goes through the Triton kernels of triton_dequant.py (fused tiles, gemv,
-or decode-once + cuBLAS: the fastest measured per shape). On CPU, fused kernels where torch has
-them (int8: `_weight_int8pack_mm`, int4: `_weight_int4pack_mm_for_cpu`, both for bf16
-activations), tokenmill's own for nvfp4, mxfp4, fp8_e4m3 and fp8_e5m2 (fp4_cpu.py: a fused
-decode-GEMV at decode sizes, faster than bf16 at batch 1); the fp6 formats dequantize the weight
-on the fly before the GEMM, which saves memory, not time (BENCHMARKS.md).
+or decode-once + cuBLAS: the fastest measured per shape). On CPU, once the native kernels are
+attached: int8, nvfp4 and mxfp4 through csrc/gguf.cpp over their own codes (`NativeRowsKernel`:
+a decode-GEMV at 1-8 rows, fused into the decoder layers' halves, a native expansion + oneDNN's
+GEMM above); fp8_e4m3, fp8_e5m2 and the nvfp4/mxfp4 shapes gguf.cpp does not take through
+fp4_cpu.py; int4 through `_weight_int4pack_mm_for_cpu` (bf16); before that (or without the
+kernels) int8 `_weight_int8pack_mm` (bf16) and everything else dequantize on the fly before the
+GEMM, which saves memory, not time (BENCHMARKS.md).
 """
 
 from __future__ import annotations
