@@ -51,7 +51,9 @@ def make_weight(kind: int, rows: int, cols: int, gen: torch.Generator):
         q = quantize(
             torch.randn(rows, cols, generator=gen), "nvfp4" if kind == NVFP4_ROWS else "mxfp4"
         )
-        return GGUFWeight.fp4_rows(q), dequantize_fast(q, torch.float32)
+        w = GGUFWeight.fp4_rows(q)
+        assert torch.equal(w.dequantize(torch.float32), dequantize_fast(q, torch.float32))
+        return w, dequantize_fast(q, torch.float32)
     w = GGUFWeight([(kind, random_codes(kind, rows, cols, gen))], cols)
     return w, w.dequantize(torch.float32)
 

@@ -85,6 +85,8 @@ class QKVBlock:
     """(cos_sin, x [rows, hidden], residual or None) -> (q, k, v, residual) as
     DecoderLayer.attention_inputs returns them: q, k rotated; v a view of the q/k/v output."""
 
+    takes = staticmethod(_plain)  # whether the kernels read the norm's and layers' weights
+
     def __init__(self, norm: RMSNorm, qkv: Linear, num_heads: int, num_kv_heads: int, head_dim: int):  # fmt: skip
         self.dtype, self.eps = norm.weight.dtype, float(norm.eps)
         self.hidden, self.n_qkv = qkv.in_features, qkv.out_features
@@ -101,7 +103,7 @@ class QKVBlock:
     @classmethod
     def build(cls, norm, qkv, rotary, attention) -> QKVBlock | None:
         """The fused half over these modules, or None where one of them is not plain."""
-        if attention.q_norm is not None or rotary.native is None or not _plain(norm, qkv):
+        if attention.q_norm is not None or rotary.native is None or not cls.takes(norm, qkv):
             return None
         h, kvh, d = attention.num_heads, attention.num_kv_heads, attention.head_dim
         if qkv.out_features != (h + 2 * kvh) * d or qkv.in_features != norm.weight.shape[0]:
@@ -144,6 +146,8 @@ class QKVBlock:
 class MLPBlock:
     """(o [rows, in], residual [rows, hidden]) -> (mlp output, o_proj(o) + residual)."""
 
+    takes = staticmethod(_plain)
+
     def __init__(self, o_proj: Linear, norm: RMSNorm, gate_up: Linear, down: Linear) -> None:
         self.dtype = norm.weight.dtype
         self.hidden, self.eps = o_proj.out_features, float(norm.eps)
@@ -159,7 +163,9 @@ class MLPBlock:
     @classmethod
     def build(cls, o_proj, norm, gate_up, down, act) -> MLPBlock | None:
         """The fused block over these layers, or None where one of them is not plain."""
-        plain = _plain(norm, o_proj, gate_up, down) and _mlp_fits(o_proj, norm, gate_up, down, act)
+        plain = cls.takes(norm, o_proj, gate_up, down) and _mlp_fits(
+            o_proj, norm, gate_up, down, act
+        )
         return cls(o_proj, norm, gate_up, down) if plain else None
 
     def __call__(self, o: torch.Tensor, residual: torch.Tensor):
@@ -238,6 +244,8 @@ def _still_native(held: list[tuple[Linear, object]]) -> bool:
 class GGUFQKVBlock(QKVBlock):
     """QKVBlock over GGUF codes (csrc/gguf.cpp tm_gguf_decode_qkv)."""
 
+    takes = staticmethod(_gguf_plain)
+
     def __init__(self, norm: RMSNorm, qkv: Linear, num_heads: int, num_kv_heads: int, head_dim: int):  # fmt: skip
         self.dtype, self.eps = norm.weight.dtype, float(norm.eps)
         self.hidden, self.n_qkv = qkv.in_features, qkv.out_features
@@ -251,15 +259,6 @@ class GGUFQKVBlock(QKVBlock):
         self._desc_ptr = ctypes.addressof(self._desc)
         self._fn = _gguf_function("tm_gguf_decode_qkv", self.dtype, 8)
 
-    @classmethod
-    def build(cls, norm, qkv, rotary, attention) -> QKVBlock | None:
-        if attention.q_norm is not None or rotary.native is None or not _gguf_plain(norm, qkv):
-            return None
-        h, kvh, d = attention.num_heads, attention.num_kv_heads, attention.head_dim
-        if qkv.out_features != (h + 2 * kvh) * d or qkv.in_features != norm.weight.shape[0]:
-            return None
-        return cls(norm, qkv, h, kvh, d)
-
     def __call__(self, cos_sin, x, residual):
         if not _still_native(self._gguf_held):
             return None
@@ -268,6 +267,8 @@ class GGUFQKVBlock(QKVBlock):
 
 class GGUFMLPBlock(MLPBlock):
     """MLPBlock over GGUF codes (csrc/gguf.cpp tm_gguf_decode_mlp)."""
+
+    takes = staticmethod(_gguf_plain)
 
     def __init__(self, o_proj: Linear, norm: RMSNorm, gate_up: Linear, down: Linear) -> None:
         self.dtype = norm.weight.dtype
@@ -280,13 +281,6 @@ class GGUFMLPBlock(MLPBlock):
         self._desc = (ctypes.c_int64 * len(fields))(*fields)
         self._desc_ptr = ctypes.addressof(self._desc)
         self._fn = _gguf_function("tm_gguf_decode_mlp", self.dtype, 5)
-
-    @classmethod
-    def build(cls, o_proj, norm, gate_up, down, act) -> MLPBlock | None:
-        plain = _gguf_plain(norm, o_proj, gate_up, down) and _mlp_fits(
-            o_proj, norm, gate_up, down, act
-        )
-        return cls(o_proj, norm, gate_up, down) if plain else None
 
     def __call__(self, o, residual):
         if not _still_native(self._gguf_held):

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tokenmill.quant.formats import QuantizedTensor, dequantize_fast
 from tokenmill.quant.gguf_quants import GGML_TYPES, dequantize
 from tokenmill.quant.methods.base import LinearKernel, QuantMethod, finish, rows
 
@@ -158,12 +159,25 @@ class GGUFWeight:
         segments = [(k, rs[0] if len(rs) == 1 else torch.cat(rs)) for k, rs in merged]
         return cls(segments, cols)
 
+    def _fp4_tensor(self, kind: int, codes, scale, aux) -> QuantizedTensor:
+        """An nvfp4/mxfp4 segment as the QuantizedTensor its tensors came from."""
+        shape = (codes.shape[0], self.cols)
+        if kind == NVFP4_ROWS:
+            block = aux.view(torch.float8_e4m3fn)
+            return QuantizedTensor("nvfp4", shape, codes, block, None, scale, 16)
+        return QuantizedTensor("mxfp4", shape, codes, aux, None, None, 32)
+
     def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
-        """The dense [rows, cols] weight through torch (quant/gguf_quants.py, fp32) in `dtype`."""
+        """The dense [rows, cols] weight through torch (quant/gguf_quants.py, fp32; tokenmill's
+        own formats: quant/formats.py) in `dtype`."""
         parts = []
-        for (kind, raw), scale in zip(self.segments, self.scales or []):
-            if kind in AUX_BYTES:
-                raise NotImplementedError("nvfp4/mxfp4 rows dequantize through quant/formats.py")
+        for (kind, raw), scale, aux in zip(self.segments, self.scales or [], self.aux or []):
+            if kind in AUX_BYTES:  # tokenmill's own E2M1 layouts: formats.py's dequantization
+                assert aux is not None
+                parts.append(
+                    dequantize_fast(self._fp4_tensor(kind, raw, scale, aux), torch.float32)
+                )
+                continue
             if kind == INT8_ROWS:
                 assert scale is not None
                 parts.append(raw.view(torch.int8).float() * scale[:, None])
