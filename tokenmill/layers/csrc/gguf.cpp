@@ -333,13 +333,11 @@ struct Q6_K {  // ql[128], qh[64], scales int8[16], d: 16 sub-blocks of 16, w = 
   }
 };
 
-// ---- bf16 x: the scale factored out of each group ----
-// A group of 32 weights is s * q + c with small integer codes q (exact in bf16), a scale s (per
-// 16 elements for Q6_K: lanes 0-7 and 8-15 of the dot product) and a constant c (Q4_1, Q5_1,
-// Q4_K, Q5_K). So  w . x = s * (q . x) + c * sum(x):  one bf16 dot product of the codes with x
-// (exact products, fp32 sums), one FMA by the scale, and c times the group's sum of x (computed
-// once per call). This uses the GGUF weights exactly, without rounding them to bf16.
-// codes(p, f) calls f(g, q, s, c) for each group g: q the 32 codes as bf16, s the scale lanes.
+// ---- bf16 x, Q6_K: codes as bf16 numbers, the scale factored out ----
+// A group of 32 Q6_K weights is s * (q - 32) with 6-bit codes q and a scale s per 16 elements
+// (lanes 0-7 and 8-15 of the dot product): w . x = s * ((q - 32) . x), one bf16 dot product of
+// the exact codes with x (exact products, fp32 sums) and one FMA by the scale lanes, the file's
+// weights exactly. codes(p, f) calls f(g, q, s, 0) for each group g of a block.
 
 // bf16 bit patterns of small integers, as constants (|v| <= 255 is exact in bf16)
 constexpr uint16_t bf16_int(int v) {
@@ -356,27 +354,13 @@ struct Table32 {
     for (int i = 0; i < 32; ++i) v[i] = bf16_int(i + offset);
   }
 };
-constexpr Table32 kMinus8(-8), kMinus16(-16), kPlain(0), kMinus32(-32);
+constexpr Table32 kPlain(0), kMinus32(-32);  // Q6_K's 64 codes, offset by -32
 inline __m512i table(const Table32& t) { return _mm512_load_si512(t.v); }
 
-// 32 four-bit codes (elements 0-15 the low nibbles of 16 bytes, 16-31 the high) as words
-inline __m512i nibble_words(__m128i b) {
-  return _mm512_cvtepu8_epi16(_mm256_set_m128i(hi_nibbles(b), lo_nibbles(b)));
-}
-inline __m512i nibble_words32(__m256i b, bool high) {  // one nibble of each of 32 bytes
-  const __m256i mask = _mm256_set1_epi8(0x0f);
-  return _mm512_cvtepu8_epi16(_mm256_and_si256(high ? _mm256_srli_epi16(b, 4) : b, mask));
-}
 inline __m256i load32(const uint8_t* p) {
   return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
 }
 
-inline __m512i five_bit_words(const uint8_t* qh, const uint8_t* qs) {
-  uint32_t bits;
-  std::memcpy(&bits, qh, sizeof bits);
-  const __m512i n = nibble_words(load16(qs));
-  return _mm512_mask_add_epi16(n, bits, n, _mm512_set1_epi16(16));
-}
 struct Q6_Kc {
   static constexpr bool kConst = false;
   template <class F> __attribute__((always_inline)) static void codes(const uint8_t* p, F&& f) {
