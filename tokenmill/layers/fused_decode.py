@@ -61,13 +61,19 @@ def _takes(x: torch.Tensor, dtype: torch.dtype) -> bool:
     return 0 < x.shape[0] <= skinny.MAX_ROWS and x.dtype == dtype and x.is_contiguous()
 
 
-def _plain(norm, *linears) -> bool:
-    dtype = norm.weight.dtype
+def _native_norm(norm) -> bool:
+    """A plain RMSNorm in fp32/bf16 with the native row kernels."""
     return (
         type(norm) is RMSNorm
         and norm.native is not None
-        and dtype in (torch.float32, torch.bfloat16)
-        and all(isinstance(x, Linear) and _readable(x) and x.params_dtype == dtype for x in linears)
+        and norm.weight.dtype in (torch.float32, torch.bfloat16)
+    )
+
+
+def _plain(norm, *linears) -> bool:
+    dtype = norm.weight.dtype
+    return _native_norm(norm) and all(
+        isinstance(x, Linear) and _readable(x) and x.params_dtype == dtype for x in linears
     )
 
 
@@ -211,11 +217,8 @@ def _gguf_readable(layer: Linear, dtype: torch.dtype) -> bool:
 
 def _gguf_plain(norm, *linears) -> bool:
     dtype = norm.weight.dtype
-    return (
-        type(norm) is RMSNorm
-        and norm.native is not None
-        and dtype in (torch.float32, torch.bfloat16)
-        and all(isinstance(x, Linear) and _gguf_readable(x, dtype) for x in linears)
+    return _native_norm(norm) and all(
+        isinstance(x, Linear) and _gguf_readable(x, dtype) for x in linears
     )
 
 
