@@ -10,8 +10,9 @@ round (median and range).
 A configuration is [METHOD/]DTYPE[+FLAG...]: METHOD a --quantization, FLAG `compile`,
 `torch-kernels` (the gather + SDPA decode attention instead of the native kernel), `rotate`
 (--rotate), `gemm-only` (oneDNN's GEMM at every batch size: layers/skinny.py's kernel taken off
-after loading, for A/B runs of it) or `unfused` (the decoder layers' halves as separate calls:
-layers/fused_decode.py taken off).
+after loading, for A/B runs of it), `unfused` (the decoder layers' halves as separate calls:
+layers/fused_decode.py taken off) or `unlooped` (the layers of a decode step called one by one
+from Python: layers/decode_layers.py taken off).
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ def parse(spec: str) -> dict:
     method, _, dtype = body.rpartition("/")
     out = {"dtype": dtype, "quantization": method or None}
     for flag in flags:
-        if flag in ("gemm-only", "unfused"):
+        if flag in ("gemm-only", "unfused", "unlooped"):
             out[flag] = True
             continue
         if flag not in FLAGS:
@@ -77,7 +78,10 @@ def main() -> None:
     for spec in tqdm(args.configs, desc="loading", unit="config"):
         options = parse(spec)
         gemm_only, unfused = options.pop("gemm-only", False), options.pop("unfused", False)
+        unlooped = options.pop("unlooped", False)
         llm = LLM(args.model, max_model_len=1024, kv_cache_memory=512 << 20, **options)
+        if unlooped:
+            llm.engine.runner.model.decode_layers = None
         if gemm_only or unfused:
             without_fused_halves(llm.engine.runner.model)
         if gemm_only:

@@ -31,6 +31,9 @@ def main() -> None:
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     ap.add_argument("--rows", type=int, default=25, help="ops shown")
     ap.add_argument("--breakdown", action="store_true", help="wall time per model part")
+    ap.add_argument("--unlooped", action="store_true",
+                    help="with --breakdown: the decoder layers called one by one (their parts "
+                    "shown) instead of as one native call (layers/decode_layers.py)")  # fmt: skip
     ap.add_argument("--touch-kv", action="store_true", help="write the KV pool once first")
     ap.add_argument("--quantization", default=None, help="a quantization method, e.g. w8a8")
     ap.add_argument("--cpu-kernels", default="auto", choices=["auto", "torch", "native"])
@@ -61,7 +64,7 @@ def main() -> None:
         from tokenmill.bench.breakdown import decode_breakdown
 
         ids = [p["prompt_token_ids"] for p in prompts(5000)]
-        wall, parts = decode_breakdown(llm, ids, args.steps)
+        wall, parts = decode_breakdown(llm, ids, args.steps, looped=not args.unlooped)
         print(f"{args.dtype}, batch {args.batch}, context {args.prompt_len}+: {wall:.1f} ms "
               f"per decode step ({1e3 * args.batch / wall:.0f} tok/s)")  # fmt: skip
         for label, ms in parts.items():

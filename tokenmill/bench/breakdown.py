@@ -4,7 +4,9 @@ prompt is prefilled. Timers wrap the parts' Python entry points, so on CUDA (asy
 measure dispatch, not kernels: use it on CPU, and torch.profiler on GPUs. A part called inside
 another (an untied LM head is a Linear) counts for the outer one, so parts never overlap. With
 the native kernels a decoder layer's halves run fused at decode sizes (layers/fused_decode.py):
-their linear layers, norms, rotary and SiLU * up then count as the two fused parts.
+their linear layers, norms, rotary and SiLU * up then count as the two fused parts; and at
+decode sizes the layers of a step run as one native call (layers/decode_layers.py), one part:
+`looped=False` takes that call off for the run, so that the halves and attention show.
 """
 
 from __future__ import annotations
@@ -13,7 +15,9 @@ import time
 from collections import Counter
 from contextlib import contextmanager
 
+LOOP = "decoder layers, one native call"
 PARTS = [  # (module, class, method, label)
+    ("tokenmill.layers.decode_layers", "DecodeLayers", "__call__", LOOP),
     ("tokenmill.layers.fused_decode", "QKVBlock", "__call__", "fused norm + q/k/v + rotary"),
     ("tokenmill.layers.fused_decode", "MLPBlock", "__call__", "fused o_proj .. down"),
     ("tokenmill.layers.linear", "Linear", "forward", "linear layers"),
@@ -67,8 +71,23 @@ def _timer(raw, label: str, totals: Counter, depth: list[int]):
     return staticmethod(timed) if is_static else timed
 
 
-def decode_breakdown(llm, prompts: list[list[int]], steps: int) -> tuple[float, dict[str, float]]:
-    """(wall ms per decode step, {part: ms per step}) over `steps` decode-only engine steps."""
+def decode_breakdown(
+    llm, prompts: list[list[int]], steps: int, looped: bool = True
+) -> tuple[float, dict[str, float]]:
+    """(wall ms per decode step, {part: ms per step}) over `steps` decode-only engine steps;
+    `looped=False`: the decoder layers called one by one from Python for the run."""
+    model = llm.engine.runner.model
+    loop = getattr(model, "decode_layers", None)
+    if not looped and loop is not None:
+        model.decode_layers = None
+    try:
+        return _breakdown(llm, prompts, steps)
+    finally:
+        if loop is not None:
+            model.decode_layers = loop
+
+
+def _breakdown(llm, prompts: list[list[int]], steps: int) -> tuple[float, dict[str, float]]:
     from tokenmill import SamplingParams
 
     engine = llm.engine

@@ -56,6 +56,13 @@ def _function(name: str, dtype: torch.dtype, args: int):
     return fn
 
 
+def _address(fn) -> int:
+    """A ctypes function's entry point, for native callers."""
+    address = ctypes.cast(fn, ctypes.c_void_p).value
+    assert address is not None
+    return address
+
+
 def _takes(x: torch.Tensor, dtype: torch.dtype) -> bool:
     """Whether x is rows the kernels read: 1..MAX_ROWS contiguous rows of `dtype`."""
     return 0 < x.shape[0] <= skinny.MAX_ROWS and x.dtype == dtype and x.is_contiguous()
@@ -103,8 +110,15 @@ class QKVBlock:
         fields += [num_heads + num_kv_heads, head_dim]
         assert len(fields) == _QKV_FIELDS
         self._desc = (ctypes.c_int64 * _QKV_FIELDS)(*fields)
-        self._desc_ptr = ctypes.addressof(self._desc)
+        self.desc_ptr = ctypes.addressof(self._desc)
         self._fn = _function("tm_decode_qkv", self.dtype, 8)
+        self.entry = _address(self._fn)  # for layers/decode_layers.py: the C signature above
+        self.gguf = False  # whether that signature has the x_bf16 flag (csrc/gguf.cpp)
+
+    def current(self) -> bool:
+        """Whether the weights this block was built over are still the layers' (see
+        `_still_packed`)."""
+        return _still_packed(self._held)
 
     @classmethod
     def build(cls, norm, qkv, rotary, attention) -> QKVBlock | None:
@@ -124,7 +138,7 @@ class QKVBlock:
             return None
         if residual is not None and not _takes(residual, self.dtype):
             return None
-        if not _still_packed(self._held):
+        if not self.current():
             return None
         rows, h, kvh, d = x.shape[0], self.heads, self.kv_heads, self.head_dim
         summed = torch.empty_like(x) if residual is not None else None
@@ -139,7 +153,7 @@ class QKVBlock:
             rotated.data_ptr(),
             cos.data_ptr(),
             sin.data_ptr(),
-            self._desc_ptr,
+            self.desc_ptr,
             self.eps,
             torch.get_num_threads(),
         )
@@ -163,8 +177,12 @@ class MLPBlock:
         fields += [*_linear_fields(down), norm.weight.data_ptr(), self.hidden, down.in_features]
         assert len(fields) == _MLP_FIELDS
         self._desc = (ctypes.c_int64 * _MLP_FIELDS)(*fields)
-        self._desc_ptr = ctypes.addressof(self._desc)
+        self.desc_ptr = ctypes.addressof(self._desc)
         self._fn = _function("tm_decode_mlp", self.dtype, 5)
+        self.entry, self.gguf = _address(self._fn), False  # as QKVBlock's
+
+    def current(self) -> bool:
+        return _still_packed(self._held)
 
     @classmethod
     def build(cls, o_proj, norm, gate_up, down, act) -> MLPBlock | None:
@@ -178,7 +196,7 @@ class MLPBlock:
         rows = o.shape[0]
         if not 0 < rows <= skinny.MAX_ROWS or o.dtype != self.dtype or residual.dtype != o.dtype:
             return None
-        if not _still_packed(self._held):
+        if not self.current():
             return None
         if o.stride(-1) != 1 or (
             self.dtype == torch.bfloat16 and (o.stride(0) % 2 or o.data_ptr() % 4)
@@ -193,7 +211,7 @@ class MLPBlock:
             residual.data_ptr(),
             out.data_ptr(),
             summed.data_ptr(),
-            self._desc_ptr,
+            self.desc_ptr,
             self.eps,
             torch.get_num_threads(),
         )
@@ -237,7 +255,8 @@ def _gguf_function(name: str, dtype: torch.dtype, args: int):
     fn.argtypes = [ctypes.c_int64, *[ctypes.c_void_p] * args, ctypes.c_float, ctypes.c_int, ctypes.c_int]  # fmt: skip
     fn.restype = ctypes.c_int
     flag = int(dtype == torch.bfloat16)
-    return lambda *a: fn(*a[:-1], flag, a[-1])
+    call = lambda *a: fn(*a[:-1], flag, a[-1])  # noqa: E731
+    return call, _address(fn)
 
 
 def _still_native(held: list[tuple[Linear, object]]) -> bool:
@@ -254,18 +273,16 @@ class GGUFQKVBlock(QKVBlock):
         self.hidden, self.n_qkv = qkv.in_features, qkv.out_features
         self.heads, self.kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self._gguf_held = [(qkv, qkv.quant_method.impl)]  # keeps what the pointers point at
-        self._held = []
         self._norm_weight = norm.weight
         fields = [*_gguf_fields(qkv), norm.weight.data_ptr(), self.hidden]
         fields += [num_heads + num_kv_heads, head_dim]
         self._desc = (ctypes.c_int64 * len(fields))(*fields)
-        self._desc_ptr = ctypes.addressof(self._desc)
-        self._fn = _gguf_function("tm_gguf_decode_qkv", self.dtype, 8)
+        self.desc_ptr = ctypes.addressof(self._desc)
+        self._fn, self.entry = _gguf_function("tm_gguf_decode_qkv", self.dtype, 8)
+        self.gguf = True
 
-    def __call__(self, cos_sin, x, residual):
-        if not _still_native(self._gguf_held):
-            return None
-        return super().__call__(cos_sin, x, residual)
+    def current(self) -> bool:
+        return _still_native(self._gguf_held)
 
 
 class GGUFMLPBlock(MLPBlock):
@@ -277,18 +294,16 @@ class GGUFMLPBlock(MLPBlock):
         self.dtype = norm.weight.dtype
         self.hidden, self.eps = o_proj.out_features, float(norm.eps)
         self._gguf_held = [(x, x.quant_method.impl) for x in (o_proj, gate_up, down)]
-        self._held = []
         self._norm_weight = norm.weight
         fields = [*_gguf_fields(o_proj), *_gguf_fields(gate_up), *_gguf_fields(down)]
         fields += [norm.weight.data_ptr(), self.hidden, down.in_features]
         self._desc = (ctypes.c_int64 * len(fields))(*fields)
-        self._desc_ptr = ctypes.addressof(self._desc)
-        self._fn = _gguf_function("tm_gguf_decode_mlp", self.dtype, 5)
+        self.desc_ptr = ctypes.addressof(self._desc)
+        self._fn, self.entry = _gguf_function("tm_gguf_decode_mlp", self.dtype, 5)
+        self.gguf = True
 
-    def __call__(self, o, residual):
-        if not _still_native(self._gguf_held):
-            return None
-        return super().__call__(o, residual)
+    def current(self) -> bool:
+        return _still_native(self._gguf_held)
 
 
 def build_inputs(norm, qkv, rotary, attention) -> QKVBlock | None:

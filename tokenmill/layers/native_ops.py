@@ -240,4 +240,8 @@ def select_kernels(
 
         for unit in model.compile_units():
             unit.fuse_with(build_inputs, build_outputs)
+    if hasattr(model, "loop_with"):  # and then the layers of a decode step as one call
+        from tokenmill.layers.decode_layers import DecodeLayers
+
+        model.loop_with(DecodeLayers.build)
     return "native"

@@ -176,11 +176,24 @@ class LlamaForCausalLM(EmbeddingHead, nn.Module):
     ) -> torch.Tensor:  # [num_tokens, hidden]
         x = self.model.embed_tokens(input_ids)
         cos_sin = self.model.rotary.lookup(positions, x.dtype)
-        residual = None
-        for layer, kv_cache in zip(self.model.layers, kv_caches):
-            x, residual = layer(cos_sin, x, residual, kv_cache, meta)
+        looped = None
+        if self.decode_layers is not None and not torch.compiler.is_compiling():
+            looped = self.decode_layers(x, cos_sin, kv_caches, meta)  # decode sizes: one call
+        if looped is not None:
+            x, residual = looped
+        else:
+            residual = None
+            for layer, kv_cache in zip(self.model.layers, kv_caches):
+                x, residual = layer(cos_sin, x, residual, kv_cache, meta)
         x, _ = self.model.norm(x, residual)
         return x
+
+    decode_layers = None  # the decoder layers as one native call at decode sizes (loop_with)
+
+    def loop_with(self, build) -> None:
+        """Let `build(layers)` (layers/decode_layers.py, the runner's choice) run the decoder
+        layers of a decode step as one call where it can; it returns None where it cannot."""
+        self.decode_layers = build(self.model.layers)
 
     def cache_layers(self) -> list[tuple[int, int]]:
         """(num_kv_heads, head_dim) of each layer's K/V cache, in layer order: the cache spec."""
