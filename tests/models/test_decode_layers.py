@@ -168,3 +168,14 @@ def test_engine_decodes_the_same_tokens_and_logprobs(tiny_model_dir, dtype):
         runs.append(outs)
     assert sum(taken) >= 18  # the loop ran the decode-only steps (9 of each batch)
     assert runs[0] == runs[1]
+
+
+def test_w8a8_rows_one_call_is_the_layers_bit_for_bit(tiny_model_dir):
+    """w8a8 (smoothed, x quantized per row inside the GEMV) through the fused halves and the
+    loop."""
+    from tokenmill.quant.methods.w8a8 import NativeW8A8Kernel
+
+    model = loaded(str(tiny_model_dir("llama")), torch.bfloat16, "w8a8")
+    down = model.model.layers[0].mlp.down_proj.quant_method
+    assert isinstance(down.impl, NativeW8A8Kernel) and down.smooth_inv is not None
+    assert_loop_equals_layers(model, torch.bfloat16)

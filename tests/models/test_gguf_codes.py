@@ -227,3 +227,25 @@ def test_int8_weight_only_takes_the_same_gemvs_and_halves(tiny_model_dir):
     for (tokens, lps), (ref_tokens, ref_lps) in zip(runs["auto"], runs["torch"]):
         assert tokens == ref_tokens
         np.testing.assert_allclose(lps, ref_lps, rtol=1e-5, atol=1e-4)
+
+
+def test_w8a8_takes_the_same_halves_and_equals_int_mm(tiny_model_dir):
+    """w8a8 rows (csrc/gguf.cpp type 1003): the fused halves equal its layers bit for bit, and
+    decoding equals the _int_mm path (no native kernels) in fp32."""
+    from tokenmill.quant.methods.w8a8 import Int8MMKernel, NativeW8A8Kernel
+
+    path = str(tiny_model_dir("llama"))
+    assert_fused_equal_layers(path, "w8a8", 64)
+    runs = {}
+    for kernels in ("auto", "torch"):
+        llm = LLM(path, dtype="float32", quantization="w8a8", cpu_kernels=kernels,
+                  max_model_len=256, kv_cache_memory=32 << 20)  # fmt: skip
+        impl = llm.engine.runner.model.model.layers[0].mlp.down_proj.quant_method.impl
+        assert type(impl) is (NativeW8A8Kernel if kernels == "auto" else Int8MMKernel)
+        params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True, logprobs=0)
+        prompts = [[t % 384 for t in p] for p in PROMPTS]  # the tiny model's vocabulary
+        outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+        runs[kernels] = [(o.outputs[0].token_ids, [e[t] for t, e in zip(o.outputs[0].token_ids, o.outputs[0].logprobs)]) for o in outs]  # fmt: skip
+    for (tokens, lps), (ref_tokens, ref_lps) in zip(runs["auto"], runs["torch"]):
+        assert tokens == ref_tokens
+        np.testing.assert_allclose(lps, ref_lps, rtol=1e-5, atol=1e-4)

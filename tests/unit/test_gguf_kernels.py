@@ -16,6 +16,7 @@ from tokenmill.quant.methods.gguf import (
     KINDS,
     MXFP4_ROWS,
     NVFP4_ROWS,
+    W8A8_ROWS,
     GGUFWeight,
     shared_kernels,
 )
@@ -67,7 +68,7 @@ def kernels():
     return shared_kernels()
 
 
-TYPES = sorted(KERNEL_TYPES)
+TYPES = sorted(KERNEL_TYPES - {W8A8_ROWS})  # w8a8 quantizes x too: its own test below
 
 
 @pytest.mark.parametrize("kind", TYPES, ids=[KINDS[k][0] for k in TYPES])
@@ -129,3 +130,27 @@ def test_rows_that_do_not_match_their_bytes_are_refused():
         GGUFWeight([(3, torch.zeros(4, 21, dtype=torch.uint8))], 32)
     with pytest.raises(ValueError, match="scale per row goes with int8 and nvfp4 rows"):
         GGUFWeight([(INT8_ROWS, torch.zeros(4, 32, dtype=torch.uint8))], 32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("smoothed", [False, True])
+def test_w8a8_gemv_is_int_mm_bit_for_bit(kernels, dtype, smoothed):
+    """w8a8 rows: x quantized per row inside the GEMV (times the smoothing factors), exact
+    int32 sums, the same fp32 rescales: the same bits as Int8MMKernel (torch._int_mm), at 1-8
+    rows, shapes with partial row tiles; bf16 rows hit rounding ties (x = amax * j / 254)."""
+    from tokenmill.quant.methods.w8a8 import Int8MMKernel, NativeW8A8Kernel
+    from tokenmill.quant.smoothquant import smooth_input
+
+    gen = torch.Generator().manual_seed(11)
+    for rows, cols in ((67, 160), (40, 32), (300, 576)):
+        q = quantize(torch.randn(rows, cols, generator=gen), "int8", granularity="channel")
+        ref = Int8MMKernel(q, activation_zero_point=False)
+        smooth = torch.rand(cols, generator=gen) + 0.5 if smoothed else None
+        w = GGUFWeight.w8a8_rows(ref.weight_t.t(), ref.weight_scale, smooth)
+        native_kernel = NativeW8A8Kernel(kernels, w, ref)
+        assert w.segments[0][1].data_ptr() == ref.weight_t.data_ptr()  # one copy of the codes
+        for m in range(1, 9):
+            for _ in range(4):
+                x = (torch.randn(m, cols, generator=gen) * 3).to(dtype)
+                want = ref(smooth_input(smooth, x))
+                assert torch.equal(native_kernel.gemv(x), want)

@@ -220,16 +220,18 @@ class MLPBlock:
 
 def _gguf_readable(layer: Linear, dtype: torch.dtype) -> bool:
     """Whether the layer applies csrc/gguf.cpp's GEMV over segments of rows (a GGUF file's codes,
-    or int8 / nvfp4 / mxfp4 weight-only rows) with nothing around it (no input smoothing)."""
+    int8 / nvfp4 / mxfp4 weight-only rows, w8a8 rows) with nothing around it (no input smoothing
+    but w8a8's, which its kernel applies)."""
     from tokenmill.quant.methods.gguf import NativeGGUFKernel
+    from tokenmill.quant.methods.w8a8 import NativeW8A8Kernel
     from tokenmill.quant.methods.weight_only import NativeRowsKernel
 
     method = layer.quant_method
     impl = getattr(method, "impl", None)
-    if not isinstance(impl, NativeGGUFKernel | NativeRowsKernel):
+    if not isinstance(impl, NativeGGUFKernel | NativeRowsKernel | NativeW8A8Kernel):
         return False
-    if getattr(method, "smooth_inv", None) is not None:
-        return False
+    if getattr(method, "smooth_inv", None) is not None and not isinstance(impl, NativeW8A8Kernel):
+        return False  # (w8a8's factors are in its table: its GEMV multiplies x by them)
     return layer.params_dtype == dtype and (dtype == torch.float32 or impl.kernels.bf16_gemv)
 
 

@@ -8,7 +8,10 @@
 // row or 0, and a pointer to block scale codes kept apart from the codes, or 0. Besides the GGML
 // types, tokenmill's own weight-only layouts (quant/formats.py) are types too, so those layers
 // take the same GEMVs and fused halves: 1000 int8 rows (one fp32 scale per row), 1001 nvfp4 and
-// 1002 mxfp4 (E2M1 codes, element 2i in the low nibble, block scale codes beside them).
+// 1002 mxfp4 (E2M1 codes, element 2i in the low nibble, block scale codes beside them), and 1003
+// w8a8 rows: int8 rows with a fp32 scale per row times x quantized to int8 per row of x, as
+// quant/methods/w8a8.Int8MMKernel does it (x times the smoothing factors in fp32, amax, codes
+// round(x * (127 / amax)), exact int32 dot products, (float(acc) * row scale) * amax / 127).
 //
 // A weight is computed as quant/gguf_quants.dequantize computes it in fp32, in the same order
 // of operations with one rounding each (mul, add: never fused), so the dense matrix that
@@ -24,6 +27,7 @@
 //
 // Built at run time by tokenmill/layers/native.py; plain C ABI, called through ctypes.
 
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
@@ -48,6 +52,8 @@ enum GGMLType : int64_t {
   kI8 = 1000,  // tokenmill int8 rows (with a row scale)
   kNVFP4 = 1001,  // tokenmill nvfp4: E2M1 codes, an E4M3 scale per 16 (aux), a fp32 scale per row
   kMXFP4 = 1002,  // tokenmill mxfp4: E2M1 codes, an E8M0 scale per 32 (aux)
+  kI8A8 = 1003,  // tokenmill w8a8: int8 rows (a row scale) x int8 activations per row (aux: the
+                 // fp32 smoothing factors per column, or 0)
 };
 constexpr int64_t kSegFields = 7;
 
@@ -444,6 +450,59 @@ void rows_fp32(const float* x, int64_t cols, const uint8_t* w, int64_t row_bytes
       y[m * ldy + r] = _mm512_reduce_add_ps(_mm512_add_ps(acc[r][m][0], acc[r][m][1]));
 }
 
+// w8a8: `R` int8 weight rows times `M` rows of int16 activation codes (xq, made by Prepared):
+// 32 weights sign-extended to int16 once per tile row, one vpdpwssd (16 exact int32 sums of two
+// products) per 32 weights and row of x; integer sums, so the order does not change the result.
+template <int M, int R>
+void rows_i8a8(const int16_t* xq, const float* sx, int64_t cols, const uint8_t* w,
+               int64_t row_bytes, const float* rs, int64_t rs_stride, float* y, int64_t ldy) {
+  __m512i acc[R][M];
+  for (int r = 0; r < R; ++r)
+    for (int m = 0; m < M; ++m) acc[r][m] = _mm512_setzero_si512();
+  for (int64_t k = 0; k < cols; k += 32) {
+    prefetch_share(w, k / 32, R * 32);
+    __m512i wv[R];
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r)
+      wv[r] = _mm512_cvtepi8_epi16(
+          _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + r * row_bytes + k)));
+#pragma GCC unroll 8
+    for (int m = 0; m < M; ++m) {
+      const __m512i xv = _mm512_loadu_si512(xq + m * cols + k);
+#pragma GCC unroll 8
+      for (int r = 0; r < R; ++r)
+#if defined(__AVX512VNNI__)
+        acc[r][m] = _mm512_dpwssd_epi32(acc[r][m], xv, wv[r]);
+#else
+        acc[r][m] = _mm512_add_epi32(acc[r][m], _mm512_madd_epi16(xv, wv[r]));
+#endif
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int m = 0; m < M; ++m) {
+      const float sum = static_cast<float>(_mm512_reduce_add_epi32(acc[r][m]));
+      y[m * ldy + r] = (sum * rs[r * rs_stride]) * sx[m];  // two roundings, as torch's two muls
+    }
+}
+
+template <int M>
+void segment_i8a8(const int16_t* xq, const float* sx, int64_t cols, const uint8_t* w,
+                  int64_t rows, int64_t row_bytes, const Extra& ex, float* y, int64_t ldy) {
+  constexpr int R = M == 1 ? 4 : (M <= 4 ? 2 : 1);
+  const int64_t tiles = (rows + R - 1) / R;
+#pragma omp for schedule(static) nowait
+  for (int64_t t = 0; t < tiles; ++t) {
+    const int64_t r0 = t * R, n = rows - r0 < R ? rows - r0 : R;
+    const float* rs = ex.rs + r0 * ex.rs_stride;
+    if (n == R)
+      rows_i8a8<M, R>(xq, sx, cols, w + r0 * row_bytes, row_bytes, rs, ex.rs_stride, y + r0, ldy);
+    else
+      for (int64_t r = 0; r < n; ++r)
+        rows_i8a8<M, 1>(xq, sx, cols, w + (r0 + r) * row_bytes, row_bytes, rs + r * ex.rs_stride,
+                        ex.rs_stride, y + r0 + r, ldy);
+  }
+}
+
 #if defined(__AVX512BF16__)
 // bf16 x, Q6_K: s * (q . x) per 16 elements (the scale lanes), codes decoded in registers.
 template <class Codes, int kBlock, int kBytes, int M, int R>
@@ -512,6 +571,8 @@ struct XPrep {
   const uint16_t* x32 = nullptr;  // [m, cols] permuted by order32 within each 32
   const uint16_t* xk = nullptr;  // permuted by orderK
   const float* xf = nullptr;  // [m, cols] x in fp32 (the fp32 paths)
+  const int16_t* xq = nullptr;  // [m, cols] w8a8: x's int8 codes (as int16)
+  const float* sx = nullptr;  // [m] w8a8: x's scales, amax / 127
 };
 
 inline float bf16_value(uint16_t h) {
@@ -770,6 +831,7 @@ bool segment_m(int64_t type, const void* x, const XPrep& sums, bool bf16, int64_
     case kI8: segment<I8, M>(x, sums, bf16, cols, w, rows, row_bytes, rs, y, ldy); return true;
     case kNVFP4: segment<NVFP4, M>(x, sums, bf16, cols, w, rows, row_bytes, rs, y, ldy); return true;
     case kMXFP4: segment<MXFP4, M>(x, sums, bf16, cols, w, rows, row_bytes, rs, y, ldy); return true;
+    case kI8A8: segment_i8a8<M>(sums.xq, sums.sx, cols, w, rows, row_bytes, rs, y, ldy); return true;
     default: return false;
   }
 }
@@ -845,6 +907,7 @@ bool known(int64_t type) {
   switch (type) {
     case kF32: case kF16: case kBF16: case kQ8_0: case kQ4_0: case kQ4_1: case kQ5_0:
     case kQ5_1: case kQ4_K: case kQ5_K: case kQ6_K: case kI8: case kNVFP4: case kMXFP4:
+    case kI8A8:
       return true;
     default: return false;
   }
@@ -871,13 +934,51 @@ namespace {
 // copies the fast paths read. Built by one thread before the pass.
 struct Prepared {
   XPrep prep;
-  std::vector<float> sums, xf;
+  std::vector<float> sums, xf, sx;
   std::vector<uint16_t> x32, xk;
+  std::vector<int16_t> xq;
+
+  // w8a8 (Int8MMKernel's arithmetic): x2 = x in fp32 (times the smoothing factors: one fp32
+  // rounding), amax = max |x2| (at least 1e-12), codes round-half-even(x2 * (127 / amax)),
+  // which lie in [-127, 127], and the scale amax / 127 (a true division).
+  void quantize_rows(const void* x, int64_t m, bool bf16, int64_t cols, const float* smooth) {
+    xq.resize(m * cols);
+    sx.resize(m);
+    std::vector<float> row(cols);
+    for (int64_t r = 0; r < m; ++r) {
+      float amax = 0.f;
+      for (int64_t c = 0; c < cols; ++c) {
+        float v = bf16 ? bf16_value(static_cast<const uint16_t*>(x)[r * cols + c])
+                       : static_cast<const float*>(x)[r * cols + c];
+        if (smooth) v = v * smooth[c];
+        row[c] = v;
+        amax = std::fabs(v) > amax ? std::fabs(v) : amax;
+      }
+      amax = amax < 1e-12f ? 1e-12f : amax;
+      // torch computes 127.0 / amax as reciprocal(amax) * 127: two roundings (measured)
+      const __m512 inv = _mm512_set1_ps((1.0f / amax) * 127.0f);
+      for (int64_t c = 0; c < cols; c += 16) {
+        const __m512 q = _mm512_roundscale_ps(_mm512_mul_ps(_mm512_loadu_ps(row.data() + c), inv),
+                                              _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(xq.data() + r * cols + c),
+                            _mm512_cvtepi32_epi16(_mm512_cvtps_epi32(q)));
+      }
+      sx[r] = amax / 127.0f;
+    }
+    prep.xq = xq.data();
+    prep.sx = sx.data();
+  }
 
   void build(const void* x, int64_t m, bool bf16, int64_t cols, const int64_t* segs,
              int64_t nsegs) {
-    if (!bf16) return;
     prep = XPrep();
+    for (int64_t s = 0; s < nsegs; ++s)
+      if (segs[kSegFields * s] == kI8A8) {  // every w8a8 segment has the same smoothing (fits)
+        quantize_rows(x, m, bf16, cols, reinterpret_cast<const float*>(
+                                            static_cast<uintptr_t>(segs[kSegFields * s + 5])));
+        break;
+      }
+    if (!bf16) return;
     prep.x = static_cast<const uint16_t*>(x);
     sums.resize(m * (cols / 32));
     for (int64_t i = 0; i < m * (cols / 32); ++i) {
@@ -918,9 +1019,15 @@ bool fits(int64_t m, bool bf16, const int64_t* segs, int64_t nsegs, int64_t cols
 #endif
   if (m < 1 || m > kMaxRows || cols % 32) return false;
   *total = 0;
+  int64_t smooth = -1;  // the w8a8 segments' smoothing factors: one vector for the whole x
   for (int64_t s = 0; s < nsegs; ++s) {
-    if (!known(segs[kSegFields * s])) return false;
-    *total += segs[kSegFields * s + 1];
+    const int64_t* seg = segs + kSegFields * s;
+    if (!known(seg[0])) return false;
+    if (seg[0] == kI8A8) {
+      if (!seg[4] || (smooth >= 0 && seg[5] != smooth)) return false;
+      smooth = seg[5];
+    }
+    *total += seg[1];
   }
   return true;
 }

@@ -33,14 +33,16 @@ GEMV_ROWS = 8  # csrc/gguf.cpp kMaxRows
 INT8_ROWS = 1000  # int8 rows, a fp32 scale per row
 NVFP4_ROWS = 1001  # E2M1 codes [rows, cols / 2]; aux: E4M3 scale codes [rows, cols / 16]; row scale
 MXFP4_ROWS = 1002  # E2M1 codes; aux: E8M0 scale codes [rows, cols / 32]
+W8A8_ROWS = 1003  # int8 rows, a fp32 scale per row, x quantized per row (quant/methods/w8a8.py)
 KINDS = {  # id -> (name, elements, bytes) per block (of the codes alone where scales are apart)
     **GGML_TYPES,
     INT8_ROWS: ("I8", 32, 32),
     NVFP4_ROWS: ("NVFP4", 32, 16),
     MXFP4_ROWS: ("MXFP4", 32, 16),
+    W8A8_ROWS: ("I8A8", 32, 32),
 }
 AUX_BYTES = {NVFP4_ROWS: 2, MXFP4_ROWS: 1}  # block scale bytes per 32 elements, kept apart
-ROW_SCALED = {INT8_ROWS, NVFP4_ROWS}  # the kinds that need a fp32 scale per row
+ROW_SCALED = {INT8_ROWS, NVFP4_ROWS, W8A8_ROWS}  # the kinds that need a fp32 scale per row
 KERNEL_TYPES = frozenset({0, 1, 2, 3, 6, 7, 8, 12, 13, 14, 30, *KINDS.keys() - GGML_TYPES.keys()})
 _I64, _PTR, _INT = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
 
@@ -55,6 +57,7 @@ class GGUFWeight:
     cols: int
     scales: list[torch.Tensor | None] | None = None  # per segment: fp32 [rows] or None
     aux: list[torch.Tensor | None] | None = None  # per segment: block scale codes or None
+    smooth: torch.Tensor | None = None  # w8a8 rows: fp32 [cols] factors x is multiplied by
     table: torch.Tensor = field(init=False, repr=False)  # int64 [segments, 7] for the kernels
 
     def __post_init__(self) -> None:
@@ -84,10 +87,25 @@ class GGUFWeight:
                 scale.dtype != torch.float32 or not (one or scale.shape == raw.shape[:1])
             ):
                 raise ValueError("int8 and nvfp4 rows need a fp32 scale per row (nvfp4: or one)")
+        if self.smooth is not None and (
+            self.smooth.dtype != torch.float32
+            or self.smooth.shape != (self.cols,)
+            or not self.smooth.is_contiguous()
+            or any(k != W8A8_ROWS for k, _ in self.segments)
+        ):
+            raise ValueError("smoothing factors are fp32 [cols], for w8a8 rows only")
         ptr = lambda t: 0 if t is None else t.data_ptr()  # noqa: E731
         self.table = torch.tensor(
-            [
-                [k, r.shape[0], r.data_ptr(), r.shape[1], ptr(sc), ptr(a), _stride(sc)]
+            [  # w8a8 rows: the aux column points at the smoothing factors
+                [
+                    k,
+                    r.shape[0],
+                    r.data_ptr(),
+                    r.shape[1],
+                    ptr(sc),
+                    ptr(self.smooth if k == W8A8_ROWS else a),
+                    _stride(sc),
+                ]  # fmt: skip
                 for (k, r), sc, a in zip(self.segments, self.scales, self.aux)
             ],
             dtype=torch.int64,
@@ -110,7 +128,7 @@ class GGUFWeight:
         return sum(t.numel() * t.element_size() for t in self.tensors())
 
     def tensors(self) -> list[torch.Tensor]:
-        extra = [*(self.scales or []), *(self.aux or [])]
+        extra = [*(self.scales or []), *(self.aux or []), self.smooth]
         return [r for _, r in self.segments] + [t for t in extra if t is not None]
 
     @classmethod
@@ -121,6 +139,17 @@ class GGUFWeight:
         return cls(
             [(INT8_ROWS, codes.view(torch.uint8))], codes.shape[1], [scale.float().contiguous()]
         )
+
+    @classmethod
+    def w8a8_rows(
+        cls, codes: torch.Tensor, scale: torch.Tensor, smooth: torch.Tensor | None
+    ) -> GGUFWeight:
+        """w8a8's weight (int8 [rows, cols], a fp32 scale per row; `smooth` the fp32 factors x
+        is multiplied by before its quantization, or None) as one segment; the codes and
+        factors are shared, not copied. The GEMV quantizes x per row as Int8MMKernel does."""
+        codes = codes.contiguous()
+        scale = scale.float().contiguous()
+        return cls([(W8A8_ROWS, codes.view(torch.uint8))], codes.shape[1], [scale], smooth=smooth)
 
     @classmethod
     def fp4_rows(cls, q) -> GGUFWeight | None:
@@ -178,7 +207,7 @@ class GGUFWeight:
                     dequantize_fast(self._fp4_tensor(kind, raw, scale, aux), torch.float32)
                 )
                 continue
-            if kind == INT8_ROWS:
+            if kind in (INT8_ROWS, W8A8_ROWS):  # w8a8: the weight alone (x is quantized too)
                 assert scale is not None
                 parts.append(raw.view(torch.int8).float() * scale[:, None])
             else:
