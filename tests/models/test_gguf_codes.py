@@ -206,17 +206,18 @@ def test_gguf_fused_halves_every_layer(tiny_gguf):
     assert_fused_equal_layers(str(tiny_gguf), "gguf", HIDDEN)
 
 
-def test_int8_weight_only_takes_the_same_gemvs_and_halves(tiny_model_dir):
-    """int8 weight-only rows are a segment type of the same kernels: the fused halves equal its
-    layers bit for bit, and decoding equals the torch path (_weight_int8pack_mm / dequantize +
-    GEMM, no native kernels) in fp32."""
+@pytest.mark.parametrize("method", ["int8", "fp8_e4m3", "fp8_e5m2"])
+def test_weight_only_rows_take_the_same_gemvs_and_halves(tiny_model_dir, method):
+    """int8 and fp8 weight-only rows are segment types of the same kernels: the fused halves
+    equal its layers bit for bit, and decoding equals the torch path (_weight_int8pack_mm /
+    dequantize + GEMM, no native kernels) in fp32."""
     from tokenmill.quant.methods.weight_only import NativeRowsKernel
 
     path = str(tiny_model_dir("llama"))
-    assert_fused_equal_layers(path, "int8", 64)
+    assert_fused_equal_layers(path, method, 64)
     runs = {}
     for kernels in ("auto", "torch"):
-        llm = LLM(path, dtype="float32", quantization="int8", cpu_kernels=kernels,
+        llm = LLM(path, dtype="float32", quantization=method, cpu_kernels=kernels,
                   max_model_len=256, kv_cache_memory=32 << 20)  # fmt: skip
         impl = llm.engine.runner.model.model.layers[0].mlp.down_proj.quant_method.impl
         assert isinstance(impl, NativeRowsKernel) == (kernels == "auto")

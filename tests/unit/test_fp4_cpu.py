@@ -115,7 +115,7 @@ def test_layers_take_the_kernels_only_where_cpu_kernels_allows(choice):
         "auto", "native"
     )
     # nvfp4 rows whose length is a multiple of 32 take csrc/gguf.cpp's kernels (and the fused
-    # halves in a model); this file's kernels serve the rest (and the FP8 formats)
+    # halves in a model), as do fp8 rows; this file's kernels serve the rest
     assert isinstance(layer.quant_method.impl, NativeRowsKernel) == (choice == "auto")
     after = layer(x)
     # the torch path multiplies the weights rounded to bf16; the native GEMV the exact ones:

@@ -11,6 +11,8 @@ from tokenmill.layers import native
 from tokenmill.quant.formats import dequantize_fast, quantize
 from tokenmill.quant.gguf_quants import GGML_TYPES
 from tokenmill.quant.methods.gguf import (
+    E4M3_ROWS,
+    E5M2_ROWS,
     INT8_ROWS,
     KERNEL_TYPES,
     KINDS,
@@ -48,6 +50,12 @@ def make_weight(kind: int, rows: int, cols: int, gen: torch.Generator):
         codes = torch.randint(-127, 128, (rows, cols), generator=gen).to(torch.int8)
         w = GGUFWeight.int8_rows(codes, torch.rand(rows, generator=gen) * 0.01 + 1e-3)
         return w, w.dequantize(torch.float32)
+    if kind in (E4M3_ROWS, E5M2_ROWS):  # values spanning the subnormal codes too
+        values = torch.randn(rows, cols, generator=gen) * torch.logspace(-4, 0, cols)
+        q = quantize(values, "fp8_e4m3" if kind == E4M3_ROWS else "fp8_e5m2")
+        w = GGUFWeight.fp8_rows(q)
+        assert torch.equal(w.dequantize(torch.float32), dequantize_fast(q, torch.float32))
+        return w, dequantize_fast(q, torch.float32)
     if kind in (NVFP4_ROWS, MXFP4_ROWS):
         q = quantize(
             torch.randn(rows, cols, generator=gen), "nvfp4" if kind == NVFP4_ROWS else "mxfp4"
@@ -154,3 +162,32 @@ def test_w8a8_gemv_is_int_mm_bit_for_bit(kernels, dtype, smoothed):
                 x = (torch.randn(m, cols, generator=gen) * 3).to(dtype)
                 want = ref(smooth_input(smooth, x))
                 assert torch.equal(native_kernel.gemv(x), want)
+
+
+@pytest.mark.parametrize("fmt", ["fp8_e4m3", "fp8_e5m2"])
+def test_fp8_rows_decode_every_finite_code(kernels, fmt):
+    """Every finite E4M3 / E5M2 code (both signs, subnormals, zero) decoded by the kernels as
+    formats.py decodes it: the dense matrix bit for bit, the GEMV against float64."""
+    from tokenmill.quant import elements as el
+    from tokenmill.quant.formats import QuantizedTensor
+
+    spec = el.E4M3 if fmt == "fp8_e4m3" else el.E5M2
+    table = el.decode_table(spec)
+    codes = torch.tensor([c for c in range(256) if torch.isfinite(table[c])], dtype=torch.uint8)
+    cols = codes.numel() // 32 * 32
+    rows = torch.stack([codes[:cols].roll(i) for i in range(8)])  # [8, cols]
+    scale = torch.rand(8) + 0.5
+    q = QuantizedTensor(
+        fmt,
+        (8, cols),
+        rows.view(torch.float8_e4m3fn if fmt == "fp8_e4m3" else torch.float8_e5m2),
+        scale,
+        None,
+    )
+    w = GGUFWeight.fp8_rows(q)
+    exact = dequantize_fast(q, torch.float32)
+    assert torch.equal(kernels.dense(w, torch.float32), exact)
+    x = torch.randn(3, cols, generator=torch.Generator().manual_seed(5))
+    reference = x.double() @ exact.double().T
+    scale_of = (x.double().abs() @ exact.double().abs().T).max()
+    assert (kernels.matmul(x, w).double() - reference).abs().max() <= 1e-5 * scale_of

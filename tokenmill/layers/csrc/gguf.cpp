@@ -8,7 +8,8 @@
 // row or 0, and a pointer to block scale codes kept apart from the codes, or 0. Besides the GGML
 // types, tokenmill's own weight-only layouts (quant/formats.py) are types too, so those layers
 // take the same GEMVs and fused halves: 1000 int8 rows (one fp32 scale per row), 1001 nvfp4 and
-// 1002 mxfp4 (E2M1 codes, element 2i in the low nibble, block scale codes beside them), and 1003
+// 1002 mxfp4 (E2M1 codes, element 2i in the low nibble, block scale codes beside them), 1004 and
+// 1005 fp8 rows (E4M3, E5M2 codes, one fp32 scale per row), and 1003
 // w8a8 rows: int8 rows with a fp32 scale per row times x quantized to int8 per row of x, as
 // quant/methods/w8a8.Int8MMKernel does it (x times the smoothing factors in fp32, amax, codes
 // round(x * (127 / amax)), exact int32 dot products, (float(acc) * row scale) * amax / 127).
@@ -52,6 +53,8 @@ enum GGMLType : int64_t {
   kI8 = 1000,  // tokenmill int8 rows (with a row scale)
   kNVFP4 = 1001,  // tokenmill nvfp4: E2M1 codes, an E4M3 scale per 16 (aux), a fp32 scale per row
   kMXFP4 = 1002,  // tokenmill mxfp4: E2M1 codes, an E8M0 scale per 32 (aux)
+  kE4M3 = 1004,  // tokenmill fp8_e4m3 weight-only: OCP E4M3 codes (with a row scale)
+  kE5M2 = 1005,  // tokenmill fp8_e5m2 weight-only: OCP E5M2 codes (with a row scale)
   kI8A8 = 1003,  // tokenmill w8a8: int8 rows (a row scale) x int8 activations per row (aux: the
                  // fp32 smoothing factors per column, or 0)
 };
@@ -135,6 +138,27 @@ struct I8 {  // 32 x int8, the scale applied per row after the sums
   }
 };
 
+// fp8 codes (OCP E4M3 "fn", E5M2), the scale per row after the sums, as int8 rows. An E5M2 byte
+// is the high byte of the fp16 number of the same value; an E4M3 byte's exponent and mantissa
+// bits placed in an fp16's (sign moved to bit 15) are its value times 2^-8, subnormals included,
+// so the hardware conversion decodes both exactly and E4M3's 2^8 is folded into the row scale
+// (kPost: exact, a power of two). NaN codes (and E5M2's inf) are not weights (quantize clamps).
+template <bool kE4M3>
+struct FP8 {
+  static constexpr int kBlock = 32, kBytes = 32;
+  static constexpr float kPost = kE4M3 ? 256.f : 1.f;
+  template <class F> __attribute__((always_inline)) static void block(const uint8_t* p, F&& f) {
+    const __m512i b = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+    __m512i h;
+    if constexpr (kE4M3)
+      h = _mm512_or_si512(_mm512_and_si512(_mm512_slli_epi16(b, 7), _mm512_set1_epi16(0x3f80)),
+                          _mm512_and_si512(_mm512_slli_epi16(b, 8), _mm512_set1_epi16(-32768)));
+    else
+      h = _mm512_slli_epi16(b, 8);
+    f(0, _mm512_cvtph_ps(_mm512_castsi512_si256(h)), _mm512_cvtph_ps(_mm512_extracti64x4_epi64(h, 1)));
+  }
+};
+
 // E2M1 (FP4) codes of tokenmill's nvfp4 / mxfp4: 16 bytes per 32 elements, element 2i in the low
 // nibble; the block scales come from `aux` (kAux bytes per 32 elements) and, for nvfp4, the row's
 // fp32 scale: w = value * fp32(block scale * row scale), the rounding of formats.dequantize_fast.
@@ -188,6 +212,10 @@ struct MXFP4 {
     f(0, mul(v0, sc), mul(v1, sc));
   }
 };
+
+// kPost of a format: what its sums are multiplied by before the row scale (1 but for E4M3)
+template <class T, class = void> struct PostOf { static constexpr float value = 1.f; };
+template <class T> struct PostOf<T, std::void_t<decltype(T::kPost)>> { static constexpr float value = T::kPost; };
 
 // kAux of a format (0: its scales are inside its blocks)
 template <class T, class = void> struct AuxOf { static constexpr int value = 0; };
@@ -807,9 +835,10 @@ void segment(const void* x, const XPrep& xp, bool bf16, int64_t cols, const uint
       else
         rows_fp32<Fmt, M, 1>(xf, cols, wr, row_bytes, y + r, ldy, aux, rrs, ex.rs_stride);
     }
-    if (rs && !kAux)  // a scale per row (int8 rows): applied to the finished sums
+    if (rs && !kAux)  // a scale per row (int8, fp8 rows): applied to the finished sums
       for (int64_t m = 0; m < M; ++m)
-        for (int64_t r = r0; r < r0 + n; ++r) y[m * ldy + r] *= rs[r * ex.rs_stride];
+        for (int64_t r = r0; r < r0 + n; ++r)
+          y[m * ldy + r] = (y[m * ldy + r] * PostOf<Fmt>::value) * rs[r * ex.rs_stride];
   }
 }
 
@@ -829,6 +858,8 @@ bool segment_m(int64_t type, const void* x, const XPrep& sums, bool bf16, int64_
     case kQ5_K: segment<Q5_K, M>(x, sums, bf16, cols, w, rows, row_bytes, rs, y, ldy); return true;
     case kQ6_K: segment<Q6_K, M>(x, sums, bf16, cols, w, rows, row_bytes, rs, y, ldy); return true;
     case kI8: segment<I8, M>(x, sums, bf16, cols, w, rows, row_bytes, rs, y, ldy); return true;
+    case kE4M3: segment<FP8<true>, M>(x, sums, bf16, cols, w, rows, row_bytes, rs, y, ldy); return true;
+    case kE5M2: segment<FP8<false>, M>(x, sums, bf16, cols, w, rows, row_bytes, rs, y, ldy); return true;
     case kNVFP4: segment<NVFP4, M>(x, sums, bf16, cols, w, rows, row_bytes, rs, y, ldy); return true;
     case kMXFP4: segment<MXFP4, M>(x, sums, bf16, cols, w, rows, row_bytes, rs, y, ldy); return true;
     case kI8A8: segment_i8a8<M>(sums.xq, sums.sx, cols, w, rows, row_bytes, rs, y, ldy); return true;
@@ -874,6 +905,10 @@ void dequant_segment(const uint8_t* w, int64_t rows, int64_t row_bytes, const Ex
       const uint8_t* sa = kAux ? ex.aux + r * aux_row + b * kAux : nullptr;
       decode_block<Fmt>(w + r * row_bytes + b * Fmt::kBytes, sa, block_rs,
                         [&](int g, __m512 w0, __m512 w1) {
+                          if constexpr (PostOf<Fmt>::value != 1.f) {  // exact: a power of 2
+                            w0 = mul(w0, _mm512_set1_ps(PostOf<Fmt>::value));
+                            w1 = mul(w1, _mm512_set1_ps(PostOf<Fmt>::value));
+                          }
                           store16(o + 32 * g, rs ? mul(w0, scale) : w0);
                           store16(o + 32 * g + 16, rs ? mul(w1, scale) : w1);
                         });
@@ -897,6 +932,8 @@ bool dequant_any(int64_t type, const uint8_t* w, int64_t rows, int64_t row_bytes
     case kQ5_K: dequant_segment<Q5_K>(w, rows, row_bytes, rs, cols, out); return true;
     case kQ6_K: dequant_segment<Q6_K>(w, rows, row_bytes, rs, cols, out); return true;
     case kI8: dequant_segment<I8>(w, rows, row_bytes, rs, cols, out); return true;
+    case kE4M3: dequant_segment<FP8<true>>(w, rows, row_bytes, rs, cols, out); return true;
+    case kE5M2: dequant_segment<FP8<false>>(w, rows, row_bytes, rs, cols, out); return true;
     case kNVFP4: dequant_segment<NVFP4>(w, rows, row_bytes, rs, cols, out); return true;
     case kMXFP4: dequant_segment<MXFP4>(w, rows, row_bytes, rs, cols, out); return true;
     default: return false;
@@ -907,7 +944,7 @@ bool known(int64_t type) {
   switch (type) {
     case kF32: case kF16: case kBF16: case kQ8_0: case kQ4_0: case kQ4_1: case kQ5_0:
     case kQ5_1: case kQ4_K: case kQ5_K: case kQ6_K: case kI8: case kNVFP4: case kMXFP4:
-    case kI8A8:
+    case kI8A8: case kE4M3: case kE5M2:
       return true;
     default: return false;
   }

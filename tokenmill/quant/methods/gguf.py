@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tokenmill.quant import elements as el
 from tokenmill.quant.formats import QuantizedTensor, dequantize_fast
 from tokenmill.quant.gguf_quants import GGML_TYPES, dequantize
 from tokenmill.quant.methods.base import LinearKernel, QuantMethod, finish, rows
@@ -33,6 +34,7 @@ GEMV_ROWS = 8  # csrc/gguf.cpp kMaxRows
 INT8_ROWS = 1000  # int8 rows, a fp32 scale per row
 NVFP4_ROWS = 1001  # E2M1 codes [rows, cols / 2]; aux: E4M3 scale codes [rows, cols / 16]; row scale
 MXFP4_ROWS = 1002  # E2M1 codes; aux: E8M0 scale codes [rows, cols / 32]
+E4M3_ROWS, E5M2_ROWS = 1004, 1005  # fp8 codes (OCP E4M3 / E5M2), a fp32 scale per row
 W8A8_ROWS = 1003  # int8 rows, a fp32 scale per row, x quantized per row (quant/methods/w8a8.py)
 KINDS = {  # id -> (name, elements, bytes) per block (of the codes alone where scales are apart)
     **GGML_TYPES,
@@ -40,9 +42,18 @@ KINDS = {  # id -> (name, elements, bytes) per block (of the codes alone where s
     NVFP4_ROWS: ("NVFP4", 32, 16),
     MXFP4_ROWS: ("MXFP4", 32, 16),
     W8A8_ROWS: ("I8A8", 32, 32),
+    E4M3_ROWS: ("E4M3", 32, 32),
+    E5M2_ROWS: ("E5M2", 32, 32),
 }
+FP8_ROWS = {"fp8_e4m3": E4M3_ROWS, "fp8_e5m2": E5M2_ROWS}
 AUX_BYTES = {NVFP4_ROWS: 2, MXFP4_ROWS: 1}  # block scale bytes per 32 elements, kept apart
-ROW_SCALED = {INT8_ROWS, NVFP4_ROWS, W8A8_ROWS}  # the kinds that need a fp32 scale per row
+ROW_SCALED = {
+    INT8_ROWS,
+    NVFP4_ROWS,
+    W8A8_ROWS,
+    E4M3_ROWS,
+    E5M2_ROWS,
+}  # the kinds that need a fp32 scale per row
 KERNEL_TYPES = frozenset({0, 1, 2, 3, 6, 7, 8, 12, 13, 14, 30, *KINDS.keys() - GGML_TYPES.keys()})
 _I64, _PTR, _INT = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
 
@@ -141,6 +152,19 @@ class GGUFWeight:
         )
 
     @classmethod
+    def fp8_rows(cls, q) -> GGUFWeight | None:
+        """tokenmill's fp8 weight-only weight (E4M3 / E5M2 codes, a fp32 scale per row) as one
+        segment over the same codes; None for other scalings."""
+        kind = FP8_ROWS.get(q.format)
+        if kind is None or len(q.shape) != 2 or q.group_size is not None:
+            return None
+        scale = q.scale.float()
+        if scale.numel() not in (1, q.shape[0]):
+            return None
+        codes = q.data.contiguous().view(torch.uint8)
+        return cls([(kind, codes)], q.shape[1], [scale.reshape(-1).expand(q.shape[0]).contiguous()])
+
+    @classmethod
     def w8a8_rows(
         cls, codes: torch.Tensor, scale: torch.Tensor, smooth: torch.Tensor | None
     ) -> GGUFWeight:
@@ -210,6 +234,10 @@ class GGUFWeight:
             if kind in (INT8_ROWS, W8A8_ROWS):  # w8a8: the weight alone (x is quantized too)
                 assert scale is not None
                 parts.append(raw.view(torch.int8).float() * scale[:, None])
+            elif kind in (E4M3_ROWS, E5M2_ROWS):  # as formats.dequantize_fast: values x scale
+                assert scale is not None
+                fmt = el.E4M3 if kind == E4M3_ROWS else el.E5M2
+                parts.append(el.decode(raw, fmt, torch.float32) * scale[:, None])
             else:
                 parts.append(dequantize(raw, kind, (raw.shape[0], self.cols)))
         return (parts[0] if len(parts) == 1 else torch.cat(parts)).to(dtype)

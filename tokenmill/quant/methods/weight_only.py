@@ -112,7 +112,7 @@ class WeightOnlyMethod(QuantMethod):
         called by layers/native_ops.select_kernels when the runner's cpu_kernels allows."""
         from tokenmill.quant import fp4_cpu
 
-        if self.qweight is not None and self.qweight.format in ("int8", "nvfp4", "mxfp4"):
+        if self.qweight is not None and self.qweight.format in ROWS_FORMATS:
             if self._attach_rows(layer):
                 return True
         if not isinstance(self.impl, DequantizeKernel) or self.impl.q.format not in fp4_cpu.FORMATS:
@@ -127,8 +127,8 @@ class WeightOnlyMethod(QuantMethod):
         return True
 
     def _attach_rows(self, layer) -> bool:
-        """int8, nvfp4 and mxfp4 through csrc/gguf.cpp's GEMVs and fused halves, over the same
-        codes (NativeRowsKernel)."""
+        """int8, nvfp4, mxfp4 and fp8 through csrc/gguf.cpp's GEMVs and fused halves, over the
+        same codes (NativeRowsKernel)."""
         from tokenmill.layers.native import NativeUnavailable
         from tokenmill.quant.methods.gguf import GGUFKernels, GGUFWeight, shared_kernels
 
@@ -140,6 +140,8 @@ class WeightOnlyMethod(QuantMethod):
             if q.scale.dim() > 1:
                 return False
             weight = GGUFWeight.int8_rows(q.data, q.scale.float().expand(q.shape[0]))
+        elif q.format in ("fp8_e4m3", "fp8_e5m2"):
+            weight = GGUFWeight.fp8_rows(q)
         else:
             weight = GGUFWeight.fp4_rows(q)
         if weight is None or not GGUFKernels.supports(weight, layer.params_dtype):
@@ -228,8 +230,11 @@ class NativeFp4Kernel(LinearKernel):
         return self.kernels.matmul(x2, self.weight)
 
 
+ROWS_FORMATS = ("int8", "nvfp4", "mxfp4", "fp8_e4m3", "fp8_e5m2")  # NativeRowsKernel's
+
+
 class NativeRowsKernel(LinearKernel):
-    """int8, nvfp4, mxfp4 weight-only through csrc/gguf.cpp over the same codes: 1-8 rows its
+    """int8, nvfp4, mxfp4, fp8 weight-only through csrc/gguf.cpp over the same codes: 1-8 rows its
     GEMV (one native call per decoder-layer half where the layers fuse), more rows the weight
     expanded to the model dtype (exactly dequantize_fast's values) and oneDNN's GEMM (int8: 3.5-7x
     _weight_int8pack_mm at 128-512 rows here, BENCHMARKS.md). A compiled graph takes the previous
