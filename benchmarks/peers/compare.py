@@ -40,6 +40,7 @@ def engines(
         ("tokenmill int8 (weight-only)", None, "tokenmill_driver.py", hf, "int8/bfloat16"),
         ("tokenmill w8a8", None, "tokenmill_driver.py", hf, "w8a8/bfloat16"),
         ("tokenmill nvfp4", None, "tokenmill_driver.py", hf, "nvfp4/bfloat16"),
+        ("tokenmill fp8_e4m3 (weight-only)", None, "tokenmill_driver.py", hf, "fp8_e4m3/bfloat16"),
         ("tokenmill gguf Q4_1 (as shipped)", None, "tokenmill_driver.py", gguf, "gguf/bfloat16"),
         ("transformers fp32", None, "transformers_driver.py", hf, "float32"),
         ("vLLM fp32", "vllm", "vllm_driver.py", hf, "float32"),
@@ -173,6 +174,7 @@ def weight_bytes(model: str, variant: str) -> int:
     method, _, dtype = variant.rpartition("/")
     plain = {"float32": 4, "bfloat16": 2, "float16": 2}[dtype]
     bits = {"int8": 8, "w8a8": 8, "nvfp4": 4.5, "mxfp4": 4.25, "int4": 4.5}.get(method)
+    bits = bits or {"fp8_e4m3": 8, "fp8_e5m2": 8}.get(method)
     total = 0.0
     for f in path.glob("*.safetensors"):
         with safe_open(str(f), "pt") as st:
