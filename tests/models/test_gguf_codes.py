@@ -206,21 +206,16 @@ def test_gguf_fused_halves_every_layer(tiny_gguf):
     assert_fused_equal_layers(str(tiny_gguf), "gguf", HIDDEN)
 
 
-@pytest.mark.parametrize("method", ["int8", "fp8_e4m3", "fp8_e5m2"])
-def test_weight_only_rows_take_the_same_gemvs_and_halves(tiny_model_dir, method):
-    """int8 and fp8 weight-only rows are segment types of the same kernels: the fused halves
-    equal its layers bit for bit, and decoding equals the torch path (_weight_int8pack_mm /
-    dequantize + GEMM, no native kernels) in fp32."""
-    from tokenmill.quant.methods.weight_only import NativeRowsKernel
-
-    path = str(tiny_model_dir("llama"))
-    assert_fused_equal_layers(path, method, 64)
+def assert_decodes_as_the_torch_path(path: str, method: str, native_kernel: type) -> None:
+    """Greedy decoding with the native kernels (the layer's kernel `native_kernel`) equals the
+    torch path (cpu_kernels='torch': no native kernels) in fp32: the same tokens, logprobs
+    within fp32 summation order."""
     runs = {}
     for kernels in ("auto", "torch"):
         llm = LLM(path, dtype="float32", quantization=method, cpu_kernels=kernels,
                   max_model_len=256, kv_cache_memory=32 << 20)  # fmt: skip
         impl = llm.engine.runner.model.model.layers[0].mlp.down_proj.quant_method.impl
-        assert isinstance(impl, NativeRowsKernel) == (kernels == "auto")
+        assert isinstance(impl, native_kernel) == (kernels == "auto")
         params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True, logprobs=0)
         prompts = [[t % 384 for t in p] for p in PROMPTS]  # the tiny model's vocabulary
         outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
@@ -228,25 +223,25 @@ def test_weight_only_rows_take_the_same_gemvs_and_halves(tiny_model_dir, method)
     for (tokens, lps), (ref_tokens, ref_lps) in zip(runs["auto"], runs["torch"]):
         assert tokens == ref_tokens
         np.testing.assert_allclose(lps, ref_lps, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("method", ["int8", "fp8_e4m3", "fp8_e5m2"])
+def test_weight_only_rows_take_the_same_gemvs_and_halves(tiny_model_dir, method):
+    """int8 and fp8 weight-only rows are segment types of the same kernels: the fused halves
+    equal its layers bit for bit, and decoding equals the torch path (_weight_int8pack_mm /
+    dequantize + GEMM)."""
+    from tokenmill.quant.methods.weight_only import NativeRowsKernel
+
+    path = str(tiny_model_dir("llama"))
+    assert_fused_equal_layers(path, method, 64)
+    assert_decodes_as_the_torch_path(path, method, NativeRowsKernel)
 
 
 def test_w8a8_takes_the_same_halves_and_equals_int_mm(tiny_model_dir):
     """w8a8 rows (csrc/gguf.cpp type 1003): the fused halves equal its layers bit for bit, and
-    decoding equals the _int_mm path (no native kernels) in fp32."""
-    from tokenmill.quant.methods.w8a8 import Int8MMKernel, NativeW8A8Kernel
+    decoding equals the _int_mm path."""
+    from tokenmill.quant.methods.w8a8 import NativeW8A8Kernel
 
     path = str(tiny_model_dir("llama"))
     assert_fused_equal_layers(path, "w8a8", 64)
-    runs = {}
-    for kernels in ("auto", "torch"):
-        llm = LLM(path, dtype="float32", quantization="w8a8", cpu_kernels=kernels,
-                  max_model_len=256, kv_cache_memory=32 << 20)  # fmt: skip
-        impl = llm.engine.runner.model.model.layers[0].mlp.down_proj.quant_method.impl
-        assert type(impl) is (NativeW8A8Kernel if kernels == "auto" else Int8MMKernel)
-        params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True, logprobs=0)
-        prompts = [[t % 384 for t in p] for p in PROMPTS]  # the tiny model's vocabulary
-        outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
-        runs[kernels] = [(o.outputs[0].token_ids, [e[t] for t, e in zip(o.outputs[0].token_ids, o.outputs[0].logprobs)]) for o in outs]  # fmt: skip
-    for (tokens, lps), (ref_tokens, ref_lps) in zip(runs["auto"], runs["torch"]):
-        assert tokens == ref_tokens
-        np.testing.assert_allclose(lps, ref_lps, rtol=1e-5, atol=1e-4)
+    assert_decodes_as_the_torch_path(path, "w8a8", NativeW8A8Kernel)
