@@ -136,7 +136,7 @@ def test_stack_joins_runs_of_one_type():
 def test_rows_that_do_not_match_their_bytes_are_refused():
     with pytest.raises(ValueError, match="do not match their bytes"):
         GGUFWeight([(3, torch.zeros(4, 21, dtype=torch.uint8))], 32)
-    with pytest.raises(ValueError, match="scale per row goes with int8 and nvfp4 rows"):
+    with pytest.raises(ValueError, match="scale per row goes with int8, nvfp4, fp8 and w8a8 rows"):
         GGUFWeight([(INT8_ROWS, torch.zeros(4, 32, dtype=torch.uint8))], 32)
 
 

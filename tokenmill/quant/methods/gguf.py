@@ -34,8 +34,8 @@ GEMV_ROWS = 8  # csrc/gguf.cpp kMaxRows
 INT8_ROWS = 1000  # int8 rows, a fp32 scale per row
 NVFP4_ROWS = 1001  # E2M1 codes [rows, cols / 2]; aux: E4M3 scale codes [rows, cols / 16]; row scale
 MXFP4_ROWS = 1002  # E2M1 codes; aux: E8M0 scale codes [rows, cols / 32]
-E4M3_ROWS, E5M2_ROWS = 1004, 1005  # fp8 codes (OCP E4M3 / E5M2), a fp32 scale per row
 W8A8_ROWS = 1003  # int8 rows, a fp32 scale per row, x quantized per row (quant/methods/w8a8.py)
+E4M3_ROWS, E5M2_ROWS = 1004, 1005  # fp8 codes (OCP E4M3 / E5M2), a fp32 scale per row
 KINDS = {  # id -> (name, elements, bytes) per block (of the codes alone where scales are apart)
     **GGML_TYPES,
     INT8_ROWS: ("I8", 32, 32),
@@ -47,13 +47,8 @@ KINDS = {  # id -> (name, elements, bytes) per block (of the codes alone where s
 }
 FP8_ROWS = {"fp8_e4m3": E4M3_ROWS, "fp8_e5m2": E5M2_ROWS}
 AUX_BYTES = {NVFP4_ROWS: 2, MXFP4_ROWS: 1}  # block scale bytes per 32 elements, kept apart
-ROW_SCALED = {
-    INT8_ROWS,
-    NVFP4_ROWS,
-    W8A8_ROWS,
-    E4M3_ROWS,
-    E5M2_ROWS,
-}  # the kinds that need a fp32 scale per row
+# the kinds that need a fp32 scale per row
+ROW_SCALED = {INT8_ROWS, NVFP4_ROWS, W8A8_ROWS, E4M3_ROWS, E5M2_ROWS}
 KERNEL_TYPES = frozenset({0, 1, 2, 3, 6, 7, 8, 12, 13, 14, 30, *KINDS.keys() - GGML_TYPES.keys()})
 _I64, _PTR, _INT = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
 
@@ -91,13 +86,13 @@ class GGUFWeight:
                 raise ValueError(f"{name} rows of {self.cols} elements do not match their bytes")
             if (scale is not None) != (kind in ROW_SCALED):
                 raise ValueError(
-                    "a scale per row goes with int8 and nvfp4 rows, and only with them"
+                    "a scale per row goes with int8, nvfp4, fp8 and w8a8 rows, and only with them"
                 )
             one = scale is not None and scale.dim() == 0  # one scale for every row (nvfp4)
             if scale is not None and (
                 scale.dtype != torch.float32 or not (one or scale.shape == raw.shape[:1])
             ):
-                raise ValueError("int8 and nvfp4 rows need a fp32 scale per row (nvfp4: or one)")
+                raise ValueError("row-scaled rows need a fp32 scale per row (nvfp4: or one)")
         if self.smooth is not None and (
             self.smooth.dtype != torch.float32
             or self.smooth.shape != (self.cols,)
@@ -116,7 +111,7 @@ class GGUFWeight:
                     ptr(sc),
                     ptr(self.smooth if k == W8A8_ROWS else a),
                     _stride(sc),
-                ]  # fmt: skip
+                ]
                 for (k, r), sc, a in zip(self.segments, self.scales, self.aux)
             ],
             dtype=torch.int64,
