@@ -225,11 +225,11 @@ def assert_decodes_as_the_torch_path(path: str, method: str, native_kernel: type
         np.testing.assert_allclose(lps, ref_lps, rtol=1e-5, atol=1e-4)
 
 
-@pytest.mark.parametrize("method", ["int8", "fp8_e4m3", "fp8_e5m2"])
+@pytest.mark.parametrize("method", ["int8", "int4", "fp8_e4m3", "fp8_e5m2"])
 def test_weight_only_rows_take_the_same_gemvs_and_halves(tiny_model_dir, method):
-    """int8 and fp8 weight-only rows are segment types of the same kernels: the fused halves
-    equal its layers bit for bit, and decoding equals the torch path (_weight_int8pack_mm /
-    dequantize + GEMM)."""
+    """int8, int4 and fp8 weight-only rows are segment types of the same kernels: the fused
+    halves equal its layers bit for bit, and decoding equals the torch path (dequantize +
+    GEMM in fp32)."""
     from tokenmill.quant.methods.weight_only import NativeRowsKernel
 
     path = str(tiny_model_dir("llama"))
@@ -245,3 +245,43 @@ def test_w8a8_takes_the_same_halves_and_equals_int_mm(tiny_model_dir):
     path = str(tiny_model_dir("llama"))
     assert_fused_equal_layers(path, "w8a8", 64)
     assert_decodes_as_the_torch_path(path, "w8a8", NativeW8A8Kernel)
+
+
+def test_int4_keeps_one_copy_of_its_weights(tiny_model_dir):
+    """bf16 int4 on CPU: with the native kernels the layers read the codes (torch's packed copy
+    dropped, a compiled graph traces the dequantization instead); with cpu_kernels=torch the
+    packed copy (_weight_int4pack_mm_for_cpu) and no codes. Either way the model holds one copy,
+    and both decode the same greedy tokens."""
+    from tokenmill.quant.methods.weight_only import (
+        DequantizeKernel,
+        Int4CpuKernel,
+        NativeRowsKernel,
+    )
+
+    path = str(tiny_model_dir("llama"))
+    held, tokens = {}, {}
+    for kernels in ("auto", "torch"):
+        llm = LLM(path, dtype="bfloat16", quantization="int4", cpu_kernels=kernels,
+                  max_model_len=256, kv_cache_memory=32 << 20)  # fmt: skip
+        model = llm.engine.runner.model
+        for m in model.modules():
+            if not isinstance(m, Linear) or getattr(m.quant_method, "qweight", None) is None:
+                continue
+            method = m.quant_method
+            if kernels == "auto":
+                assert isinstance(method.impl, NativeRowsKernel), method.kernel
+                assert isinstance(method.impl.fallback, DequantizeKernel)
+                assert (
+                    method.qweight.data.numel() == method.qweight.data.shape[0] * m.in_features // 2
+                )
+            else:
+                assert isinstance(method.impl, Int4CpuKernel)
+                assert method.qweight.data.numel() == 0
+        held[kernels] = model_bytes(model)
+        params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+        prompts = [[t % 384 for t in p] for p in PROMPTS]
+        outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+        tokens[kernels] = [o.outputs[0].token_ids for o in outs]
+    assert abs(held["auto"] - held["torch"]) < 0.05 * held["torch"], held
+    agree = sum(a == b for a, b in zip(tokens["auto"], tokens["torch"]))
+    assert agree >= len(PROMPTS) - 1, tokens  # bf16 sums in another order may flip a near tie

@@ -13,6 +13,7 @@ from tokenmill.quant.gguf_quants import GGML_TYPES
 from tokenmill.quant.methods.gguf import (
     E4M3_ROWS,
     E5M2_ROWS,
+    INT4_ROWS,
     INT8_ROWS,
     KERNEL_TYPES,
     KINDS,
@@ -44,8 +45,8 @@ def random_codes(kind: int, rows: int, cols: int, gen: torch.Generator) -> torch
 
 def make_weight(kind: int, rows: int, cols: int, gen: torch.Generator):
     """A valid random weight of type `kind` and its exact fp32 values: GGML types from random
-    blocks (their values from quant/gguf_quants.py), tokenmill's int8 / nvfp4 / mxfp4 from
-    quant/formats.py (their values from dequantize_fast)."""
+    blocks (their values from quant/gguf_quants.py), tokenmill's int8 / int4 / nvfp4 / mxfp4 /
+    fp8 from quant/formats.py (their values from dequantize_fast)."""
     if kind == INT8_ROWS:
         codes = torch.randint(-127, 128, (rows, cols), generator=gen).to(torch.int8)
         w = GGUFWeight.int8_rows(codes, torch.rand(rows, generator=gen) * 0.01 + 1e-3)
@@ -54,6 +55,11 @@ def make_weight(kind: int, rows: int, cols: int, gen: torch.Generator):
         values = torch.randn(rows, cols, generator=gen) * torch.logspace(-4, 0, cols)
         q = quantize(values, "fp8_e4m3" if kind == E4M3_ROWS else "fp8_e5m2")
         w = GGUFWeight.fp8_rows(q)
+        assert torch.equal(w.dequantize(torch.float32), dequantize_fast(q, torch.float32))
+        return w, dequantize_fast(q, torch.float32)
+    if kind == INT4_ROWS:  # asymmetric, groups of 32 (the sizes below: 96, 160, 512 columns)
+        q = quantize(torch.randn(rows, cols, generator=gen), "int4", group_size=32)
+        w = GGUFWeight.int4_rows(q)
         assert torch.equal(w.dequantize(torch.float32), dequantize_fast(q, torch.float32))
         return w, dequantize_fast(q, torch.float32)
     if kind in (NVFP4_ROWS, MXFP4_ROWS):
@@ -136,7 +142,9 @@ def test_stack_joins_runs_of_one_type():
 def test_rows_that_do_not_match_their_bytes_are_refused():
     with pytest.raises(ValueError, match="do not match their bytes"):
         GGUFWeight([(3, torch.zeros(4, 21, dtype=torch.uint8))], 32)
-    with pytest.raises(ValueError, match="scale per row goes with int8, nvfp4, fp8 and w8a8 rows"):
+    with pytest.raises(
+        ValueError, match="scale per row goes with int8, nvfp4, fp8, w8a8 and int4 rows"
+    ):
         GGUFWeight([(INT8_ROWS, torch.zeros(4, 32, dtype=torch.uint8))], 32)
 
 
@@ -191,3 +199,39 @@ def test_fp8_rows_decode_every_finite_code(kernels, fmt):
     reference = x.double() @ exact.double().T
     scale_of = (x.double().abs() @ exact.double().abs().T).max()
     assert (kernels.matmul(x, w).double() - reference).abs().max() <= 1e-5 * scale_of
+
+
+@pytest.mark.parametrize("group", [32, 64, 128])
+@pytest.mark.parametrize("symmetric", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_int4_groups(kernels, group, symmetric, dtype):
+    """int4 at every group size, with zero points or symmetric: the dense matrix is
+    dequantize_fast's bit for bit, the GEMV at 1-8 rows multiplies those fp32 weights (within
+    fp32 summation order), rows not a multiple of any tile."""
+    gen = torch.Generator().manual_seed(group + symmetric)
+    rows, cols = 45, 384
+    values = torch.randn(rows, cols, generator=gen) * torch.logspace(-2, 0, cols)
+    q = quantize(values, "int4", group_size=group, symmetric=symmetric)
+    assert (q.zero_point is None) == symmetric
+    w = GGUFWeight.int4_rows(q)
+    assert w is not None and w.table[0, 6] == cols // group
+    assert w.table[0, 5] == (0 if symmetric else q.zero_point.data_ptr())  # the codes, not copies
+    assert w.segments[0][1].data_ptr() == q.data.data_ptr()
+    assert torch.equal(kernels.dense(w, dtype), dequantize_fast(q, dtype))
+    exact = dequantize_fast(q, torch.float64)
+    for m in range(1, 9):
+        x = torch.randn(m, cols, generator=gen).to(dtype)
+        reference = x.double() @ exact.T
+        scale = (x.double().abs() @ exact.abs().T).max()
+        assert (kernels.matmul(x, w).double() - reference).abs().max() <= 1e-5 * scale
+
+
+def test_int4_rows_refuse_what_they_cannot_read():
+    q = quantize(torch.randn(8, 64), "int4", group_size=32)
+    assert GGUFWeight.int4_rows(quantize(torch.randn(8, 64), "int8")) is None
+    with pytest.raises(ValueError, match="fp32 scale per group"):
+        GGUFWeight([(INT4_ROWS, q.data)], 64, [q.scale[:, 0].contiguous()], [q.zero_point])
+    with pytest.raises(ValueError, match="uint8"):
+        GGUFWeight([(INT4_ROWS, q.data)], 64, [q.scale], [q.zero_point.float()])
+    with pytest.raises(ValueError, match="whole blocks of 32"):
+        GGUFWeight([(INT4_ROWS, q.data)], 64, [torch.ones(8, 4)], [None])

@@ -189,7 +189,21 @@ def select_kernels(
 ) -> str:
     """Give the model's norms and activations the native row kernels, and (with `attention`:
     a KV cache in the model dtype) swap its torch attention backends for native ones, where
-    `choice` allows and the kernels build; returns 'native' or 'torch'."""
+    `choice` allows and the kernels build; returns 'native' or 'torch'. Then each layer's quant
+    method drops the layouts its chosen kernel does not read (QuantMethod.settle)."""
+    chosen = _select_kernels(model, choice, device, dtype, attention)
+    from tokenmill.layers.linear import Linear
+
+    for module in model.modules():
+        settle = (
+            getattr(module.quant_method, "settle", None) if isinstance(module, Linear) else None
+        )
+        if settle is not None:  # quant methods (plain layers hold one layout)
+            settle()
+    return chosen
+
+
+def _select_kernels(model, choice, device, dtype, attention) -> str:
     from tokenmill.layers.activation import SiluAndMul
     from tokenmill.layers.attention import TorchAttention
     from tokenmill.layers.cpu_attention import NativeCpuAttention

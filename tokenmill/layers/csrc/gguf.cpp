@@ -12,7 +12,8 @@
 // 1005 fp8 rows (E4M3, E5M2 codes, one fp32 scale per row), and 1003
 // w8a8 rows: int8 rows with a fp32 scale per row times x quantized to int8 per row of x, as
 // quant/methods/w8a8.Int8MMKernel does it (x times the smoothing factors in fp32, amax, codes
-// round(x * (127 / amax)), exact int32 dot products, (float(acc) * row scale) * amax / 127).
+// round(x * (127 / amax)), exact int32 dot products, (float(acc) * row scale) * amax / 127), and
+// 1006 int4 (GPTQ/AWQ): nibbles with a fp32 scale and a uint8 zero point per group of 32-128.
 //
 // A weight is computed as quant/gguf_quants.dequantize computes it in fp32, in the same order
 // of operations with one rounding each (mul, add: never fused), so the dense matrix that
@@ -57,6 +58,7 @@ enum GGMLType : int64_t {
   kE5M2 = 1005,  // tokenmill fp8_e5m2 weight-only: OCP E5M2 codes (with a row scale)
   kI8A8 = 1003,  // tokenmill w8a8: int8 rows (a row scale) x int8 activations per row (aux: the
                  // fp32 smoothing factors per column, or 0)
+  kI4 = 1006,  // tokenmill int4 (GPTQ/AWQ): nibbles, a fp32 scale and a uint8 zero per group
 };
 constexpr int64_t kSegFields = 7;
 
@@ -601,6 +603,7 @@ struct XPrep {
   const float* xf = nullptr;  // [m, cols] x in fp32 (the fp32 paths)
   const int16_t* xq = nullptr;  // [m, cols] w8a8: x's int8 codes (as int16)
   const float* sx = nullptr;  // [m] w8a8: x's scales, amax / 127
+  const float* xi4 = nullptr;  // [m, cols] int4: x in fp32, each 32 as its even then odd elements
 };
 
 inline float bf16_value(uint16_t h) {
@@ -799,6 +802,104 @@ void rows_bf16(const XPrep& xp, int64_t cols, const uint8_t* w, int64_t row_byte
 template <class Fmt>
 constexpr bool kBf16Dots = FastOf<Fmt>::kind != 0 || std::is_same_v<Fmt, Q6_K>;  // see segment
 
+// ---- tokenmill int4 (quant/formats._int4: round-to-nearest, GPTQ, AWQ) ----
+// 16 bytes of codes per 32 elements (element 2j the low nibble of byte j) and, per group of
+// G = cols / groups elements (32, 64 or 128), a fp32 scale s and a uint8 zero point z (8 where
+// symmetric), both kept apart: the segment's row scale column points at the scales [rows,
+// groups], its aux column at the zero points [rows, groups] (or 0), its stride is `groups`.
+// A weight is w = fp32((c - z) * s), the one rounding of formats.dequantize_fast (the dense
+// matrix of a bf16 model: then rounded to bf16). With 16 codes per group, a row's group is a
+// table of its 16 weights in one register: the codes, one byte per int32 lane, index it directly
+// (vpermps reads bits 0-3: the low nibble; shifted by 4, the high one), so decoding 32 weights is
+// four instructions and the GEMV multiplies the file's weights exactly, as the GGML paths do
+// (rounding the tables to bf16 as well cost a quarter of the speed, measured). The lanes hold the
+// even elements, then the odd: x is permuted to that order once per call (`xi4`).
+struct I4Row {
+  const float* s;  // the row's scales [groups]
+  const uint8_t* z;  // its zero points, or null (8)
+  int64_t groups, per;  // groups, and blocks of 32 per group
+};
+inline I4Row i4_row(const Extra& ex, int64_t r, int64_t cols) {
+  const int64_t groups = ex.rs_stride;
+  return {ex.rs + r * groups, ex.aux ? ex.aux + r * groups : nullptr, groups, cols / 32 / groups};
+}
+// a row's zero points as fp32 (16 groups per conversion)
+inline void i4_zeros(const I4Row& rr, float* out) {
+  for (int64_t g = 0; g < rr.groups; g += 16) {
+    const int64_t n = rr.groups - g < 16 ? rr.groups - g : 16;
+    const __mmask16 k = static_cast<__mmask16>((1u << n) - 1);
+    const __m512 z = rr.z ? u8_ps(_mm_maskz_loadu_epi8(k, rr.z + g)) : _mm512_set1_ps(8.f);
+    _mm512_mask_storeu_ps(out + g, k, z);
+  }
+}
+// the 16 weights of a group: entry i = (i - z) * s (i - z exact), rounded once
+inline __m512 i4_table(float z, float s) {
+  const __m512 iota = _mm512_set_ps(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+  return mul(_mm512_sub_ps(iota, _mm512_set1_ps(z)), _mm512_set1_ps(s));
+}
+// a block's codes, one byte per lane: the even elements' weights, then the odd ones'
+inline void i4_weights(const uint8_t* p, __m512 table, __m512& even, __m512& odd) {
+  const __m512i c = _mm512_cvtepu8_epi32(load16(p));
+  even = _mm512_permutexvar_ps(c, table);
+  odd = _mm512_permutexvar_ps(_mm512_srli_epi32(c, 4), table);
+}
+
+// `R` weight rows times `M` rows of x (fp32, permuted): R * M * 2 independent FMA chains.
+template <int M, int R>
+void rows_i4(const float* x, int64_t cols, const uint8_t* w, int64_t row_bytes, const Extra& ex,
+             int64_t r0, float* zf, float* y, int64_t ldy) {
+  I4Row rr[R];
+  const int64_t groups = ex.rs_stride;
+  for (int r = 0; r < R; ++r) {
+    rr[r] = i4_row(ex, r0 + r, cols);
+    i4_zeros(rr[r], zf + r * groups);  // zf: [R][groups]
+  }
+  __m512 acc[R][M][2];
+  for (int r = 0; r < R; ++r)
+    for (int m = 0; m < M; ++m) acc[r][m][0] = acc[r][m][1] = _mm512_setzero_ps();
+  const int64_t per = rr[0].per;
+  for (int64_t g = 0; g < rr[0].groups; ++g) {
+    __m512 table[R];
+    for (int r = 0; r < R; ++r) table[r] = i4_table(zf[r * groups + g], rr[r].s[g]);
+    for (int64_t b = g * per; b < (g + 1) * per; ++b) {
+      prefetch_share(w, b, R * 16);
+#pragma GCC unroll 8
+      for (int r = 0; r < R; ++r) {
+        __m512 even, odd;
+        i4_weights(w + r * row_bytes + 16 * b, table[r], even, odd);
+#pragma GCC unroll 8
+        for (int m = 0; m < M; ++m) {
+          const float* xs = x + m * cols + 32 * b;
+          acc[r][m][0] = _mm512_fmadd_ps(even, _mm512_loadu_ps(xs), acc[r][m][0]);
+          acc[r][m][1] = _mm512_fmadd_ps(odd, _mm512_loadu_ps(xs + 16), acc[r][m][1]);
+        }
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int m = 0; m < M; ++m)
+      y[m * ldy + r] = _mm512_reduce_add_ps(_mm512_add_ps(acc[r][m][0], acc[r][m][1]));
+}
+
+template <int M>
+void segment_i4(const XPrep& xp, int64_t cols, const uint8_t* w, int64_t rows,
+                int64_t row_bytes, const Extra& ex, float* y, int64_t ldy) {
+  constexpr int R = M == 1 ? 4 : (M <= 4 ? 2 : 1);
+  const int64_t tiles = (rows + R - 1) / R;
+  thread_local std::vector<float> zf;  // a row tile's zero points in fp32
+  if (static_cast<int64_t>(zf.size()) < R * ex.rs_stride) zf.resize(R * ex.rs_stride);
+#pragma omp for schedule(static) nowait
+  for (int64_t t = 0; t < tiles; ++t) {
+    const int64_t r0 = t * R;
+    const int64_t n = rows - r0 < R ? rows - r0 : R;
+    if (n == R)
+      rows_i4<M, R>(xp.xi4, cols, w + r0 * row_bytes, row_bytes, ex, r0, zf.data(), y + r0, ldy);
+    else
+      for (int64_t r = r0; r < r0 + n; ++r)
+        rows_i4<M, 1>(xp.xi4, cols, w + r * row_bytes, row_bytes, ex, r, zf.data(), y + r, ldy);
+  }
+}
+
 template <class Fmt, int M>
 void segment(const void* x, const XPrep& xp, bool bf16, int64_t cols, const uint8_t* w,
              int64_t rows, int64_t row_bytes, const Extra& ex, float* y, int64_t ldy) {
@@ -863,6 +964,7 @@ bool segment_m(int64_t type, const void* x, const XPrep& sums, bool bf16, int64_
     case kNVFP4: segment<NVFP4, M>(x, sums, bf16, cols, w, rows, row_bytes, rs, y, ldy); return true;
     case kMXFP4: segment<MXFP4, M>(x, sums, bf16, cols, w, rows, row_bytes, rs, y, ldy); return true;
     case kI8A8: segment_i8a8<M>(sums.xq, sums.sx, cols, w, rows, row_bytes, rs, y, ldy); return true;
+    case kI4: segment_i4<M>(sums, cols, w, rows, row_bytes, rs, y, ldy); return true;
     default: return false;
   }
 }
@@ -917,6 +1019,27 @@ void dequant_segment(const uint8_t* w, int64_t rows, int64_t row_bytes, const Ex
 }
 
 template <class T>
+void dequant_i4(const uint8_t* w, int64_t rows, int64_t row_bytes, const Extra& ex, int64_t cols,
+                T* out) {
+#pragma omp for schedule(static) nowait
+  for (int64_t r = 0; r < rows; ++r) {
+    const I4Row rr = i4_row(ex, r, cols);
+    for (int64_t g = 0; g < rr.groups; ++g) {
+      // store16 rounds a bf16 output once more, as formats.dequantize_fast's .to(bfloat16)
+      const __m512 table = i4_table(static_cast<float>(rr.z ? rr.z[g] : 8), rr.s[g]);
+      for (int64_t b = g * rr.per; b < (g + 1) * rr.per; ++b) {
+        __m512 even, odd;
+        i4_weights(w + r * row_bytes + 16 * b, table, even, odd);
+        const __m512i lo = _mm512_set_epi32(23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+        const __m512i hi = _mm512_add_epi32(lo, _mm512_set1_epi32(8));
+        store16(out + r * cols + 32 * b, _mm512_permutex2var_ps(even, lo, odd));
+        store16(out + r * cols + 32 * b + 16, _mm512_permutex2var_ps(even, hi, odd));
+      }
+    }
+  }
+}
+
+template <class T>
 bool dequant_any(int64_t type, const uint8_t* w, int64_t rows, int64_t row_bytes,
                  const Extra& rs, int64_t cols, T* out) {
   switch (type) {
@@ -936,6 +1059,7 @@ bool dequant_any(int64_t type, const uint8_t* w, int64_t rows, int64_t row_bytes
     case kE5M2: dequant_segment<FP8<false>>(w, rows, row_bytes, rs, cols, out); return true;
     case kNVFP4: dequant_segment<NVFP4>(w, rows, row_bytes, rs, cols, out); return true;
     case kMXFP4: dequant_segment<MXFP4>(w, rows, row_bytes, rs, cols, out); return true;
+    case kI4: dequant_i4(w, rows, row_bytes, rs, cols, out); return true;
     default: return false;
   }
 }
@@ -944,10 +1068,18 @@ bool known(int64_t type) {
   switch (type) {
     case kF32: case kF16: case kBF16: case kQ8_0: case kQ4_0: case kQ4_1: case kQ5_0:
     case kQ5_1: case kQ4_K: case kQ5_K: case kQ6_K: case kI8: case kNVFP4: case kMXFP4:
-    case kI8A8: case kE4M3: case kE5M2:
+    case kI8A8: case kE4M3: case kE5M2: case kI4:
       return true;
     default: return false;
   }
+}
+
+// A segment the kernels can read: a known type, and int4's groups whole blocks of 32 of `cols`
+bool valid(const int64_t* seg, int64_t cols) {
+  if (!known(seg[0])) return false;
+  if (seg[0] != kI4) return true;
+  const int64_t groups = seg[6];
+  return seg[4] != 0 && groups > 0 && cols % groups == 0 && (cols / groups) % 32 == 0;
 }
 
 inline const uint8_t* seg_data(const int64_t* seg) {
@@ -971,7 +1103,7 @@ namespace {
 // copies the fast paths read. Built by one thread before the pass.
 struct Prepared {
   XPrep prep;
-  std::vector<float> sums, xf, sx;
+  std::vector<float> sums, xf, sx, xi4;
   std::vector<uint16_t> x32, xk;
   std::vector<int16_t> xq;
 
@@ -1013,6 +1145,18 @@ struct Prepared {
       if (segs[kSegFields * s] == kI8A8) {  // every w8a8 segment has the same smoothing (fits)
         quantize_rows(x, m, bf16, cols, reinterpret_cast<const float*>(
                                             static_cast<uintptr_t>(segs[kSegFields * s + 5])));
+        break;
+      }
+    for (int64_t s = 0; s < nsegs; ++s)
+      if (segs[kSegFields * s] == kI4) {  // x in fp32, each 32 as elements 0, 2, .., 30, 1, ..
+        xi4.resize(m * cols);
+        for (int64_t i = 0; i < m * cols; i += 32)
+          for (int j = 0; j < 32; ++j) {
+            const int64_t from = i + (j < 16 ? 2 * j : 2 * (j - 16) + 1);
+            xi4[i + j] = bf16 ? bf16_value(static_cast<const uint16_t*>(x)[from])
+                              : static_cast<const float*>(x)[from];
+          }
+        prep.xi4 = xi4.data();
         break;
       }
     if (!bf16) return;
@@ -1059,7 +1203,7 @@ bool fits(int64_t m, bool bf16, const int64_t* segs, int64_t nsegs, int64_t cols
   int64_t smooth = -1;  // the w8a8 segments' smoothing factors: one vector for the whole x
   for (int64_t s = 0; s < nsegs; ++s) {
     const int64_t* seg = segs + kSegFields * s;
-    if (!known(seg[0])) return false;
+    if (!valid(seg, cols)) return false;
     if (seg[0] == kI8A8) {
       if (!seg[4] || (smooth >= 0 && seg[5] != smooth)) return false;
       smooth = seg[5];
@@ -1251,7 +1395,7 @@ int tm_gguf_dequant(const int64_t* segs, int64_t nsegs, int64_t cols, void* out,
 #if TM_GGUF_AVX512
   if (cols % 32) return -1;
   for (int64_t s = 0; s < nsegs; ++s)
-    if (!known(segs[kSegFields * s])) return -1;
+    if (!valid(segs + kSegFields * s, cols)) return -1;
 #pragma omp parallel num_threads(num_threads)
   {
     int64_t row0 = 0;

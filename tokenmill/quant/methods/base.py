@@ -141,6 +141,11 @@ class QuantMethod(ABC):
         held += quantized_tensors(self.qweight)
         return held + (self.impl.tensors() if self.impl is not None else [])
 
+    def settle(self) -> None:
+        """Called once the runner chose the kernels (layers/native_ops.select_kernels): drop
+        any layout that no chosen kernel reads."""
+        return None  # most methods hold one layout
+
     def set_input_smooth(self, s: torch.Tensor | None) -> None:
         """A quantized checkpoint's smoothing scales, before `install`."""
         self.input_smooth = None if s is None else s.float()

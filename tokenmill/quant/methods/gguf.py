@@ -36,6 +36,7 @@ NVFP4_ROWS = 1001  # E2M1 codes [rows, cols / 2]; aux: E4M3 scale codes [rows, c
 MXFP4_ROWS = 1002  # E2M1 codes; aux: E8M0 scale codes [rows, cols / 32]
 W8A8_ROWS = 1003  # int8 rows, a fp32 scale per row, x quantized per row (quant/methods/w8a8.py)
 E4M3_ROWS, E5M2_ROWS = 1004, 1005  # fp8 codes (OCP E4M3 / E5M2), a fp32 scale per row
+INT4_ROWS = 1006  # int4 nibbles [rows, cols / 2]; a fp32 scale [rows, groups]; aux: uint8 zeros
 KINDS = {  # id -> (name, elements, bytes) per block (of the codes alone where scales are apart)
     **GGML_TYPES,
     INT8_ROWS: ("I8", 32, 32),
@@ -44,11 +45,12 @@ KINDS = {  # id -> (name, elements, bytes) per block (of the codes alone where s
     W8A8_ROWS: ("I8A8", 32, 32),
     E4M3_ROWS: ("E4M3", 32, 32),
     E5M2_ROWS: ("E5M2", 32, 32),
+    INT4_ROWS: ("I4", 32, 16),
 }
 FP8_ROWS = {"fp8_e4m3": E4M3_ROWS, "fp8_e5m2": E5M2_ROWS}
 AUX_BYTES = {NVFP4_ROWS: 2, MXFP4_ROWS: 1}  # block scale bytes per 32 elements, kept apart
-# the kinds that need a fp32 scale per row
-ROW_SCALED = {INT8_ROWS, NVFP4_ROWS, W8A8_ROWS, E4M3_ROWS, E5M2_ROWS}
+# the kinds that need a fp32 scale per row (int4: per group of a row)
+ROW_SCALED = {INT8_ROWS, NVFP4_ROWS, W8A8_ROWS, E4M3_ROWS, E5M2_ROWS, INT4_ROWS}
 KERNEL_TYPES = frozenset({0, 1, 2, 3, 6, 7, 8, 12, 13, 14, 30, *KINDS.keys() - GGML_TYPES.keys()})
 _I64, _PTR, _INT = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
 
@@ -71,7 +73,10 @@ class GGUFWeight:
             self.scales = [None] * len(self.segments)
         if self.aux is None:
             self.aux = [None] * len(self.segments)
-        for (kind, raw), aux in zip(self.segments, self.aux):
+        for (kind, raw), scale, aux in zip(self.segments, self.scales, self.aux):
+            if kind == INT4_ROWS:
+                _check_int4(raw, scale, aux)
+                continue
             want = AUX_BYTES.get(kind, 0) * (self.cols // 32)
             if (aux is not None) != (want > 0):
                 raise ValueError("block scale codes go with nvfp4/mxfp4 rows, and only with them")
@@ -86,11 +91,13 @@ class GGUFWeight:
                 raise ValueError(f"{name} rows of {self.cols} elements do not match their bytes")
             if (scale is not None) != (kind in ROW_SCALED):
                 raise ValueError(
-                    "a scale per row goes with int8, nvfp4, fp8 and w8a8 rows, and only with them"
+                    "a scale per row goes with int8, nvfp4, fp8, w8a8 and int4 rows, and only with them"
                 )
             one = scale is not None and scale.dim() == 0  # one scale for every row (nvfp4)
-            if scale is not None and (
-                scale.dtype != torch.float32 or not (one or scale.shape == raw.shape[:1])
+            if (
+                kind != INT4_ROWS
+                and scale is not None
+                and (scale.dtype != torch.float32 or not (one or scale.shape == raw.shape[:1]))
             ):
                 raise ValueError("row-scaled rows need a fp32 scale per row (nvfp4: or one)")
         if self.smooth is not None and (
@@ -190,6 +197,20 @@ class GGUFWeight:
         return cls([(kind, codes)], cols, [scale], [aux])
 
     @classmethod
+    def int4_rows(cls, q) -> GGUFWeight | None:
+        """tokenmill's int4 weight (quant/formats.py: packed nibbles, a fp32 scale and a uint8
+        zero point per group of 32, 64 or 128, or symmetric: zero 8) as one segment over the
+        same tensors; None where the layout does not fit."""
+        if q.format != "int4" or len(q.shape) != 2 or q.group_size not in (32, 64, 128):
+            return None
+        rows, cols = q.shape
+        if cols % q.group_size or q.data.shape != (rows, cols // 2):
+            return None
+        scale = q.scale.float().contiguous()
+        zero = None if q.zero_point is None else q.zero_point.contiguous()
+        return cls([(INT4_ROWS, q.data.contiguous())], cols, [scale], [zero])
+
+    @classmethod
     def stack(cls, parts: list[GGUFWeight]) -> GGUFWeight:
         """The shards of a merged layer stacked along the rows; runs of one type become one
         segment (one kernel pass)."""
@@ -207,6 +228,10 @@ class GGUFWeight:
         segments = [(k, rs[0] if len(rs) == 1 else torch.cat(rs)) for k, rs in merged]
         return cls(segments, cols)
 
+    def _int4_tensor(self, codes, scale, zero) -> QuantizedTensor:
+        group = self.cols // scale.shape[1]
+        return QuantizedTensor("int4", (codes.shape[0], self.cols), codes, scale, zero, None, group)
+
     def _fp4_tensor(self, kind: int, codes, scale, aux) -> QuantizedTensor:
         """An nvfp4/mxfp4 segment as the QuantizedTensor its tensors came from."""
         shape = (codes.shape[0], self.cols)
@@ -220,6 +245,9 @@ class GGUFWeight:
         own formats: quant/formats.py) in `dtype`."""
         parts = []
         for (kind, raw), scale, aux in zip(self.segments, self.scales or [], self.aux or []):
+            if kind == INT4_ROWS:
+                parts.append(dequantize_fast(self._int4_tensor(raw, scale, aux), torch.float32))
+                continue
             if kind in AUX_BYTES:  # tokenmill's own E2M1 layouts: formats.py's dequantization
                 assert aux is not None
                 parts.append(
@@ -239,8 +267,21 @@ class GGUFWeight:
 
 
 def _stride(scale: torch.Tensor | None) -> int:
-    """The row scale's stride for the kernels: 0 where one scale serves every row."""
+    """The row scale's stride for the kernels: 0 where one scale serves every row, a row's
+    groups where each group has its own (int4)."""
+    if scale is not None and scale.dim() == 2:
+        return scale.shape[1]
     return 0 if scale is not None and scale.dim() == 0 else 1
+
+
+def _check_int4(raw: torch.Tensor, scale: torch.Tensor | None, zero: torch.Tensor | None) -> None:
+    rows, cols = raw.shape[0], 2 * raw.shape[1]
+    if scale is None or scale.dtype != torch.float32 or scale.dim() != 2 or scale.shape[0] != rows:
+        raise ValueError("int4 rows need a fp32 scale per group: [rows, groups]")
+    if not scale.is_contiguous() or cols % (32 * scale.shape[1]):
+        raise ValueError("int4 groups must be contiguous runs of whole blocks of 32 elements")
+    if zero is not None and (zero.dtype != torch.uint8 or zero.shape != scale.shape):
+        raise ValueError("int4 zero points must be uint8 [rows, groups], or None (symmetric)")
 
 
 class GGUFKernels:

@@ -2,12 +2,12 @@
 
 On CUDA every format goes through the Triton kernels of triton_dequant.py (fused tiles, gemv,
 or decode-once + cuBLAS: the fastest measured per shape). On CPU, once the native kernels are
-attached: int8, nvfp4 and mxfp4 through csrc/gguf.cpp over their own codes (`NativeRowsKernel`:
-a decode-GEMV at 1-8 rows, fused into the decoder layers' halves, a native expansion + oneDNN's
-GEMM above); fp8_e4m3, fp8_e5m2 and the nvfp4/mxfp4 shapes gguf.cpp does not take through
-fp4_cpu.py; int4 through `_weight_int4pack_mm_for_cpu` (bf16); before that (or without the
-kernels) int8 `_weight_int8pack_mm` (bf16) and everything else dequantize on the fly before the
-GEMM, which saves memory, not time (BENCHMARKS.md).
+attached: int8, int4, nvfp4, mxfp4 and fp8 through csrc/gguf.cpp over their own codes
+(`NativeRowsKernel`: a decode-GEMV at 1-8 rows, fused into the decoder layers' halves, a native
+expansion + oneDNN's GEMM above); the nvfp4/mxfp4 shapes gguf.cpp does not take through
+fp4_cpu.py; without them (cpu_kernels=torch, no compiler, no AVX-512) int4 through
+`_weight_int4pack_mm_for_cpu` and int8 `_weight_int8pack_mm` (bf16), everything else
+dequantized on the fly before the GEMM, which saves memory, not time (BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -98,13 +98,26 @@ class WeightOnlyMethod(QuantMethod):
         elif on_cpu_bf16 and qweight.format == "int8" and qweight.scale.dim() == 1:
             self.impl = Int8PackKernel(qweight)
         elif on_cpu_bf16 and qweight.format == "int4":
+            # torch's packed copy beside the codes until `settle` drops the one left unread
             self.impl = Int4CpuKernel(qweight)
-            self.qweight = replace(qweight, data=qweight.data[:0])  # codes live in the kernel
         else:
             self.impl = DequantizeKernel(qweight)
 
     def tensors(self):
         return super().tensors() + quantized_tensors(self.row_table)
+
+    def settle(self) -> None:
+        """Once the kernels are chosen (layers/native_ops.select_kernels): int4 on CPU held its
+        codes (the native rows read them) and torch's packed copy (Int4CpuKernel); keep one."""
+        q = self.qweight
+        if q is None or q.format != "int4":
+            return
+        if isinstance(self.impl, NativeRowsKernel) and isinstance(
+            self.impl.fallback, Int4CpuKernel
+        ):
+            self.impl.fallback = DequantizeKernel(q)  # what a compiled graph traces
+        elif isinstance(self.impl, Int4CpuKernel) and q.data.numel():
+            self.qweight = replace(q, data=q.data[:0])  # codes live in the kernel
 
     def attach_native(self, layer) -> bool:
         """Use the native CPU kernels for nvfp4/mxfp4/fp8 (quant/fp4_cpu.py) and, at decode
@@ -127,8 +140,8 @@ class WeightOnlyMethod(QuantMethod):
         return True
 
     def _attach_rows(self, layer) -> bool:
-        """int8, nvfp4, mxfp4 and fp8 through csrc/gguf.cpp's GEMVs and fused halves, over the
-        same codes (NativeRowsKernel)."""
+        """int8, int4, nvfp4, mxfp4 and fp8 through csrc/gguf.cpp's GEMVs and fused halves,
+        over the same codes (NativeRowsKernel)."""
         from tokenmill.layers.native import NativeUnavailable
         from tokenmill.quant.methods.gguf import GGUFKernels, GGUFWeight, shared_kernels
 
@@ -140,6 +153,8 @@ class WeightOnlyMethod(QuantMethod):
             if q.scale.dim() > 1:
                 return False
             weight = GGUFWeight.int8_rows(q.data, q.scale.float().expand(q.shape[0]))
+        elif q.format == "int4":
+            weight = GGUFWeight.int4_rows(q) if q.data.numel() else None
         elif q.format in ("fp8_e4m3", "fp8_e5m2"):
             weight = GGUFWeight.fp8_rows(q)
         else:
@@ -230,11 +245,11 @@ class NativeFp4Kernel(LinearKernel):
         return self.kernels.matmul(x2, self.weight)
 
 
-ROWS_FORMATS = ("int8", "nvfp4", "mxfp4", "fp8_e4m3", "fp8_e5m2")  # NativeRowsKernel's
+ROWS_FORMATS = ("int8", "int4", "nvfp4", "mxfp4", "fp8_e4m3", "fp8_e5m2")  # NativeRowsKernel's
 
 
 class NativeRowsKernel(LinearKernel):
-    """int8, nvfp4, mxfp4, fp8 weight-only through csrc/gguf.cpp over the same codes: 1-8 rows its
+    """int8, int4, nvfp4, mxfp4, fp8 weight-only through csrc/gguf.cpp over the same codes: 1-8 rows its
     GEMV (one native call per decoder-layer half where the layers fuse), more rows the weight
     expanded to the model dtype (exactly dequantize_fast's values) and oneDNN's GEMM (int8: 3.5-7x
     _weight_int8pack_mm at 128-512 rows here, BENCHMARKS.md). A compiled graph takes the previous
