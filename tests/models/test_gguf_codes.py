@@ -237,6 +237,23 @@ def test_weight_only_rows_take_the_same_gemvs_and_halves(tiny_model_dir, method)
     assert_decodes_as_the_torch_path(path, method, NativeRowsKernel)
 
 
+def test_fp8_takes_the_same_halves_and_decodes_as_the_emulation(tiny_model_dir):
+    """fp8 (E4M3 weights x E4M3 activations, current scaling) rows (csrc/gguf.cpp type 1007):
+    the fused halves equal its layers bit for bit, and decoding equals the emulated path (the
+    values packed for oneDNN) with one copy of the weight, its codes."""
+    from tokenmill.quant.methods.fp8 import NativeFp8Kernel
+
+    path = str(tiny_model_dir("llama"))
+    assert_fused_equal_layers(path, "fp8", 64)
+    assert_decodes_as_the_torch_path(path, "fp8", NativeFp8Kernel)
+    for kernels in ("auto", "torch"):  # the codes (1 byte a weight), or the fp32 values (4)
+        llm = LLM(path, dtype="float32", quantization="fp8", cpu_kernels=kernels,
+                  max_model_len=256, kv_cache_memory=32 << 20)  # fmt: skip
+        down = llm.engine.runner.model.model.layers[0].mlp.down_proj
+        per_weight = 1 if kernels == "auto" else 4  # and a few fp32 scales per row
+        assert model_bytes(down) < down.out_features * (down.in_features * per_weight + 8 * 4)
+
+
 def test_w8a8_takes_the_same_halves_and_equals_int_mm(tiny_model_dir):
     """w8a8 rows (csrc/gguf.cpp type 1003): the fused halves equal its layers bit for bit, and
     decoding equals the _int_mm path."""

@@ -11,6 +11,7 @@ from tokenmill.layers import native
 from tokenmill.quant.formats import dequantize_fast, quantize
 from tokenmill.quant.gguf_quants import GGML_TYPES
 from tokenmill.quant.methods.gguf import (
+    ACTIVATION_QUANTIZED,
     E4M3_ROWS,
     E5M2_ROWS,
     INT4_ROWS,
@@ -19,7 +20,6 @@ from tokenmill.quant.methods.gguf import (
     KINDS,
     MXFP4_ROWS,
     NVFP4_ROWS,
-    W8A8_ROWS,
     GGUFWeight,
     shared_kernels,
 )
@@ -82,7 +82,7 @@ def kernels():
     return shared_kernels()
 
 
-TYPES = sorted(KERNEL_TYPES - {W8A8_ROWS})  # w8a8 quantizes x too: its own test below
+TYPES = sorted(KERNEL_TYPES - ACTIVATION_QUANTIZED)  # these quantize x too: own tests
 
 
 @pytest.mark.parametrize("kind", TYPES, ids=[KINDS[k][0] for k in TYPES])
@@ -143,7 +143,7 @@ def test_rows_that_do_not_match_their_bytes_are_refused():
     with pytest.raises(ValueError, match="do not match their bytes"):
         GGUFWeight([(3, torch.zeros(4, 21, dtype=torch.uint8))], 32)
     with pytest.raises(
-        ValueError, match="scale per row goes with int8, nvfp4, fp8, w8a8 and int4 rows"
+        ValueError, match="scale per row goes with int8, int4, nvfp4, fp8 and w8a8 rows"
     ):
         GGUFWeight([(INT8_ROWS, torch.zeros(4, 32, dtype=torch.uint8))], 32)
 
@@ -235,3 +235,55 @@ def test_int4_rows_refuse_what_they_cannot_read():
         GGUFWeight([(INT4_ROWS, q.data)], 64, [q.scale], [q.zero_point.float()])
     with pytest.raises(ValueError, match="whole blocks of 32"):
         GGUFWeight([(INT4_ROWS, q.data)], 64, [torch.ones(8, 4)], [None])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("smoothed", [False, True])
+def test_fp8_activations_are_quantized_as_fp8kernel(kernels, dtype, smoothed):
+    """fp8 rows (E4M3A8): x quantized per row inside the GEMV exactly as Fp8Kernel quantizes it
+    (amax / 448, true divisions, E4M3 round-to-nearest-even incl. subnormals and ties), read
+    through an identity weight so each output is one product: the same bits; with random
+    weights, Fp8Kernel's values within fp32 summation order, at 1-8 rows."""
+    from tokenmill.quant import elements as el
+    from tokenmill.quant.formats import QuantizedTensor
+    from tokenmill.quant.methods.fp8 import EmulatedFp8Kernel, FP8Method, NativeFp8Kernel
+    from tokenmill.quant.smoothquant import smooth_input
+
+    gen = torch.Generator().manual_seed(13)
+    method = FP8Method()
+    cols = 256
+    one = torch.full((cols,), 0x38, dtype=torch.uint8)  # E4M3 1.0
+    eye = torch.diag_embed(one.float()).to(torch.uint8).view(torch.float8_e4m3fn)
+    identity = QuantizedTensor("fp8_e4m3", (cols, cols), eye, torch.ones(cols), None)
+    smooth = torch.rand(cols, generator=gen) + 0.5 if smoothed else None
+    w = GGUFWeight.fp8a8_rows(identity.data, torch.ones(cols), smooth)
+    native_kernel = NativeFp8Kernel(kernels, w, method.activation_scale, dtype)
+    for m in range(1, 9):
+        # a wide range (subnormal E4M3 codes after scaling), and in the last row exact ties:
+        # amax 448 (a scale of 1), then midpoints of E4M3 neighbours, normal and subnormal
+        x = torch.randn(m, cols, generator=gen) * torch.logspace(-5, 1, cols)
+        grid = el.decode_table(el.E4M3)[:127].double()  # the non-negative finite codes
+        mids = (grid[1:] + grid[:-1]) / 2
+        x[-1, 0], x[-1, 1 : 1 + mids.numel()] = 448.0, mids.float()
+        x = x.to(dtype)
+        if smooth is None:  # the ties survive only unsmoothed (the scale is exactly 1)
+            assert torch.equal(x[-1, 1 : 1 + mids.numel()].double(), mids)
+        x2 = smooth_input(smooth, x)
+        scale = method.activation_scale(x2)
+        xq = (x2 / scale).clamp(-el.E4M3.max_value, el.E4M3.max_value).to(torch.float8_e4m3fn)
+        want = (xq.float() * scale) * 1.0
+        assert torch.equal(native_kernel.gemv(x), want)
+    q = quantize(torch.randn(67, 160, generator=gen), "fp8_e4m3", granularity="channel")
+    ref = EmulatedFp8Kernel(q, method.activation_scale, dtype)
+    w = GGUFWeight.fp8a8_rows(q.data, ref.weight_scale, None)
+    native_kernel = NativeFp8Kernel(kernels, w, method.activation_scale, dtype)
+    assert w.segments[0][1].data_ptr() == q.data.data_ptr()  # the codes, not a copy
+    for m in range(1, 9):
+        x = torch.randn(m, 160, generator=gen).to(dtype)
+        x2 = smooth_input(None, x)
+        scale = method.activation_scale(x2)
+        xq = (x2 / scale).clamp(-448, 448).to(torch.float8_e4m3fn).double()
+        exact = el.decode(q.data.view(torch.uint8), el.E4M3, torch.float64)
+        want = (xq @ exact.T) * scale.double() * ref.weight_scale.double()
+        bound = ((xq.abs() @ exact.abs().T) * scale.double() * ref.weight_scale.double()).max()
+        assert (native_kernel.gemv(x).double() - want).abs().max() <= 1e-5 * bound

@@ -220,18 +220,20 @@ class MLPBlock:
 
 def _gguf_readable(layer: Linear, dtype: torch.dtype) -> bool:
     """Whether the layer applies csrc/gguf.cpp's GEMV over segments of rows (a GGUF file's codes,
-    int8 / nvfp4 / mxfp4 weight-only rows, w8a8 rows) with nothing around it (no input smoothing
-    but w8a8's, which its kernel applies)."""
+    int8 / int4 / nvfp4 / mxfp4 / fp8 weight-only rows, w8a8 and fp8 rows) with nothing around it
+    (no input smoothing but w8a8's and fp8's, which their kernels apply)."""
+    from tokenmill.quant.methods.fp8 import NativeFp8Kernel
     from tokenmill.quant.methods.gguf import NativeGGUFKernel
     from tokenmill.quant.methods.w8a8 import NativeW8A8Kernel
     from tokenmill.quant.methods.weight_only import NativeRowsKernel
 
     method = layer.quant_method
     impl = getattr(method, "impl", None)
-    if not isinstance(impl, NativeGGUFKernel | NativeRowsKernel | NativeW8A8Kernel):
+    quantizes_x = NativeW8A8Kernel | NativeFp8Kernel  # their factors are in their tables
+    if not isinstance(impl, NativeGGUFKernel | NativeRowsKernel | quantizes_x):
         return False
-    if getattr(method, "smooth_inv", None) is not None and not isinstance(impl, NativeW8A8Kernel):
-        return False  # (w8a8's factors are in its table: its GEMV multiplies x by them)
+    if getattr(method, "smooth_inv", None) is not None and not isinstance(impl, quantizes_x):
+        return False  # (their GEMVs multiply x by the factors)
     return layer.params_dtype == dtype and (dtype == torch.float32 or impl.kernels.bf16_gemv)
 
 

@@ -12,8 +12,10 @@
 // 1005 fp8 rows (E4M3, E5M2 codes, one fp32 scale per row), and 1003
 // w8a8 rows: int8 rows with a fp32 scale per row times x quantized to int8 per row of x, as
 // quant/methods/w8a8.Int8MMKernel does it (x times the smoothing factors in fp32, amax, codes
-// round(x * (127 / amax)), exact int32 dot products, (float(acc) * row scale) * amax / 127), and
-// 1006 int4 (GPTQ/AWQ): nibbles with a fp32 scale and a uint8 zero point per group of 32-128.
+// round(x * (127 / amax)), exact int32 dot products, (float(acc) * row scale) * amax / 127),
+// 1006 int4 (GPTQ/AWQ): nibbles with a fp32 scale and a uint8 zero point per group of 32-128,
+// and 1007 fp8: E4M3 rows with a fp32 scale per row times x quantized to E4M3 per row of x, as
+// quant/methods/fp8.Fp8Kernel does it (current scaling: amax / 448, values rounded to E4M3).
 //
 // A weight is computed as quant/gguf_quants.dequantize computes it in fp32, in the same order
 // of operations with one rounding each (mul, add: never fused), so the dense matrix that
@@ -59,6 +61,8 @@ enum GGMLType : int64_t {
   kI8A8 = 1003,  // tokenmill w8a8: int8 rows (a row scale) x int8 activations per row (aux: the
                  // fp32 smoothing factors per column, or 0)
   kI4 = 1006,  // tokenmill int4 (GPTQ/AWQ): nibbles, a fp32 scale and a uint8 zero per group
+  kE4M3A8 = 1007,  // tokenmill fp8: E4M3 rows (a row scale) x E4M3 activations per row (aux: the
+                   // fp32 smoothing factors per column, or 0)
 };
 constexpr int64_t kSegFields = 7;
 
@@ -69,6 +73,7 @@ struct Extra {
   const float* rs = nullptr;
   const uint8_t* aux = nullptr;
   int64_t rs_stride = 1;  // 0: one scale for every row (nvfp4's per-tensor scale, not copied)
+  const float* sx = nullptr;  // [m] fp8 activations: each row of x's scale, before the row scale
 };
 
 // one rounding each, never contracted into an FMA (the torch dequantization rounds twice)
@@ -604,6 +609,8 @@ struct XPrep {
   const int16_t* xq = nullptr;  // [m, cols] w8a8: x's int8 codes (as int16)
   const float* sx = nullptr;  // [m] w8a8: x's scales, amax / 127
   const float* xi4 = nullptr;  // [m, cols] int4: x in fp32, each 32 as its even then odd elements
+  const float* x8 = nullptr;  // [m, cols] fp8 activations: x's E4M3 values, in fp32
+  const float* s8 = nullptr;  // [m] their scales, amax / 448
 };
 
 inline float bf16_value(uint16_t h) {
@@ -938,8 +945,11 @@ void segment(const void* x, const XPrep& xp, bool bf16, int64_t cols, const uint
     }
     if (rs && !kAux)  // a scale per row (int8, fp8 rows): applied to the finished sums
       for (int64_t m = 0; m < M; ++m)
-        for (int64_t r = r0; r < r0 + n; ++r)
-          y[m * ldy + r] = (y[m * ldy + r] * PostOf<Fmt>::value) * rs[r * ex.rs_stride];
+        for (int64_t r = r0; r < r0 + n; ++r) {
+          float v = y[m * ldy + r] * PostOf<Fmt>::value;  // exact: a power of 2
+          if (ex.sx) v = v * ex.sx[m];  // fp8 activations: (acc * x scale) * row scale
+          y[m * ldy + r] = v * rs[r * ex.rs_stride];
+        }
   }
 }
 
@@ -965,6 +975,12 @@ bool segment_m(int64_t type, const void* x, const XPrep& sums, bool bf16, int64_
     case kMXFP4: segment<MXFP4, M>(x, sums, bf16, cols, w, rows, row_bytes, rs, y, ldy); return true;
     case kI8A8: segment_i8a8<M>(sums.xq, sums.sx, cols, w, rows, row_bytes, rs, y, ldy); return true;
     case kI4: segment_i4<M>(sums, cols, w, rows, row_bytes, rs, y, ldy); return true;
+    case kE4M3A8: {  // the E4M3 rows times x's E4M3 values (exact in fp32), then both scales
+      Extra e = rs;
+      e.sx = sums.s8;
+      segment<FP8<true>, M>(sums.x8, sums, false, cols, w, rows, row_bytes, e, y, ldy);
+      return true;
+    }
     default: return false;
   }
 }
@@ -1060,6 +1076,7 @@ bool dequant_any(int64_t type, const uint8_t* w, int64_t rows, int64_t row_bytes
     case kNVFP4: dequant_segment<NVFP4>(w, rows, row_bytes, rs, cols, out); return true;
     case kMXFP4: dequant_segment<MXFP4>(w, rows, row_bytes, rs, cols, out); return true;
     case kI4: dequant_i4(w, rows, row_bytes, rs, cols, out); return true;
+    case kE4M3A8: dequant_segment<FP8<true>>(w, rows, row_bytes, rs, cols, out); return true;  // the weight alone
     default: return false;
   }
 }
@@ -1068,7 +1085,7 @@ bool known(int64_t type) {
   switch (type) {
     case kF32: case kF16: case kBF16: case kQ8_0: case kQ4_0: case kQ4_1: case kQ5_0:
     case kQ5_1: case kQ4_K: case kQ5_K: case kQ6_K: case kI8: case kNVFP4: case kMXFP4:
-    case kI8A8: case kE4M3: case kE5M2: case kI4:
+    case kI8A8: case kE4M3: case kE5M2: case kI4: case kE4M3A8:
       return true;
     default: return false;
   }
@@ -1099,11 +1116,28 @@ inline Extra seg_extra(const int64_t* seg) {
 #if TM_GGUF_AVX512
 namespace {
 
+// fp32 values |v| <= 448 rounded to the nearest E4M3 number, ties to even (as c10's
+// fp8e4m3fn_from_fp32_value): below 2^-6 the subnormal multiples of 2^-9, else 3 mantissa bits.
+inline __m512 e4m3_round(__m512 v) {
+  const __m512 a = _mm512_abs_ps(v);
+  const __m512 sub = _mm512_mul_ps(_mm512_roundscale_ps(_mm512_mul_ps(a, _mm512_set1_ps(512.f)),
+                                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC),
+                                   _mm512_set1_ps(1.f / 512.f));  // exact: powers of 2
+  const __m512i bits = _mm512_castps_si512(a);
+  const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 20), _mm512_set1_epi32(1));
+  const __m512i up = _mm512_add_epi32(_mm512_add_epi32(bits, _mm512_set1_epi32(0x7ffff)), odd);
+  const __m512 normal = _mm512_castsi512_ps(_mm512_and_si512(up, _mm512_set1_epi32(0xfff00000u)));
+  const __mmask16 tiny = _mm512_cmp_ps_mask(a, _mm512_set1_ps(1.f / 64.f), _CMP_LT_OQ);
+  const __m512 r = _mm512_mask_blend_ps(tiny, normal, sub);
+  const __m512i sign = _mm512_and_si512(_mm512_castps_si512(v), _mm512_set1_epi32(0x80000000u));
+  return _mm512_castsi512_ps(_mm512_or_si512(_mm512_castps_si512(r), sign));
+}
+
 // What a GEMV pass needs of x besides x itself (bf16 x): the sums per group, the permuted
 // copies the fast paths read. Built by one thread before the pass.
 struct Prepared {
   XPrep prep;
-  std::vector<float> sums, xf, sx, xi4;
+  std::vector<float> sums, xf, sx, xi4, x8, s8;
   std::vector<uint16_t> x32, xk;
   std::vector<int16_t> xq;
 
@@ -1138,6 +1172,36 @@ struct Prepared {
     prep.sx = sx.data();
   }
 
+  // fp8 (quant/methods/fp8.Fp8Kernel, current scaling): x2 = x in fp32 (times the smoothing
+  // factors: one fp32 rounding), scale = max(amax / 448, 1e-12) (true divisions), values
+  // E4M3(clamp(x2 / scale, -448, 448)), rounded to nearest even as torch's .to(float8_e4m3fn).
+  void quantize_fp8(const void* x, int64_t m, bool bf16, int64_t cols, const float* smooth) {
+    x8.resize(m * cols);
+    s8.resize(m);
+    for (int64_t r = 0; r < m; ++r) {
+      float* row = x8.data() + r * cols;
+      float amax = 0.f;
+      for (int64_t c = 0; c < cols; ++c) {
+        float v = bf16 ? bf16_value(static_cast<const uint16_t*>(x)[r * cols + c])
+                       : static_cast<const float*>(x)[r * cols + c];
+        if (smooth) v = v * smooth[c];
+        row[c] = v;
+        amax = std::fabs(v) > amax ? std::fabs(v) : amax;
+      }
+      float scale = amax / 448.0f;
+      scale = scale < 1e-12f ? 1e-12f : scale;
+      const __m512 sv = _mm512_set1_ps(scale), limit = _mm512_set1_ps(448.f);
+      for (int64_t c = 0; c < cols; c += 16) {
+        __m512 q = _mm512_div_ps(_mm512_loadu_ps(row + c), sv);
+        q = _mm512_max_ps(_mm512_min_ps(q, limit), _mm512_sub_ps(_mm512_setzero_ps(), limit));
+        _mm512_storeu_ps(row + c, e4m3_round(q));
+      }
+      s8[r] = scale;
+    }
+    prep.x8 = x8.data();
+    prep.s8 = s8.data();
+  }
+
   void build(const void* x, int64_t m, bool bf16, int64_t cols, const int64_t* segs,
              int64_t nsegs) {
     prep = XPrep();
@@ -1145,6 +1209,12 @@ struct Prepared {
       if (segs[kSegFields * s] == kI8A8) {  // every w8a8 segment has the same smoothing (fits)
         quantize_rows(x, m, bf16, cols, reinterpret_cast<const float*>(
                                             static_cast<uintptr_t>(segs[kSegFields * s + 5])));
+        break;
+      }
+    for (int64_t s = 0; s < nsegs; ++s)
+      if (segs[kSegFields * s] == kE4M3A8) {  // likewise
+        quantize_fp8(x, m, bf16, cols, reinterpret_cast<const float*>(
+                                           static_cast<uintptr_t>(segs[kSegFields * s + 5])));
         break;
       }
     for (int64_t s = 0; s < nsegs; ++s)
@@ -1200,13 +1270,14 @@ bool fits(int64_t m, bool bf16, const int64_t* segs, int64_t nsegs, int64_t cols
 #endif
   if (m < 1 || m > kMaxRows || cols % 32) return false;
   *total = 0;
-  int64_t smooth = -1;  // the w8a8 segments' smoothing factors: one vector for the whole x
+  int64_t smooth[2] = {-1, -1};  // the w8a8 / fp8 segments' smoothing factors: one vector each
   for (int64_t s = 0; s < nsegs; ++s) {
     const int64_t* seg = segs + kSegFields * s;
     if (!valid(seg, cols)) return false;
-    if (seg[0] == kI8A8) {
-      if (!seg[4] || (smooth >= 0 && seg[5] != smooth)) return false;
-      smooth = seg[5];
+    if (seg[0] == kI8A8 || seg[0] == kE4M3A8) {
+      int64_t& sm = smooth[seg[0] == kE4M3A8];
+      if (!seg[4] || seg[6] != 1 || (sm >= 0 && seg[5] != sm)) return false;
+      sm = seg[5];
     }
     *total += seg[1];
   }

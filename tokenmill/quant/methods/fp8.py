@@ -2,7 +2,10 @@
 "delayed" (one scale from the amax history of earlier steps, as Transformer Engine does):
 torch._scaled_mm on CUDA; on CPU, whose _scaled_mm is a slow reference (2.7 ms vs 0.03 ms bf16 for
 576x1536), the same FP8 values go through bf16/fp32 GEMMs: exact FP8 numerics, fp32
-accumulation, no FP8 memory saving."""
+accumulation. With the native kernels (current scaling), the E4M3 codes are the one copy:
+csrc/gguf.cpp's GEMV at 1-8 rows (x quantized to E4M3 inside, as Fp8Kernel does; fused into the
+decoder layers' halves), above that the codes expanded to the model dtype and one GEMM
+(`NativeFp8Kernel`); without them (or delayed scaling) the values packed for oneDNN."""
 
 from __future__ import annotations
 
@@ -72,9 +75,36 @@ class FP8Method(SmoothQuantMixin, QuantMethod):
         if qweight.data.device.type == "cuda":
             self.impl = ScaledMMKernel(qweight, self.activation_scale, layer.params_dtype)
             self.qweight = qweight
-        else:
+        else:  # the codes kept until `settle` knows whether the native kernels read them
             self.impl = EmulatedFp8Kernel(qweight, self.activation_scale, layer.params_dtype)
-            self.qweight = replace(qweight, data=qweight.data[:0])  # codes live on as values
+            self.qweight = qweight
+
+    def attach_native(self, layer) -> bool:
+        """Current scaling on CPU: csrc/gguf.cpp's fp8 rows over the E4M3 codes
+        (NativeFp8Kernel); called by layers/native_ops.select_kernels."""
+        from tokenmill.layers.native import NativeUnavailable
+        from tokenmill.quant.methods.gguf import GGUFKernels, GGUFWeight, shared_kernels
+
+        impl, q = self.impl, self.qweight
+        if self.activation_scaling != "current" or not isinstance(impl, EmulatedFp8Kernel):
+            return False
+        if q is None or q.data.device.type != "cpu" or not q.data.numel():
+            return False
+        weight = GGUFWeight.fp8a8_rows(q.data, impl.weight_scale, self.smooth_inv)
+        if not GGUFKernels.supports(weight, layer.params_dtype):
+            return False
+        try:
+            kernels = shared_kernels()
+        except NativeUnavailable:
+            return False
+        self.impl = NativeFp8Kernel(kernels, weight, self.activation_scale, layer.params_dtype)
+        return True
+
+    def settle(self) -> None:
+        """One copy of the weight: the codes (native kernels) or the packed values (not)."""
+        q = self.qweight
+        if isinstance(self.impl, EmulatedFp8Kernel) and q is not None and q.data.numel():
+            self.qweight = replace(q, data=q.data[:0])  # codes live on as values
 
     def activation_scale(self, x2: torch.Tensor) -> torch.Tensor:  # [tokens, 1] fp32
         amax = x2.abs().amax(dim=1, keepdim=True).float()
@@ -86,7 +116,10 @@ class FP8Method(SmoothQuantMixin, QuantMethod):
 
     def apply(self, layer, x):
         assert self.impl is not None, "apply before install"
-        return finish(self.impl(smooth_input(self.smooth_inv, rows(x))), x, layer.bias)
+        x2 = rows(x)
+        if isinstance(self.impl, NativeFp8Kernel) and self.impl.takes(x2):
+            return finish(self.impl.gemv(x2), x, layer.bias)  # smoothing inside the kernel
+        return finish(self.impl(smooth_input(self.smooth_inv, x2)), x, layer.bias)
 
 
 class Fp8Kernel(LinearKernel):
@@ -144,3 +177,34 @@ class EmulatedFp8Kernel(Fp8Kernel):
         else:
             acc = F.linear(xv, self.values)
         return acc.float().mul_(scale).mul_(self.weight_scale)
+
+
+class NativeFp8Kernel(Fp8Kernel):
+    """The E4M3 codes through csrc/gguf.cpp (row kind E4M3A8): 1-8 rows its GEMV, x quantized
+    inside exactly as Fp8Kernel does (current scaling), exact products and fp32 sums, the same
+    two rescales; more rows (or a compiled graph, which traces the torch quantization), the codes
+    expanded to the model dtype and one GEMM. One copy of the weight: the codes."""
+
+    def __init__(self, kernels, weight, activation_scale, dtype: torch.dtype) -> None:
+        from tokenmill.quant.methods.gguf import E4M3_ROWS, GEMV_ROWS, GGUFWeight
+
+        self.kernels, self.w, self.gemv_rows, self.dtype = kernels, weight, GEMV_ROWS, dtype
+        self.weight_scale = weight.scales[0]
+        self.activation_scale = activation_scale
+        raw = weight.segments[0][1]  # the values alone, for the GEMM path's expansion
+        self.values = GGUFWeight([(E4M3_ROWS, raw)], weight.cols, [torch.ones(raw.shape[0])])
+        self.name = f"native fp8: GEMV up to {GEMV_ROWS} rows, else codes expanded + GEMM"
+
+    def takes(self, x2: torch.Tensor) -> bool:
+        return 0 < x2.shape[0] <= self.gemv_rows and not torch.compiler.is_compiling()
+
+    def gemv(self, x2: torch.Tensor) -> torch.Tensor:
+        """x2 [1-8, in] unsmoothed -> fp32 [rows, out]."""
+        return self.kernels.matmul(x2, self.w)
+
+    def gemm(self, xq, scale):
+        dense = self.kernels.dense(self.values, self.dtype)  # exact: E4M3 fits bf16 and fp32
+        return F.linear(xq.to(self.dtype), dense).float().mul_(scale).mul_(self.weight_scale)
+
+    def tensors(self):
+        return self.w.tensors() + self.values.tensors()

@@ -37,6 +37,8 @@ MXFP4_ROWS = 1002  # E2M1 codes; aux: E8M0 scale codes [rows, cols / 32]
 W8A8_ROWS = 1003  # int8 rows, a fp32 scale per row, x quantized per row (quant/methods/w8a8.py)
 E4M3_ROWS, E5M2_ROWS = 1004, 1005  # fp8 codes (OCP E4M3 / E5M2), a fp32 scale per row
 INT4_ROWS = 1006  # int4 nibbles [rows, cols / 2]; a fp32 scale [rows, groups]; aux: uint8 zeros
+E4M3A8_ROWS = 1007  # fp8: E4M3 rows, a fp32 scale per row, x quantized to E4M3 per row (fp8.py)
+ACTIVATION_QUANTIZED = {W8A8_ROWS, E4M3A8_ROWS}  # the aux column points at the smoothing factors
 KINDS = {  # id -> (name, elements, bytes) per block (of the codes alone where scales are apart)
     **GGML_TYPES,
     INT8_ROWS: ("I8", 32, 32),
@@ -46,11 +48,12 @@ KINDS = {  # id -> (name, elements, bytes) per block (of the codes alone where s
     E4M3_ROWS: ("E4M3", 32, 32),
     E5M2_ROWS: ("E5M2", 32, 32),
     INT4_ROWS: ("I4", 32, 16),
+    E4M3A8_ROWS: ("E4M3A8", 32, 32),
 }
 FP8_ROWS = {"fp8_e4m3": E4M3_ROWS, "fp8_e5m2": E5M2_ROWS}
 AUX_BYTES = {NVFP4_ROWS: 2, MXFP4_ROWS: 1}  # block scale bytes per 32 elements, kept apart
 # the kinds that need a fp32 scale per row (int4: per group of a row)
-ROW_SCALED = {INT8_ROWS, NVFP4_ROWS, W8A8_ROWS, E4M3_ROWS, E5M2_ROWS, INT4_ROWS}
+ROW_SCALED = {INT8_ROWS, NVFP4_ROWS, W8A8_ROWS, E4M3_ROWS, E5M2_ROWS, INT4_ROWS, E4M3A8_ROWS}
 KERNEL_TYPES = frozenset({0, 1, 2, 3, 6, 7, 8, 12, 13, 14, 30, *KINDS.keys() - GGML_TYPES.keys()})
 _I64, _PTR, _INT = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
 
@@ -91,7 +94,7 @@ class GGUFWeight:
                 raise ValueError(f"{name} rows of {self.cols} elements do not match their bytes")
             if (scale is not None) != (kind in ROW_SCALED):
                 raise ValueError(
-                    "a scale per row goes with int8, nvfp4, fp8, w8a8 and int4 rows, and only with them"
+                    "a scale per row goes with int8, int4, nvfp4, fp8 and w8a8 rows, and only with them"
                 )
             one = scale is not None and scale.dim() == 0  # one scale for every row (nvfp4)
             if (
@@ -104,19 +107,19 @@ class GGUFWeight:
             self.smooth.dtype != torch.float32
             or self.smooth.shape != (self.cols,)
             or not self.smooth.is_contiguous()
-            or any(k != W8A8_ROWS for k, _ in self.segments)
+            or any(k not in ACTIVATION_QUANTIZED for k, _ in self.segments)
         ):
-            raise ValueError("smoothing factors are fp32 [cols], for w8a8 rows only")
+            raise ValueError("smoothing factors are fp32 [cols], for w8a8 and fp8 rows only")
         ptr = lambda t: 0 if t is None else t.data_ptr()  # noqa: E731
         self.table = torch.tensor(
-            [  # w8a8 rows: the aux column points at the smoothing factors
+            [  # w8a8 and fp8 rows: the aux column points at the smoothing factors
                 [
                     k,
                     r.shape[0],
                     r.data_ptr(),
                     r.shape[1],
                     ptr(sc),
-                    ptr(self.smooth if k == W8A8_ROWS else a),
+                    ptr(self.smooth if k in ACTIVATION_QUANTIZED else a),
                     _stride(sc),
                 ]
                 for (k, r), sc, a in zip(self.segments, self.scales, self.aux)
@@ -176,6 +179,16 @@ class GGUFWeight:
         codes = codes.contiguous()
         scale = scale.float().contiguous()
         return cls([(W8A8_ROWS, codes.view(torch.uint8))], codes.shape[1], [scale], smooth=smooth)
+
+    @classmethod
+    def fp8a8_rows(
+        cls, codes: torch.Tensor, scale: torch.Tensor, smooth: torch.Tensor | None
+    ) -> GGUFWeight:
+        """fp8's weight (E4M3 codes [rows, cols], a fp32 scale per row; `smooth` the fp32
+        factors x is multiplied by, or None) as one segment over the same codes; the GEMV
+        quantizes x per row to E4M3 as quant/methods/fp8.Fp8Kernel does (current scaling)."""
+        raw = codes.contiguous().view(torch.uint8)
+        return cls([(E4M3A8_ROWS, raw)], raw.shape[1], [scale.float().contiguous()], smooth=smooth)
 
     @classmethod
     def fp4_rows(cls, q) -> GGUFWeight | None:
@@ -257,9 +270,9 @@ class GGUFWeight:
             if kind in (INT8_ROWS, W8A8_ROWS):  # w8a8: the weight alone (x is quantized too)
                 assert scale is not None
                 parts.append(raw.view(torch.int8).float() * scale[:, None])
-            elif kind in (E4M3_ROWS, E5M2_ROWS):  # as formats.dequantize_fast: values x scale
+            elif kind in (E4M3_ROWS, E5M2_ROWS, E4M3A8_ROWS):  # values x scale (fp8: the weight)
                 assert scale is not None
-                fmt = el.E4M3 if kind == E4M3_ROWS else el.E5M2
+                fmt = el.E5M2 if kind == E5M2_ROWS else el.E4M3
                 parts.append(el.decode(raw, fmt, torch.float32) * scale[:, None])
             else:
                 parts.append(dequantize(raw, kind, (raw.shape[0], self.cols)))
