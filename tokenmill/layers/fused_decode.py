@@ -41,6 +41,21 @@ def _still_packed(held: list[tuple[Linear, torch.Tensor]]) -> bool:
     return all(layer.quant_method.packed is p and layer.quant_method.block_cols for layer, p in held)  # fmt: skip
 
 
+Watched = tuple[list[tuple[object, str, object]], list[tuple[object, str, object]]]
+
+
+def _watch_packed(held: list[tuple[Linear, torch.Tensor]]) -> Watched:
+    """What `_still_packed` checks, as (object, attribute, value) triples: the same objects,
+    and equal block columns (what the native descriptors were built with)."""
+    same: list[tuple[object, str, object]] = []
+    equal: list[tuple[object, str, object]] = []
+    for layer, packed in held:
+        method = layer.quant_method
+        same += [(layer, "quant_method", method), (method, "packed", packed)]
+        equal.append((method, "block_cols", method.block_cols))
+    return same, equal
+
+
 def _linear_fields(layer: Linear) -> list[int]:
     bias = layer.bias.data_ptr() if layer.bias is not None else 0
     return [torch.ops.mkldnn.data_ptr(layer.quant_method.packed), bias, layer.quant_method.block_cols]  # fmt: skip
@@ -120,6 +135,12 @@ class QKVBlock:
         `_still_packed`)."""
         return _still_packed(self._held)
 
+    def watched(self) -> Watched:
+        """`current` as attribute triples, for a caller that checks many blocks each step
+        (layers/decode_layers.py): (object, name, value) that must stay the same object, and
+        those that must stay equal."""
+        return _watch_packed(self._held)
+
     @classmethod
     def build(cls, norm, qkv, rotary, attention) -> QKVBlock | None:
         """The fused half over these modules, or None where one of them is not plain."""
@@ -183,6 +204,9 @@ class MLPBlock:
 
     def current(self) -> bool:
         return _still_packed(self._held)
+
+    def watched(self) -> Watched:
+        return _watch_packed(self._held)
 
     @classmethod
     def build(cls, o_proj, norm, gate_up, down, act) -> MLPBlock | None:
@@ -267,6 +291,13 @@ def _still_native(held: list[tuple[Linear, object]]) -> bool:
     return all(layer.quant_method.impl is impl for layer, impl in held)
 
 
+def _watch_native(held: list[tuple[Linear, object]]) -> Watched:
+    same: list[tuple[object, str, object]] = []
+    for layer, impl in held:
+        same += [(layer, "quant_method", layer.quant_method), (layer.quant_method, "impl", impl)]
+    return same, []
+
+
 class GGUFQKVBlock(QKVBlock):
     """QKVBlock over GGUF codes (csrc/gguf.cpp tm_gguf_decode_qkv)."""
 
@@ -288,6 +319,9 @@ class GGUFQKVBlock(QKVBlock):
     def current(self) -> bool:
         return _still_native(self._gguf_held)
 
+    def watched(self) -> Watched:
+        return _watch_native(self._gguf_held)
+
 
 class GGUFMLPBlock(MLPBlock):
     """MLPBlock over GGUF codes (csrc/gguf.cpp tm_gguf_decode_mlp)."""
@@ -308,6 +342,9 @@ class GGUFMLPBlock(MLPBlock):
 
     def current(self) -> bool:
         return _still_native(self._gguf_held)
+
+    def watched(self) -> Watched:
+        return _watch_native(self._gguf_held)
 
 
 def build_inputs(norm, qkv, rotary, attention) -> QKVBlock | None:
