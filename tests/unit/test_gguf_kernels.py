@@ -287,3 +287,27 @@ def test_fp8_activations_are_quantized_as_fp8kernel(kernels, dtype, smoothed):
         want = (xq @ exact.T) * scale.double() * ref.weight_scale.double()
         bound = ((xq.abs() @ exact.abs().T) * scale.double() * ref.weight_scale.double()).max()
         assert (native_kernel.gemv(x).double() - want).abs().max() <= 1e-5 * bound
+
+
+@pytest.mark.parametrize("kind", [INT4_ROWS, NVFP4_ROWS, INT8_ROWS])
+def test_linear_in_blocks_of_rows_equals_one_gemm(kernels, kind, monkeypatch):
+    """Above 8 rows the weight is expanded a block of rows at a time into a reused buffer:
+    the same result as one GEMM over the whole dense matrix, for every block size (blocks
+    that split segments and row scales too), and the buffer is reused across calls."""
+    from tokenmill.quant.methods import gguf
+
+    gen = torch.Generator().manual_seed(kind)
+    parts = [make_weight(kind, r, 128, gen)[0] for r in (50, 37)]
+    merged = GGUFWeight(
+        [s for p in parts for s in p.segments], 128,
+        [s for p in parts for s in p.scales], [a for p in parts for a in p.aux],
+    )  # fmt: skip
+    x = torch.randn(24, 128, generator=gen).to(torch.bfloat16)
+    want = torch.nn.functional.linear(x, kernels.dense(merged, torch.bfloat16))
+    for block in (16, 40, 64, 4096):
+        monkeypatch.setattr(gguf, "GEMM_BLOCK_ROWS", block)
+        assert torch.equal(kernels.linear(x, merged), want)
+        assert torch.equal(kernels.matmul(x, merged), want)
+    buffer = kernels._buffers.by_dtype[torch.bfloat16]
+    kernels.linear(x, merged)
+    assert kernels._buffers.by_dtype[torch.bfloat16] is buffer

@@ -18,6 +18,7 @@ the native kernels (no compiler, no AVX-512) the torch dequantization runs befor
 from __future__ import annotations
 
 import ctypes
+import threading
 from dataclasses import dataclass, field
 
 import torch
@@ -30,6 +31,10 @@ from tokenmill.quant.gguf_quants import GGML_TYPES, dequantize
 from tokenmill.quant.methods.base import LinearKernel, QuantMethod, finish, rows
 
 GEMV_ROWS = 8  # csrc/gguf.cpp kMaxRows
+# Above GEMV_ROWS the weight is expanded a block of rows at a time into a reused buffer, each
+# block multiplied while it is still in cache: a fresh dense tensor per call page-faulted its
+# memory in every step (the tied head of the bundled model: 27 ms of a 111 ms batch-48 step)
+GEMM_BLOCK_ROWS = 4096
 # Not GGML types: tokenmill's own weight-only layouts (quant/formats.py), served by the same kernels
 INT8_ROWS = 1000  # int8 rows, a fp32 scale per row
 NVFP4_ROWS = 1001  # E2M1 codes [rows, cols / 2]; aux: E4M3 scale codes [rows, cols / 16]; row scale
@@ -130,6 +135,31 @@ class GGUFWeight:
     @property
     def rows(self) -> int:
         return sum(r.shape[0] for _, r in self.segments)
+
+    def row_blocks(self, block: int) -> list[tuple[int, GGUFWeight]]:
+        """(first row, the weight's rows first .. first + block) for each block of rows: views
+        of the same tensors (cached per block size)."""
+        cached = self.__dict__.setdefault("_row_blocks", {})
+        if block not in cached:
+            cached[block] = [(r0, self._rows(r0, min(r0 + block, self.rows)))
+                             for r0 in range(0, self.rows, block)]  # fmt: skip
+        return cached[block]
+
+    def _rows(self, start: int, end: int) -> GGUFWeight:
+        if (start, end) == (0, self.rows):
+            return self
+        segments, scales, aux = [], [], []
+        first = 0
+        for (kind, raw), scale, a in zip(self.segments, self.scales or [], self.aux or []):
+            lo, hi = max(start - first, 0), min(end - first, raw.shape[0])
+            first += raw.shape[0]
+            if lo >= hi:
+                continue
+            segments.append((kind, raw[lo:hi]))
+            per_row = scale is not None and scale.dim() > 0
+            scales.append(scale[lo:hi] if per_row else scale)  # type: ignore[index]
+            aux.append(None if a is None else a[lo:hi])
+        return GGUFWeight(segments, self.cols, scales, aux, self.smooth)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -310,6 +340,7 @@ class GGUFKernels:
         self._dequant = lib.tm_gguf_dequant
         self._dequant.argtypes = [_PTR, _I64, _I64, _PTR, _INT, _INT]
         self._dequant.restype = _INT
+        self._buffers = threading.local()  # linear's expansion buffers, one set per thread
         probe = GGUFWeight([(0, torch.zeros(1, 128, dtype=torch.uint8))], 32)
         y, dense = torch.empty(1, 1), torch.empty(1, 32)
         if self._dequant(probe.table.data_ptr(), 1, 32, dense.data_ptr(), 0, 1):
@@ -327,9 +358,16 @@ class GGUFKernels:
             and all(k in KERNEL_TYPES for k, _ in w.segments)
         )
 
-    def dense(self, w: GGUFWeight, dtype: torch.dtype) -> torch.Tensor:
-        """The weight as a dense [rows, cols] fp32 or bf16 matrix (the dequantized path's)."""
-        out = torch.empty(w.rows, w.cols, dtype=dtype)
+    def dense(
+        self, w: GGUFWeight, dtype: torch.dtype, out: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """The weight as a dense [rows, cols] fp32 or bf16 matrix (the dequantized path's);
+        written into the front of `out` (a flat buffer of that dtype) where given."""
+        if out is None:
+            out = torch.empty(w.rows, w.cols, dtype=dtype)
+        else:
+            assert out.dtype == dtype and out.numel() >= w.rows * w.cols and out.is_contiguous()
+            out = out[: w.rows * w.cols].view(w.rows, w.cols)
         rc = self._dequant(
             w.table.data_ptr(), len(w.segments), w.cols, out.data_ptr(),
             int(dtype == torch.bfloat16), torch.get_num_threads(),
@@ -337,11 +375,29 @@ class GGUFKernels:
         assert rc == 0, "gguf dequant refused a weight supports() accepted"
         return out
 
+    def linear(self, x2: torch.Tensor, w: GGUFWeight) -> torch.Tensor:
+        """x2 [n, cols] @ W^T in x2's dtype, at any n: W expanded to that dtype a block of
+        GEMM_BLOCK_ROWS rows at a time into this thread's reused buffer, each block one GEMM
+        (the values of `dense`, so the same result)."""
+        dtype = x2.dtype
+        blocks = w.row_blocks(GEMM_BLOCK_ROWS)
+        rows = min(w.rows, GEMM_BLOCK_ROWS)
+        buffers = self._buffers.__dict__.setdefault("by_dtype", {})
+        buf = buffers.get(dtype)
+        if buf is None or buf.numel() < rows * w.cols:
+            buf = buffers[dtype] = torch.empty(rows * w.cols, dtype=dtype)
+        if len(blocks) == 1:
+            return F.linear(x2, self.dense(w, dtype, out=buf))
+        y = torch.empty(x2.shape[0], w.rows, dtype=dtype)
+        for r0, part in blocks:
+            y[:, r0 : r0 + part.rows] = F.linear(x2, self.dense(part, dtype, out=buf))
+        return y
+
     def matmul(self, x2: torch.Tensor, w: GGUFWeight) -> torch.Tensor:
         """x2 [n, cols] (fp32 or bf16) @ W^T -> [n, rows] (fp32 for n <= 8, else x2's dtype)."""
         n = x2.shape[0]
         if not 0 < n <= GEMV_ROWS:
-            return F.linear(x2, self.dense(w, x2.dtype))
+            return self.linear(x2, w)
         bf16 = x2.dtype == torch.bfloat16 and self.bf16_gemv
         xc = x2.contiguous() if bf16 else x2.float().contiguous()
         y = torch.empty(n, w.rows, dtype=torch.float32)

@@ -268,7 +268,7 @@ class NativeRowsKernel(LinearKernel):
             return self.fallback(x2)
         if 0 < x2.shape[0] <= self.gemv_rows:
             return self.kernels.matmul(x2, self.w)
-        return F.linear(x2, self.kernels.dense(self.w, x2.dtype))
+        return self.kernels.linear(x2, self.w)
 
     def tensors(self):
         return self.w.tensors() + self.fallback.tensors()
