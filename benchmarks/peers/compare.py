@@ -41,6 +41,8 @@ def engines(
         ("tokenmill w8a8", None, "tokenmill_driver.py", hf, "w8a8/bfloat16"),
         ("tokenmill nvfp4", None, "tokenmill_driver.py", hf, "nvfp4/bfloat16"),
         ("tokenmill fp8_e4m3 (weight-only)", None, "tokenmill_driver.py", hf, "fp8_e4m3/bfloat16"),
+        ("tokenmill fp8 (E4M3 x E4M3)", None, "tokenmill_driver.py", hf, "fp8/bfloat16"),
+        ("tokenmill int4 (weight-only)", None, "tokenmill_driver.py", hf, "int4/bfloat16"),
         ("tokenmill gguf Q4_1 (as shipped)", None, "tokenmill_driver.py", gguf, "gguf/bfloat16"),
         ("transformers fp32", None, "transformers_driver.py", hf, "float32"),
         ("vLLM fp32", "vllm", "vllm_driver.py", hf, "float32"),
@@ -164,7 +166,8 @@ def read_bandwidth_gbs(gib: int = 1, repeats: int = 5) -> float:
 def weight_bytes(model: str, variant: str) -> int:
     """What one decode step reads of weights: a GGUF's size, or an HF folder's parameters at the
     variant's width: a quantization method's bits for the linear layers (codes and scales:
-    nvfp4 an fp8 scale per 16, int4 a bf16 scale and zero per 32), the model dtype for the rest
+    nvfp4 an fp8 scale per 16, int4 a fp32 scale and a uint8 zero per 64 (this model's 576-wide
+    rows; 128 for 1536), fp8 one byte), the model dtype for the rest
     (the embedding, which a tied model's head reads whole each step; norms)."""
     path = Path(model)
     if path.is_file():
@@ -173,8 +176,8 @@ def weight_bytes(model: str, variant: str) -> int:
 
     method, _, dtype = variant.rpartition("/")
     plain = {"float32": 4, "bfloat16": 2, "float16": 2}[dtype]
-    bits = {"int8": 8, "w8a8": 8, "nvfp4": 4.5, "mxfp4": 4.25, "int4": 4.5}.get(method)
-    bits = bits or {"fp8_e4m3": 8, "fp8_e5m2": 8}.get(method)
+    bits = {"int8": 8, "w8a8": 8, "nvfp4": 4.5, "mxfp4": 4.25, "int4": 4.625}.get(method)
+    bits = bits or {"fp8_e4m3": 8, "fp8_e5m2": 8, "fp8": 8}.get(method)
     total = 0.0
     for f in path.glob("*.safetensors"):
         with safe_open(str(f), "pt") as st:
