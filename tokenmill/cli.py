@@ -71,6 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_quant_parsers(sub, add_engine_options)
     add_cost_parsers(sub)
+    from tokenmill.partition.commands import add_parsers as add_partition_parsers
+
+    add_partition_parsers(sub)
 
     b = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True)
     bs = b.add_parser(
@@ -245,6 +248,10 @@ def main(argv: list[str] | None = None) -> int:
             from tokenmill.cost import commands as cost_commands
 
             return cost_commands.run(args)
+        if args.command == "partition":
+            from tokenmill.partition import commands as partition_commands
+
+            return partition_commands.run(args)
         if args.command in ("quantize", "eval"):
             from tokenmill.quant import commands as quant_commands
 

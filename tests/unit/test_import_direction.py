@@ -27,6 +27,10 @@ PURE = [
     "tokenmill.cost.energy",
     "tokenmill.cost.plan",
     "tokenmill.bench.metrics",
+    "tokenmill.partition.profiles",
+    "tokenmill.partition.slices",
+    "tokenmill.partition.planner",
+    "tokenmill.fleet.config",
 ]
 
 # package -> packages (or modules) it must never import: the stack is layers <- models <- worker

@@ -1,0 +1,92 @@
+"""FLEET.toml (tokenmill/fleet/config.py): every mistake is an error naming the instance and the
+key, engine options are checked as the command line checks them, and the memory need the planner
+uses counts the weights at their served width plus the KV budget."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tokenmill.fleet.config import load_fleet, parse_fleet
+from tokenmill.fleet.needs import memory_need, weight_elements
+from tokenmill.partition.slices import Cores, MigSlice
+
+
+def instance(**kw):
+    return {"name": "chat", "model": "default", **kw}
+
+
+def test_a_fleet_reads_back_with_its_options(tmp_path: Path):
+    path = tmp_path / "FLEET.toml"
+    path.write_text(
+        '[[instances]]\nname = "chat"\nmodel = "default"\nslice = "cores=0"\n'
+        'dtype = "bfloat16"\nkv_cache_memory = 268435456\nmax_model_len = 512\n\n'
+        '[[instances]]\nname = "batch"\nmodel = "default"\nreplicas = 2\n'
+        'slice = ["cores=1", "cores=2"]\n\n'
+        '[[instances]]\nname = "gpu"\nmodel = "default"\nslice = "1g.18gb"\nreplicas = 3\n'
+    )
+    fleet = load_fleet(path)
+    chat, batch, gpu = fleet.instances
+    assert chat.slices == (Cores((0,)),) and chat.replicas == 1
+    assert chat.engine == {"dtype": "bfloat16", "kv_cache_memory": 268435456, "max_model_len": 512}
+    config = chat.engine_config()
+    assert config.cache.kv_cache_memory == 268435456 and config.model.dtype == "bfloat16"
+    assert batch.replica_names() == ["batch#0", "batch#1"]
+    assert batch.slices == (Cores((1,)), Cores((2,)))
+    assert gpu.slices == (MigSlice("1g.18gb"),) * 3
+    assert fleet.instance("gpu") is gpu
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        ({"instances": [instance()], "servers": 1}, "unknown top-level keys \\['servers'\\]"),
+        ({}, "no \\[\\[instances\\]\\]"),
+        ({"instances": [{"model": "default"}]}, "instance 1: `name`.*required"),
+        ({"instances": [{"name": "x"}]}, "instance 'x': `model` is required"),
+        (
+            {"instances": [instance(colour="red")]},
+            "instance 'chat': unknown engine option 'colour'",
+        ),
+        ({"instances": [instance(dtype="float8")]}, "instance 'chat': dtype must be one of"),
+        ({"instances": [instance(kv_cache_memory=-1)]}, "kv_cache_memory must be > 0"),
+        ({"instances": [instance(replicas=0)]}, "replicas must be an integer >= 1"),
+        ({"instances": [instance(replicas=True)]}, "replicas must be an integer"),
+        (
+            {"instances": [instance(slice="two cores")]},
+            "instance 'chat': slice 'two cores' is none of",
+        ),
+        ({"instances": [instance(slice=3)]}, "slice must be a string or a list"),
+        ({"instances": [instance(replicas=2, slice=["cores=0"])]}, "1 slices for 2 replicas"),
+        ({"instances": [instance(replicas=2, slice="cores=0")]}, "share one slice"),
+        ({"instances": [instance(), instance()]}, "must be unique.*chat"),
+    ],
+)
+def test_mistakes_name_the_instance_and_key(data, message):
+    with pytest.raises(ValueError, match=message):
+        parse_fleet(data)
+
+
+def test_bad_toml_is_a_clear_error(tmp_path: Path):
+    path = tmp_path / "FLEET.toml"
+    path.write_text("[[instances]\nname=")
+    with pytest.raises(ValueError, match="not valid TOML"):
+        load_fleet(path)
+
+
+def test_memory_need_counts_weights_at_their_width_and_the_kv_budget(tiny_model_dir):
+    path = str(tiny_model_dir("llama"))
+    numel = sum(n for _, n in weight_elements(path))
+    linear = sum(n for name, n in weight_elements(path) if "_proj." in name)
+    assert 0 < linear < numel
+    fp32 = parse_fleet({"instances": [{"name": "a", "model": path, "dtype": "float32"}]})
+    need, notes = memory_need(fp32.instances[0])
+    assert need == 4 * numel and "weights only" in notes[0]
+    int8 = parse_fleet({"instances": [{"name": "a", "model": path, "dtype": "bfloat16",
+                                       "quantization": "int8", "kv_cache_memory": 1000}]})  # fmt: skip
+    need, notes = memory_need(int8.instances[0])
+    assert need == 2 * (numel - linear) + linear + 1000 and not notes
+    default = parse_fleet({"instances": [{"name": "d", "model": "default", "dtype": "bfloat16"}]})
+    need, _ = memory_need(default.instances[0])
+    assert 250e6 < need < 300e6  # SmolLM2-135M in bf16 (the GGUF's tensors, dequantized)
