@@ -28,6 +28,10 @@ def serve_config(args: argparse.Namespace) -> ServeConfig:
 def engine_config(args: argparse.Namespace) -> EngineConfig:
     names = set(option_help()) - {"model"}
     given = {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
+    if getattr(args, "profile", None) is not None:  # serve, generate: the hardware profile
+        from tokenmill.profiles.commands import apply_profile
+
+        given = apply_profile(args.profile, args.model, given)
     return EngineConfig.from_kwargs(model=args.model, **given)
 
 
@@ -57,6 +61,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_usage_options(s)
     add_serve_options(s)
     add_engine_options(s)
+    from tokenmill.profiles.commands import add_parsers as add_profile_parsers
+    from tokenmill.profiles.commands import add_profile_option
+
+    add_profile_option(s)
 
     g = sub.add_parser("generate", help="complete one prompt, streaming to the terminal")
     g.add_argument("prompt", help="the prompt (or the user message with --chat)")
@@ -66,6 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--temperature", type=float, default=0.0)
     g.add_argument("--top-p", type=float, default=1.0)
     add_engine_options(g)
+    add_profile_option(g)
 
     from tokenmill.quant.commands import add_parsers as add_quant_parsers
 
@@ -74,6 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     from tokenmill.partition.commands import add_parsers as add_partition_parsers
 
     add_partition_parsers(sub)
+    add_profile_parsers(sub)
 
     b = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True)
     bs = b.add_parser(
@@ -248,6 +258,10 @@ def main(argv: list[str] | None = None) -> int:
             from tokenmill.cost import commands as cost_commands
 
             return cost_commands.run(args)
+        if args.command == "profiles":
+            from tokenmill.profiles import commands as profile_commands
+
+            return profile_commands.run(args)
         if args.command == "partition":
             from tokenmill.partition import commands as partition_commands
 

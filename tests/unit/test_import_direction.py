@@ -31,6 +31,8 @@ PURE = [
     "tokenmill.partition.slices",
     "tokenmill.partition.planner",
     "tokenmill.fleet.config",
+    "tokenmill.profiles.hardware",
+    "tokenmill.profiles.choose",
 ]
 
 # package -> packages (or modules) it must never import: the stack is layers <- models <- worker

@@ -72,3 +72,19 @@ def memory_need(spec: InstanceSpec) -> tuple[int, list[str]]:
         notes.append(f"{spec.name}: no kv_cache_memory: its need counts the weights only")
         kv = 0
     return weights + int(kv), notes
+
+
+def model_size(model: str):
+    """The model's tensors as profiles/choose.ModelSize: linear-layer and other elements, and
+    the GGUF file's size when it is one."""
+    from tokenmill.profiles.choose import ModelSize
+
+    elements = weight_elements(model)
+    linear = sum(n for name, n in elements if any(k in name for k in LINEAR_NAMES))
+    path = Path(model)
+    if model == "default":
+        from tokenmill.models.gguf import resolve_default_model
+
+        path = resolve_default_model()
+    gguf = path.stat().st_size if path.is_file() and path.suffix == ".gguf" else None
+    return ModelSize(linear, sum(n for _, n in elements) - linear, gguf)
