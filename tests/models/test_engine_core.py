@@ -166,3 +166,35 @@ def run_text(engine: LLMEngine, batch, params):
             if out.finished:
                 done[out.request_id] = out
     return [done[f"t{i}"] for i in range(len(batch))]
+
+
+def test_a_core_process_bound_to_its_cores(tiny_model_dir):
+    """An instance's engine core runs pinned to its slice's cores with its thread count (the
+    partition binder's Binding, applied in the child before torch starts) and serves."""
+    import os
+
+    from tokenmill.partition.binder import bind
+    from tokenmill.partition.planner import Want, plan
+    from tokenmill.partition.profiles import cpu_topology
+    from tokenmill.partition.slices import Cores
+
+    model = str(tiny_model_dir("llama"))
+    core = max(os.sched_getaffinity(0))
+    (placement,) = plan([Want("small", Cores((core,)))], cpu_topology()).placements
+    (binding,) = bind([placement], [])
+    config = EngineConfig.from_kwargs(model=model, **OPTIONS, **binding.engine)
+    assert config.device.num_threads == 1
+    engine = AsyncEngine(ProcessCoreClient(config, binding), load_tokenizer(model))
+    engine.start()
+    try:
+        assert os.sched_getaffinity(engine.client.process.pid) == {core}
+
+        async def one():
+            async for out in engine.generate("b0", [5, 6, 7], PARAMS[0]):
+                last = out
+            return last
+
+        out = asyncio.run(one())
+        assert len(out.outputs[0].token_ids) == PARAMS[0].max_tokens
+    finally:
+        engine.shutdown()

@@ -140,17 +140,21 @@ class InprocCoreClient(CoreClient):
 
 
 class ProcessCoreClient(CoreClient):
-    """The core in a spawned child process. Construction blocks until the model is loaded."""
+    """The core in a spawned child process. Construction blocks until the model is loaded.
+    `binding` (partition/binder.Binding): the slice the process is bound to (its environment
+    and CPU affinity, applied in the child before torch starts); its engine options are the
+    caller's to merge into `config`."""
 
-    def __init__(self, config: EngineConfig) -> None:
+    def __init__(self, config: EngineConfig, binding=None) -> None:
         super().__init__()
         from tokenmill.engine.core_proc import run_engine_core
 
         ctx = mp.get_context("spawn")  # never fork a process that holds torch threads
         self._conn, child = ctx.Pipe()
         level = logging.getLogger().getEffectiveLevel()
+        name = "tokenmill-core" + (f"-{binding.name}" if binding is not None else "")
         self.process = ctx.Process(
-            target=run_engine_core, args=(config, child, level), name="tokenmill-core", daemon=True
+            target=run_engine_core, args=(config, child, level, binding), name=name, daemon=True
         )
         self.process.start()
         child.close()  # the parent's copy: EOF on our end once the core exits

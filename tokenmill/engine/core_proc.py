@@ -28,9 +28,16 @@ log = logging.getLogger(__name__)
 IDLE_POLL_S = 1.0  # an idle core wakes this often to notice a vanished front
 
 
-def run_engine_core(config: EngineConfig, conn, log_level: int = logging.INFO) -> None:
+def run_engine_core(
+    config: EngineConfig, conn, log_level: int = logging.INFO, binding=None
+) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if binding is not None:  # the instance's slice, before torch starts its threads
+        from tokenmill.partition.binder import apply
+
+        apply(binding)
+        log.info("bound to %s", binding)
     from tokenmill.engine.core import EngineCore
 
     try:
