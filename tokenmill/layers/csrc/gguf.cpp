@@ -1141,6 +1141,21 @@ struct Prepared {
   std::vector<uint16_t> x32, xk;
   std::vector<int16_t> xq;
 
+  // Row r of x in fp32, times the smoothing factors (one fp32 rounding) where given, into
+  // `row`; returns its largest magnitude. What both activation quantizations start from.
+  static float smoothed_row(const void* x, int64_t r, bool bf16, int64_t cols,
+                            const float* smooth, float* row) {
+    float amax = 0.f;
+    for (int64_t c = 0; c < cols; ++c) {
+      float v = bf16 ? bf16_value(static_cast<const uint16_t*>(x)[r * cols + c])
+                     : static_cast<const float*>(x)[r * cols + c];
+      if (smooth) v = v * smooth[c];
+      row[c] = v;
+      amax = std::fabs(v) > amax ? std::fabs(v) : amax;
+    }
+    return amax;
+  }
+
   // w8a8 (Int8MMKernel's arithmetic): x2 = x in fp32 (times the smoothing factors: one fp32
   // rounding), amax = max |x2| (at least 1e-12), codes round-half-even(x2 * (127 / amax)),
   // which lie in [-127, 127], and the scale amax / 127 (a true division).
@@ -1149,14 +1164,7 @@ struct Prepared {
     sx.resize(m);
     std::vector<float> row(cols);
     for (int64_t r = 0; r < m; ++r) {
-      float amax = 0.f;
-      for (int64_t c = 0; c < cols; ++c) {
-        float v = bf16 ? bf16_value(static_cast<const uint16_t*>(x)[r * cols + c])
-                       : static_cast<const float*>(x)[r * cols + c];
-        if (smooth) v = v * smooth[c];
-        row[c] = v;
-        amax = std::fabs(v) > amax ? std::fabs(v) : amax;
-      }
+      float amax = smoothed_row(x, r, bf16, cols, smooth, row.data());
       amax = amax < 1e-12f ? 1e-12f : amax;
       // torch computes 127.0 / amax as reciprocal(amax) * 127: two roundings (measured)
       const __m512 inv = _mm512_set1_ps((1.0f / amax) * 127.0f);
@@ -1180,15 +1188,7 @@ struct Prepared {
     s8.resize(m);
     for (int64_t r = 0; r < m; ++r) {
       float* row = x8.data() + r * cols;
-      float amax = 0.f;
-      for (int64_t c = 0; c < cols; ++c) {
-        float v = bf16 ? bf16_value(static_cast<const uint16_t*>(x)[r * cols + c])
-                       : static_cast<const float*>(x)[r * cols + c];
-        if (smooth) v = v * smooth[c];
-        row[c] = v;
-        amax = std::fabs(v) > amax ? std::fabs(v) : amax;
-      }
-      float scale = amax / 448.0f;
+      float scale = smoothed_row(x, r, bf16, cols, smooth, row) / 448.0f;
       scale = scale < 1e-12f ? 1e-12f : scale;
       const __m512 sv = _mm512_set1_ps(scale), limit = _mm512_set1_ps(448.f);
       for (int64_t c = 0; c < cols; c += 16) {

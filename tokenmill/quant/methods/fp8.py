@@ -82,8 +82,7 @@ class FP8Method(SmoothQuantMixin, QuantMethod):
     def attach_native(self, layer) -> bool:
         """Current scaling on CPU: csrc/gguf.cpp's fp8 rows over the E4M3 codes
         (NativeFp8Kernel); called by layers/native_ops.select_kernels."""
-        from tokenmill.layers.native import NativeUnavailable
-        from tokenmill.quant.methods.gguf import GGUFKernels, GGUFWeight, shared_kernels
+        from tokenmill.quant.methods.gguf import GGUFWeight, kernels_for
 
         impl, q = self.impl, self.qweight
         if self.activation_scaling != "current" or not isinstance(impl, EmulatedFp8Kernel):
@@ -91,11 +90,8 @@ class FP8Method(SmoothQuantMixin, QuantMethod):
         if q is None or q.data.device.type != "cpu" or not q.data.numel():
             return False
         weight = GGUFWeight.fp8a8_rows(q.data, impl.weight_scale, self.smooth_inv)
-        if not GGUFKernels.supports(weight, layer.params_dtype):
-            return False
-        try:
-            kernels = shared_kernels()
-        except NativeUnavailable:
+        kernels = kernels_for(weight, layer.params_dtype)
+        if kernels is None:
             return False
         self.impl = NativeFp8Kernel(kernels, weight, self.activation_scale, layer.params_dtype)
         return True

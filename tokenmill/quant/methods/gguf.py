@@ -419,6 +419,19 @@ def shared_kernels() -> GGUFKernels:
     return _SHARED[0]
 
 
+def kernels_for(w: GGUFWeight, dtype: torch.dtype) -> GGUFKernels | None:
+    """The shared kernels where they take `w` in `dtype` and build here; else None (the
+    caller keeps its torch path)."""
+    from tokenmill.layers.native import NativeUnavailable
+
+    if not GGUFKernels.supports(w, dtype):
+        return None
+    try:
+        return shared_kernels()
+    except NativeUnavailable:
+        return None
+
+
 class TorchGGUFKernel(LinearKernel):
     def __init__(self, w: GGUFWeight) -> None:
         self.w = w
@@ -482,15 +495,10 @@ class GGUFMethod(QuantMethod):
     def attach_native(self, layer) -> bool:
         """The native kernels (csrc/gguf.cpp) where they apply; called by
         layers/native_ops.select_kernels when the runner's cpu_kernels allows."""
-        from tokenmill.layers.native import NativeUnavailable
-
-        if self.weight is None or not GGUFKernels.supports(self.weight, layer.params_dtype):
+        kernels = None if self.weight is None else kernels_for(self.weight, layer.params_dtype)
+        if kernels is None:
             return False
-        try:
-            kernels = shared_kernels()
-        except NativeUnavailable:
-            return False
-        self.impl = NativeGGUFKernel(kernels, self.weight)
+        self.impl = NativeGGUFKernel(kernels, self.weight)  # type: ignore[arg-type]
         return True
 
     def tensors(self) -> list[torch.Tensor]:

@@ -55,8 +55,7 @@ class W8A8Method(SmoothQuantMixin, QuantMethod):
         """1-8 rows through csrc/gguf.cpp's w8a8 GEMV (NativeW8A8Kernel) where it applies:
         symmetric activations, a CPU weight, float32/bfloat16 layers; called by
         layers/native_ops.select_kernels."""
-        from tokenmill.layers.native import NativeUnavailable
-        from tokenmill.quant.methods.gguf import GGUFKernels, GGUFWeight, shared_kernels
+        from tokenmill.quant.methods.gguf import GGUFWeight, kernels_for
 
         impl = self.impl
         if self.activation_zero_point or not isinstance(impl, Int8MMKernel):
@@ -65,11 +64,8 @@ class W8A8Method(SmoothQuantMixin, QuantMethod):
         if codes.device.type != "cpu" or not codes.is_contiguous():
             return False
         weight = GGUFWeight.w8a8_rows(codes, impl.weight_scale, self.smooth_inv)
-        if not GGUFKernels.supports(weight, layer.params_dtype):
-            return False
-        try:
-            kernels = shared_kernels()
-        except NativeUnavailable:
+        kernels = kernels_for(weight, layer.params_dtype)
+        if kernels is None:
             return False
         self.impl = NativeW8A8Kernel(kernels, weight, impl)
         return True

@@ -142,8 +142,7 @@ class WeightOnlyMethod(QuantMethod):
     def _attach_rows(self, layer) -> bool:
         """int8, int4, nvfp4, mxfp4 and fp8 through csrc/gguf.cpp's GEMVs and fused halves,
         over the same codes (NativeRowsKernel)."""
-        from tokenmill.layers.native import NativeUnavailable
-        from tokenmill.quant.methods.gguf import GGUFKernels, GGUFWeight, shared_kernels
+        from tokenmill.quant.methods.gguf import GGUFWeight, kernels_for
 
         q = self.qweight
         assert q is not None and self.impl is not None
@@ -159,11 +158,8 @@ class WeightOnlyMethod(QuantMethod):
             weight = GGUFWeight.fp8_rows(q)
         else:
             weight = GGUFWeight.fp4_rows(q)
-        if weight is None or not GGUFKernels.supports(weight, layer.params_dtype):
-            return False
-        try:
-            kernels = shared_kernels()
-        except NativeUnavailable:
+        kernels = None if weight is None else kernels_for(weight, layer.params_dtype)
+        if kernels is None:
             return False
         self.impl = NativeRowsKernel(kernels, weight, self.impl)
         return True
