@@ -31,6 +31,7 @@ PURE = [
     "tokenmill.partition.slices",
     "tokenmill.partition.planner",
     "tokenmill.fleet.config",
+    "tokenmill.fleet.router",
     "tokenmill.profiles.hardware",
     "tokenmill.profiles.choose",
 ]
