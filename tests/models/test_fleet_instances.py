@@ -61,3 +61,60 @@ def test_a_layout_that_does_not_fit_starts_nothing(tiny_model_dir):
     ]})  # fmt: skip
     with pytest.raises(ValueError, match="cannot be placed here: b: shares cores with a"):
         bind_fleet(fleet, cpu_topology())
+
+
+def test_a_killed_instance_fails_its_requests_others_serve_and_it_comes_back(tiny_model_dir):
+    """SIGKILL one instance's engine core mid-request: that request fails at once, the other
+    instance keeps answering, the router reports the killed one's model unavailable with a
+    Retry-After, and the supervisor restarts it, after which it serves again."""
+    import signal
+    import time
+
+    from tokenmill.engine.core_client import EngineDeadError
+    from tokenmill.fleet.router import Router, Unavailable
+    from tokenmill.fleet.supervisor import Supervisor
+
+    model = str(tiny_model_dir("llama"))
+    roomy = {**SMALL, "max_model_len": 512}
+    fleet = parse_fleet({"instances": [
+        {"name": "a", "model": model, **roomy}, {"name": "b", "model": model, **roomy},
+    ]})  # fmt: skip
+    instances = start(bind_fleet(fleet, cpu_topology()))
+    a, b = instances
+    router = Router({"a": ["a"], "b": ["b"]})
+    sup = Supervisor(instances, router, base_delay=0.1)
+    long = SamplingParams(max_tokens=500, temperature=0.0, ignore_eos=True)
+    short = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
+
+    async def tokens(inst, rid, params):
+        async for out in inst.engine.generate(rid, [3, 4, 5], params):
+            last = out
+        return last.outputs[0].token_ids
+
+    async def kill_mid_request():
+        seen = 0
+        with pytest.raises(EngineDeadError):
+            async for out in a.engine.generate("long", [3, 4, 5], long):
+                seen = len(out.outputs[0].token_ids)
+                if seen == 1:  # streaming: kill the core while the request is in flight
+                    os.kill(a.engine.client.process.pid, signal.SIGKILL)
+        assert 0 < seen < long.max_tokens
+        return await tokens(b, "other", short)
+
+    try:
+        old_pid = a.engine.client.process.pid
+        assert len(asyncio.run(kill_mid_request())) == 4  # b kept answering
+        sup.check()
+        with pytest.raises(Unavailable) as e:
+            router.pick("a", [1])
+        assert e.value.retry_after > 0
+        assert router.pick("b", [1]) == "b"
+        deadline = time.monotonic() + 60
+        while sup.restarts == 0 and time.monotonic() < deadline:
+            time.sleep(0.1)
+            sup.check()
+        assert sup.restarts == 1 and router.pick("a", [1]) == "a"
+        assert a.engine.client.process.pid != old_pid
+        assert len(asyncio.run(tokens(a, "again", short))) == 4
+    finally:
+        stop(instances)

@@ -1,0 +1,82 @@
+"""The fleet supervisor's policy (tokenmill/fleet/supervisor.py) on fake instances and a fake
+clock: a death marks the instance down in the router with a Retry-After, restarts wait a backoff
+that doubles per failure in a row and resets after a healthy minute, the others keep serving."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+
+from tokenmill.fleet.router import Router, Unavailable
+from tokenmill.fleet.supervisor import Supervisor
+
+
+class Clock:
+    def __init__(self):
+        self.t = 100.0
+
+    def __call__(self):
+        return self.t
+
+
+def fake(name, dead=False):
+    engine = SimpleNamespace(is_dead=dead, client=SimpleNamespace(dead_reason="exit code -9" if dead else None))  # fmt: skip
+    return SimpleNamespace(name=name, engine=engine)
+
+
+def test_a_dead_instance_is_marked_down_and_restarted_with_backoff():
+    clock = Clock()
+    a, b = fake("a"), fake("b")
+    router = Router({"m": ["a"], "n": ["b"]})
+    outcomes = [RuntimeError("load failed"), None]  # the first restart fails
+
+    def restart(inst):
+        r = outcomes.pop(0)
+        if r is not None:
+            raise r
+        inst.engine = SimpleNamespace(is_dead=False, client=SimpleNamespace(dead_reason=None))
+
+    sup = Supervisor([a, b], router, restart, base_delay=1.0, clock=clock)
+    sup.check()
+    assert router.pick("m", [1]) == "a"
+    a.engine.is_dead, a.engine.client.dead_reason = True, "exit code -9"
+    sup.check()
+    with pytest.raises(Unavailable) as e:
+        router.pick("m", [1])
+    assert e.value.retry_after == pytest.approx(1.0 + 5.0)  # the backoff + a start's time
+    assert router.pick("n", [1]) == "b"  # the other model keeps serving
+    clock.t += 0.5
+    sup.check()
+    assert len(outcomes) == 2  # not due yet
+    clock.t += 0.6
+    sup.check()  # due: the restart fails, the next waits twice as long
+    assert len(outcomes) == 1 and sup._watch["a"].failures == 2
+    clock.t += 1.9
+    sup.check()
+    assert len(outcomes) == 1  # 2 s not over yet
+    clock.t += 0.2
+    sup.check()
+    assert not outcomes and sup.restarts == 1 and router.pick("m", [1]) == "a"
+    assert sup._watch["a"].failures == 2  # not reset until it has served a while
+    clock.t += 61
+    sup.check()
+    assert sup._watch["a"].failures == 0
+
+
+def test_backoff_is_capped():
+    clock = Clock()
+    a = fake("a", dead=True)
+    router = Router({"m": ["a"]})
+
+    def never(inst):
+        raise OSError("no memory")
+
+    sup = Supervisor([a], router, never, base_delay=1.0, max_delay=8.0, clock=clock)
+    delays = []
+    for _ in range(7):
+        sup.check()
+        w = sup._watch["a"]
+        delays.append(w.restart_at - clock.t)
+        clock.t = w.restart_at
+    assert delays == [1.0, 2.0, 4.0, 8.0, 8.0, 8.0, 8.0]
