@@ -118,3 +118,46 @@ def test_a_killed_instance_fails_its_requests_others_serve_and_it_comes_back(tin
         assert len(asyncio.run(tokens(a, "again", short))) == 4
     finally:
         stop(instances)
+
+
+def test_a_hung_instance_is_killed_and_restarted(tiny_model_dir):
+    """SIGSTOP an instance's core mid-stream (alive, silent): the supervisor kills it after
+    hang_after, its request fails, and it is restarted and serves again."""
+    import signal
+    import time
+
+    from tokenmill.engine.core_client import EngineDeadError
+    from tokenmill.fleet.router import Router
+    from tokenmill.fleet.supervisor import Supervisor
+
+    model = str(tiny_model_dir("llama"))
+    fleet = parse_fleet({"instances": [{"name": "a", "model": model, **SMALL, "max_model_len": 512}]})  # fmt: skip
+    instances = start(bind_fleet(fleet, cpu_topology()))
+    (a,) = instances
+    sup = Supervisor(instances, Router({"a": ["a"]}), base_delay=0.1, hang_after=1.0)
+    sup.run(interval=0.1)
+    long = SamplingParams(max_tokens=500, temperature=0.0, ignore_eos=True)
+
+    async def stop_mid_request():
+        with pytest.raises(EngineDeadError):
+            async for out in a.engine.generate("long", [3, 4, 5], long):
+                if len(out.outputs[0].token_ids) == 1:
+                    os.kill(a.engine.client.process.pid, signal.SIGSTOP)
+
+    try:
+        asyncio.run(stop_mid_request())
+        deadline = time.monotonic() + 60
+        while sup.restarts == 0 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert sup.kills == 1 and sup.restarts == 1
+
+        async def short():
+            params = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
+            async for out in a.engine.generate("again", [3, 4, 5], params):
+                last = out
+            return last.outputs[0].token_ids
+
+        assert len(asyncio.run(short())) == 4
+    finally:
+        sup.stop()
+        stop(instances)

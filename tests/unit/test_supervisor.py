@@ -20,9 +20,13 @@ class Clock:
         return self.t
 
 
+def fake_engine(dead=False, stalled=0.0):
+    client = SimpleNamespace(dead_reason="exit code -9" if dead else None)
+    return SimpleNamespace(is_dead=dead, client=client, stalled_for=lambda: stalled)
+
+
 def fake(name, dead=False):
-    engine = SimpleNamespace(is_dead=dead, client=SimpleNamespace(dead_reason="exit code -9" if dead else None))  # fmt: skip
-    return SimpleNamespace(name=name, engine=engine)
+    return SimpleNamespace(name=name, engine=fake_engine(dead))
 
 
 def test_a_dead_instance_is_marked_down_and_restarted_with_backoff():
@@ -35,7 +39,7 @@ def test_a_dead_instance_is_marked_down_and_restarted_with_backoff():
         r = outcomes.pop(0)
         if r is not None:
             raise r
-        inst.engine = SimpleNamespace(is_dead=False, client=SimpleNamespace(dead_reason=None))
+        inst.engine = fake_engine()
 
     sup = Supervisor([a, b], router, restart, base_delay=1.0, clock=clock)
     sup.check()
@@ -80,3 +84,26 @@ def test_backoff_is_capped():
         delays.append(w.restart_at - clock.t)
         clock.t = w.restart_at
     assert delays == [1.0, 2.0, 4.0, 8.0, 8.0, 8.0, 8.0]
+
+
+def test_a_hung_core_is_killed_then_handled_as_dead():
+    clock = Clock()
+    killed = []
+    process = SimpleNamespace(is_alive=lambda: not killed, kill=lambda: killed.append(1))
+    a = fake("a")
+    a.engine = fake_engine(stalled=30.0)
+    a.engine.client.process = process
+    router = Router({"m": ["a"]})
+    sup = Supervisor([a], router, lambda inst: None, hang_after=60.0, clock=clock)
+    sup.check()
+    assert not killed and router.pick("m", [1]) == "a"  # 30 s of silence: a long step, maybe
+    a.engine.stalled_for = lambda: 61.0
+    sup.check()
+    assert killed == [1] and sup.kills == 1
+    a.engine.is_dead, a.engine.client.dead_reason = (
+        True,
+        "exit code -9",
+    )  # what the client sees next
+    sup.check()
+    with pytest.raises(Unavailable):
+        router.pick("m", [1])

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
@@ -64,6 +65,7 @@ class AsyncEngine:
         self.on_dead: Callable[[str], None] | None = None  # the server's exit policy
         self.tenants: dict[str, str] = {}  # request id -> who it is served for (accounting)
         self.busy_s = 0.0  # seconds spent in engine steps: utilization for modeled power
+        self.last_progress = time.monotonic()  # the core's last outputs (or going busy)
         client.on_outputs = self._on_core_outputs
         client.on_dead = self._on_core_dead
 
@@ -107,6 +109,11 @@ class AsyncEngine:
     def num_in_flight(self) -> int:
         return len(self._streams)
 
+    def stalled_for(self) -> float:
+        """Seconds the core has sent nothing while requests are in flight (0 when idle): what
+        the fleet supervisor reads to find a hung core."""
+        return time.monotonic() - self.last_progress if self._streams else 0.0
+
     def stats(self) -> EngineStats:
         return self._stats
 
@@ -132,6 +139,8 @@ class AsyncEngine:
             self.outputs.add(
                 request_id, text, request.prompt_token_ids, params, request.arrival_time
             )
+            if not self._streams:  # idle until now: waiting starts here, not at the last step
+                self.last_progress = time.monotonic()
             self._streams[request_id] = stream
             self._no_output_yet.add(request_id)
             if tenant is not None:
@@ -157,6 +166,7 @@ class AsyncEngine:
 
     # ---- client thread -------------------------------------------------------------------
     def _on_core_outputs(self, result: EngineCoreOutputs) -> None:
+        self.last_progress = time.monotonic()
         with self._lock:
             self._stats = result.stats
             self.busy_s += result.step_s

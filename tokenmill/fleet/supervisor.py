@@ -3,7 +3,9 @@ answers 503 with Retry-After while no replica of it is up) and restarted after a
 doubles with each failure in a row (0.5 s, 1 s, 2 s, ... at most 30 s; reset once it has served
 for a minute), while the other instances keep serving. A death is what the engine's client
 reports: the core process exited, crashed or closed its pipe (its in-flight requests fail with
-EngineDeadError at once). A hung core that stays alive is not detected yet.
+EngineDeadError at once). A hung core, alive but silent for `hang_after` seconds while requests
+are in flight (a step of a long prefill sends nothing for its length: keep it generous), is
+killed and handled as dead.
 """
 
 from __future__ import annotations
@@ -45,11 +47,13 @@ class Supervisor:
         base_delay: float = 0.5,
         max_delay: float = 30.0,
         healthy_after: float = 60.0,
+        hang_after: float = 120.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.instances, self.router, self.restart_fn = instances, router, restart_fn
         self.base_delay, self.max_delay, self.healthy_after = base_delay, max_delay, healthy_after
-        self.clock = clock
+        self.clock, self.hang_after = clock, hang_after
+        self.kills = 0
         now = clock()
         self._watch = {i.name: _Watch(up_since=now) for i in instances}
         self.restarts = 0
@@ -70,6 +74,8 @@ class Supervisor:
             now = self.clock()
             if w.restart_at is None:
                 engine = inst.engine
+                if engine is not None and not engine.is_dead and self._hung(inst):  # type: ignore[attr-defined]
+                    continue  # killed: the client reports the death on a later check
                 if engine is not None and not engine.is_dead:  # type: ignore[attr-defined]
                     if w.failures and w.up_since is not None and now - w.up_since >= self.healthy_after:  # fmt: skip
                         w.failures = 0
@@ -90,6 +96,21 @@ class Supervisor:
             self.restarts += 1
             self.router.mark_up(inst.name)
             log.info("instance %s is back (started in %.1f s)", inst.name, w.start_s)
+
+    def _hung(self, inst: Instance) -> bool:
+        """Kill a core that is alive and silent with requests in flight; True if it did."""
+        engine = inst.engine
+        stalled = engine.stalled_for()  # type: ignore[attr-defined]
+        if stalled <= self.hang_after:
+            return False
+        process = getattr(engine.client, "process", None)  # type: ignore[attr-defined]
+        if process is None or not process.is_alive():
+            return False
+        log.warning("instance %s: no progress for %.0f s with requests in flight; killing its core",
+                    inst.name, stalled)  # fmt: skip
+        process.kill()
+        self.kills += 1
+        return True
 
     def run(self, interval: float = 0.25) -> None:
         """Check every `interval` seconds on a thread of its own, until `stop`."""
