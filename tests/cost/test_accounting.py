@@ -52,8 +52,49 @@ def test_store_survives_a_restart(tmp_path):
     again = Accountant("m", "i", "box", "modeled", store)
     assert again.snapshot() == before == {("m", "i", "alice"): Usage(2, 5, 9, 3.0)}
     assert Accountant("other", "i", "box", "modeled", store).snapshot() == {}  # own rows only
-    seconds, hw, source = store.uptime()[("m", "i")]
+    seconds, hw, source, device_seconds = store.uptime()[("m", "i")]
     assert seconds == pytest.approx(20.0) and (hw, source) == ("box", "modeled")
+    assert device_seconds == pytest.approx(20.0)  # the whole device
+
+
+def test_an_instance_on_a_slice_costs_its_share_of_the_device(tmp_path):
+    """Two instances on one box for the same hour, one on a quarter of it (a MIG slice, a
+    core set): its hardware cost is a quarter of the other's; its energy is its own."""
+    store = UsageStore(tmp_path / "u.sqlite")
+    a, b = iter([0.0, 3600.0]), iter([0.0, 3600.0])  # created at 0, flushed an hour later
+    whole = Accountant("m", "big", "box", "modeled", store, clock=lambda: next(a))
+    small = Accountant("m", "small", "box", "modeled", store, clock=lambda: next(b), share=0.25)
+    for acc in (whole, small):
+        acc.record_tokens("t", 100, 100, requests=1)
+        acc.flush()
+    up = store.uptime()
+    assert up[("m", "small")][0] == pytest.approx(3600.0)  # wall time: the same hour
+    assert up[("m", "small")][3] == pytest.approx(900.0)  # a quarter of the device's
+    r = usage_report({**whole.snapshot(), **small.snapshot()}, up, HW, PRICES)
+    by = {i["instance"]: i for i in r["instances"]}
+    assert by["big"]["cost_usd"] == pytest.approx(1.0)  # 1 h x 1 USD/h (HW: capex+other)
+    assert by["small"]["cost_usd"] == pytest.approx(0.25)
+    assert by["small"]["device_share"] == pytest.approx(0.25)
+    assert by["small"]["uptime_hours"] == pytest.approx(1.0)
+
+
+def test_a_store_from_before_shares_reads_as_whole_devices(tmp_path):
+    import sqlite3
+
+    path = tmp_path / "old.sqlite"
+    db = sqlite3.connect(path)
+    db.executescript(
+        "CREATE TABLE uptime (hour INTEGER NOT NULL, model TEXT NOT NULL, instance TEXT NOT NULL,"
+        " seconds REAL NOT NULL DEFAULT 0, hardware TEXT NOT NULL, energy_source TEXT NOT NULL,"
+        " PRIMARY KEY (hour, model, instance));"
+        "INSERT INTO uptime VALUES (1, 'm', 'i', 30.0, 'box', 'modeled');"
+    )
+    db.commit()
+    db.close()
+    store = UsageStore(path)
+    assert store.uptime()[("m", "i")] == (30.0, "box", "modeled", 30.0)
+    store.add(1, {}, ("m", "i", 10.0, "box", "modeled"), share=0.5)
+    assert store.uptime()[("m", "i")] == (40.0, "box", "modeled", 35.0)
 
 
 def test_report_hand_worked():
@@ -61,7 +102,7 @@ def test_report_hand_worked():
         ("m", "i", "alice"): Usage(3, 500, 250, 3.6e6),  # 1 kWh -> 0.10 USD
         ("m", "i", "bob"): Usage(1, 200, 50, 0.0),
     }
-    r = usage_report(usage, {("m", "i"): (7200.0, "box", "modeled")}, HW, PRICES)
+    r = usage_report(usage, {("m", "i"): (7200.0, "box", "modeled", 7200.0)}, HW, PRICES)
     by = {t["tenant"]: t for t in r["tenants"]}
     assert by["alice"]["cost_usd"] == pytest.approx(2 * 0.75 + 0.1)  # 2 h x 75% of tokens
     assert by["bob"]["cost_usd"] == pytest.approx(2 * 0.25)

@@ -35,6 +35,7 @@ CREATE TABLE IF NOT EXISTS usage (
 CREATE TABLE IF NOT EXISTS uptime (
     hour INTEGER NOT NULL, model TEXT NOT NULL, instance TEXT NOT NULL,
     seconds REAL NOT NULL DEFAULT 0, hardware TEXT NOT NULL, energy_source TEXT NOT NULL,
+    device_seconds REAL NOT NULL DEFAULT 0, -- seconds x the instance's share of the device
     PRIMARY KEY (hour, model, instance)
 );
 """
@@ -59,6 +60,7 @@ class Usage:
 
 
 Key = tuple[str, str, str]  # (model, instance, tenant)
+Uptime = tuple[float, str, str, float]  # seconds, hardware, energy source, device seconds
 
 
 class UsageStore:
@@ -68,10 +70,22 @@ class UsageStore:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         self.db = sqlite3.connect(str(path), check_same_thread=False)
         self.db.executescript(SCHEMA)
+        columns = {row[1] for row in self.db.execute("PRAGMA table_info(uptime)")}
+        if "device_seconds" not in columns:  # a store from before instances had shares
+            with self.db:
+                self.db.execute("ALTER TABLE uptime ADD COLUMN device_seconds REAL NOT NULL DEFAULT 0")  # fmt: skip
+                self.db.execute("UPDATE uptime SET device_seconds = seconds")
         self.lock = threading.Lock()
 
-    def add(self, hour: int, rows: dict[Key, Usage], uptime: tuple[str, str, float, str, str]):
-        """Add deltas (upsert) and `uptime` = (model, instance, seconds, hardware, source)."""
+    def add(
+        self,
+        hour: int,
+        rows: dict[Key, Usage],
+        uptime: tuple[str, str, float, str, str],
+        share: float = 1.0,
+    ) -> None:
+        """Add deltas (upsert) and `uptime` = (model, instance, seconds, hardware, source) of
+        an instance that holds `share` of its device (a slice: its cost is that share)."""
         with self.lock, self.db:
             for (model, instance, tenant), u in rows.items():
                 self.db.execute(
@@ -93,10 +107,12 @@ class UsageStore:
                 )
             model, instance, seconds, hardware, source = uptime
             self.db.execute(
-                "INSERT INTO uptime VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT DO UPDATE SET "
+                "INSERT INTO uptime (hour, model, instance, seconds, hardware, energy_source, "
+                "device_seconds) VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO UPDATE SET "
                 "seconds = seconds + excluded.seconds, hardware = excluded.hardware, "
-                "energy_source = excluded.energy_source",
-                (hour, model, instance, seconds, hardware, source),
+                "energy_source = excluded.energy_source, "
+                "device_seconds = device_seconds + excluded.device_seconds",
+                (hour, model, instance, seconds, hardware, source, seconds * share),
             )
 
     def usage(self, since_hour: int = 0) -> dict[Key, Usage]:
@@ -109,22 +125,23 @@ class UsageStore:
             ).fetchall()
         return {(m, i, t): Usage(r, p, c, j) for m, i, t, r, p, c, j in rows}
 
-    def uptime(self, since_hour: int = 0) -> dict[tuple[str, str], tuple[float, str, str]]:
-        """(model, instance) -> (seconds, hardware, energy source of the latest row)."""
+    def uptime(self, since_hour: int = 0) -> dict[tuple[str, str], Uptime]:
+        """(model, instance) -> (seconds, hardware, energy source of the latest row, device
+        seconds: the seconds x the share of the device the instance held)."""
         with self.lock:
             rows = self.db.execute(
-                "SELECT model, instance, SUM(seconds), MAX(hour) FROM uptime WHERE hour >= ? "
-                "GROUP BY model, instance",
+                "SELECT model, instance, SUM(seconds), MAX(hour), SUM(device_seconds) FROM uptime "
+                "WHERE hour >= ? GROUP BY model, instance",
                 (since_hour,),
             ).fetchall()
             out = {}
-            for model, instance, seconds, hour in rows:
+            for model, instance, seconds, hour, device_seconds in rows:
                 hw, src = self.db.execute(
                     "SELECT hardware, energy_source FROM uptime WHERE hour = ? AND model = ? "
                     "AND instance = ?",
                     (hour, model, instance),
                 ).fetchone()
-                out[(model, instance)] = (seconds, hw, src)
+                out[(model, instance)] = (seconds, hw, src, device_seconds)
         return out
 
     def close(self) -> None:
@@ -142,8 +159,11 @@ class Accountant:
         energy_source: str,
         store: UsageStore | None = None,
         clock: Callable[[], float] = time.time,
+        share: float = 1.0,
     ) -> None:
-        self.model, self.instance = model, instance
+        """`share`: the fraction of the device this instance holds (its slice); its uptime
+        costs that fraction of the device's hourly cost."""
+        self.model, self.instance, self.share = model, instance, share
         self.hardware, self.energy_source = hardware, energy_source
         self.store, self.clock = store, clock
         self.lock = threading.Lock()
@@ -187,7 +207,7 @@ class Accountant:
             elapsed, self.last_flush = now - self.last_flush, now
         if self.store is not None:
             uptime = (self.model, self.instance, elapsed, self.hardware, self.energy_source)
-            self.store.add(int(now // 3600), pending, uptime)
+            self.store.add(int(now // 3600), pending, uptime, self.share)
 
     def snapshot(self) -> dict[Key, Usage]:
         with self.lock:

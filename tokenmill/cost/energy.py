@@ -150,6 +150,19 @@ class NvmlMeter(Meter):
         return total / 1000.0 + self.sampled_j
 
 
+class ShareMeter(Meter):
+    """An instance's part of a meter that reads a whole device (RAPL's package, NVML's GPU) it
+    shares with other instances: `share` of the joules (its slice's share of the device), so
+    the instances of one device add up to what it drew instead of each claiming all of it."""
+
+    def __init__(self, meter: Meter, share: float) -> None:
+        self.meter, self.share = meter, share
+        self.label = f"{meter.label} x {share:.3g} (slice share)"
+
+    def read_joules(self) -> float:
+        return self.meter.read_joules() * self.share
+
+
 def choose_meter(device_type: str, idle_watts: float, peak_watts: float, utilization) -> Meter:
     """NVML on CUDA, else RAPL where readable, else the declared model (labelled modeled)."""
     if device_type == "cuda":

@@ -1,7 +1,8 @@
 """Usage -> cost: TCO per model, instance and tenant, derived when asked, never stored.
 
-For each (model, instance): hours of uptime x the hardware's CapEx per hour (amortized) and
-other hourly costs, split over tenants by their share of the tokens; energy cost from each
+For each (model, instance): hours of uptime x its share of the device (1 unless it runs on a
+slice: a MIG instance, a GPU memory share, some of the cores) x the hardware's CapEx per hour
+(amortized) and other hourly costs, split over tenants by their share of the tokens; energy cost from each
 tenant's own joules x price x PUE. Every figure carries the energy source ("modeled" or
 "measured: ...") of the meter that produced it. Pure Python: no torch.
 """
@@ -10,13 +11,13 @@ from __future__ import annotations
 
 from collections import defaultdict
 
-from tokenmill.cost.accounting import Key, Usage
+from tokenmill.cost.accounting import Key, Uptime, Usage
 from tokenmill.cost.tco import Hardware, Prices, cost
 
 
 def usage_report(
     usage: dict[Key, Usage],
-    uptime: dict[tuple[str, str], tuple[float, str, str]],
+    uptime: dict[tuple[str, str], Uptime],
     catalog: dict[str, Hardware],
     prices: Prices,
 ) -> dict:
@@ -27,9 +28,9 @@ def usage_report(
     tenants, instances = [], []
     grand = {"usd": 0.0, "tokens": 0, "joules": 0.0}
     for (model, instance), rows in sorted(by_instance.items()):
-        seconds, hw_name, source = uptime.get((model, instance), (0.0, "", "unknown"))
+        seconds, hw_name, source, device_seconds = uptime.get((model, instance), (0.0, "", "unknown", 0.0))  # fmt: skip
         hw = catalog.get(hw_name)
-        hours = seconds / 3600
+        hours, device_hours = seconds / 3600, device_seconds / 3600
         tokens = sum(u.tokens for _, u in rows)
         total = Usage()
         for _, u in rows:
@@ -37,7 +38,7 @@ def usage_report(
         inst_usd = 0.0
         for tenant, u in sorted(rows):
             share = u.tokens / tokens if tokens else (1.0 if len(rows) == 1 else 0.0)
-            c = cost(hw, prices, hours * share, u.joules, u.tokens) if hw else None
+            c = cost(hw, prices, device_hours * share, u.joules, u.tokens) if hw else None
             usd = c.total_usd if c else None
             inst_usd += usd or 0.0
             tenants.append(
@@ -57,6 +58,7 @@ def usage_report(
                 "instance": instance,
                 "hardware": hw_name,
                 "uptime_hours": hours,
+                "device_share": device_seconds / seconds if seconds else None,
                 **_usage_fields(total),
                 "tokens_per_joule": tokens / total.joules if total.joules else None,
                 "cost_usd": inst_usd if hw else None,

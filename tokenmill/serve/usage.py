@@ -16,7 +16,7 @@ from pathlib import Path
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from tokenmill.cost.accounting import Accountant, UsageStore
-from tokenmill.cost.energy import choose_meter
+from tokenmill.cost.energy import ShareMeter, choose_meter
 from tokenmill.cost.report import usage_report
 from tokenmill.cost.sampler import PowerSampler
 from tokenmill.cost.tco import load_catalog
@@ -53,11 +53,22 @@ def pick_hardware(device_type: str, device_name: str, names: list[str]) -> str:
 class UsageTracker:
     """Attach to an AsyncEngine: counts tokens per tenant and runs the power sampler."""
 
-    def __init__(self, opts: UsageOptions, model: str, instance: str | None) -> None:
-        self.opts = opts
+    def __init__(
+        self,
+        opts: UsageOptions,
+        model: str,
+        instance: str | None,
+        store: UsageStore | None = None,
+        share: float = 1.0,
+    ) -> None:
+        """`store`: one shared by a fleet's instances (else its own); `share`: the part of
+        the device this instance holds (its slice), which scales its hardware cost and, where
+        the meter reads the whole device, its energy."""
+        self.opts, self.share = opts, share
         self.catalog, self.prices = load_catalog(opts.catalog)
         self.model, self.instance = model, instance or socket.gethostname()
-        self.store = UsageStore(opts.db_path)
+        self._owns_store = store is None
+        self.store = store if store is not None else UsageStore(opts.db_path)
         self.accountant: Accountant | None = None
         self.sampler: PowerSampler | None = None
         self.seen: dict[str, int] = {}  # request id -> tokens already counted
@@ -75,12 +86,23 @@ class UsageTracker:
                 f"hardware {hw_name!r} is not in the catalogue: {sorted(self.catalog)}"
             )
         hw = self.catalog[hw_name]
-        meter = choose_meter(device_type, hw.idle_watts, hw.peak_watts, _utilization(engine))
-        log.info("energy: %s (%s); usage kept in %s", meter.label, hw_name, self.opts.db_path)
-        self.accountant = Accountant(self.model, self.instance, hw_name, meter.label, self.store)
         self.engine = engine
+        meter = choose_meter(device_type, hw.idle_watts, hw.peak_watts, _utilization(self))
+        if self.share != 1.0:
+            meter = ShareMeter(meter, self.share)
+        log.info("energy: %s (%s); usage kept in %s", meter.label, hw_name, self.opts.db_path)
+        self.accountant = Accountant(self.model, self.instance, hw_name, meter.label, self.store,
+                                     share=self.share)  # fmt: skip
         self.sampler = PowerSampler(meter, self.accountant, self.opts.interval_s)
         self.sampler.start()
+
+    def rebind(self, engine) -> None:
+        """The instance's engine was restarted: count the new one's outputs and busy time, into
+        the same totals."""
+        if self.accountant is None:
+            self.start(engine)
+        else:
+            self.engine = engine
 
     def observe(self, out: RequestOutput) -> None:
         """Every engine output (engine thread): the tokens it adds, charged to its tenant."""
@@ -173,15 +195,17 @@ class UsageTracker:
     def close(self) -> None:
         if self.sampler is not None:
             self.sampler.stop()
-        self.store.close()
+        if self._owns_store:
+            self.store.close()
 
 
-def _utilization(engine):
-    """Busy fraction of the engine thread since the previous call (the modeled meter's input)."""
-    last = {"busy": engine.busy_s, "t": time.monotonic()}
+def _utilization(tracker: UsageTracker):
+    """Busy fraction of the tracker's engine since the previous call (the modeled meter's
+    input); a restarted engine counts from 0 again (that interval reads as idle)."""
+    last = {"busy": tracker.engine.busy_s, "t": time.monotonic()}
 
     def read() -> float:
-        busy, now = engine.busy_s, time.monotonic()
+        busy, now = tracker.engine.busy_s, time.monotonic()
         dt = now - last["t"]
         u = (busy - last["busy"]) / dt if dt > 0 else 0.0
         last.update(busy=busy, t=now)
