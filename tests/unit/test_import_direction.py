@@ -30,6 +30,7 @@ PURE = [
     "tokenmill.partition.profiles",
     "tokenmill.partition.slices",
     "tokenmill.partition.planner",
+    "tokenmill.partition.cgroups",
     "tokenmill.fleet.config",
     "tokenmill.fleet.router",
     "tokenmill.profiles.hardware",

@@ -36,8 +36,8 @@ def run_engine_core(
     if binding is not None:  # the instance's slice, before torch starts its threads
         from tokenmill.partition.binder import apply
 
-        apply(binding)
-        log.info("bound to %s", binding)
+        done = apply(binding)
+        log.info("bound to %s%s", binding, "".join(f"; {d}" for d in done))
     from tokenmill.engine.core import EngineCore
 
     try:

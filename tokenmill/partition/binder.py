@@ -11,6 +11,7 @@ MIG mode; on a GPU that is not, the profile's memory becomes a memory share of t
 from __future__ import annotations
 
 import importlib
+import logging
 import re
 from dataclasses import dataclass, field
 
@@ -18,6 +19,8 @@ from tokenmill.partition.planner import Placement
 from tokenmill.partition.profiles import MEMORY_SLICES
 
 _MIG_NAME = re.compile(r"(\d+g\.\d+gb(\+me)?)")
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -66,6 +69,15 @@ def inventory(nvml=None) -> list[GpuDevice]:
     return out
 
 
+def local_devices() -> list[GpuDevice]:
+    """This machine's GPUs (`inventory`), or none where NVML is missing or finds no driver."""
+    try:
+        return inventory()
+    except Exception as e:  # no nvidia-ml-py, no driver: a CPU machine
+        log.info("no GPUs (NVML: %s: %s); instances run on CPU cores", type(e).__name__, e)
+        return []
+
+
 def _text(v) -> str:
     return v.decode() if isinstance(v, bytes) else str(v)
 
@@ -80,6 +92,7 @@ class Binding:
     cores: tuple[int, ...] = ()
     engine: dict[str, object] = field(default_factory=dict)
     notes: tuple[str, ...] = ()
+    memory_limit: int | None = None  # bytes of host memory the process may hold (a cgroup)
 
 
 def bind(placements: list[Placement], devices: list[GpuDevice]) -> list[Binding]:
@@ -140,11 +153,27 @@ def _bind_profile(p: Placement, devices: list[GpuDevice], taken: set[str]) -> Bi
     )  # fmt: skip
 
 
-def apply(b: Binding) -> None:
-    """In the instance's own process, before torch starts its threads: the environment and the
-    CPU affinity of its binding (the thread count travels as the engine option num_threads)."""
+def apply(b: Binding) -> list[str]:
+    """In the instance's own process, before torch starts its threads: the environment, the
+    CPU affinity and the memory cap of its binding (the thread count travels as the engine
+    option num_threads); on a GPU share, torch's allocator capped at the share. What enforces
+    each, in words (logged by the caller)."""
     import os
 
+    done = []
     os.environ.update(b.env)
     if b.cores:
         os.sched_setaffinity(0, b.cores)
+        done.append(f"pinned to cores {','.join(map(str, b.cores))}")
+    if b.memory_limit is not None:
+        from tokenmill.partition.cgroups import confine
+
+        done.append(confine(b.name, b.memory_limit))
+    fraction = b.engine.get("gpu_memory_utilization")
+    if isinstance(fraction, float) and b.env.get("CUDA_VISIBLE_DEVICES"):
+        import torch
+
+        if torch.cuda.is_available():  # the share is a cap, not only the KV budget's base
+            torch.cuda.set_per_process_memory_fraction(fraction, 0)
+            done.append(f"CUDA allocator capped at {fraction:.0%} of the GPU")
+    return done
