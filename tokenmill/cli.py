@@ -55,6 +55,23 @@ def build_parser() -> argparse.ArgumentParser:
         default="default",
         help="HF folder, .gguf file, or 'default' (the bundled SmolLM2-135M-Instruct)",
     )
+    s.add_argument(
+        "--config",
+        metavar="FLEET.toml",
+        help="serve several instances behind this endpoint instead of one --model: one "
+        "[[instances]] table each (name, model, slice, replicas, engine options); each runs "
+        "bound to its slice in its own process, requests go to an instance by `model`, a dead "
+        "or hung instance is restarted. Engine options given here are every instance's "
+        "defaults. Check a layout first with `tokenmill partition plan --config FLEET.toml`",
+    )
+    s.add_argument(
+        "--instance-hang-after",
+        type=float,
+        default=120.0,
+        metavar="S",
+        help="with --config: an instance whose core sends nothing for S seconds while it has "
+        "requests is killed and restarted (a long prefill step sends nothing: be generous)",
+    )
     from tokenmill.cost.commands import add_parsers as add_cost_parsers
     from tokenmill.cost.commands import add_usage_options
 
@@ -277,8 +294,16 @@ def main(argv: list[str] | None = None) -> int:
 
             return getattr(commands, args.bench)(args)
         from tokenmill.cost.commands import usage_options
-        from tokenmill.serve.server import serve
+        from tokenmill.serve.server import serve, serve_fleet
 
+        if args.config is not None:
+            if args.model != "default" or args.profile != "auto":
+                raise ValueError("--config: the models and their options are in the fleet file; "
+                                 "leave --model and --profile out")  # fmt: skip
+            names = set(option_help()) - {"model"}
+            defaults = {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
+            return serve_fleet(args.config, serve_config(args), usage_options(args),
+                               args.instance_hang_after, defaults)  # fmt: skip
         return serve(engine_config(args), serve_config(args), usage_options(args))
     except (ValueError, FileNotFoundError) as e:
         print(f"tokenmill: error: {e}", file=sys.stderr)

@@ -24,7 +24,9 @@ def free_port() -> int:
 
 
 class Server:
-    def __init__(self, model: str, *extra: str) -> None:
+    def __init__(self, model: str | None, *extra: str) -> None:
+        """`tokenmill serve --model MODEL` served as "tiny"; MODEL None: `extra` has a
+        --config FLEET.toml (the engine options below are every instance's defaults)."""
         self.port = free_port()
         if "--usage-db" not in extra and "--no-usage" not in extra:  # keep $HOME clean
             extra = (*extra, "--usage-db", os.path.join(tempfile.mkdtemp(), "usage.sqlite"))
@@ -34,12 +36,9 @@ class Server:
             "-m",
             "tokenmill.cli",
             "serve",
-            "--model",
-            model,
+            *(("--model", model, "--served-model-name", "tiny") if model is not None else ()),
             "--port",
             str(self.port),
-            "--served-model-name",
-            "tiny",
             "--dtype",
             "float32",
             "--kv-cache-memory",

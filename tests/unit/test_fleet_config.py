@@ -90,3 +90,43 @@ def test_memory_need_counts_weights_at_their_width_and_the_kv_budget(tiny_model_
     default = parse_fleet({"instances": [{"name": "d", "model": "default", "dtype": "bfloat16"}]})
     need, _ = memory_need(default.instances[0])
     assert 250e6 < need < 300e6  # SmolLM2-135M in bf16 (the GGUF's tensors, dequantized)
+
+
+def test_command_line_options_are_defaults_an_instance_overrides(tmp_path: Path):
+    path = tmp_path / "FLEET.toml"
+    path.write_text('[[instances]]\nname = "a"\nmodel = "default"\n\n'
+                    '[[instances]]\nname = "b"\nmodel = "default"\ndtype = "bfloat16"\n')  # fmt: skip
+    a, b = load_fleet(path, {"dtype": "float32", "max_model_len": 256}).instances
+    assert a.engine == {"dtype": "float32", "max_model_len": 256}
+    assert b.engine == {"dtype": "bfloat16", "max_model_len": 256}
+    with pytest.raises(FileNotFoundError, match="no such fleet file"):
+        load_fleet(tmp_path / "missing.toml")
+
+
+def test_cost_shares_of_one_device_add_up_to_it():
+    """A slice costs its own share; instances without one split what is left, or, where the
+    slices take it all, count as one more part each, all scaled to the whole."""
+    from tokenmill.fleet.instances import cost_shares
+    from tokenmill.partition.planner import Placement
+
+    def cores(name, share):
+        return Placement(name, "cores", compute_share=share)
+
+    shared = Placement("s", "shared")
+    assert cost_shares([cores("a", 0.25), shared, shared]) == pytest.approx([0.25, 0.375, 0.375])
+    assert cost_shares([cores("a", 0.5), cores("b", 0.5), shared]) == pytest.approx([0.375, 0.375, 0.25])  # fmt: skip
+    assert cost_shares([shared, shared]) == pytest.approx([0.5, 0.5])
+    assert cost_shares([cores("a", 0.5)]) == pytest.approx([0.5])  # the rest idles, unpaid
+    mig = [Placement(f"m{i}", "1g.18gb", gpu=0, compute_share=1 / 7) for i in range(7)]
+    assert cost_shares([*mig, shared]) == pytest.approx([1 / 7] * 7 + [1.0])  # CPU vs GPU 0
+
+
+def test_serve_config_and_model_are_exclusive(tmp_path: Path, capsys):
+    from tokenmill.cli import main
+
+    path = tmp_path / "FLEET.toml"
+    path.write_text('[[instances]]\nname = "a"\nmodel = "default"\n')
+    assert main(["serve", "--config", str(path), "--model", "other"]) == 2
+    assert "leave --model and --profile out" in capsys.readouterr().err
+    assert main(["serve", "--config", str(path), "--served-model-name", "x", "--no-usage"]) == 2
+    assert "each instance's `name` is its served model name" in capsys.readouterr().err

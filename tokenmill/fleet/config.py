@@ -5,6 +5,8 @@
     model = "default"           # an HF folder, a .gguf file, or 'default'
     slice = "cores=0"           # where it runs (partition/slices.py); a list: one per replica
     replicas = 1                # optional
+    memory = "4GiB"             # optional: each replica's host-memory cap (a cgroup); default:
+                                # its weights and KV budget + 1 GiB for the runtime
     dtype = "bfloat16"          # any engine option by its config name (tokenmill serve --help)
     kv_cache_memory = 268435456
 
@@ -21,9 +23,10 @@ from pathlib import Path
 from typing import Any
 
 from tokenmill.config import EngineConfig
+from tokenmill.partition.cgroups import parse_bytes
 from tokenmill.partition.slices import Cores, MigDevice, Slice, parse_slice
 
-INSTANCE_KEYS = ("name", "model", "slice", "replicas")
+INSTANCE_KEYS = ("name", "model", "slice", "replicas", "memory")
 
 
 @dataclass(frozen=True)
@@ -32,6 +35,7 @@ class InstanceSpec:
     model: str
     slices: tuple[Slice | None, ...]  # one per replica (None: no slice, the machine shared)
     engine: dict[str, Any] = field(default_factory=dict)  # engine options by config name
+    memory: int | None = None  # each replica's memory cap in bytes (None: the default)
 
     @property
     def replicas(self) -> int:
@@ -56,23 +60,29 @@ class FleetConfig:
         raise KeyError(name)
 
 
-def load_fleet(path: str | Path) -> FleetConfig:
+def load_fleet(path: str | Path, defaults: dict[str, Any] | None = None) -> FleetConfig:
+    """`defaults`: engine options every instance gets unless it sets them (the command
+    line's)."""
     p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"{p}: no such fleet file")
     try:
         data = tomllib.loads(p.read_text())
     except tomllib.TOMLDecodeError as e:
         raise ValueError(f"{p}: not valid TOML: {e}") from None
-    return parse_fleet(data, str(p))
+    return parse_fleet(data, str(p), defaults)
 
 
-def parse_fleet(data: dict[str, Any], source: str = "FLEET.toml") -> FleetConfig:
+def parse_fleet(
+    data: dict[str, Any], source: str = "FLEET.toml", defaults: dict[str, Any] | None = None
+) -> FleetConfig:
     unknown = sorted(set(data) - {"instances"})
     if unknown:
         raise ValueError(f"{source}: unknown top-level keys {unknown}; a fleet is [[instances]] tables")  # fmt: skip
     tables = data.get("instances")
     if not isinstance(tables, list) or not tables:
         raise ValueError(f"{source}: no [[instances]] table; each instance is one")
-    instances = [_instance(t, i, source) for i, t in enumerate(tables)]
+    instances = [_instance(t, i, source, defaults or {}) for i, t in enumerate(tables)]
     names = [i.name for i in instances]
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:
@@ -81,7 +91,7 @@ def parse_fleet(data: dict[str, Any], source: str = "FLEET.toml") -> FleetConfig
     return FleetConfig(tuple(instances), source)
 
 
-def _instance(t: Any, index: int, source: str) -> InstanceSpec:
+def _instance(t: Any, index: int, source: str, defaults: dict[str, Any]) -> InstanceSpec:
     where = f"{source}: instance {index + 1}"
     if not isinstance(t, dict):
         raise ValueError(f"{where} is not a table")
@@ -112,8 +122,14 @@ def _instance(t: Any, index: int, source: str) -> InstanceSpec:
             slices.append(None if text is None else parse_slice(text))
         except ValueError as e:
             raise ValueError(f"{where}: {e}") from None
-    engine = {k: v for k, v in t.items() if k not in INSTANCE_KEYS}
-    spec = InstanceSpec(name, model, tuple(slices), engine)
+    engine = {**defaults, **{k: v for k, v in t.items() if k not in INSTANCE_KEYS}}
+    memory = None
+    if "memory" in t:
+        try:
+            memory = parse_bytes(t["memory"])
+        except ValueError as e:
+            raise ValueError(f"{where}: memory: {e}") from None
+    spec = InstanceSpec(name, model, tuple(slices), engine, memory)
     try:
         spec.engine_config()
     except TypeError as e:  # an unknown option: EngineConfig names it and the known ones

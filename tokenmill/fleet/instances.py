@@ -6,15 +6,16 @@ supervisor sit on top of these."""
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from tokenmill.config import EngineConfig
 from tokenmill.fleet.config import FleetConfig, InstanceSpec
 from tokenmill.partition.binder import Binding, GpuDevice, bind
-from tokenmill.partition.planner import Plan, Want, plan
+from tokenmill.partition.planner import Placement, Plan, Want, plan
 from tokenmill.partition.profiles import CpuTopology, GpuModel
 
 log = logging.getLogger(__name__)
+RUNTIME_BYTES = 1 << 30  # a replica's memory cap past its weights and KV: torch, Python, buffers
 
 
 @dataclass
@@ -27,6 +28,16 @@ class Instance:
     binding: Binding
     config: EngineConfig
     engine: object | None = field(default=None, repr=False)  # engine.async_engine.AsyncEngine
+    placement: Placement | None = None
+    share: float = 1.0  # of the device it runs on: what its hardware cost is a share of
+
+    def describe(self) -> str:
+        """Where it runs, in words (logs, /v1/health/instances)."""
+        p = self.placement
+        where = p.slice if p is not None else "the shared machine"
+        if self.binding.env.get("CUDA_VISIBLE_DEVICES"):
+            where += f" ({self.binding.env['CUDA_VISIBLE_DEVICES']})"
+        return where
 
 
 def plan_fleet(
@@ -37,7 +48,7 @@ def plan_fleet(
 
     wants, owners = [], []
     for spec in fleet.instances:
-        need, _ = memory_need(spec)
+        need = memory_need(spec)[0] if spec.memory is None else spec.memory
         for name, s in zip(spec.replica_names(), spec.slices):
             wants.append(Want(name, s, need))
             owners.append((spec, name))
@@ -52,18 +63,60 @@ def bind_fleet(
 ) -> list[Instance]:
     """Every replica planned and bound (not started); a ValueError listing why a layout does
     not fit or cannot be bound on this machine."""
+    from tokenmill.fleet.needs import memory_need
+
     result, owners = plan_fleet(fleet, cpu, gpu, max(1, len(devices or [])))
     if not result.ok:
         raise ValueError(f"{fleet.source} cannot be placed here: " + "; ".join(result.problems))
     by_name = {p.name: p for p in result.placements}
     placements = [by_name[name] for _, name in owners]
+    shares = cost_shares(placements)
     out = []
-    for (spec, name), binding in zip(owners, bind(placements, devices or [])):
+    for (spec, name), binding, p, share in zip(owners, bind(placements, devices or []), placements, shares):  # fmt: skip
         # the slice's options (threads, a memory share) unless the instance sets them itself
         options = {**binding.engine, **spec.engine}
         config = EngineConfig.from_kwargs(model=spec.model, **options)
-        out.append(Instance(name, spec.name, spec, binding, config))
+        cap = spec.memory if spec.memory is not None else memory_need(spec)[0] + RUNTIME_BYTES
+        binding = replace(binding, memory_limit=cap)
+        out.append(Instance(name, spec.name, spec, binding, config, placement=p, share=share))
     return out
+
+
+def cost_shares(placements: list[Placement]) -> list[float]:
+    """Each placement's part of its device's cost, the parts of one device adding up to 1 (at
+    most): a slice its own share; instances without one split what the slices leave, or,
+    where the slices take it all, count as one more equal part each (all scaled to sum 1)."""
+    out: list[float] = []
+    for group in _by_device(placements):
+        own = [device_share(placements[i]) for i in group]
+        sliced = sum(s for s in own if s is not None)
+        unsliced = sum(1 for s in own if s is None)
+        rest = 1.0 - sliced
+        if unsliced and rest > 1e-9:
+            parts = [s if s is not None else rest / unsliced for s in own]
+        else:
+            parts = [s if s is not None else 1.0 / len(own) for s in own]
+        total = sum(parts)
+        scale = 1.0 / total if total > 1.0 else 1.0
+        out.extend(p * scale for p in parts)
+    order = [i for group in _by_device(placements) for i in group]
+    return [share for _, share in sorted(zip(order, out))]
+
+
+def _by_device(placements: list[Placement]) -> list[list[int]]:
+    """Indices of the placements on each device (the CPU: gpu None; each GPU by index)."""
+    groups: dict[int | None, list[int]] = {}
+    for i, p in enumerate(placements):
+        groups.setdefault(p.gpu, []).append(i)
+    return list(groups.values())
+
+
+def device_share(p: Placement) -> float | None:
+    """The part of its device a placement holds: its compute (MIG SMs, cores), else its memory
+    share; None for one that shares the machine unpartitioned."""
+    if p.compute_share is not None:
+        return p.compute_share
+    return p.memory_share
 
 
 def start(instances: list[Instance]) -> list[Instance]:
@@ -87,7 +140,11 @@ def start(instances: list[Instance]) -> list[Instance]:
 
 
 def stop(instances: list[Instance], timeout: float = 5.0) -> None:
+    from tokenmill.partition.cgroups import remove
+
     for inst in instances:
         if inst.engine is not None:
             inst.engine.shutdown(timeout)  # type: ignore[attr-defined]
             inst.engine = None
+        if inst.binding.memory_limit is not None:
+            remove(inst.name)

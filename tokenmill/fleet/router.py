@@ -3,10 +3,13 @@ the one with the fewest outstanding tokens, unless a replica recently served the
 prefix (a conversation coming back, a shared system prompt) and is not much busier: then that
 one, whose prefix cache holds the prefix's KV blocks. Replicas marked down are skipped; a model
 with none up is unavailable for `retry_after` seconds (the front answers 503 + Retry-After).
+Thread-safe: requests are picked on the event loop, finished on the engines' client threads and
+marked down or up by the supervisor's thread.
 """
 
 from __future__ import annotations
 
+import threading
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -52,6 +55,7 @@ class Router:
         self._memory = memory
         self._requests: dict[str, tuple[str, int]] = {}  # request id -> (replica, its tokens)
         self._turn = 0
+        self._lock = threading.RLock()
 
     def models(self) -> list[str]:
         return list(self._models)
@@ -66,24 +70,25 @@ class Router:
 
     def pick(self, model: str, prompt: Sequence[int]) -> str:
         """The replica to send a request for `model` with token ids `prompt` to."""
-        replicas = self._replicas(model)
-        up = [r for r in replicas if r.up]
-        if not up:
-            raise Unavailable(model, min(r.retry_after for r in replicas))
-        least = min(r.outstanding for r in up)
         keys = [(model, hash(tuple(prompt[:n]))) for n in PREFIX_LENGTHS if len(prompt) >= n]
-        for key in keys:
-            name = self._prefixes.get(key)
-            replica = self._by_name.get(name) if name else None
-            if replica is not None and replica.up and replica.outstanding <= least + SLACK_TOKENS:
-                self._remember(keys, replica.name)
-                return replica.name
-        # the least loaded; ties in turn, so idle replicas share the load
-        self._turn += 1
-        candidates = [r for r in up if r.outstanding == least]
-        chosen = candidates[self._turn % len(candidates)]
-        self._remember(keys, chosen.name)
-        return chosen.name
+        with self._lock:
+            replicas = self._replicas(model)
+            up = [r for r in replicas if r.up]
+            if not up:
+                raise Unavailable(model, min(r.retry_after for r in replicas))
+            least = min(r.outstanding for r in up)
+            for key in keys:
+                name = self._prefixes.get(key)
+                replica = self._by_name.get(name) if name else None
+                if replica is not None and replica.up and replica.outstanding <= least + SLACK_TOKENS:  # fmt: skip
+                    self._remember(keys, replica.name)
+                    return replica.name
+            # the least loaded; ties in turn, so idle replicas share the load
+            self._turn += 1
+            candidates = [r for r in up if r.outstanding == least]
+            chosen = candidates[self._turn % len(candidates)]
+            self._remember(keys, chosen.name)
+            return chosen.name
 
     def _remember(self, keys: list[tuple[str, int]], name: str) -> None:
         for key in keys:
@@ -94,25 +99,33 @@ class Router:
 
     def started(self, request_id: str, replica: str, tokens: int) -> None:
         """A request went to `replica`, promising up to `tokens` (prompt + max completion)."""
-        self._by_name[replica].outstanding += tokens
-        self._requests[request_id] = (replica, tokens)
+        with self._lock:
+            self._by_name[replica].outstanding += tokens
+            self._requests[request_id] = (replica, tokens)
 
     def finished(self, request_id: str) -> None:
         """Done, failed or aborted: its tokens no longer weigh on its replica."""
-        got = self._requests.pop(request_id, None)
-        if got is not None:
-            self._by_name[got[0]].outstanding -= got[1]
+        with self._lock:
+            got = self._requests.pop(request_id, None)
+            if got is not None:
+                self._by_name[got[0]].outstanding -= got[1]
 
     def mark_down(self, replica: str, retry_after: float = 5.0) -> None:
-        r = self._by_name[replica]
-        r.up, r.retry_after = False, retry_after
-        for rid, (name, _) in list(self._requests.items()):  # its requests died with it
-            if name == replica:
-                self.finished(rid)
+        with self._lock:
+            r = self._by_name[replica]
+            r.up, r.retry_after = False, retry_after
+            for rid, (name, _) in list(self._requests.items()):  # its requests died with it
+                if name == replica:
+                    self.finished(rid)
 
     def mark_up(self, replica: str) -> None:
-        self._by_name[replica].up = True
+        with self._lock:
+            self._by_name[replica].up = True
+
+    def is_up(self, replica: str) -> bool:
+        return self._by_name[replica].up
 
     def load(self) -> dict[str, int]:
         """Outstanding tokens per replica (for metrics)."""
-        return {name: r.outstanding for name, r in self._by_name.items()}
+        with self._lock:
+            return {name: r.outstanding for name, r in self._by_name.items()}

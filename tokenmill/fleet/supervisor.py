@@ -28,6 +28,7 @@ class _Watch:
     restart_at: float | None = None  # when the next restart is due (None: serving)
     up_since: float | None = None
     start_s: float = 5.0  # how long its last start took (for Retry-After)
+    restarts: int = 0
 
 
 def restart(inst: Instance) -> None:
@@ -94,8 +95,12 @@ class Supervisor:
             w.start_s = time.perf_counter() - t
             w.restart_at, w.up_since = None, self.clock()
             self.restarts += 1
+            w.restarts += 1
             self.router.mark_up(inst.name)
             log.info("instance %s is back (started in %.1f s)", inst.name, w.start_s)
+
+    def restarts_of(self, name: str) -> int:
+        return self._watch[name].restarts
 
     def _hung(self, inst: Instance) -> bool:
         """Kill a core that is alive and silent with requests in flight; True if it did."""

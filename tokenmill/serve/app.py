@@ -12,6 +12,7 @@ import hmac
 import logging
 import re
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -22,12 +23,16 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import tokenmill
 from tokenmill.engine.async_engine import AsyncEngine, EngineDeadError, QueueFullError
+from tokenmill.fleet.router import Unavailable
 from tokenmill.serve import handlers, responses
 from tokenmill.serve import protocol as P
 from tokenmill.serve.limits import LimitExceeded, RequestLimits
 from tokenmill.serve.metrics import ServingMetrics
 from tokenmill.serve.tool_calls import ToolSettings
 from tokenmill.serve.usage import UsageTracker
+
+if TYPE_CHECKING:
+    from tokenmill.fleet.front import Fleet
 
 log = logging.getLogger(__name__)
 
@@ -69,12 +74,52 @@ class ServerState:
     literal_content: bool = True  # special-token text in chat content is plain text
     embedding_pooling: str = "last"  # /v1/embeddings: "last" or "mean"
     tools: ToolSettings = field(default_factory=ToolSettings)  # parser, auto choice, template
+    fleet: Fleet | None = None  # serve --config: several models and instances, routed
     metrics: ServingMetrics = field(init=False)
 
     def __post_init__(self) -> None:
         self.metrics = ServingMetrics(lambda: self.engine, self.model_name)
         if self.usage is not None:
             self.metrics.registry.register(self.usage)
+
+    @property
+    def registry(self):
+        return self.fleet.registry if self.fleet is not None else self.metrics.registry
+
+    def served(self) -> list[tuple[str, int | None]]:
+        """(model name, max_model_len) of every model served."""
+        if self.fleet is not None:
+            return [(n, m.max_model_len) for n, m in self.fleet.models.items()]
+        return [(self.model_name, self.max_model_len)]
+
+    def resolve(self, name: str | None) -> tuple[str, Any]:
+        """The served model a request names and its engine (a fleet's: the router in front of
+        its replicas); APIError 404 for a model not served, 400 when a fleet's request names
+        none, 503 while not ready."""
+        names = [n for n, _ in self.served()] if self.fleet is None or self.fleet.models else []
+        if self.fleet is not None and name is None and len(self.fleet.models) != 1:
+            raise APIError(400, "model is required: this server serves "
+                           f"{', '.join(map(repr, names)) or 'several models'}", param="model")  # fmt: skip
+        if name is not None and names and name not in names:
+            raise APIError(
+                404,
+                f"model {name!r} does not exist; this server serves {', '.join(map(repr, names))}",
+                "not_found_error",
+                "model",
+                "model_not_found",
+            )
+        if not self.ready:
+            raise APIError(
+                503,
+                "the server is not ready (loading or draining); retry later",
+                "service_unavailable",
+                headers={"Retry-After": "1"},
+            )
+        if self.fleet is not None:
+            chosen = name if name is not None else names[0]
+            return chosen, self.fleet.model(chosen)
+        assert self.engine is not None
+        return self.model_name, self.engine
 
     def attach(self, engine: AsyncEngine) -> None:
         """The model is loaded: start serving it."""
@@ -94,7 +139,15 @@ class ServerState:
         self.engine = engine
 
     @property
+    def num_in_flight(self) -> int:
+        if self.fleet is not None:
+            return self.fleet.num_in_flight
+        return self.engine.num_in_flight if self.engine is not None else 0
+
+    @property
     def ready(self) -> bool:
+        if self.fleet is not None:
+            return not self.draining and self.fleet.ready
         return self.engine is not None and not self.draining and not self.engine.is_dead
 
 
@@ -231,22 +284,7 @@ def build_app(state: ServerState) -> FastAPI:
 
     app.add_middleware(APIKeys, state=state)
 
-    def check_model(name: str | None) -> None:
-        if name is not None and name != state.model_name:
-            raise APIError(
-                404,
-                f"model {name!r} does not exist; this server serves {state.model_name!r}",
-                "not_found_error",
-                "model",
-                "model_not_found",
-            )
-        if not state.ready:
-            raise APIError(
-                503,
-                "the server is not ready (loading or draining); retry later",
-                "service_unavailable",
-                headers={"Retry-After": "1"},
-            )
+    resolve = state.resolve
 
     async def run(coro, request: Request):
         """The handler's result; a client that disconnects first cancels it, which closes its
@@ -258,6 +296,11 @@ def build_app(state: ServerState) -> FastAPI:
         except EngineDeadError as e:
             raise APIError(
                 503, str(e), "service_unavailable", headers={"Retry-After": "5"}
+            ) from None
+        except Unavailable as e:  # a fleet's model with no replica up (restarting)
+            wait = str(max(1, int(e.retry_after + 0.999)))
+            raise APIError(
+                503, str(e), "service_unavailable", "model", headers={"Retry-After": wait}
             ) from None
         except QueueFullError as e:
             raise APIError(
@@ -301,21 +344,21 @@ def build_app(state: ServerState) -> FastAPI:
 
     @app.post("/v1/completions", response_model=P.CompletionResponse)
     async def completions(req: P.CompletionRequest, request: Request):
-        check_model(req.model)
+        name, engine = resolve(req.model)
         check_fields(req)
         check_sequences(len(handlers.completion_prompts(req.prompt)) * req.n, "prompt",
                         "sequences (prompts x n)")  # fmt: skip
         who = tenant(request, req.user)
-        coro = handlers.completions(engine(), tokenizer(), state.model_name, req, who)
+        coro = handlers.completions(engine, engine.tokenizer, name, req, who)
         return await run(coro, request)
 
     @app.post("/v1/chat/completions", response_model=P.ChatCompletionResponse)
     async def chat(req: P.ChatCompletionRequest, request: Request):
-        check_model(req.model)
+        name, engine = resolve(req.model)
         check_fields(req)
         who = tenant(request, req.user)
         coro = handlers.chat(
-            engine(), tokenizer(), state.model_name, req, who, state.literal_content, state.tools
+            engine, engine.tokenizer, name, req, who, state.literal_content, state.tools
         )
         return await run(coro, request)
 
@@ -323,12 +366,10 @@ def build_app(state: ServerState) -> FastAPI:
     async def create_response(req: P.ResponsesRequest, request: Request):
         """OpenAI's Responses API, the text subset (serve/responses.py): text or message input,
         instructions, text.format (structured outputs), streaming events. Not stored."""
-        check_model(req.model)
+        name, engine = resolve(req.model)
         check_fields(req)
         who = tenant(request, req.user)
-        coro = responses.respond(
-            engine(), tokenizer(), state.model_name, req, who, state.literal_content
-        )
+        coro = responses.respond(engine, engine.tokenizer, name, req, who, state.literal_content)
         return await run(coro, request)
 
     @app.get("/v1/responses/{response_id}", include_in_schema=False)  # always a 404
@@ -343,60 +384,55 @@ def build_app(state: ServerState) -> FastAPI:
 
     @app.post("/v1/embeddings", response_model=P.EmbeddingResponse)
     async def embeddings(req: P.EmbeddingRequest, request: Request):
-        check_model(req.model)
+        name, engine = resolve(req.model)
         check_fields(req)
         check_sequences(len(handlers.completion_prompts(req.input)), "input", "inputs")
         who = tenant(request, req.user)
-        coro = handlers.embeddings(engine(), state.model_name, req, state.embedding_pooling, who)
+        coro = handlers.embeddings(engine, name, req, state.embedding_pooling, who)
         return await run(coro, request)
 
     @app.get("/v1/usage")
     async def usage(request: Request):
         """Tokens, energy and derived cost per model, instance and tenant (persisted). With API
         keys, a tenant's key sees its own rows only; an --admin-key sees every tenant."""
-        if state.usage is None:
+        if state.fleet is not None and state.fleet.usage:
+            report = state.fleet.usage_report()
+        elif state.usage is None:
             raise APIError(404, "usage accounting is off on this server", "not_found_error")
-        report = state.usage.report()
+        else:
+            report = state.usage.report()
         if not state.api_keys or getattr(request.state, "is_admin", False):
             return report
         return own_usage(report, getattr(request.state, "key_name", None))
 
-    def engine() -> AsyncEngine:
-        assert state.engine is not None
-        return state.engine
-
-    def tokenizer():
-        assert state.engine is not None
-        return state.engine.tokenizer
-
     @app.get("/v1/models", response_model=P.ModelList)
     async def models():
-        return P.ModelList(
-            data=[P.ModelCard(id=state.model_name, max_model_len=state.max_model_len)]
-        )
+        return P.ModelList(data=[P.ModelCard(id=n, max_model_len=m) for n, m in state.served()])
 
     @app.get("/v1/models/{model_id:path}", response_model=P.ModelCard)
     async def model(model_id: str):
-        if model_id != state.model_name:
+        served = dict(state.served())
+        if model_id not in served:
             raise APIError(
                 404,
-                f"model {model_id!r} does not exist; this server serves {state.model_name!r}",
+                f"model {model_id!r} does not exist; this server serves "
+                f"{', '.join(map(repr, served))}",
                 "not_found_error",
                 "model",
                 "model_not_found",
             )
-        return P.ModelCard(id=state.model_name, max_model_len=state.max_model_len)
+        return P.ModelCard(id=model_id, max_model_len=served[model_id])
 
     @app.post("/tokenize", response_model=P.TokenizeResponse)
     async def tokenize(req: P.TokenizeRequest):
         """vLLM's: a prompt, or chat messages rendered by the model's template, to token ids."""
-        check_model(req.model)
+        _, engine = resolve(req.model)
         check_fields(req)
         try:
             return await asyncio.to_thread(
                 handlers.tokenize,
-                tokenizer(),
-                state.max_model_len,
+                engine.tokenizer,
+                engine.max_model_len,
                 req,
                 state.literal_content,
                 state.tools,
@@ -406,10 +442,10 @@ def build_app(state: ServerState) -> FastAPI:
 
     @app.post("/detokenize", response_model=P.DetokenizeResponse)
     async def detokenize(req: P.DetokenizeRequest):
-        check_model(req.model)
+        _, engine = resolve(req.model)
         check_fields(req)
         try:
-            return handlers.detokenize(tokenizer(), engine().info.vocab_size, req)
+            return handlers.detokenize(engine.tokenizer, engine.info.vocab_size, req)
         except ValueError as e:
             raise value_error(e) from None
 
@@ -432,6 +468,17 @@ def build_app(state: ServerState) -> FastAPI:
     async def health():
         return await ready()
 
+    @app.get("/v1/health/instances")
+    async def instances():
+        """A fleet's instances: model, up or down, restarts, slice, process (one entry, the
+        server's own engine, without --config)."""
+        if state.fleet is not None:
+            return {"instances": state.fleet.health()}
+        engine = state.engine
+        up = engine is not None and not engine.is_dead
+        return {"instances": [{"instance": state.model_name, "model": state.model_name,
+                               "status": "up" if up else "down", "restarts": 0}]}  # fmt: skip
+
     @app.get("/version")
     async def version():
         return {"version": tokenmill.__version__}
@@ -439,6 +486,6 @@ def build_app(state: ServerState) -> FastAPI:
     @app.get("/metrics")
     @app.get("/v1/metrics", include_in_schema=False)  # NIM's path
     async def metrics():
-        return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+        return Response(generate_latest(state.registry), media_type=CONTENT_TYPE_LATEST)
 
     return app

@@ -53,8 +53,7 @@ class DrainingServer(uvicorn.Server):
 
     def _drain(self) -> None:
         deadline = time.monotonic() + self.grace_s
-        engine = self.state.engine
-        while engine is not None and engine.num_in_flight and time.monotonic() < deadline:
+        while self.state.num_in_flight and time.monotonic() < deadline:
             time.sleep(0.05)
         self.should_exit = True
 
@@ -86,37 +85,34 @@ def tool_settings(opts: ServeConfig) -> ToolSettings:
     return ToolSettings(opts.tool_call_parser, opts.enable_auto_tool_choice, template)
 
 
-def serve(config: EngineConfig, opts: ServeConfig, usage: UsageOptions | None = None) -> int:
-    """Serve until stopped; the exit status (0 drained, 1 engine core lost)."""
-    name = opts.served_model_name or default_model_name(config.model.model)
-    tracker = UsageTracker(usage, name, usage.instance) if usage else None
+def server_state(name: str, opts: ServeConfig, tracker: UsageTracker | None = None) -> ServerState:
     keys = parse_api_keys(list(opts.api_key) + list(opts.admin_key))
     admins = set(parse_api_keys(list(opts.admin_key)) or {})
     if tracker is not None:
         tracker.tenant_labels = opts.metrics_tenants
-    state = ServerState(
+    return ServerState(
         name, keys, opts.max_body_bytes, usage=tracker, strict_api=opts.strict_api,
         admin_keys=admins, max_request_sequences=opts.max_request_sequences,
         body_timeout_s=opts.body_timeout, literal_content=not opts.special_tokens_in_content,
         embedding_pooling=opts.embedding_pooling, tools=tool_settings(opts),
     )  # fmt: skip
-    app = build_app(state)
+
+
+def serve(config: EngineConfig, opts: ServeConfig, usage: UsageOptions | None = None) -> int:
+    """Serve until stopped; the exit status (0 drained, 1 engine core lost)."""
+    name = opts.served_model_name or default_model_name(config.model.model)
+    tracker = UsageTracker(usage, name, usage.instance) if usage else None
+    state = server_state(name, opts, tracker)
     holder: dict[str, AsyncEngine] = {}
-    failed: list[BaseException] = []
     lost: list[str] = []
 
-    def on_dead(reason: str) -> None:
-        lost.append(reason)
-        server.should_exit = True
+    def load(server: uvicorn.Server) -> None:
+        engine = AsyncEngine.build(config, opts.engine_process, opts.max_waiting)
 
-    def load() -> None:
-        try:
-            engine = AsyncEngine.build(config, opts.engine_process, opts.max_waiting)
-        except Exception as exc:  # a server that can never be ready should not linger
-            log.error("could not load the model: %s", exc)
-            failed.append(exc)
+        def on_dead(reason: str) -> None:
+            lost.append(reason)
             server.should_exit = True
-            return
+
         engine.on_dead = on_dead
         holder["engine"] = engine
         if server.should_exit:  # stopped while loading
@@ -124,26 +120,81 @@ def serve(config: EngineConfig, opts: ServeConfig, usage: UsageOptions | None = 
         engine.start()
         state.attach(engine)
         mode = "its own process" if opts.engine_process else "a thread"
-        log.info(
-            "ready: serving %r on http://%s:%d/v1 (engine core in %s)",
-            state.model_name,
-            opts.host,
-            opts.port,
-            mode,
-        )
+        log.info("ready: serving %r on http://%s:%d/v1 (engine core in %s)", state.model_name,
+                 opts.host, opts.port, mode)  # fmt: skip
+
+    def close() -> None:
+        if "engine" in holder:
+            holder["engine"].shutdown()
+        if tracker is not None:
+            tracker.close()  # the last partial interval, then the store
+
+    run_server(state, opts, load, close)
+    if lost:
+        log.error("exiting with status 1: the engine core died (%s)", lost[0])
+        return 1
+    return 0
+
+
+def serve_fleet(path: str, opts: ServeConfig, usage: UsageOptions | None = None,
+                hang_after: float = 120.0, defaults: dict | None = None) -> int:  # fmt: skip
+    """Serve every instance of FLEET.toml behind this one endpoint until stopped: each bound
+    to its slice in its own engine-core process, routed by `model`, restarted with backoff by
+    the supervisor when it dies or hangs (the server itself does not exit for that). Errors in
+    the file or a layout that does not fit this machine stop it before anything starts."""
+    from tokenmill.fleet.config import load_fleet
+    from tokenmill.fleet.front import Fleet
+    from tokenmill.fleet.instances import bind_fleet
+    from tokenmill.partition.binder import local_devices
+    from tokenmill.partition.profiles import cpu_topology, find_gpu
+
+    fleet_config = load_fleet(path, defaults or {})
+    if opts.served_model_name is not None:
+        raise ValueError("served_model_name: with --config each instance's `name` is its served "
+                         "model name; leave --served-model-name out")  # fmt: skip
+    devices = local_devices()
+    gpu = find_gpu(devices[0].name) if devices else None
+    instances = bind_fleet(fleet_config, cpu_topology(), devices, gpu)
+    for inst in instances:
+        log.info("instance %s (%s): %s, %.3g of the device%s", inst.name, inst.spec.model,
+                 inst.describe(), inst.share,
+                 "".join(f"; {n}" for n in inst.binding.notes))  # fmt: skip
+    fleet = Fleet(instances, usage, opts.metrics_tenants if usage else False, hang_after)
+    state = server_state(",".join(sorted({i.model_name for i in instances})), opts)
+    state.fleet = fleet
+
+    def load(server: uvicorn.Server) -> None:
+        fleet.start()
+        log.info("ready: serving %s on http://%s:%d/v1 (%d instances)",
+                 ", ".join(map(repr, fleet.models)), opts.host, opts.port, len(instances))  # fmt: skip
+
+    run_server(state, opts, load, fleet.stop)
+    return 0
+
+
+def run_server(state: ServerState, opts: ServeConfig, load, close) -> None:
+    """uvicorn on `state`'s app: the port up at once, `load(server)` on a thread (an exception
+    there stops the server and is raised here), `close()` once it has stopped."""
+    app = build_app(state)
+    failed: list[BaseException] = []
+
+    def loading() -> None:
+        try:
+            load(server)
+        except Exception as exc:  # a server that can never be ready should not linger
+            log.error("could not load the model: %s", exc)
+            failed.append(exc)
+            server.should_exit = True
 
     @contextlib.asynccontextmanager
     async def lifespan(_):
-        loader = threading.Thread(target=load, name="tokenmill-load", daemon=True)
+        loader = threading.Thread(target=loading, name="tokenmill-load", daemon=True)
         loader.start()
         yield
         # A stop during loading waits for the load to end (bounded): a daemon thread still inside
         # torch at interpreter exit aborts the process ("terminate called ...").
         loader.join(timeout=LOAD_JOIN_S)
-        if "engine" in holder:
-            holder["engine"].shutdown()
-        if tracker is not None:
-            tracker.close()  # the last partial interval, then the store
+        close()
 
     app.router.lifespan_context = lifespan
     cfg = uvicorn.Config(
@@ -160,10 +211,6 @@ def serve(config: EngineConfig, opts: ServeConfig, usage: UsageOptions | None = 
         runner.run(server.serve())
     if failed:
         raise failed[0]
-    if lost:
-        log.error("exiting with status 1: the engine core died (%s)", lost[0])
-        return 1
-    return 0
 
 
 def event_loop_factory():
