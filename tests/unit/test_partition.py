@@ -230,6 +230,22 @@ def test_core_sets_exist_and_never_overlap():
     assert not dupes.ok and "unique" in dupes.problems[0]
 
 
+def test_a_shared_core_set_is_divided_among_those_naming_it():
+    """One large on cores 0-1, six small sharing cores 2-3 (CPU's "one large + six small"): the
+    small ones split their set's compute; naming an overlapping set, or the same set without
+    ':shared' next to sharers, is refused."""
+    assert parse_slice("cores=2-3:shared") == Cores((2, 3), shared=True)
+    with pytest.raises(ValueError, match="only ':shared'"):
+        parse_slice("cores=1:mine")
+    small = [Want(f"s{i}", Cores((2, 3), shared=True)) for i in range(6)]
+    ok = plan([Want("large", Cores((0, 1))), *small], CPU)
+    assert ok.ok and [x.compute_share for x in ok.placements] == pytest.approx([0.5] + [0.5 / 6] * 6)  # fmt: skip
+    assert ok.placements[1].slice == "cores=2,3:shared" and ok.placements[1].cores == (2, 3)
+    for intruder in (Cores((2, 3)), Cores((3,), shared=True), Cores((1, 2), shared=True)):
+        bad = plan([*small, Want("x", intruder)], CPU)
+        assert not bad.ok and "x: shares cores with s0" in bad.problems[0]
+
+
 def test_partition_cli(tmp_path: Path):
     fleet = tmp_path / "FLEET.toml"
     fleet.write_text(

@@ -142,7 +142,7 @@ def _instance(t: Any, index: int, source: str, defaults: dict[str, Any]) -> Inst
 def _check_exclusive(instances: list[InstanceSpec], source: str) -> None:
     """Two replicas cannot both own one MIG device or one set of cores."""
     for spec in instances:
-        fixed = [s for s in spec.slices if isinstance(s, Cores | MigDevice)]
+        fixed = [s for s in spec.slices if isinstance(s, MigDevice) or (isinstance(s, Cores) and not s.shared)]  # fmt: skip
         if len(set(fixed)) < len(fixed):
             raise ValueError(
                 f"{source}: instance {spec.name!r}: its {spec.replicas} replicas share one "

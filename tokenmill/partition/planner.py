@@ -235,20 +235,28 @@ def _place_devices(wants: list[Want], placed: dict, problems: list[str]) -> None
 def _place_cores(cpu: CpuTopology, wants: list[Want], placed: dict, problems: list[str]) -> None:
     owner: dict[int, str] = {}
     memory = 0
+    sharers: dict[tuple[int, ...], int] = {}  # a ":shared" core set -> instances on it
+    for w in wants:
+        if isinstance(w.slice, Cores) and w.slice.shared:
+            sharers[w.slice.cores] = sharers.get(w.slice.cores, 0) + 1
+    shared_owner: dict[tuple[int, ...], str] = {}
     for w in wants:
         if not isinstance(w.slice, Cores):
             continue
         missing = [c for c in w.slice.cores if c not in cpu.cores]
         if missing:
             problems.append(f"{w.name}: cores {missing} are not this process's (it may use {_span(cpu.cores)})")  # fmt: skip
-        taken = sorted({owner[c] for c in w.slice.cores if c in owner})
+        first = shared_owner.setdefault(w.slice.cores, w.name) if w.slice.shared else w.name
+        taken = sorted({owner[c] for c in w.slice.cores if c in owner and owner[c] != first})
         if taken:
-            problems.append(f"{w.name}: shares cores with {', '.join(taken)}; core sets must not overlap")  # fmt: skip
+            problems.append(f"{w.name}: shares cores with {', '.join(taken)}; core sets must not overlap "
+                            "(instances that share one set all name it the same, with ':shared')")  # fmt: skip
         for c in w.slice.cores:
-            owner.setdefault(c, w.name)
+            owner.setdefault(c, first)
         memory += w.memory_bytes or 0
+        share = len(w.slice.cores) / len(cpu.cores) / (sharers[w.slice.cores] if w.slice.shared else 1)  # fmt: skip
         placed[w.name] = Placement(
-            w.name, describe(w.slice), compute_share=len(w.slice.cores) / len(cpu.cores),
+            w.name, describe(w.slice), compute_share=share,
             memory_bytes=w.memory_bytes, memory_share=(w.memory_bytes or 0) / cpu.memory_bytes,
             cores=w.slice.cores,
         )  # fmt: skip

@@ -4,6 +4,8 @@
 "MIG-<uuid>"        a MIG device as NVML lists it (bound by its UUID, never an index)
 "gpu-share=0.25"    a share of a GPU's memory (no compute isolation), ",gpu=1" to pick one
 "cores=0-1", "cores=1", "cores=0,2-3"   CPU cores (the process's affinity and threads)
+"cores=1:shared"    a core set several instances share (the kernel divides its time between
+                    them), still apart from every other instance's cores
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from tokenmill.partition.profiles import parse_cpulist
 
 _PROFILE = re.compile(r"^\d+g\.\d+gb(\+me)?$")
 _UUID = re.compile(r"^MIG-[0-9A-Fa-f]{8}(-[0-9A-Fa-f]{4}){3}-[0-9A-Fa-f]{12}$")
-FORMS = '"1g.18gb" (a MIG profile), "MIG-<uuid>", "gpu-share=0.25[,gpu=N]", "cores=0-1"'
+FORMS = '"1g.18gb" (a MIG profile), "MIG-<uuid>", "gpu-share=0.25[,gpu=N]", "cores=0-1[:shared]"'
 
 
 @dataclass(frozen=True)
@@ -37,6 +39,7 @@ class GpuShare:
 @dataclass(frozen=True)
 class Cores:
     cores: tuple[int, ...]
+    shared: bool = False  # other instances naming the same set (":shared") run there too
 
 
 Slice = MigSlice | MigDevice | GpuShare | Cores
@@ -55,13 +58,16 @@ def parse_slice(text: str) -> Slice:
         return MigDevice(s)
     key, eq, rest = s.partition("=")
     if eq and key == "cores":
+        rest, colon, mode = rest.partition(":")
+        if colon and mode != "shared":
+            raise ValueError(f"slice {text!r}: after the cores only ':shared' may follow")
         try:
             cores = parse_cpulist(rest)
         except ValueError as e:
             raise ValueError(f"slice {text!r}: {e}") from None
         if not cores:
             raise ValueError(f"slice {text!r} names no core")
-        return Cores(cores)
+        return Cores(cores, shared=bool(colon))
     if eq and key == "gpu-share":
         share, _, more = rest.partition(",")
         gpu = None
@@ -87,4 +93,4 @@ def describe(s: Slice) -> str:
         return s.uuid
     if isinstance(s, GpuShare):
         return f"gpu-share={s.fraction:g}" + (f",gpu={s.gpu}" if s.gpu is not None else "")
-    return "cores=" + ",".join(map(str, s.cores))
+    return "cores=" + ",".join(map(str, s.cores)) + (":shared" if s.shared else "")
