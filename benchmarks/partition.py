@@ -12,7 +12,9 @@ Two layouts of the same seven workloads, run one after the other on one machine:
 - shared: no slices; every instance's engine sees and threads over every core (seven
   containers on one box, as each would start by default);
 - shared-1t: no slices, but each engine held to one thread (oversubscription removed by
-  hand): what is left is the lack of isolation itself.
+  hand): what is left is the lack of isolation itself;
+- shared-tuned: no slices, the large engine threaded over every core (sized for the machine),
+  the small ones one thread each.
 Reported per layout: the small requests' TTFT p50/p99 and end-to-end p50/p99, each instance's
 throughput (tokens/s), and the machine's utilization (busy CPU time / wall time x cores, from
 /proc/stat) over the measured window. The point: partitioned, the large job no longer sets the
@@ -36,6 +38,7 @@ import httpx
 from tqdm.auto import tqdm
 
 SMALL = [f"s{i}" for i in range(6)]
+LAYOUTS = ["partitioned", "shared", "shared-1t", "shared-tuned"]
 QUESTIONS = [
     "What is the capital of France?", "Name a primary colour.", "Say hello in Spanish.",
     "How many legs has a spider?", "What is two plus two?", "Name a planet.",
@@ -49,13 +52,16 @@ def fleet_toml(layout: str, cores: list[int], args) -> str:
     if layout == "partitioned" and not small_cores:
         raise SystemExit(f"--large-cores {args.large_cores} leaves no core for the small ones")
     span = ",".join(map(str, small_cores))
+    small_common = common
     if layout == "shared-1t":
         common += "num_threads = 1\n"
+    if layout in ("shared-1t", "shared-tuned"):
+        small_common += "num_threads = 1\n"
     out = ['[[instances]]\nname = "large"\n' + common + "max_model_len = 2048\n"]
     if layout == "partitioned":
         out[0] += f'slice = "cores={",".join(map(str, big_cores))}"\n'
     for name in SMALL:
-        t = f'[[instances]]\nname = "{name}"\n' + common + "max_model_len = 512\n"
+        t = f'[[instances]]\nname = "{name}"\n' + small_common + "max_model_len = 512\n"
         if layout == "partitioned":
             t += f'slice = "cores={span}:shared"\n'
         out.append(t)
@@ -161,7 +167,7 @@ def run_layout(layout: str, cores: list[int], args) -> dict:
 
     workdir = Path(tempfile.mkdtemp())
     (workdir / "FLEET.toml").write_text(fleet_toml(layout, cores, args))
-    port = 8800 + ["partitioned", "shared", "shared-1t"].index(layout)
+    port = 8800 + LAYOUTS.index(layout)
     log = open(workdir / "serve.log", "w")  # noqa: SIM115
     cmd = [sys.executable, "-m", "tokenmill.cli", "serve", "--config", str(workdir / "FLEET.toml"),
            "--port", str(port), "--usage-db", str(workdir / "usage.sqlite")]  # fmt: skip
@@ -189,7 +195,7 @@ def main() -> None:
     p.add_argument("--large-prompt", type=int, default=512, help="words in the large prompt (about)")  # fmt: skip
     p.add_argument("--large-tokens", type=int, default=512)
     p.add_argument("--small-every", type=float, default=3.0, help="seconds between one small instance's requests")  # fmt: skip
-    p.add_argument("--layouts", default="partitioned,shared,shared-1t")
+    p.add_argument("--layouts", default=",".join(LAYOUTS))
     p.add_argument("--out", type=Path)
     args = p.parse_args()
     cores = sorted(os.sched_getaffinity(0))
