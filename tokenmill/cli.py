@@ -72,6 +72,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="with --config: an instance whose core sends nothing for S seconds while it has "
         "requests is killed and restarted (a long prefill step sends nothing: be generous)",
     )
+    s.add_argument(
+        "--ray-address",
+        metavar="ADDR",
+        help="with --config: place every replica as a Ray actor on the Ray cluster at ADDR "
+        "('auto', HOST:PORT, ray://HOST:PORT), each asking for its slice's CPUs or GPU share; "
+        "this process keeps routing and supervising them (needs the 'ray' extra)",
+    )
     from tokenmill.cost.commands import add_parsers as add_cost_parsers
     from tokenmill.cost.commands import add_usage_options
 
@@ -303,7 +310,9 @@ def main(argv: list[str] | None = None) -> int:
             names = set(option_help()) - {"model"}
             defaults = {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
             return serve_fleet(args.config, serve_config(args), usage_options(args),
-                               args.instance_hang_after, defaults)  # fmt: skip
+                               args.instance_hang_after, defaults, args.ray_address)  # fmt: skip
+        if args.ray_address is not None:
+            raise ValueError("--ray-address places a fleet's replicas: give --config FLEET.toml")
         return serve(engine_config(args), serve_config(args), usage_options(args))
     except (ValueError, FileNotFoundError) as e:
         print(f"tokenmill: error: {e}", file=sys.stderr)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import signal
+import threading
 
 from tokenmill.config import EngineConfig
 from tokenmill.engine.messages import (
@@ -31,7 +32,8 @@ IDLE_POLL_S = 1.0  # an idle core wakes this often to notice a vanished front
 def run_engine_core(
     config: EngineConfig, conn, log_level: int = logging.INFO, binding=None
 ) -> None:
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if threading.current_thread() is threading.main_thread():  # not so in a Ray actor's thread
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
     logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if binding is not None:  # the instance's slice, before torch starts its threads
         from tokenmill.partition.binder import apply

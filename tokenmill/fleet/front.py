@@ -196,6 +196,7 @@ class Fleet:
                 "cores": list(inst.binding.cores),
                 "device_share": inst.share,
                 "pid": getattr(process, "pid", None),
+                "host": getattr(process, "host", None),  # a Ray actor's node (None: here)
                 "memory_cap_bytes": inst.binding.memory_limit,
                 "memory_used_bytes": group[0] if group else None,
                 "outstanding_tokens": load[inst.name],

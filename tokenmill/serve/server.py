@@ -137,14 +137,15 @@ def serve(config: EngineConfig, opts: ServeConfig, usage: UsageOptions | None = 
 
 
 def serve_fleet(path: str, opts: ServeConfig, usage: UsageOptions | None = None,
-                hang_after: float = 120.0, defaults: dict | None = None) -> int:  # fmt: skip
+                hang_after: float = 120.0, defaults: dict | None = None,
+                ray_address: str | None = None) -> int:  # fmt: skip
     """Serve every instance of FLEET.toml behind this one endpoint until stopped: each bound
     to its slice in its own engine-core process, routed by `model`, restarted with backoff by
     the supervisor when it dies or hangs (the server itself does not exit for that). Errors in
     the file or a layout that does not fit this machine stop it before anything starts."""
     from tokenmill.fleet.config import load_fleet
     from tokenmill.fleet.front import Fleet
-    from tokenmill.fleet.instances import bind_fleet
+    from tokenmill.fleet.instances import bind_fleet, bind_fleet_ray
     from tokenmill.partition.binder import local_devices
     from tokenmill.partition.profiles import cpu_topology, find_gpu
 
@@ -152,9 +153,15 @@ def serve_fleet(path: str, opts: ServeConfig, usage: UsageOptions | None = None,
     if opts.served_model_name is not None:
         raise ValueError("served_model_name: with --config each instance's `name` is its served "
                          "model name; leave --served-model-name out")  # fmt: skip
-    devices = local_devices()
-    gpu = find_gpu(devices[0].name) if devices else None
-    instances = bind_fleet(fleet_config, cpu_topology(), devices, gpu)
+    if ray_address is not None:  # every replica a Ray actor, placed by Ray's scheduler
+        from tokenmill.fleet.ray_client import connect
+
+        instances = bind_fleet_ray(fleet_config)
+        connect(ray_address)
+    else:
+        devices = local_devices()
+        gpu = find_gpu(devices[0].name) if devices else None
+        instances = bind_fleet(fleet_config, cpu_topology(), devices, gpu)
     for inst in instances:
         log.info("instance %s (%s): %s, %.3g of the device%s", inst.name, inst.spec.model,
                  inst.describe(), inst.share,
