@@ -242,6 +242,13 @@ def test_tco_commands_end_to_end(tmp_path, capsys):
     report = json.loads(capsys.readouterr().out)
     assert report["tenants"][0]["tenant"] == "alice" and report["total"]["tokens"] == 30
     assert report["tenants"][0]["energy_source"] == "modeled"
+    small = Accountant("m", "slice", "cpu-2core", "modeled", UsageStore(db), share=0.25)
+    small.record_tokens("bob", 5, 5, requests=1)
+    small.record_energy(10.0, 2.0)
+    assert main(["tco", "report", "--db", str(db)]) == 0  # the table: instances with shares
+    lines = capsys.readouterr().out.splitlines()
+    row = next(line for line in lines if line.split()[:2] == ["m", "slice"] and "cpu-2core" in line)
+    assert row.split()[4] == "0.250"
     assert main(["tco", "report", "--db", str(tmp_path / "missing.sqlite")]) == 2
 
 

@@ -130,3 +130,21 @@ def test_serve_config_and_model_are_exclusive(tmp_path: Path, capsys):
     assert "leave --model and --profile out" in capsys.readouterr().err
     assert main(["serve", "--config", str(path), "--served-model-name", "x", "--no-usage"]) == 2
     assert "each instance's `name` is its served model name" in capsys.readouterr().err
+
+
+def test_an_instance_may_take_a_hardware_profile(tiny_model_dir):
+    """`profile = "auto"`: the profile chosen for its model and this machine, under the
+    instance's own options; the default takes none."""
+    from tokenmill.fleet.instances import profiled
+    from tokenmill.profiles.commands import choice_for
+
+    model = str(tiny_model_dir("llama"))
+    auto, plain = parse_fleet({"instances": [
+        {"name": "a", "model": model, "profile": "auto", "max_model_len": 128},
+        {"name": "b", "model": model, "max_model_len": 128},
+    ]}).instances  # fmt: skip
+    chosen = choice_for(model).chosen.options
+    assert profiled(auto) == {**chosen, "max_model_len": 128}
+    assert profiled(plain) == {"max_model_len": 128}
+    with pytest.raises(ValueError, match="profile must be"):
+        parse_fleet({"instances": [{"name": "c", "model": model, "profile": 3}]})

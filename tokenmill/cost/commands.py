@@ -127,6 +127,15 @@ def report(args, catalog, prices) -> dict:
                 f"{tokens:>10} {_num(t['joules_per_token'], 4):>9} {_num(t['cost_usd'], 6):>10} "
                 f"{_num(t['cost_per_million_tokens'], 3):>9}  {t['energy_source']}"
             )
+        print(f"\n{'model':24} {'instance':18} {'hardware':14} {'hours':>8} {'share':>6} "
+              f"{'USD':>10} {'USD/Mtok':>9}")  # fmt: skip
+        for i in result["instances"]:  # each instance pays its slice's share of the device
+            share = i["device_share"]
+            print(
+                f"{i['model'][:24]:24} {i['instance'][:18]:18} {i['hardware'][:14]:14} "
+                f"{i['uptime_hours']:>8.3f} {_num(share, 3):>6} {_num(i['cost_usd'], 6):>10} "
+                f"{_num(i['cost_per_million_tokens'], 3):>9}"
+            )
         total = result["total"]
         print(
             f"total: {total['tokens']} tokens, {total['energy_joules']:.1f} J, "

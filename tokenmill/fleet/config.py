@@ -7,6 +7,8 @@
     replicas = 1                # optional
     memory = "4GiB"             # optional: each replica's host-memory cap (a cgroup); default:
                                 # its weights and KV budget + 1 GiB for the runtime
+    profile = "auto"            # optional: a hardware profile's options under the instance's
+                                # own (tokenmill profiles list); default none
     dtype = "bfloat16"          # any engine option by its config name (tokenmill serve --help)
     kv_cache_memory = 268435456
 
@@ -26,7 +28,7 @@ from tokenmill.config import EngineConfig
 from tokenmill.partition.cgroups import parse_bytes
 from tokenmill.partition.slices import Cores, MigDevice, Slice, parse_slice
 
-INSTANCE_KEYS = ("name", "model", "slice", "replicas", "memory")
+INSTANCE_KEYS = ("name", "model", "slice", "replicas", "memory", "profile")
 
 
 @dataclass(frozen=True)
@@ -36,6 +38,7 @@ class InstanceSpec:
     slices: tuple[Slice | None, ...]  # one per replica (None: no slice, the machine shared)
     engine: dict[str, Any] = field(default_factory=dict)  # engine options by config name
     memory: int | None = None  # each replica's memory cap in bytes (None: the default)
+    profile: str = "none"  # a hardware profile (profiles/choose.py), applied when bound
 
     @property
     def replicas(self) -> int:
@@ -129,7 +132,10 @@ def _instance(t: Any, index: int, source: str, defaults: dict[str, Any]) -> Inst
             memory = parse_bytes(t["memory"])
         except ValueError as e:
             raise ValueError(f"{where}: memory: {e}") from None
-    spec = InstanceSpec(name, model, tuple(slices), engine, memory)
+    profile = t.get("profile", "none")
+    if not isinstance(profile, str) or not profile:
+        raise ValueError(f"{where}: profile must be 'auto', 'none' or a profile name")
+    spec = InstanceSpec(name, model, tuple(slices), engine, memory, profile)
     try:
         spec.engine_config()
     except TypeError as e:  # an unknown option: EngineConfig names it and the known ones

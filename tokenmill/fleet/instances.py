@@ -30,9 +30,13 @@ class Instance:
     engine: object | None = field(default=None, repr=False)  # engine.async_engine.AsyncEngine
     placement: Placement | None = None
     share: float = 1.0  # of the device it runs on: what its hardware cost is a share of
+    ray_resources: dict[str, float] | None = None  # a Ray actor asking for these; None: local
 
     def describe(self) -> str:
         """Where it runs, in words (logs, /v1/health/instances)."""
+        if self.ray_resources is not None:
+            asks = ", ".join(f"{k.removeprefix('num_')}={v:g}" for k, v in self.ray_resources.items())  # fmt: skip
+            return f"a Ray actor ({asks})"
         p = self.placement
         where = p.slice if p is not None else "the shared machine"
         if self.binding.env.get("CUDA_VISIBLE_DEVICES"):
@@ -74,12 +78,22 @@ def bind_fleet(
     out = []
     for (spec, name), binding, p, share in zip(owners, bind(placements, devices or []), placements, shares):  # fmt: skip
         # the slice's options (threads, a memory share) unless the instance sets them itself
-        options = {**binding.engine, **spec.engine}
+        options = {**binding.engine, **profiled(spec)}
         config = EngineConfig.from_kwargs(model=spec.model, **options)
         cap = spec.memory if spec.memory is not None else memory_need(spec)[0] + RUNTIME_BYTES
         binding = replace(binding, memory_limit=cap)
         out.append(Instance(name, spec.name, spec, binding, config, placement=p, share=share))
     return out
+
+
+def profiled(spec: InstanceSpec) -> dict:
+    """The instance's engine options over its hardware profile's (when it names one)."""
+    if spec.profile == "none":
+        return dict(spec.engine)
+    from tokenmill.profiles.commands import apply_profile
+
+    log.info("instance %s:", spec.name)
+    return apply_profile(spec.profile, spec.model, dict(spec.engine))
 
 
 def cost_shares(placements: list[Placement]) -> list[float]:
@@ -119,18 +133,59 @@ def device_share(p: Placement) -> float | None:
     return p.memory_share
 
 
+def bind_fleet_ray(fleet: FleetConfig) -> list[Instance]:
+    """Every replica as a Ray actor: Ray's scheduler places it on a node with the resources
+    its slice asks for (cores=0-3: 4 CPUs, with as many threads; gpu-share=F: F of a GPU and
+    that share of its memory; none: 1 CPU). A node's cores are Ray's to assign, so nothing is
+    pinned; MIG slices need the node's MIG devices and are refused here."""
+    from tokenmill.fleet.needs import memory_need
+    from tokenmill.partition.slices import Cores, GpuShare
+
+    out = []
+    for spec in fleet.instances:
+        for name, s in zip(spec.replica_names(), spec.slices):
+            options: dict[str, object] = {}
+            resources: dict[str, float] = {"num_cpus": 1.0}
+            if isinstance(s, Cores):
+                resources["num_cpus"] = float(len(s.cores))
+                options["num_threads"] = len(s.cores)
+            elif isinstance(s, GpuShare):
+                resources["num_gpus"] = s.fraction
+                options["gpu_memory_utilization"] = s.fraction
+            elif s is not None:
+                raise ValueError(f"{fleet.source}: instance {spec.name!r}: slice {s} cannot be "
+                                 "placed through Ray (MIG devices are per node); use cores=N or "
+                                 "gpu-share=F with --ray-address")  # fmt: skip
+            cap = spec.memory if spec.memory is not None else memory_need(spec)[0] + RUNTIME_BYTES
+            threads = str(int(resources["num_cpus"]))
+            binding = Binding(name, {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads},
+                              engine=options, memory_limit=cap)  # fmt: skip
+            config = EngineConfig.from_kwargs(model=spec.model, **{**options, **profiled(spec)})
+            # cost: a GPU share its fraction; a CPU replica its node (the node's size is Ray's)
+            share = s.fraction if isinstance(s, GpuShare) else 1.0
+            out.append(Instance(name, spec.name, spec, binding, config, share=share,
+                                ray_resources={**resources, "memory": float(cap)}))  # fmt: skip
+    return out
+
+
 def start(instances: list[Instance]) -> list[Instance]:
-    """Each instance's engine core process, bound, loaded and serving (one after another:
-    loading is memory-bound anyway); on a failure the ones started are stopped again."""
+    """Each instance's engine core process (or Ray actor), bound, loaded and serving (one after
+    another: loading is memory-bound anyway); on a failure the ones started are stopped."""
     from tokenmill.engine.async_engine import AsyncEngine
-    from tokenmill.engine.core_client import ProcessCoreClient
+    from tokenmill.engine.core_client import CoreClient, ProcessCoreClient
     from tokenmill.models.loader import load_tokenizer
 
     try:
         for inst in instances:
-            log.info("starting instance %s (%s) on %s", inst.name, inst.spec.model,
-                     inst.binding.cores or inst.binding.env or "the shared machine")  # fmt: skip
-            engine = AsyncEngine(ProcessCoreClient(inst.config, inst.binding), load_tokenizer(inst.spec.model))  # fmt: skip
+            log.info("starting instance %s (%s) on %s", inst.name, inst.spec.model, inst.describe())  # fmt: skip
+            client: CoreClient
+            if inst.ray_resources is not None:
+                from tokenmill.fleet.ray_client import RayCoreClient
+
+                client = RayCoreClient(inst.config, inst.binding, inst.ray_resources)
+            else:
+                client = ProcessCoreClient(inst.config, inst.binding)
+            engine = AsyncEngine(client, load_tokenizer(inst.spec.model))
             engine.start()
             inst.engine = engine
     except BaseException:
