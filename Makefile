@@ -35,7 +35,7 @@ test: install
 lint: install
 	$(VENV)/bin/ruff check tokenmill tests benchmarks
 	$(VENV)/bin/ruff format --check tokenmill tests benchmarks
-	$(VENV)/bin/mypy tokenmill/config.py tokenmill/config_quant.py tokenmill/sampling_params.py tokenmill/kv tokenmill/engine/request.py tokenmill/engine/scheduler.py tokenmill/engine/messages.py tokenmill/cost tokenmill/bench/metrics.py tokenmill/partition tokenmill/fleet/config.py tokenmill/fleet/router.py tokenmill/profiles/hardware.py tokenmill/profiles/choose.py
+	$(VENV)/bin/mypy tokenmill/config.py tokenmill/config_quant.py tokenmill/sampling_params.py tokenmill/kv tokenmill/engine/request.py tokenmill/engine/scheduler.py tokenmill/engine/messages.py tokenmill/cost tokenmill/bench/metrics.py tokenmill/bench/scaling.py tokenmill/partition tokenmill/fleet/config.py tokenmill/fleet/router.py tokenmill/profiles/hardware.py tokenmill/profiles/choose.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

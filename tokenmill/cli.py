@@ -154,6 +154,29 @@ def build_parser() -> argparse.ArgumentParser:
         "then throughput and latency against rate",
     )
 
+    sc = b.add_parser(
+        "scaling",
+        help="the interconnect model: TP/PP step time, communication share, tokens/s and "
+        "scaling efficiency from 1 to N chips per link (pure arithmetic, no hardware)",
+        description="Predict where a model stops scaling: per chip count, tensor and pipeline "
+        "parallel step time, the share spent on all-reduces, sends and bubbles, tokens/s and "
+        "efficiency T(1)/(n T(n)), for a device and one or more links of the catalogue "
+        "(tokenmill/bench/scaling.toml; extend it with --catalog).",
+    )
+    sc.add_argument("--model", default="llama-3.1-70b",
+                    help="a catalogue shape (llama-3.1-8b, -70b, -405b, smollm2-135m) or an HF folder")  # fmt: skip
+    sc.add_argument("--device", default="h100", help="a catalogue device (h100, h200, b200, gb200, cpu-2core)")  # fmt: skip
+    sc.add_argument("--links", default="nvlink4", help="comma-separated catalogue links (nvlink5, nvlink4, pcie5, pcie4, ib-ndr, eth-400g, eth-100g, gloo-loopback)")  # fmt: skip
+    sc.add_argument("--chips", default="1,2,4,8,16,32,64,72", help="chip counts")
+    sc.add_argument("--mode", default="decode", choices=["decode", "prefill"])
+    sc.add_argument("--batch", type=int, default=32, help="sequences in the step")
+    sc.add_argument("--context", type=int, default=4096, help="tokens each holds (decode) or its prompt (prefill)")  # fmt: skip
+    sc.add_argument("--microbatches", type=int, default=None, help="PP micro-batches (default: pp, or the batch when smaller)")  # fmt: skip
+    sc.add_argument("--weight-bytes", type=float, default=2.0, help="bytes per weight (2 bf16, 1 fp8/int8, 0.5625 4-bit)")  # fmt: skip
+    sc.add_argument("--catalog", default=None, help="a TOML of devices/links/models extending the catalogue")  # fmt: skip
+    sc.add_argument("--plot", default=None, metavar="PNG", help="efficiency against chips, a line per link and kind")  # fmt: skip
+    sc.add_argument("--json", action="store_true", help="rows as JSON")
+
     for name, text in (
         ("offline", "offline engine throughput on random-token prompts"),
         ("latency", "batch-1 TTFT and decode speed"),

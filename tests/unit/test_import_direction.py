@@ -27,6 +27,7 @@ PURE = [
     "tokenmill.cost.energy",
     "tokenmill.cost.plan",
     "tokenmill.bench.metrics",
+    "tokenmill.bench.scaling",
     "tokenmill.partition.profiles",
     "tokenmill.partition.slices",
     "tokenmill.partition.planner",

@@ -104,3 +104,42 @@ def roofline(args) -> int:
                 indent=2,
             )
     return 0
+
+
+def scaling(args) -> int:
+    from tokenmill.bench.scaling import load_catalog, shape_of, sweep, with_bytes
+
+    catalog = load_catalog(args.catalog)
+    shape = with_bytes(shape_of(args.model, catalog), args.weight_bytes)
+    if args.device not in catalog["devices"]:
+        raise ValueError(f"device {args.device!r}: the catalogue has {', '.join(catalog['devices'])}")  # fmt: skip
+    device = catalog["devices"][args.device]
+    chips = [int(c) for c in args.chips.split(",")]
+    scenario = {"mode": args.mode, "batch": args.batch, "context": args.context,
+                "microbatches": args.microbatches}  # fmt: skip
+    results = {}
+    for name in args.links.split(","):
+        if name not in catalog["links"]:
+            raise ValueError(f"link {name!r}: the catalogue has {', '.join(catalog['links'])}")
+        results[name] = sweep(shape, device, catalog["links"][name], catalog["links"], chips, **scenario)  # fmt: skip
+    if args.json:
+        print(json.dumps({"model": shape.name, "weights": shape.weights, "device": device.name,
+                          **scenario, "links": results}, indent=2))  # fmt: skip
+    else:
+        print(f"{shape.name} ({shape.weights / 1e9:.1f} B weights x {shape.weight_bytes:g} B) on "
+              f"{device.name}, {args.mode} batch {args.batch} x {args.context} tokens")  # fmt: skip
+        print(f"{'link':14} {'kind':4} {'chips':>5} {'step ms':>9} {'comm':>6} {'tokens/s':>11} "
+              f"{'effic.':>7} {'GB/chip':>8}  via")  # fmt: skip
+        for name, rows in results.items():
+            for r in rows:
+                fits = "" if r["fits"] else " (does not fit)"
+                print(f"{name:14} {r['parallelism']:4} {r['chips']:>5} {r['step_ms']:>9.2f} "
+                      f"{r['comm_share']:>6.0%} {r['tokens_per_s']:>11.1f} {r['efficiency']:>7.0%} "
+                      f"{r['memory_per_chip_gb']:>8.1f}  {r['link']}{fits}")  # fmt: skip
+    if args.plot:
+        from tokenmill.bench.plots import scaling_efficiency
+
+        path = scaling_efficiency(results, args.plot,
+                                  f"{shape.name} on {device.name}: {args.mode}, batch {args.batch} x {args.context}")  # fmt: skip
+        print(f"plot: {path}")
+    return 0

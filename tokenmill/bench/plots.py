@@ -65,3 +65,25 @@ def sweep(results: list[tuple[float, dict]], out_dir: str | Path, title: str) ->
     b.legend()
     b.grid(alpha=0.3)
     return _save(plt, fig, title, Path(out_dir) / "sweep.png")
+
+
+def scaling_efficiency(results: dict[str, list[dict]], path: str | Path, title: str) -> Path:
+    """Scaling efficiency against chip count (log2 x): a line per link, TP solid, PP dashed;
+    hollow markers where the weights and KV do not fit the chips."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for i, (link, rows) in enumerate(results.items()):
+        color = f"C{i}"
+        for kind, style in (("tp", "-"), ("pp", "--")):
+            pts = [r for r in rows if r["parallelism"] == kind]
+            xs, ys = [r["chips"] for r in pts], [r["efficiency"] for r in pts]
+            ax.plot(xs, ys, style, color=color, label=f"{kind.upper()} over {link}")
+            ax.scatter(xs, ys, color=color, s=18,
+                       facecolors=[color if r["fits"] else "none" for r in pts])  # fmt: skip
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("chips")
+    ax.set_ylabel("scaling efficiency T(1) / (n T(n))")
+    ax.set_ylim(0, 1.05)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save(plt, fig, title, Path(path))
