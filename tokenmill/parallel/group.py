@@ -1,0 +1,79 @@
+"""A tensor-parallel group: this process's rank, the group's size, and the two collectives the
+layers need (all-reduce after a row-parallel layer, all-gather of the vocabulary's logits).
+Size 1 is a plain value that never imports or touches torch.distributed: the single-device path
+pays nothing. Gloo on CPU, NCCL on CUDA (`init_group`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class TPGroup:
+    rank: int = 0
+    size: int = 1
+    group: object | None = None  # torch.distributed's ProcessGroup (None: the default, or size 1)
+
+    def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        """The sum over ranks, in place (x itself at size 1)."""
+        if self.size == 1:
+            return x
+        import torch.distributed as dist
+
+        dist.all_reduce(x, group=self.group)  # type: ignore[arg-type]
+        return x
+
+    def all_gather(self, x: torch.Tensor, dim: int = -1) -> torch.Tensor:
+        """Every rank's `x` side by side along `dim`, in rank order."""
+        if self.size == 1:
+            return x
+        import torch.distributed as dist
+
+        x = x.contiguous()
+        parts = [torch.empty_like(x) for _ in range(self.size)]
+        dist.all_gather(parts, x, group=self.group)  # type: ignore[arg-type]
+        return torch.cat(parts, dim=dim)
+
+
+SINGLE = TPGroup()
+
+
+def init_group(rank: int, size: int, init_method: str, backend: str | None = None) -> TPGroup:
+    """Join a group of `size` processes at `init_method` (tcp://host:port); the backend is
+    NCCL where CUDA is available, else Gloo."""
+    if size == 1:
+        return SINGLE
+    import torch.distributed as dist
+
+    backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
+    dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=size)
+    return TPGroup(rank, size, None)
+
+
+def split(full: int, size: int, rank: int, what: str, unit: int = 1) -> tuple[int, int]:
+    """(start, length) of rank's even share of `full` rows in units of `unit` (a head's
+    dimension); a ValueError naming `what` when it does not divide."""
+    if full % (size * unit):
+        raise ValueError(
+            f"{what}: {full // unit} {'heads' if unit > 1 else 'rows'} do not split over "
+            f"tensor_parallel_size {size}; choose a size that divides them"
+        )
+    length = full // size
+    return rank * length, length
+
+
+def kv_split(kv_heads: int, head_dim: int, size: int, rank: int) -> tuple[int, int]:
+    """(start, length) of rank's K (or V) rows: an even share of the KV heads, or, when there
+    are fewer KV heads than ranks, the one head its query heads attend with (replicated)."""
+    if kv_heads >= size:
+        return split(kv_heads * head_dim, size, rank, "num_key_value_heads", head_dim)
+    if size % kv_heads:
+        raise ValueError(
+            f"num_key_value_heads: {kv_heads} KV heads cannot be replicated evenly over "
+            f"tensor_parallel_size {size}; choose a size they divide"
+        )
+    head = rank * kv_heads // size
+    return head * head_dim, head_dim
