@@ -160,6 +160,36 @@ class DeviceConfig:
             raise ValueError(f"cpu_kernels must be one of {CPU_KERNELS}, got {self.cpu_kernels!r}")
 
 
+EXECUTOR_BACKENDS = ("auto", "uni", "mp")
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    """Many ranks as one engine (tensor parallelism)."""
+
+    tensor_parallel_size: int = doc_field(
+        "Ranks the model's layers are split over (heads, KV heads, MLP and vocabulary), one "
+        "process each, joined by torch.distributed (Gloo on CPU, NCCL on CUDA); two "
+        "all-reduces per layer. 1: no torch.distributed at all.",
+        default=1,
+    )
+    distributed_executor_backend: str = doc_field(
+        "How ranks run: mp (one process per rank on this machine), uni (one process: only "
+        "tensor_parallel_size 1), or auto (uni for size 1, else mp).",
+        default="auto",
+    )
+
+    def __post_init__(self) -> None:
+        if self.tensor_parallel_size < 1:
+            raise ValueError(f"tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
+        if self.distributed_executor_backend not in EXECUTOR_BACKENDS:
+            raise ValueError(f"distributed_executor_backend must be one of {EXECUTOR_BACKENDS}, "
+                             f"got {self.distributed_executor_backend!r}")  # fmt: skip
+        if self.distributed_executor_backend == "uni" and self.tensor_parallel_size > 1:
+            raise ValueError("distributed_executor_backend uni runs one rank; tensor_parallel_size "
+                             f"{self.tensor_parallel_size} needs mp")  # fmt: skip
+
+
 TOOL_CALL_PARSERS = ("hermes", "llama3_json", "mistral")  # serve/tool_parsers.py FORMATS
 
 
@@ -298,6 +328,7 @@ class EngineConfig:
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     device: DeviceConfig = field(default_factory=DeviceConfig)
     quant: QuantConfig = field(default_factory=QuantConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
     @classmethod
     def from_kwargs(cls, **kwargs: Any) -> EngineConfig:
@@ -317,6 +348,7 @@ class EngineConfig:
             scheduler=SchedulerConfig(**parts["scheduler"]),
             device=DeviceConfig(**parts["device"]),
             quant=QuantConfig(**parts["quant"]),
+            parallel=ParallelConfig(**parts["parallel"]),
         )
 
 
@@ -326,6 +358,7 @@ PARTS: dict[str, type] = {
     "scheduler": SchedulerConfig,
     "device": DeviceConfig,
     "quant": QuantConfig,
+    "parallel": ParallelConfig,
 }
 
 

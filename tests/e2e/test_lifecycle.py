@@ -126,3 +126,21 @@ def test_sigterm_drains_in_flight_then_exits_zero(tiny_model_dir):
     assert result == {"status": 200, "tokens": 400}
     assert s.proc.wait(30) == 0
     s.stop()
+
+
+def test_a_tensor_parallel_server_answers_as_a_single_rank_one(tiny_model_dir):
+    """serve --tensor-parallel-size 2: the core process starts two rank processes (Gloo);
+    greedy completions equal the single-rank server's; SIGTERM ends them all."""
+    model = str(tiny_model_dir("llama"))
+    body = {"model": "tiny", "prompt": [5, 6, 7, 8], "max_tokens": 10, "temperature": 0, "ignore_eos": True}  # fmt: skip
+    one = Server(model, "--no-enable-prefix-caching")
+    try:
+        want = httpx.post(f"{one.url}/v1/completions", json=body, timeout=60).json()
+    finally:
+        assert one.stop() == 0
+    two = Server(model, "--no-enable-prefix-caching", "--tensor-parallel-size", "2")
+    try:
+        got = httpx.post(f"{two.url}/v1/completions", json=body, timeout=60).json()
+        assert got["choices"][0]["text"] == want["choices"][0]["text"]
+    finally:
+        assert two.stop() == 0

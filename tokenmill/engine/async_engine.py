@@ -85,11 +85,18 @@ class AsyncEngine:
                 raise
             return cls(client, tokenizer, max_waiting)
         from tokenmill.engine.core import EngineCore
+        from tokenmill.executor import executor_for
         from tokenmill.executor.uniproc import UniprocExecutor
 
-        executor = UniprocExecutor(config)
+        executor = executor_for(config)
         core = EngineCore(config, executor)
-        return cls(InprocCoreClient(core), executor.worker.loaded.tokenizer, max_waiting)
+        if isinstance(executor, UniprocExecutor):
+            tokenizer = executor.worker.loaded.tokenizer
+        else:
+            from tokenmill.models.loader import load_tokenizer
+
+            tokenizer = load_tokenizer(config.model.model)
+        return cls(InprocCoreClient(core), tokenizer, max_waiting)
 
     def start(self) -> None:
         self.client.start()

@@ -61,9 +61,9 @@ class _Sequence:
 class EngineCore:
     def __init__(self, config: EngineConfig, executor: Executor | None = None) -> None:
         if executor is None:
-            from tokenmill.executor.uniproc import UniprocExecutor
+            from tokenmill.executor import executor_for
 
-            executor = UniprocExecutor(config)
+            executor = executor_for(config)
         self.executor = executor
         self.config = config
         worker = executor.describe()

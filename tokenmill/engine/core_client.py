@@ -153,8 +153,11 @@ class ProcessCoreClient(CoreClient):
         self._conn, child = ctx.Pipe()
         level = logging.getLogger().getEffectiveLevel()
         name = "tokenmill-core" + (f"-{binding.name}" if binding is not None else "")
+        # a daemonic process may not start children: with tensor-parallel ranks the core is
+        # not one (it still ends with its pipe, and shutdown() kills it)
+        daemon = config.parallel.tensor_parallel_size == 1
         self.process = ctx.Process(
-            target=run_engine_core, args=(config, child, level, binding), name=name, daemon=True
+            target=run_engine_core, args=(config, child, level, binding), name=name, daemon=daemon
         )
         self.process.start()
         child.close()  # the parent's copy: EOF on our end once the core exits

@@ -36,7 +36,15 @@ class LLMEngine:
     ) -> None:
         """In-process by default; or over any executor (a worker in another process needs
         `tokenizer` given, since its model lives there)."""
-        self.executor = executor or UniprocExecutor(config, loaded)
+        if executor is None:
+            from tokenmill.executor import executor_for
+
+            executor = executor_for(config, loaded)
+            if not isinstance(executor, UniprocExecutor) and tokenizer is None:
+                from tokenmill.models.loader import load_tokenizer
+
+                tokenizer = load_tokenizer(config.model.model)
+        self.executor = executor
         self.core = EngineCore(config, self.executor)
         self.config = config
         self.tokenizer = tokenizer or self.loaded.tokenizer

@@ -137,7 +137,8 @@ class ParallelLMHead(nn.Module):
 
     def __init__(self, embedding: VocabParallelEmbedding, tied: bool = True) -> None:
         super().__init__()
-        self.embedding, self.tied = embedding, tied
+        object.__setattr__(self, "embedding", embedding)  # not a submodule: the model owns it
+        self.tied = tied
         if not tied:
             self.weight = nn.Parameter(torch.zeros_like(embedding.weight), requires_grad=False)
 

@@ -39,14 +39,14 @@ class Attention(nn.Module):
     ) -> None:
         super().__init__()
         dtype = factory.dtype
-        self.num_heads, self.num_kv_heads = arch.num_heads, arch.num_kv_heads
         self.head_dim = d = arch.head_dim
+        # this rank's heads (all of them on one device)
+        self.num_heads, self.num_kv_heads = factory.heads(arch.num_heads, arch.num_kv_heads, d)
         sizes = [self.num_heads * d, self.num_kv_heads * d, self.num_kv_heads * d]
-        self.qkv_proj = factory.linear(
-            f"{prefix}.qkv_proj", arch.hidden_size, sizes, arch.attention_bias
-        )
-        self.o_proj = factory.linear(
-            f"{prefix}.o_proj", self.num_heads * d, [arch.hidden_size], arch.o_proj_bias
+        self.qkv_proj = factory.qkv(f"{prefix}.qkv_proj", arch.hidden_size, arch.num_heads,
+                                    arch.num_kv_heads, d, arch.attention_bias)  # fmt: skip
+        self.o_proj = factory.row(
+            f"{prefix}.o_proj", arch.num_heads * d, arch.hidden_size, arch.o_proj_bias
         )
         self.q_norm = RMSNorm(d, arch.rms_norm_eps, dtype) if arch.qk_norm else None
         self.k_norm = RMSNorm(d, arch.rms_norm_eps, dtype) if arch.qk_norm else None
@@ -73,8 +73,8 @@ class MLP(nn.Module):
     def __init__(self, arch: ModelArch, factory: LayerFactory, prefix: str) -> None:
         super().__init__()
         h, i = arch.hidden_size, arch.intermediate_size
-        self.gate_up_proj = factory.linear(f"{prefix}.gate_up_proj", h, [i, i], arch.mlp_bias)
-        self.down_proj = factory.linear(f"{prefix}.down_proj", i, [h], arch.mlp_bias)
+        self.gate_up_proj = factory.column(f"{prefix}.gate_up_proj", h, [i, i], arch.mlp_bias)
+        self.down_proj = factory.row(f"{prefix}.down_proj", i, h, arch.mlp_bias)
         self.act: SiluAndMul = SiluAndMul()  # a rotated model's is RotatedSiluAndMul (--rotate)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -151,7 +151,7 @@ class LlamaModel(nn.Module):
         self.rotary = rotary = RotaryEmbedding(
             arch.head_dim, max_positions, arch.rope_theta, arch.rope_scaling
         )
-        self.embed_tokens = nn.Embedding(arch.vocab_size, arch.hidden_size, dtype=dtype)
+        self.embed_tokens = factory.embedding(arch.vocab_size, arch.hidden_size)
         self.layers = nn.ModuleList(
             DecoderLayer(arch, rotary, factory, f"model.layers.{i}") for i in range(arch.num_layers)
         )
@@ -163,9 +163,9 @@ class LlamaForCausalLM(EmbeddingHead, nn.Module):
         super().__init__()
         self.arch = arch
         self.model = LlamaModel(arch, factory, max_positions)
-        self.lm_head: Linear | None = None  # tied: the embedding's table is the head
-        if not arch.tie_word_embeddings:
-            self.lm_head = factory.linear("lm_head", arch.hidden_size, [arch.vocab_size])
+        # None when tied on one device: the embedding's table is the head
+        self.lm_head = factory.lm_head(self.model.embed_tokens, arch.hidden_size, arch.vocab_size,
+                                       arch.tie_word_embeddings)  # type: ignore[assignment]  # fmt: skip
 
     def forward(
         self,
@@ -230,8 +230,9 @@ class LlamaForCausalLM(EmbeddingHead, nn.Module):
                     f"checkpoint tensor {name!r} has no place in {self.arch.architecture}"
                 )
             module = self.get_submodule(target.rsplit(".", 1)[0])
-            if isinstance(module, Linear):
-                module.weight_loader(param, tensor, shard)
+            loader = getattr(module, "weight_loader", None)  # linear and sharded layers
+            if loader is not None:
+                loader(param, tensor, shard)
             else:
                 if param.shape != tensor.shape:
                     raise ValueError(

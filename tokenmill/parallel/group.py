@@ -39,6 +39,18 @@ class TPGroup:
 
 
 SINGLE = TPGroup()
+_current = SINGLE
+
+
+def current() -> TPGroup:
+    """This process's group: what the layer factory shards for (SINGLE unless a rank's
+    worker set it, before building its model)."""
+    return _current
+
+
+def set_current(group: TPGroup) -> None:
+    global _current
+    _current = group
 
 
 def init_group(rank: int, size: int, init_method: str, backend: str | None = None) -> TPGroup:

@@ -90,13 +90,15 @@ class ModelRunner:
         self.block_size = cache.block_size
         self.kv_cache_dtype = cache.kv_cache_dtype
         self.num_blocks = num_blocks
-        a = loaded.arch
         # One extra block at the end: padded key positions of a decode batch point at it. The
         # cache starts zeroed, so slots not yet written (the tail of a partial block, read whole
         # and masked) hold finite values: a masked NaN would still poison softmax(..) @ V.
         self.pad_slot = num_blocks * cache.block_size
-        shape = (2, a.num_kv_heads, (num_blocks + 1) * cache.block_size, a.head_dim)
-        self.kv_caches = [self._allocate(shape, cache.kv_cache_dtype) for _ in range(a.num_layers)]
+        slots = (num_blocks + 1) * cache.block_size
+        self.kv_caches = [  # each layer's (this rank's) KV heads
+            self._allocate((2, kv_heads, slots, head_dim), cache.kv_cache_dtype)
+            for kv_heads, head_dim in self.model.cache_layers()
+        ]
         flat = [t for c in self.kv_caches for t in (c if isinstance(c, tuple) else (c,))]
         self.prefaulter = Prefaulter(flat).start()  # pages in ahead of use, in the background
         self.cpu_kernels = select_kernels(
@@ -262,10 +264,11 @@ class ModelRunner:
         engine's blocks are untouched), through the same layers and KV storage as serving.
         For evaluation with the engine idle."""
         n = len(token_ids)
-        a = self.loaded.arch
         padded = -(-n // self.block_size) * self.block_size
-        shape = (2, a.num_kv_heads, padded, a.head_dim)
-        caches = [self._allocate(shape, self.kv_cache_dtype) for _ in range(a.num_layers)]
+        caches = [
+            self._allocate((2, kv_heads, padded, head_dim), self.kv_cache_dtype)
+            for kv_heads, head_dim in self.model.cache_layers()
+        ]
         meta = single_sequence_metadata(n, self.block_size, self.device)
         ids = torch.tensor(token_ids, device=self.device)
         hidden = self.model(ids, torch.arange(n, device=self.device), caches, meta)

@@ -21,13 +21,40 @@ log = logging.getLogger(__name__)
 
 
 class Worker:
-    def __init__(self, config: EngineConfig, loaded: LoadedModel | None = None) -> None:
+    def __init__(
+        self,
+        config: EngineConfig,
+        loaded: LoadedModel | None = None,
+        rank: int = 0,
+        init_method: str | None = None,
+    ) -> None:
+        """`rank` of `config.parallel.tensor_parallel_size` ranks, meeting at `init_method`
+        (tcp://host:port) before the model is built: its layers are this rank's shards."""
         m = config.model
         self.config = config
+        self.rank = rank
+        size = config.parallel.tensor_parallel_size
+        if size > 1:
+            self._join(rank, size, init_method)
         self.loaded = loaded or load_model(
             m.model, m.dtype, config.device.device, m.max_model_len, config.quant
         )
         self._runner: ModelRunner | None = None
+
+    def _join(self, rank: int, size: int, init_method: str | None) -> None:
+        import os
+
+        from tokenmill.parallel.group import init_group, set_current
+
+        d = self.config.device
+        if d.compile or d.batch_invariant:
+            raise ValueError("tensor_parallel_size > 1 does not take compile or batch_invariant yet")  # fmt: skip
+        if init_method is None:
+            raise ValueError("a tensor-parallel rank needs the group's init_method")
+        if d.num_threads is None:  # the machine's cores shared out between the ranks
+            torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // size))
+        set_current(init_group(rank, size, init_method))
+        log.info("rank %d of %d joined its tensor-parallel group", rank, size)
 
     @property
     def runner(self) -> ModelRunner:
@@ -55,13 +82,16 @@ class Worker:
 
     def initialize_cache(self, num_blocks: int) -> None:
         device = self.config.device
+        # the native fused decode runs a layer's halves as one call, past the all-reduces: a
+        # sharded model runs torch's ops
+        sharded = self.config.parallel.tensor_parallel_size > 1
         self._runner = ModelRunner(
             self.loaded,
             self.config.cache,
             num_blocks,
             self.config.model.seed,
             device.num_threads,
-            device.cpu_kernels,
+            "torch" if sharded else device.cpu_kernels,
         )
         if device.batch_invariant:
             self._runner.make_batch_invariant()

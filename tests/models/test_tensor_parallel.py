@@ -1,0 +1,86 @@
+"""Tensor parallelism (issue #20): two CPU ranks over Gloo give the tokens of one rank, with
+logprobs close, for Llama (KV heads split), Qwen2 (q/k/v biases, a tied head) and Qwen3 (q/k
+norms, one KV head replicated on both ranks), through chunked prefill, prefix hits, n > 1 and
+preemption; a rank killed mid-run ends the engine with a clear error at once."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import pytest
+
+from tests.models.test_engine_core import OPTIONS, run
+from tokenmill.config import EngineConfig
+from tokenmill.engine.engine import LLMEngine
+from tokenmill.executor.multiproc import MultiprocExecutor, WorkerDiedError
+from tokenmill.models.loader import load_tokenizer
+from tokenmill.sampling_params import SamplingParams
+
+KV_HEADS = {"llama": 2, "qwen2": 2, "qwen3": 1}
+
+
+def close(a: dict, b: dict) -> None:
+    """The same requests, tokens and finish reasons; logprobs equal to float32 rounding."""
+    assert a.keys() == b.keys()
+    for rid in a:
+        for x, y in zip(a[rid][:-1], b[rid][:-1]):
+            assert x[0] == y[0] and x[2] == y[2], rid  # token ids, finish reason
+            if x[1] is not None:
+                for lx, ly in zip(x[1], y[1]):
+                    assert lx.keys() == ly.keys()
+                    for t in lx:
+                        assert abs(lx[t] - ly[t]) < 1e-4, (rid, t)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])
+def test_two_ranks_give_the_tokens_of_one(tiny_model_dir, arch):
+    model = str(tiny_model_dir(arch))
+    one = EngineConfig.from_kwargs(model=model, **OPTIONS)
+    local = LLMEngine(one)
+    expected = run(local)
+    # the same number of KV blocks on each rank as on the one: its share of the KV heads
+    share = max(KV_HEADS[arch] // 2, 1) / KV_HEADS[arch]
+    two = EngineConfig.from_kwargs(model=model, **{**OPTIONS, "kv_cache_memory": int(OPTIONS["kv_cache_memory"] * share)},
+                                   tensor_parallel_size=2)  # fmt: skip
+    executor = MultiprocExecutor(two)
+    try:
+        engine = LLMEngine(two, executor=executor, tokenizer=load_tokenizer(model))
+        assert engine.kv.pool.num_blocks == local.kv.pool.num_blocks
+        got = run(engine)
+        assert engine.scheduler.num_preemptions == local.scheduler.num_preemptions
+        assert arch != "llama" or local.scheduler.num_preemptions > 0  # preemption covered
+        close(expected, got)
+        assert engine.kv.pool.num_used_blocks == 0
+    finally:
+        executor.shutdown()
+
+
+def test_a_rank_killed_mid_run_ends_the_engine_clearly(tiny_model_dir):
+    model = str(tiny_model_dir("llama"))
+    config = EngineConfig.from_kwargs(model=model, **OPTIONS, tensor_parallel_size=2)
+    executor = MultiprocExecutor(config)
+    try:
+        engine = LLMEngine(config, executor=executor, tokenizer=load_tokenizer(model))
+        engine.add_request("a", [5, 6, 7], SamplingParams(max_tokens=50, ignore_eos=True))
+        engine.step()
+        os.kill(executor._procs[1].pid, signal.SIGKILL)
+        t = time.monotonic()
+        with pytest.raises(WorkerDiedError, match="rank 1 died"):
+            for _ in range(60):
+                engine.step()
+        assert time.monotonic() - t < 10
+        assert not any(p.is_alive() for p in executor._procs)  # rank 0 killed, not left hanging
+    finally:
+        executor.shutdown()
+
+
+def test_options_and_shapes_that_cannot_shard_are_refused(tiny_model_dir):
+    with pytest.raises(ValueError, match="tensor_parallel_size must be >= 1"):
+        EngineConfig.from_kwargs(tensor_parallel_size=0)
+    with pytest.raises(ValueError, match="needs mp"):
+        EngineConfig.from_kwargs(tensor_parallel_size=2, distributed_executor_backend="uni")
+    model = str(tiny_model_dir("llama"))  # 4 heads: 3 ranks do not divide them
+    with pytest.raises(RuntimeError, match="num_attention_heads: 4 heads do not split over tensor_parallel_size 3"):  # fmt: skip
+        MultiprocExecutor(EngineConfig.from_kwargs(model=model, **OPTIONS, tensor_parallel_size=3))
