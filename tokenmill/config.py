@@ -160,7 +160,7 @@ class DeviceConfig:
             raise ValueError(f"cpu_kernels must be one of {CPU_KERNELS}, got {self.cpu_kernels!r}")
 
 
-EXECUTOR_BACKENDS = ("auto", "uni", "mp")
+EXECUTOR_BACKENDS = ("auto", "uni", "mp", "ray")
 
 
 @dataclass(frozen=True)
@@ -174,7 +174,9 @@ class ParallelConfig:
         default=1,
     )
     distributed_executor_backend: str = doc_field(
-        "How ranks run: mp (one process per rank on this machine), uni (one process: only "
+        "How ranks run: mp (one process per rank on this machine), ray (one Ray actor per "
+        "rank in a placement group, on the cluster this process is connected to, else "
+        "RAY_ADDRESS's, else a local one; the 'ray' extra), uni (one process: only "
         "tensor_parallel_size 1), or auto (uni for size 1, else mp).",
         default="auto",
     )

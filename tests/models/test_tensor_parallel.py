@@ -84,3 +84,36 @@ def test_options_and_shapes_that_cannot_shard_are_refused(tiny_model_dir):
     model = str(tiny_model_dir("llama"))  # 4 heads: 3 ranks do not divide them
     with pytest.raises(RuntimeError, match="num_attention_heads: 4 heads do not split over tensor_parallel_size 3"):  # fmt: skip
         MultiprocExecutor(EngineConfig.from_kwargs(model=model, **OPTIONS, tensor_parallel_size=3))
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    ray = pytest.importorskip("ray")
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    yield ray
+    ray.shutdown()
+
+
+def test_ranks_as_ray_actors_give_the_same_tokens(tiny_model_dir, local_ray):
+    """distributed_executor_backend ray on a local Ray cluster: TP=2 equals TP=1; an actor
+    killed ends the engine with a clear error and the other rank's actor goes too."""
+    from tokenmill.executor.base import ExecutorDeadError
+    from tokenmill.executor.ray_executor import RayExecutor
+
+    model = str(tiny_model_dir("qwen2"))
+    expected = run(LLMEngine(EngineConfig.from_kwargs(model=model, **OPTIONS)))
+    config = EngineConfig.from_kwargs(model=model, **{**OPTIONS, "kv_cache_memory": OPTIONS["kv_cache_memory"] // 2},
+                                      tensor_parallel_size=2, distributed_executor_backend="ray")  # fmt: skip
+    engine = LLMEngine(config, tokenizer=load_tokenizer(model))  # executor_for picks Ray
+    executor = engine.executor
+    assert isinstance(executor, RayExecutor) and len(set(executor.pids)) == 2
+    try:
+        close(expected, run(engine))
+        engine.add_request("a", [5, 6, 7], SamplingParams(max_tokens=50, ignore_eos=True))
+        engine.step()
+        local_ray.kill(executor._actors[1], no_restart=True)
+        with pytest.raises(ExecutorDeadError, match="rank 1 died"):
+            for _ in range(60):
+                engine.step()
+    finally:
+        executor.shutdown()
