@@ -117,3 +117,39 @@ def test_ranks_as_ray_actors_give_the_same_tokens(tiny_model_dir, local_ray):
                 engine.step()
     finally:
         executor.shutdown()
+
+
+@pytest.mark.parametrize("quantization", ["int8", "int4", "nvfp4", "w8a8"])
+def test_a_quantized_model_shards_its_codes(tiny_model_dir, quantization):
+    """Quantized whole on each rank (one device's codes), then each rank's rows or whole
+    groups of columns kept: weight-only formats give one device's tokens exactly; w8a8's
+    activations are quantized per token over a rank's own columns (as vLLM's are), so its
+    logprobs may move by that rounding."""
+    model = str(tiny_model_dir("llama"))
+    opts = {**OPTIONS, "quantization": quantization}
+    if quantization == "int4":
+        opts["group_size"] = 32  # o_proj's 64 input columns: 32 a rank, one whole group
+    if quantization == "w8a8":
+        opts["smoothquant_alpha"] = 0.0  # calibrated smoothing does not shard yet
+    expected = run(LLMEngine(EngineConfig.from_kwargs(model=model, **opts)))
+    two = EngineConfig.from_kwargs(model=model, **{**opts, "kv_cache_memory": OPTIONS["kv_cache_memory"] // 2},
+                                   tensor_parallel_size=2)  # fmt: skip
+    executor = MultiprocExecutor(two)
+    try:
+        got = run(LLMEngine(two, executor=executor, tokenizer=load_tokenizer(model)))
+    finally:
+        executor.shutdown()
+    if quantization == "w8a8":
+        assert got.keys() == expected.keys()
+        same = sum(expected[r][0][0] == got[r][0][0] for r in expected)
+        assert same >= len(expected) // 2, (same, len(expected))  # most sequences identical
+    else:
+        close(expected, got)
+
+
+def test_a_shard_that_cuts_a_scale_group_is_refused(tiny_model_dir):
+    model = str(tiny_model_dir("llama"))  # o_proj: 64 input columns, 32 a rank
+    config = EngineConfig.from_kwargs(model=model, **OPTIONS, quantization="int4", group_size=64,
+                                      tensor_parallel_size=2)  # fmt: skip
+    with pytest.raises(RuntimeError, match="int4 groups of 64 do not divide a shard of 32"):
+        MultiprocExecutor(config)

@@ -108,5 +108,23 @@ def test_shards_that_do_not_divide_are_refused_by_name():
         kv_split(3, 64, 4, 0)
     from tokenmill.quant.methods.weight_only import WeightOnlyMethod
 
+    gptq = WeightOnlyMethod("int4", gptq=True)  # calibrated: its statistics would be one rank's
     with pytest.raises(ValueError, match="does not shard for tensor parallelism yet"):
-        ColumnParallelLinear.even(8, [8], SINGLE, "x", quant_method=WeightOnlyMethod("int8"))
+        ColumnParallelLinear.even(8, [8], SINGLE, "x", quant_method=gptq)
+
+
+def test_quantized_codes_cut_to_one_ranks_columns_dequantize_to_its_slice():
+    """take_cols against float64: each format's shard dequantizes to the same columns of the
+    whole tensor's dequantization (the scales travel with their groups)."""
+    from tokenmill.quant.formats import quantize, take_cols
+
+    torch.manual_seed(1)
+    w = torch.randn(6, 128, dtype=torch.float64)
+    for fmt, kw in (("int8", {}), ("int4", {"group_size": 32}), ("nvfp4", {}), ("mxfp4", {}), ("fp8_e4m3", {})):  # fmt: skip
+        q = quantize(w, fmt, **kw)
+        whole = q.dequantize(torch.float64)
+        for start in (0, 64):
+            part = take_cols(q, start, 64)
+            torch.testing.assert_close(part.dequantize(torch.float64), whole[:, start : start + 64])
+    with pytest.raises(ValueError, match="groups of 32 do not divide a shard of 48"):
+        take_cols(quantize(w, "int4", group_size=32), 0, 48)

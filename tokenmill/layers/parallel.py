@@ -11,9 +11,13 @@ checkpoint tensor through its weight loader, so checkpoints load unchanged on an
   ids outside a rank's range look up zeros; the rows all-reduced.
 - `ParallelLMHead`: logits of a rank's vocabulary rows, all-gathered (and the padding cut).
 
-The quant method of each layer sees only the rank's shard (its shapes): unquantized weights shard
-here; quant methods whose parameters are not rows of the weight are refused with a clear error
-until they shard themselves (issue #20).
+Plain weights are cut as they load. A layer with a quant method that quantizes on load (int8,
+int4, fp8, w8a8, nvfp4, mxfp4, ...) is loaded and quantized whole on every rank, exactly as on
+one device, and then keeps its rank's share of the codes and scales (rows for a column layer;
+whole scale groups of columns for a row layer: a shard that would cut a group is an error
+naming the group size), so the weights equal one device's bit for bit. Pre-quantized
+checkpoints (GGUF files, quantized safetensors) and calibrated methods (GPTQ, AWQ, scale
+search, SmoothQuant: their statistics would be one rank's) are refused by name for now.
 """
 
 from __future__ import annotations
@@ -28,12 +32,49 @@ from tokenmill.layers.linear import Linear, UnquantizedMethod
 from tokenmill.parallel.group import TPGroup, kv_split, split
 
 
-def _plain(method, what: str) -> None:
-    if method is not None and type(method) is not UnquantizedMethod:
+def _quantized(method, what: str) -> bool:
+    """True for a quantize-on-load method (quantized whole, then sharded); False for plain
+    weights; a ValueError for what does not shard yet."""
+    if method is None or type(method) is UnquantizedMethod:
+        return False
+    from tokenmill.quant.methods.base import QuantMethod
+    from tokenmill.quant.methods.gguf import GGUFMethod
+
+    calibrated = getattr(method, "wants_calibration", False) or getattr(method, "calibrate", False)
+    if not isinstance(method, QuantMethod) or isinstance(method, GGUFMethod) or calibrated:
         raise ValueError(
             f"{what}: quant method {type(method).__name__} does not shard for tensor "
-            "parallelism yet; serve it with tensor_parallel_size 1"
+            "parallelism yet (pre-quantized or calibrated); serve it with tensor_parallel_size 1"
         )
+    return True
+
+
+class _Sharded:
+    """A quant method seen through a parallel layer: after the layer loaded whole, it is
+    quantized whole (one device's codes), `cut(layer, q)` keeps the rank's share, and that is
+    installed. Every other attribute is the method's own."""
+
+    def __init__(self, inner, cut) -> None:
+        object.__setattr__(self, "inner", inner)
+        object.__setattr__(self, "cut", cut)
+
+    def __getattr__(self, name: str):
+        return getattr(self.inner, name)
+
+    def __setattr__(self, name: str, value) -> None:
+        setattr(self.inner, name, value)
+
+    def process_weights_after_loading(self, layer) -> None:
+        from tokenmill.quant.formats import cat_rows
+
+        inner = self.inner
+        if inner.qweight is not None:
+            raise ValueError("a pre-quantized checkpoint does not shard for tensor parallelism yet")  # fmt: skip
+        parts = inner.quantize_shards(layer)
+        q = cat_rows(parts) if len(parts) > 1 else parts[0]
+        del layer.weight
+        inner.install(layer, self.cut(layer, q))
+        inner.calibration = None
 
 
 class ColumnParallelLinear(Linear):
@@ -49,9 +90,27 @@ class ColumnParallelLinear(Linear):
         params_dtype: torch.dtype = torch.float32,
         quant_method=None,
     ) -> None:
-        _plain(quant_method, "a column-parallel layer")
         self.full_sizes, self.slices, self.group = list(full_sizes), list(slices), group
-        super().__init__(in_features, [n for _, n in slices], bias, params_dtype, quant_method)
+        self.whole = _quantized(quant_method, "a column-parallel layer")
+        sizes = self.full_sizes if self.whole else [n for _, n in slices]
+        super().__init__(in_features, sizes, bias, params_dtype, quant_method)
+        if self.whole:
+            self.quant_method = _Sharded(self.quant_method, ColumnParallelLinear._cut)  # type: ignore[assignment]
+
+    def _cut(self, q):
+        """The rank's rows of each piece (codes, scales; the bias too)."""
+        from tokenmill.quant.formats import take_rows
+
+        index, offset = [], 0
+        for (start, length), full in zip(self.slices, self.full_sizes):
+            index.append(torch.arange(offset + start, offset + start + length))
+            offset += full
+        rows = torch.cat(index).to(q.data.device)
+        if self.bias is not None:
+            self.bias = nn.Parameter(self.bias.data.index_select(0, rows), requires_grad=False)
+        self.output_sizes = [n for _, n in self.slices]
+        self.out_features = sum(self.output_sizes)
+        return take_rows(q, rows)
 
     @classmethod
     def even(cls, in_features: int, full_sizes: Sequence[int], group: TPGroup, what: str,
@@ -73,6 +132,9 @@ class ColumnParallelLinear(Linear):
         piece = 0 if shard_id is None else shard_id
         if loaded.shape[0] != self.full_sizes[piece]:
             raise ValueError(f"shape mismatch: piece {piece} has {self.full_sizes[piece]} rows, got {tuple(loaded.shape)}")  # fmt: skip
+        if self.whole:  # quantized whole after loading, then cut (_cut)
+            super().weight_loader(param, loaded, shard_id)
+            return
         start, length = self.slices[piece]
         super().weight_loader(param, loaded.narrow(0, start, length), shard_id)
 
@@ -90,11 +152,21 @@ class RowParallelLinear(Linear):
         params_dtype: torch.dtype = torch.float32,
         quant_method=None,
     ) -> None:
-        _plain(quant_method, what)
         self.group = group
         self.full_in = in_features
-        self.start, local = split(in_features, group.size, group.rank, what)
-        super().__init__(local, [output_size], bias, params_dtype, quant_method)
+        self.start, self.local = split(in_features, group.size, group.rank, what)
+        self.whole = _quantized(quant_method, what)
+        width = in_features if self.whole else self.local
+        super().__init__(width, [output_size], bias, params_dtype, quant_method)
+        if self.whole:
+            self.quant_method = _Sharded(self.quant_method, RowParallelLinear._cut)  # type: ignore[assignment]
+
+    def _cut(self, q):
+        """The rank's columns: whole scale groups (a cut inside one is an error)."""
+        from tokenmill.quant.formats import take_cols
+
+        self.in_features = self.local
+        return take_cols(q, self.start, self.local)
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: int | None = None) -> None:  # fmt: skip
         if param is self.bias:
@@ -102,6 +174,9 @@ class RowParallelLinear(Linear):
             return
         if loaded.dim() != 2 or loaded.shape[1] != self.full_in:
             raise ValueError(f"shape mismatch: expected [*, {self.full_in}], got {tuple(loaded.shape)}")  # fmt: skip
+        if self.whole:  # quantized whole after loading, then cut (_cut)
+            super().weight_loader(param, loaded, shard_id)
+            return
         super().weight_loader(param, loaded.narrow(1, self.start, self.in_features), shard_id)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

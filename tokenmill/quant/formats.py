@@ -300,6 +300,39 @@ def take_rows(q: QuantizedTensor, index: torch.Tensor) -> QuantizedTensor:
     )
 
 
+def take_cols(q: QuantizedTensor, start: int, length: int) -> QuantizedTensor:
+    """Columns [start, start + length) of a 2-D quantized tensor, still quantized (a
+    row-parallel rank's share of the input): codes (packed bytes cut at whole bytes), the
+    groups' scales and zero points; per-tensor and per-row scales are shared. A ValueError when
+    the cut falls inside a scale group or a packed byte."""
+    if len(q.shape) != 2:
+        raise ValueError(f"take_cols needs a 2-D quantized tensor, got shape {q.shape}")
+    cols = q.shape[1]
+    if q.group_size is not None and (start % q.group_size or length % q.group_size):
+        raise ValueError(
+            f"{q.format} groups of {q.group_size} do not divide a shard of {length} of {cols} "
+            "input columns; choose a tensor_parallel_size (or group size) whose shards hold "
+            "whole groups"
+        )
+    per_byte = q.data.shape[1] / cols  # 1 (int8, fp8), 0.5 (4-bit), 0.75 (6-bit)
+    lo, n = start * per_byte, length * per_byte
+    if lo != int(lo) or n != int(n):
+        raise ValueError(f"{q.format}: a shard of {length} columns from {start} cuts a packed byte")  # fmt: skip
+
+    def groups(t: torch.Tensor | None) -> torch.Tensor | None:
+        if t is None or t.dim() < 2 or q.group_size is None:
+            return t  # per tensor or per row
+        return t.narrow(1, start // q.group_size, length // q.group_size)
+
+    return replace(
+        q,
+        shape=(q.shape[0], length),
+        data=q.data.narrow(1, int(lo), int(n)),
+        scale=groups(q.scale),  # type: ignore[arg-type]
+        zero_point=groups(q.zero_point),
+    )
+
+
 def dequantize_fast(q: QuantizedTensor, dtype: torch.dtype) -> torch.Tensor:
     """The weight in `dtype`, in fp32 arithmetic (formats.py's float64 path is the reference)."""
     values = element_values(q, torch.float32)
