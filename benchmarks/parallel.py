@@ -1,4 +1,5 @@
-"""Tensor parallelism on this machine, measured next to the interconnect model's prediction.
+"""Tensor and pipeline parallelism on this machine, measured next to the interconnect model's
+prediction.
 
     python benchmarks/parallel.py --out benchmarks/results-parallel.json
 
@@ -10,7 +11,9 @@ layers, 8 heads of 72 and 4 KV heads, MLP 1536, a tied 49152-token vocabulary, r
 decode steps (prefill excluded), over `--rounds` rounds with the configurations interleaved
 (this machine drifts). Configurations: TP=1 on 2 threads (native kernels: the engine as it
 serves), TP=1 with torch's ops on 1 thread (what one rank of TP=2 runs: it calibrates the
-model's per-chip efficiency), TP=2 (two ranks of 1 thread each over Gloo, torch's ops).
+model's per-chip efficiency), TP=2 (two ranks of 1 thread each over Gloo, torch's ops), PP=2
+(two stages of 1 thread, the step's batch in micro-batches through them; the model's "sync"
+schedule, since each engine step drains the pipeline).
 Next to them, `bench scaling`'s prediction for the same step: a `cpu-1core` chip whose bandwidth
 efficiency is the one the TP=1 1-thread run reached, the `gloo-loopback` link measured by
 benchmarks/allreduce.py. On 2 cores TP=2 is a correctness and overhead figure, not a speed-up.
@@ -31,6 +34,7 @@ CONFIGS = {
     "tp1-native-2t": {"tensor_parallel_size": 1, "num_threads": 2},
     "tp1-torch-1t": {"tensor_parallel_size": 1, "num_threads": 1, "cpu_kernels": "torch"},
     "tp2-torch": {"tensor_parallel_size": 2},
+    "pp2-torch": {"pipeline_parallel_size": 2},
 }
 
 
@@ -120,6 +124,8 @@ def main() -> None:
                              batch=args.batch, context=context).step_s,
         "tp2-torch": step(shape, chip, links["gloo-loopback"], links, 2, mode="decode",
                           batch=args.batch, context=context).step_s,
+        "pp2-torch": step(shape, chip, links["gloo-loopback"], links, 1, 2, mode="decode",
+                          batch=args.batch, context=context, schedule="sync").step_s,
     }  # fmt: skip
     two = step(shape, chip, links["gloo-loopback"], links, 2, mode="decode", batch=args.batch, context=context)  # fmt: skip
     print(f"decode step, batch {args.batch}, context ~{context} (median of {args.rounds} rounds)")

@@ -173,6 +173,12 @@ class ParallelConfig:
         "all-reduces per layer. 1: no torch.distributed at all.",
         default=1,
     )
+    pipeline_parallel_size: int = doc_field(
+        "Stages the model's layers are split into, one process each (the first holds the "
+        "embedding, the last the head and the sampler); a step's batch goes through them in "
+        "micro-batches so the stages overlap. Not combined with tensor_parallel_size yet.",
+        default=1,
+    )
     distributed_executor_backend: str = doc_field(
         "How ranks run: mp (one process per rank on this machine), ray (one Ray actor per "
         "rank in a placement group, on the cluster this process is connected to, else "
@@ -184,12 +190,21 @@ class ParallelConfig:
     def __post_init__(self) -> None:
         if self.tensor_parallel_size < 1:
             raise ValueError(f"tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
+        if self.pipeline_parallel_size < 1:
+            raise ValueError(f"pipeline_parallel_size must be >= 1, got {self.pipeline_parallel_size}")  # fmt: skip
+        if self.tensor_parallel_size > 1 and self.pipeline_parallel_size > 1:
+            raise ValueError("tensor_parallel_size and pipeline_parallel_size > 1 together are "
+                             "not built yet; choose one")  # fmt: skip
         if self.distributed_executor_backend not in EXECUTOR_BACKENDS:
             raise ValueError(f"distributed_executor_backend must be one of {EXECUTOR_BACKENDS}, "
                              f"got {self.distributed_executor_backend!r}")  # fmt: skip
-        if self.distributed_executor_backend == "uni" and self.tensor_parallel_size > 1:
-            raise ValueError("distributed_executor_backend uni runs one rank; tensor_parallel_size "
-                             f"{self.tensor_parallel_size} needs mp")  # fmt: skip
+        if self.distributed_executor_backend == "uni" and self.world_size > 1:
+            raise ValueError(f"distributed_executor_backend uni runs one rank; {self.world_size} "
+                             "ranks need mp or ray")  # fmt: skip
+
+    @property
+    def world_size(self) -> int:
+        return self.tensor_parallel_size * self.pipeline_parallel_size
 
 
 TOOL_CALL_PARSERS = ("hermes", "llama3_json", "mistral")  # serve/tool_parsers.py FORMATS

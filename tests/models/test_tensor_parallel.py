@@ -79,7 +79,7 @@ def test_a_rank_killed_mid_run_ends_the_engine_clearly(tiny_model_dir):
 def test_options_and_shapes_that_cannot_shard_are_refused(tiny_model_dir):
     with pytest.raises(ValueError, match="tensor_parallel_size must be >= 1"):
         EngineConfig.from_kwargs(tensor_parallel_size=0)
-    with pytest.raises(ValueError, match="needs mp"):
+    with pytest.raises(ValueError, match="ranks need mp or ray"):
         EngineConfig.from_kwargs(tensor_parallel_size=2, distributed_executor_backend="uni")
     model = str(tiny_model_dir("llama"))  # 4 heads: 3 ranks do not divide them
     with pytest.raises(RuntimeError, match="num_attention_heads: 4 heads do not split over tensor_parallel_size 3"):  # fmt: skip
@@ -153,3 +153,25 @@ def test_a_shard_that_cuts_a_scale_group_is_refused(tiny_model_dir):
                                       tensor_parallel_size=2)  # fmt: skip
     with pytest.raises(RuntimeError, match="int4 groups of 64 do not divide a shard of 32"):
         MultiprocExecutor(config)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])
+def test_two_pipeline_stages_give_the_tokens_of_one(tiny_model_dir, arch):
+    """pipeline_parallel_size 2: layer 0 (and the embedding) on one rank, layer 1, the norm and
+    the head (the embedding's table, when tied) on the other; each step's batch in two
+    micro-batches through both; the same tokens and logprobs as one rank."""
+    model = str(tiny_model_dir(arch))
+    local = LLMEngine(EngineConfig.from_kwargs(model=model, **OPTIONS))
+    expected = run(local)
+    # each stage holds half the layers' KV: half the memory gives the same number of blocks
+    two = EngineConfig.from_kwargs(model=model, **{**OPTIONS, "kv_cache_memory": OPTIONS["kv_cache_memory"] // 2},
+                                   pipeline_parallel_size=2)  # fmt: skip
+    executor = MultiprocExecutor(two)
+    try:
+        engine = LLMEngine(two, executor=executor, tokenizer=load_tokenizer(model))
+        assert engine.kv.pool.num_blocks == local.kv.pool.num_blocks
+        got = run(engine)
+        assert engine.scheduler.num_preemptions == local.scheduler.num_preemptions
+        close(expected, got)
+    finally:
+        executor.shutdown()

@@ -155,7 +155,7 @@ class ProcessCoreClient(CoreClient):
         name = "tokenmill-core" + (f"-{binding.name}" if binding is not None else "")
         # a daemonic process may not start children: with tensor-parallel ranks the core is
         # not one (it still ends with its pipe, and shutdown() kills it)
-        daemon = config.parallel.tensor_parallel_size == 1
+        daemon = config.parallel.world_size == 1
         self.process = ctx.Process(
             target=run_engine_core, args=(config, child, level, binding), name=name, daemon=daemon
         )

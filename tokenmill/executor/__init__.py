@@ -8,7 +8,7 @@ def executor_for(config, loaded=None):
         from tokenmill.executor.ray_executor import RayExecutor
 
         return RayExecutor(config)
-    if p.distributed_executor_backend == "mp" or p.tensor_parallel_size > 1:
+    if p.distributed_executor_backend == "mp" or p.world_size > 1:
         if loaded is not None:
             raise ValueError("a loaded model cannot be handed to ranks in other processes")
         from tokenmill.executor.multiproc import MultiprocExecutor

@@ -65,7 +65,9 @@ def _free_port() -> int:
 class MultiprocExecutor(Executor):
     def __init__(self, config: EngineConfig) -> None:
         ctx = mp.get_context("spawn")  # never fork a process that holds torch threads
-        size = config.parallel.tensor_parallel_size
+        size = config.parallel.world_size
+        # the step's answer: rank 0's, or the last pipeline stage's (it samples)
+        self._output_rank = size - 1 if config.parallel.pipeline_parallel_size > 1 else 0
         init = f"tcp://127.0.0.1:{_free_port()}" if size > 1 else None
         self._conns, self._procs = [], []
         for rank in range(size):
@@ -110,7 +112,7 @@ class MultiprocExecutor(Executor):
         if errors:
             rank, value = errors[0]
             raise RuntimeError(f"worker {method} failed{f' on rank {rank}' if len(self._procs) > 1 else ''}: {value}")  # fmt: skip
-        return answers[0][1]
+        return answers[self._output_rank][1]
 
     def _died(self, rank: int, method: str) -> None:
         proc = self._procs[rank]

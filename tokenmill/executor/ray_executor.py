@@ -58,7 +58,8 @@ class RayExecutor(Executor):
 
         if not ray.is_initialized():
             ray.init(address=os.environ.get("RAY_ADDRESS"), logging_level=logging.WARNING)
-        size = config.parallel.tensor_parallel_size
+        size = config.parallel.world_size
+        self._output_rank = size - 1 if config.parallel.pipeline_parallel_size > 1 else 0
         gpu = config.device.device.startswith("cuda")
         bundle = {"GPU": 1.0} if gpu else {"CPU": float(cpus_per_rank)}
         self._pg = placement_group([bundle] * size, strategy="PACK")
@@ -108,7 +109,9 @@ class RayExecutor(Executor):
     def _call(self, method: str, *args: Any) -> Any:
         if self._dead is not None:
             raise ExecutorDeadError(self._dead)
-        return self._gather([a.call.remote(method, *args) for a in self._actors], method)[0]
+        return self._gather([a.call.remote(method, *args) for a in self._actors], method)[
+            self._output_rank
+        ]
 
     def _kill_all(self) -> None:
         import ray

@@ -110,6 +110,8 @@ class EmbeddingHead:
         """After the head's method quantized it: the embedding in its format, or the packed
         copy of a plain tied table."""
         embed = self.model.embed_tokens
+        if embed is None or not getattr(getattr(self, "stage", None), "last", True):
+            return  # a pipeline stage without the table, or one that computes no logits
         if self.embedding_source is not None and isinstance(embed, nn.Embedding):
             assert self.lm_head is not None
             method = self.lm_head.quant_method

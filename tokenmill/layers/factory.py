@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from tokenmill.layers.linear import Linear
-from tokenmill.parallel.group import TPGroup, current, kv_split, split
+from tokenmill.parallel.group import Stage, TPGroup, current, current_stage, kv_split, split
 
 
 def _unquantized(prefix: str) -> None:
@@ -27,6 +27,7 @@ class LayerFactory:
     dtype: torch.dtype  # parameters' dtype
     method_for: Callable[[str], object | None] = _unquantized  # name -> quant method or None
     group: TPGroup = field(default_factory=current)  # the tensor-parallel group it shards for
+    stage: Stage = field(default_factory=current_stage)  # the pipeline stage it builds
 
     def linear(
         self, prefix: str, in_features: int, output_sizes: Sequence[int], bias: bool = False

@@ -151,30 +151,48 @@ class LlamaModel(nn.Module):
         self.rotary = rotary = RotaryEmbedding(
             arch.head_dim, max_positions, arch.rope_theta, arch.rope_scaling
         )
-        self.embed_tokens = factory.embedding(arch.vocab_size, arch.hidden_size)
-        self.layers = nn.ModuleList(
-            DecoderLayer(arch, rotary, factory, f"model.layers.{i}") for i in range(arch.num_layers)
+        # a pipeline stage builds its own layers (placeholders keep the others' indices), the
+        # first the embedding, the last the norm (and the embedding's table for a tied head)
+        stage = factory.stage
+        self.own = stage.layers(arch.num_layers)
+        has_table = stage.first or (stage.last and arch.tie_word_embeddings)
+        self.embed_tokens = (
+            factory.embedding(arch.vocab_size, arch.hidden_size) if has_table else None
         )
-        self.norm = RMSNorm(arch.hidden_size, arch.rms_norm_eps, dtype)
+        self.layers = nn.ModuleList(
+            DecoderLayer(arch, rotary, factory, f"model.layers.{i}") if i in self.own else nn.Identity()
+            for i in range(arch.num_layers)
+        )  # fmt: skip
+        self.norm = RMSNorm(arch.hidden_size, arch.rms_norm_eps, dtype) if stage.last else None
 
 
 class LlamaForCausalLM(EmbeddingHead, nn.Module):
     def __init__(self, arch: ModelArch, factory: LayerFactory, max_positions: int) -> None:
         super().__init__()
         self.arch = arch
+        self.stage = factory.stage
         self.model = LlamaModel(arch, factory, max_positions)
         # None when tied on one device: the embedding's table is the head
-        self.lm_head = factory.lm_head(self.model.embed_tokens, arch.hidden_size, arch.vocab_size,
-                                       arch.tie_word_embeddings)  # type: ignore[assignment]  # fmt: skip
+        self.lm_head = None  # type: ignore[assignment]
+        if self.stage.last:
+            self.lm_head = factory.lm_head(self.model.embed_tokens, arch.hidden_size, arch.vocab_size,
+                                           arch.tie_word_embeddings)  # type: ignore[assignment]  # fmt: skip
 
     def forward(
         self,
         input_ids: torch.Tensor,  # [num_tokens]
         positions: torch.Tensor,  # [num_tokens]
-        kv_caches: list[torch.Tensor],  # per layer [2, kv_heads, num_slots, head_dim]
+        kv_caches: list[torch.Tensor],  # per own layer [2, kv_heads, num_slots, head_dim]
         meta: AttentionMetadata,
-    ) -> torch.Tensor:  # [num_tokens, hidden]
-        x = self.model.embed_tokens(input_ids)
+        carried: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ):
+        """[num_tokens, hidden] after the final norm; a pipeline stage other than the first
+        starts from `carried` (the previous stage's hidden and residual), one other than the
+        last returns its (hidden, residual) for the next."""
+        if carried is None:
+            x, residual = self.model.embed_tokens(input_ids), None
+        else:
+            x, residual = carried
         cos_sin = self.model.rotary.lookup(positions, x.dtype)
         looped = None
         if self.decode_layers is not None and not torch.compiler.is_compiling():
@@ -182,9 +200,10 @@ class LlamaForCausalLM(EmbeddingHead, nn.Module):
         if looped is not None:
             x, residual = looped
         else:
-            residual = None
-            for layer, kv_cache in zip(self.model.layers, kv_caches):
+            for layer, kv_cache in zip(self.own_layers(), kv_caches):
                 x, residual = layer(cos_sin, x, residual, kv_cache, meta)
+        if not self.stage.last:
+            return x, residual
         x, _ = self.model.norm(x, residual)
         return x
 
@@ -193,15 +212,19 @@ class LlamaForCausalLM(EmbeddingHead, nn.Module):
     def loop_with(self, build) -> None:
         """Let `build(layers)` (layers/decode_layers.py, the runner's choice) run the decoder
         layers of a decode step as one call where it can; it returns None where it cannot."""
-        self.decode_layers = build(self.model.layers)
+        self.decode_layers = build(self.own_layers())
 
     def cache_layers(self) -> list[tuple[int, int]]:
         """(num_kv_heads, head_dim) of each layer's K/V cache, in layer order: the cache spec."""
-        return [(lyr.self_attn.num_kv_heads, lyr.self_attn.head_dim) for lyr in self.model.layers]
+        return [(lyr.self_attn.num_kv_heads, lyr.self_attn.head_dim) for lyr in self.own_layers()]
+
+    def own_layers(self) -> list[DecoderLayer]:
+        """This stage's decoder layers (all of them on one device)."""
+        return [self.model.layers[i] for i in self.model.own]  # type: ignore[misc]
 
     def compile_units(self) -> list[DecoderLayer]:
         """The layers whose halves around attention the runner may compile."""
-        return list(self.model.layers)
+        return self.own_layers()
 
     def process_weights_after_loading(self) -> None:
         """Let each linear layer's quant method repack its weights, once, after loading; then
@@ -223,6 +246,8 @@ class LlamaForCausalLM(EmbeddingHead, nn.Module):
                 continue
             if name == "lm_head.weight" and self.arch.tie_word_embeddings:
                 continue  # tied: some checkpoints still carry a copy
+            if not self.stage_holds(name):
+                continue  # another pipeline stage's
             target, shard = self.resolve_name(name)
             param = params.get(target)
             if param is None:
@@ -245,6 +270,16 @@ class LlamaForCausalLM(EmbeddingHead, nn.Module):
             self.lm_head.weight.data.copy_(self.model.embed_tokens.weight.data)
             loaded.add("lm_head.weight")
         return loaded
+
+    def stage_holds(self, name: str) -> bool:
+        """Whether a checkpoint tensor belongs to this pipeline stage's part of the model."""
+        if self.stage.size == 1:
+            return True
+        if name.startswith("model.layers."):
+            return int(name.split(".")[2]) in self.model.own
+        if name.startswith("model.embed_tokens."):
+            return self.model.embed_tokens is not None
+        return self.stage.last  # the final norm and the head
 
     @staticmethod
     def resolve_name(name: str) -> tuple[str, int | None]:

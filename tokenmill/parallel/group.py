@@ -42,6 +42,55 @@ SINGLE = TPGroup()
 _current = SINGLE
 
 
+@dataclass(frozen=True)
+class Stage:
+    """A pipeline-parallel rank: which stage of `size` it is. Stage i holds layers
+    [i L / size, (i + 1) L / size); the first the embedding, the last the final norm and head
+    (and, when the head is tied, the embedding's table too)."""
+
+    rank: int = 0
+    size: int = 1
+
+    @property
+    def first(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def last(self) -> bool:
+        return self.rank == self.size - 1
+
+    def layers(self, num_layers: int) -> range:
+        if self.size > num_layers:
+            raise ValueError(f"pipeline_parallel_size {self.size} exceeds the model's {num_layers} layers")  # fmt: skip
+        return range(self.rank * num_layers // self.size, (self.rank + 1) * num_layers // self.size)
+
+    def send(self, tensors: list[torch.Tensor]) -> list:
+        """To the next stage, without waiting (handles to wait on)."""
+        import torch.distributed as dist
+
+        return [dist.isend(t.contiguous(), dst=self.rank + 1) for t in tensors]
+
+    def receive(self, tensors: list[torch.Tensor]) -> None:
+        """From the previous stage, into `tensors` (their shapes are known to both)."""
+        import torch.distributed as dist
+
+        for t in tensors:
+            dist.recv(t, src=self.rank - 1)
+
+
+ONE_STAGE = Stage()
+_stage = ONE_STAGE
+
+
+def current_stage() -> Stage:
+    return _stage
+
+
+def set_stage(stage: Stage) -> None:
+    global _stage
+    _stage = stage
+
+
 def current() -> TPGroup:
     """This process's group: what the layer factory shards for (SINGLE unless a rank's
     worker set it, before building its model)."""
@@ -58,11 +107,15 @@ def init_group(rank: int, size: int, init_method: str, backend: str | None = Non
     NCCL where CUDA is available, else Gloo."""
     if size == 1:
         return SINGLE
+    init_world(rank, size, init_method, backend)
+    return TPGroup(rank, size, None)
+
+
+def init_world(rank: int, size: int, init_method: str, backend: str | None = None) -> None:
     import torch.distributed as dist
 
     backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
     dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=size)
-    return TPGroup(rank, size, None)
 
 
 def split(full: int, size: int, rank: int, what: str, unit: int = 1) -> tuple[int, int]:

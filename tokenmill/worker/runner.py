@@ -216,10 +216,56 @@ class ModelRunner:
         return self._run(subset)
 
     def _run(self, scheduled) -> RunnerOutput:
+        from tokenmill.parallel.group import current_stage
+
+        stage = current_stage()
+        if stage.size > 1:
+            return self._run_stage(stage, scheduled)
         inp = build_model_input(
             scheduled, self.block_size, self.pad_slot, self.device, self.batch_invariant
         )
         hidden = self.model(inp.input_ids, inp.positions, self.kv_caches, inp.attn)
+        return self._outputs(inp, hidden)
+
+    def _run_stage(self, stage, scheduled) -> RunnerOutput:
+        """A pipeline stage's part of the step: the batch in micro-batches (as many as stages,
+        at most one a request), each received from the previous stage (hidden and residual),
+        run through this stage's layers and sent on without waiting, so that the stages work
+        on different micro-batches at once; the last stage samples. Every rank derives the
+        same micro-batches and shapes from the scheduler's output."""
+        m = min(stage.size, len(scheduled))
+        bounds = [len(scheduled) * i // m for i in range(m + 1)]
+        hidden_size, dtype = self.loaded.arch.hidden_size, self.loaded.dtype
+        pending, outs = [], []
+        for lo, hi in zip(bounds, bounds[1:]):
+            inp = build_model_input(
+                scheduled[lo:hi], self.block_size, self.pad_slot, self.device, self.batch_invariant
+            )
+            carried = None
+            if not stage.first:
+                n = inp.input_ids.numel()
+                carried = (torch.empty(n, hidden_size, dtype=dtype, device=self.device),
+                           torch.empty(n, hidden_size, dtype=dtype, device=self.device))  # fmt: skip
+                stage.receive(list(carried))
+            result = self.model(inp.input_ids, inp.positions, self.kv_caches, inp.attn, carried)
+            if stage.last:
+                outs.append(self._outputs(inp, result))
+            else:
+                pending += [(h, result) for h in stage.send(list(result))]  # keep them alive
+        for handle, _ in pending:
+            handle.wait()
+        if not stage.last:
+            return RunnerOutput()
+        merged = RunnerOutput()
+        for o in outs:
+            merged.sampled.update(o.sampled)
+            merged.prompt_logprobs.update(o.prompt_logprobs)
+            merged.pooled.update(o.pooled)
+            merged.prompt_ranks.update(o.prompt_ranks)
+        return merged
+
+    def _outputs(self, inp, hidden) -> RunnerOutput:
+        """Sampled tokens, prompt logprobs and pooled vectors from the final hidden states."""
         sampled: dict[str, SampledToken] = {}
         if inp.sample_states:
             logits = self.model.compute_logits(hidden[inp.logits_indices])

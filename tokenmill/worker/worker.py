@@ -28,12 +28,13 @@ class Worker:
         rank: int = 0,
         init_method: str | None = None,
     ) -> None:
-        """`rank` of `config.parallel.tensor_parallel_size` ranks, meeting at `init_method`
-        (tcp://host:port) before the model is built: its layers are this rank's shards."""
+        """`rank` of `config.parallel.world_size` ranks, meeting at `init_method`
+        (tcp://host:port) before the model is built: its layers are this rank's shards (tensor
+        parallelism) or its stage's layers (pipeline parallelism)."""
         m = config.model
         self.config = config
         self.rank = rank
-        size = config.parallel.tensor_parallel_size
+        size = config.parallel.world_size
         if size > 1:
             self._join(rank, size, init_method)
         self.loaded = loaded or load_model(
@@ -48,11 +49,19 @@ class Worker:
 
         d = self.config.device
         if d.compile or d.batch_invariant:
-            raise ValueError("tensor_parallel_size > 1 does not take compile or batch_invariant yet")  # fmt: skip
+            raise ValueError("tensor or pipeline parallelism does not take compile or batch_invariant yet")  # fmt: skip
         if init_method is None:
-            raise ValueError("a tensor-parallel rank needs the group's init_method")
+            raise ValueError("a parallel rank needs the group's init_method")
         if d.num_threads is None:  # the machine's cores shared out between the ranks
             torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // size))
+        p = self.config.parallel
+        if p.pipeline_parallel_size > 1:
+            from tokenmill.parallel.group import Stage, init_world, set_stage
+
+            init_world(rank, size, init_method)
+            set_stage(Stage(rank, size))
+            log.info("rank %d: pipeline stage %d of %d", rank, rank, size)
+            return
         set_current(init_group(rank, size, init_method))
         log.info("rank %d of %d joined its tensor-parallel group", rank, size)
 
@@ -84,7 +93,7 @@ class Worker:
         device = self.config.device
         # the native fused decode runs a layer's halves as one call, past the all-reduces: a
         # sharded model runs torch's ops
-        sharded = self.config.parallel.tensor_parallel_size > 1
+        sharded = self.config.parallel.world_size > 1
         self._runner = ModelRunner(
             self.loaded,
             self.config.cache,
