@@ -175,3 +175,38 @@ def test_two_pipeline_stages_give_the_tokens_of_one(tiny_model_dir, arch):
         close(expected, got)
     finally:
         executor.shutdown()
+
+
+@pytest.fixture(scope="module")
+def odd_heads_model(tmp_path_factory):
+    """6 query heads of 16 over 2 KV heads: 3 query heads (odd) and one KV head a rank."""
+    from tests.tiny_models import make_tiny_model
+
+    return make_tiny_model(tmp_path_factory.mktemp("odd"), "llama", hidden_size=96,
+                           num_attention_heads=6, num_key_value_heads=2)  # fmt: skip
+
+
+@pytest.mark.parametrize("layout", [{"tensor_parallel_size": 2}, {"pipeline_parallel_size": 2}])
+def test_greedy_tokens_equal_transformers(odd_heads_model, layout):
+    """TP=2 and PP=2 against Hugging Face transformers' own generate on the same weights."""
+    from tests.models.test_engine_vs_hf import hf_greedy, hf_model
+
+    model = str(odd_heads_model)
+    reference = hf_model(odd_heads_model)
+    prompts = [[5, 6, 7, 8, 9], [40, 41, 42], list(range(60, 90))]
+    want = [hf_greedy(reference, p, 12) for p in prompts]
+    config = EngineConfig.from_kwargs(model=model, **OPTIONS, **layout)
+    executor = MultiprocExecutor(config)
+    try:
+        engine = LLMEngine(config, executor=executor, tokenizer=load_tokenizer(model))
+        params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+        for i, p in enumerate(prompts):
+            engine.add_request(f"p{i}", p, params)
+        got = {}
+        while engine.has_unfinished():
+            for out in engine.step():
+                if out.finished:
+                    got[out.request_id] = out.outputs[0].token_ids
+    finally:
+        executor.shutdown()
+    assert [got[f"p{i}"] for i in range(len(prompts))] == want
