@@ -176,7 +176,8 @@ class ParallelConfig:
     pipeline_parallel_size: int = doc_field(
         "Stages the model's layers are split into, one process each (the first holds the "
         "embedding, the last the head and the sampler); a step's batch goes through them in "
-        "micro-batches so the stages overlap. Not combined with tensor_parallel_size yet.",
+        "micro-batches so the stages overlap. With tensor_parallel_size T, each stage is T "
+        "ranks: T x P processes in all.",
         default=1,
     )
     distributed_executor_backend: str = doc_field(
@@ -192,9 +193,6 @@ class ParallelConfig:
             raise ValueError(f"tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
         if self.pipeline_parallel_size < 1:
             raise ValueError(f"pipeline_parallel_size must be >= 1, got {self.pipeline_parallel_size}")  # fmt: skip
-        if self.tensor_parallel_size > 1 and self.pipeline_parallel_size > 1:
-            raise ValueError("tensor_parallel_size and pipeline_parallel_size > 1 together are "
-                             "not built yet; choose one")  # fmt: skip
         if self.distributed_executor_backend not in EXECUTOR_BACKENDS:
             raise ValueError(f"distributed_executor_backend must be one of {EXECUTOR_BACKENDS}, "
                              f"got {self.distributed_executor_backend!r}")  # fmt: skip

@@ -210,3 +210,21 @@ def test_greedy_tokens_equal_transformers(odd_heads_model, layout):
     finally:
         executor.shutdown()
     assert [got[f"p{i}"] for i in range(len(prompts))] == want
+
+
+def test_two_stages_of_two_ranks_give_the_tokens_of_one(tiny_model_dir):
+    """tensor_parallel_size 2 x pipeline_parallel_size 2: four processes, each stage a
+    tensor-parallel group of its own, its ranks sending to the same ranks of the next stage."""
+    model = str(tiny_model_dir("llama"))
+    local = LLMEngine(EngineConfig.from_kwargs(model=model, **OPTIONS))
+    expected = run(local)
+    config = EngineConfig.from_kwargs(model=model, **{**OPTIONS, "kv_cache_memory": OPTIONS["kv_cache_memory"] // 4},
+                                      tensor_parallel_size=2, pipeline_parallel_size=2)  # fmt: skip
+    executor = MultiprocExecutor(config)
+    try:
+        engine = LLMEngine(config, executor=executor, tokenizer=load_tokenizer(model))
+        assert len(executor._procs) == 4
+        assert engine.kv.pool.num_blocks == local.kv.pool.num_blocks
+        close(expected, run(engine))
+    finally:
+        executor.shutdown()

@@ -82,7 +82,7 @@ CONFINED = {
     "fastapi": ("tokenmill.serve",),
     "starlette": ("tokenmill.serve",),
     "uvicorn": ("tokenmill.serve",),
-    "ray": ("tokenmill.executor.ray", "tokenmill.fleet"),
+    "ray": ("tokenmill.executor.ray_executor", "tokenmill.fleet.ray_client"),
     "pynvml": ("tokenmill.cost.energy", "tokenmill.partition"),
 }
 

@@ -60,8 +60,9 @@ def _checks(group: TPGroup) -> None:
     ids = torch.tensor([0, 5, 6, 10, 3])
     torch.testing.assert_close(embed(ids), F.embedding(ids, table))
     h = torch.randn(3, hidden)
-    torch.testing.assert_close(ParallelLMHead(embed)(h), h @ table.T, rtol=1e-5, atol=1e-5)
-    untied = ParallelLMHead(embed, tied=False)
+    tied = ParallelLMHead(vocab, hidden, group, embedding=embed)
+    torch.testing.assert_close(tied(h), h @ table.T, rtol=1e-5, atol=1e-5)
+    untied = ParallelLMHead(vocab, hidden, group)
     untied.weight_loader(untied.weight, head)
     torch.testing.assert_close(untied(h), h @ head.T, rtol=1e-5, atol=1e-5)
 

@@ -67,7 +67,8 @@ class MultiprocExecutor(Executor):
         ctx = mp.get_context("spawn")  # never fork a process that holds torch threads
         size = config.parallel.world_size
         # the step's answer: rank 0's, or the last pipeline stage's (it samples)
-        self._output_rank = size - 1 if config.parallel.pipeline_parallel_size > 1 else 0
+        p = config.parallel  # the last stage's first tensor-parallel rank
+        self._output_rank = (p.pipeline_parallel_size - 1) * p.tensor_parallel_size
         init = f"tcp://127.0.0.1:{_free_port()}" if size > 1 else None
         self._conns, self._procs = [], []
         for rank in range(size):

@@ -59,7 +59,8 @@ class RayExecutor(Executor):
         if not ray.is_initialized():
             ray.init(address=os.environ.get("RAY_ADDRESS"), logging_level=logging.WARNING)
         size = config.parallel.world_size
-        self._output_rank = size - 1 if config.parallel.pipeline_parallel_size > 1 else 0
+        p = config.parallel  # the last stage's first tensor-parallel rank
+        self._output_rank = (p.pipeline_parallel_size - 1) * p.tensor_parallel_size
         gpu = config.device.device.startswith("cuda")
         bundle = {"GPU": 1.0} if gpu else {"CPU": float(cpus_per_rank)}
         self._pg = placement_group([bundle] * size, strategy="PACK")

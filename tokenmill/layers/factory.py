@@ -90,4 +90,4 @@ class LayerFactory:
 
         if self.method_for("lm_head") is not None:
             raise ValueError("a quantized LM head does not shard for tensor parallelism yet")
-        return ParallelLMHead(embedding, tied)  # type: ignore[arg-type]
+        return ParallelLMHead(vocab, hidden, self.group, self.dtype, embedding if tied else None)  # type: ignore[arg-type]

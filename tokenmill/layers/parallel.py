@@ -208,19 +208,33 @@ class VocabParallelEmbedding(nn.Module):
 
 
 class ParallelLMHead(nn.Module):
-    """Logits over the whole vocabulary from each rank's rows (its own, or a tied embedding's)."""
+    """Logits over the whole vocabulary from each rank's rows: a tied embedding's, or its own
+    (laid out as VocabParallelEmbedding's: `per_rank` rows from `start`, zero padding)."""
 
-    def __init__(self, embedding: VocabParallelEmbedding, tied: bool = True) -> None:
+    def __init__(
+        self,
+        vocab: int,
+        hidden: int,
+        group: TPGroup,
+        dtype: torch.dtype = torch.float32,
+        embedding: VocabParallelEmbedding | None = None,
+    ) -> None:
         super().__init__()
-        object.__setattr__(self, "embedding", embedding)  # not a submodule: the model owns it
-        self.tied = tied
-        if not tied:
-            self.weight = nn.Parameter(torch.zeros_like(embedding.weight), requires_grad=False)
+        self.vocab, self.group, self.tied = vocab, group, embedding is not None
+        self.per_rank = -(-vocab // group.size)
+        self.start = group.rank * self.per_rank
+        self.rows = max(0, min(self.per_rank, vocab - self.start))
+        if embedding is not None:
+            object.__setattr__(self, "embedding", embedding)  # not a submodule: the model owns it
+        else:
+            self.weight = nn.Parameter(torch.zeros(self.per_rank, hidden, dtype=dtype), requires_grad=False)  # fmt: skip
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: int | None = None) -> None:  # fmt: skip
-        self.embedding.weight_loader(param, loaded, shard_id)
+        if loaded.shape[0] != self.vocab:
+            raise ValueError(f"shape mismatch: expected {self.vocab} rows, got {tuple(loaded.shape)}")  # fmt: skip
+        param.data[: self.rows].copy_(loaded.narrow(0, self.start, self.rows))
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         weight = self.embedding.weight if self.tied else self.weight
-        logits = self.embedding.group.all_gather(F.linear(hidden, weight), dim=-1)
-        return logits[..., : self.embedding.vocab]
+        logits = self.group.all_gather(F.linear(hidden, weight), dim=-1)
+        return logits[..., : self.vocab]

@@ -50,6 +50,10 @@ class Stage:
 
     rank: int = 0
     size: int = 1
+    world_rank: int = (
+        0  # this process's rank among all (stage x tensor-parallel size + its TP rank)
+    )
+    stride: int = 1  # the tensor-parallel size: the same TP rank of the next stage is this far
 
     @property
     def first(self) -> bool:
@@ -68,14 +72,14 @@ class Stage:
         """To the next stage, without waiting (handles to wait on)."""
         import torch.distributed as dist
 
-        return [dist.isend(t.contiguous(), dst=self.rank + 1) for t in tensors]
+        return [dist.isend(t.contiguous(), dst=self.world_rank + self.stride) for t in tensors]
 
     def receive(self, tensors: list[torch.Tensor]) -> None:
         """From the previous stage, into `tensors` (their shapes are known to both)."""
         import torch.distributed as dist
 
         for t in tensors:
-            dist.recv(t, src=self.rank - 1)
+            dist.recv(t, src=self.world_rank - self.stride)
 
 
 ONE_STAGE = Stage()

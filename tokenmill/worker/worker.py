@@ -55,15 +55,22 @@ class Worker:
         if d.num_threads is None:  # the machine's cores shared out between the ranks
             torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // size))
         p = self.config.parallel
-        if p.pipeline_parallel_size > 1:
-            from tokenmill.parallel.group import Stage, init_world, set_stage
-
-            init_world(rank, size, init_method)
-            set_stage(Stage(rank, size))
-            log.info("rank %d: pipeline stage %d of %d", rank, rank, size)
+        tp, pp = p.tensor_parallel_size, p.pipeline_parallel_size
+        if pp == 1:
+            set_current(init_group(rank, size, init_method))
+            log.info("rank %d of %d joined its tensor-parallel group", rank, size)
             return
-        set_current(init_group(rank, size, init_method))
-        log.info("rank %d of %d joined its tensor-parallel group", rank, size)
+        import torch.distributed as dist
+
+        from tokenmill.parallel.group import Stage, TPGroup, init_world, set_stage
+
+        init_world(rank, size, init_method)
+        stage, tp_rank = divmod(rank, tp)
+        if tp > 1:  # a group per stage, made by every rank in the same order
+            groups = [dist.new_group(list(range(s * tp, (s + 1) * tp))) for s in range(pp)]
+            set_current(TPGroup(tp_rank, tp, groups[stage]))
+        set_stage(Stage(stage, pp, rank, tp))
+        log.info("rank %d: pipeline stage %d of %d, tensor-parallel rank %d of %d", rank, stage, pp, tp_rank, tp)  # fmt: skip
 
     @property
     def runner(self) -> ModelRunner:
