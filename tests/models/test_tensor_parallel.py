@@ -34,27 +34,32 @@ def close(a: dict, b: dict) -> None:
                         assert abs(lx[t] - ly[t]) < 1e-4, (rid, t)
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])
-def test_two_ranks_give_the_tokens_of_one(tiny_model_dir, arch):
-    model = str(tiny_model_dir(arch))
-    one = EngineConfig.from_kwargs(model=model, **OPTIONS)
-    local = LLMEngine(one)
+def same_as_one_rank(model: str, memory_share: float, **layout) -> LLMEngine:
+    """The run of `run` on one rank, then on the ranks of `layout` with `memory_share` of the
+    KV memory (the same number of blocks): equal outputs, blocks and preemptions."""
+    local = LLMEngine(EngineConfig.from_kwargs(model=model, **OPTIONS))
     expected = run(local)
-    # the same number of KV blocks on each rank as on the one: its share of the KV heads
-    share = max(KV_HEADS[arch] // 2, 1) / KV_HEADS[arch]
-    two = EngineConfig.from_kwargs(model=model, **{**OPTIONS, "kv_cache_memory": int(OPTIONS["kv_cache_memory"] * share)},
-                                   tensor_parallel_size=2)  # fmt: skip
-    executor = MultiprocExecutor(two)
+    memory = int(OPTIONS["kv_cache_memory"] * memory_share)
+    config = EngineConfig.from_kwargs(model=model, **{**OPTIONS, "kv_cache_memory": memory}, **layout)  # fmt: skip
+    executor = MultiprocExecutor(config)
     try:
-        engine = LLMEngine(two, executor=executor, tokenizer=load_tokenizer(model))
+        engine = LLMEngine(config, executor=executor, tokenizer=load_tokenizer(model))
         assert engine.kv.pool.num_blocks == local.kv.pool.num_blocks
-        got = run(engine)
+        close(expected, run(engine))
         assert engine.scheduler.num_preemptions == local.scheduler.num_preemptions
-        assert arch != "llama" or local.scheduler.num_preemptions > 0  # preemption covered
-        close(expected, got)
         assert engine.kv.pool.num_used_blocks == 0
     finally:
         executor.shutdown()
+    return local
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])
+def test_two_ranks_give_the_tokens_of_one(tiny_model_dir, arch):
+    model = str(tiny_model_dir(arch))
+    # the same number of KV blocks on each rank as on the one: its share of the KV heads
+    share = max(KV_HEADS[arch] // 2, 1) / KV_HEADS[arch]
+    local = same_as_one_rank(model, share, tensor_parallel_size=2)
+    assert arch != "llama" or local.scheduler.num_preemptions > 0  # preemption covered
 
 
 def test_a_rank_killed_mid_run_ends_the_engine_clearly(tiny_model_dir):
@@ -160,21 +165,8 @@ def test_two_pipeline_stages_give_the_tokens_of_one(tiny_model_dir, arch):
     """pipeline_parallel_size 2: layer 0 (and the embedding) on one rank, layer 1, the norm and
     the head (the embedding's table, when tied) on the other; each step's batch in two
     micro-batches through both; the same tokens and logprobs as one rank."""
-    model = str(tiny_model_dir(arch))
-    local = LLMEngine(EngineConfig.from_kwargs(model=model, **OPTIONS))
-    expected = run(local)
     # each stage holds half the layers' KV: half the memory gives the same number of blocks
-    two = EngineConfig.from_kwargs(model=model, **{**OPTIONS, "kv_cache_memory": OPTIONS["kv_cache_memory"] // 2},
-                                   pipeline_parallel_size=2)  # fmt: skip
-    executor = MultiprocExecutor(two)
-    try:
-        engine = LLMEngine(two, executor=executor, tokenizer=load_tokenizer(model))
-        assert engine.kv.pool.num_blocks == local.kv.pool.num_blocks
-        got = run(engine)
-        assert engine.scheduler.num_preemptions == local.scheduler.num_preemptions
-        close(expected, got)
-    finally:
-        executor.shutdown()
+    same_as_one_rank(str(tiny_model_dir(arch)), 0.5, pipeline_parallel_size=2)
 
 
 @pytest.fixture(scope="module")
@@ -215,16 +207,5 @@ def test_greedy_tokens_equal_transformers(odd_heads_model, layout):
 def test_two_stages_of_two_ranks_give_the_tokens_of_one(tiny_model_dir):
     """tensor_parallel_size 2 x pipeline_parallel_size 2: four processes, each stage a
     tensor-parallel group of its own, its ranks sending to the same ranks of the next stage."""
-    model = str(tiny_model_dir("llama"))
-    local = LLMEngine(EngineConfig.from_kwargs(model=model, **OPTIONS))
-    expected = run(local)
-    config = EngineConfig.from_kwargs(model=model, **{**OPTIONS, "kv_cache_memory": OPTIONS["kv_cache_memory"] // 4},
-                                      tensor_parallel_size=2, pipeline_parallel_size=2)  # fmt: skip
-    executor = MultiprocExecutor(config)
-    try:
-        engine = LLMEngine(config, executor=executor, tokenizer=load_tokenizer(model))
-        assert len(executor._procs) == 4
-        assert engine.kv.pool.num_blocks == local.kv.pool.num_blocks
-        close(expected, run(engine))
-    finally:
-        executor.shutdown()
+    # a rank: half the layers, one of the two KV heads
+    same_as_one_rank(str(tiny_model_dir("llama")), 0.25, tensor_parallel_size=2, pipeline_parallel_size=2)  # fmt: skip

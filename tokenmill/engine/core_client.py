@@ -73,6 +73,18 @@ class CoreClient(ABC):
     def shutdown(self, timeout: float = 5.0) -> None:
         """Stop the core and wait for it, at most `timeout` seconds."""
 
+    def _handle(self, msg) -> bool:
+        """One message from the core: outputs to `on_outputs`, a CoreFailed to `on_dead`;
+        False once the core is gone."""
+        if isinstance(msg, CoreFailed):
+            self._died(msg.message)
+            return False
+        try:
+            self.on_outputs(msg)
+        except Exception:
+            log.exception("handling the core's outputs failed")
+        return True
+
     def _died(self, reason: str) -> None:
         if self.dead_reason is None:
             self.dead_reason = reason
@@ -217,13 +229,8 @@ class ProcessCoreClient(CoreClient):
                         f"the engine core process exited (exit code {self.process.exitcode})"
                     )
                 return
-            if isinstance(msg, CoreFailed):
-                self._died(msg.message)
+            if not self._handle(msg):
                 return
-            try:
-                self.on_outputs(msg)
-            except Exception:
-                log.exception("handling the core's outputs failed")
 
     _closing = False
 

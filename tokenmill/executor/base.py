@@ -7,6 +7,7 @@ in child processes (tensor/pipeline-parallel ranks) or on Ray actors is the exec
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from typing import Any
 
 from tokenmill.engine.messages import RunnerOutput, SchedulerOutput, WorkerInfo
 from tokenmill.kv.specs import CacheSpec
@@ -44,3 +45,29 @@ class Executor(ABC):
     @abstractmethod
     def shutdown(self) -> None:
         """Release workers; idempotent."""
+
+
+class RankExecutor(Executor):
+    """An executor whose workers are reached by one call each (`_call(method, *args)`: every
+    rank runs it, one rank's answer returned): the seam's methods are those calls."""
+
+    @abstractmethod
+    def _call(self, method: str, *args: Any) -> Any: ...
+
+    def describe(self) -> WorkerInfo:
+        return self._call("describe")
+
+    def cache_specs(self) -> list[CacheSpec]:
+        return self._call("cache_specs")
+
+    def default_kv_cache_memory(self, max_tokens: int) -> int:
+        return self._call("default_kv_cache_memory", max_tokens)
+
+    def initialize_cache(self, num_blocks: int) -> None:
+        self._call("initialize_cache", num_blocks)
+
+    def execute(self, out: SchedulerOutput) -> RunnerOutput:
+        return self._call("execute", out)
+
+    def retry(self, request_ids: tuple[str, ...]) -> RunnerOutput:
+        return self._call("retry", request_ids)

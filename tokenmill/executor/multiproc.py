@@ -20,9 +20,7 @@ import traceback
 from typing import Any
 
 from tokenmill.config import EngineConfig
-from tokenmill.engine.messages import RunnerOutput, SchedulerOutput, WorkerInfo
-from tokenmill.executor.base import Executor, ExecutorDeadError
-from tokenmill.kv.specs import CacheSpec
+from tokenmill.executor.base import ExecutorDeadError, RankExecutor
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +60,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-class MultiprocExecutor(Executor):
+class MultiprocExecutor(RankExecutor):
     def __init__(self, config: EngineConfig) -> None:
         ctx = mp.get_context("spawn")  # never fork a process that holds torch threads
         size = config.parallel.world_size
@@ -138,24 +136,6 @@ class MultiprocExecutor(Executor):
             except (BrokenPipeError, OSError):
                 self._died(rank, method)
         return self._receive(method)
-
-    def describe(self) -> WorkerInfo:
-        return self._call("describe")
-
-    def cache_specs(self) -> list[CacheSpec]:
-        return self._call("cache_specs")
-
-    def default_kv_cache_memory(self, max_tokens: int) -> int:
-        return self._call("default_kv_cache_memory", max_tokens)
-
-    def initialize_cache(self, num_blocks: int) -> None:
-        self._call("initialize_cache", num_blocks)
-
-    def execute(self, out: SchedulerOutput) -> RunnerOutput:
-        return self._call("execute", out)
-
-    def retry(self, request_ids: tuple[str, ...]) -> RunnerOutput:
-        return self._call("retry", request_ids)
 
     def shutdown(self) -> None:
         if self._dead is None and all(p.is_alive() for p in self._procs):

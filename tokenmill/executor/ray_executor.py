@@ -22,9 +22,7 @@ import socket
 from typing import Any
 
 from tokenmill.config import EngineConfig
-from tokenmill.engine.messages import RunnerOutput, SchedulerOutput, WorkerInfo
-from tokenmill.executor.base import Executor, ExecutorDeadError
-from tokenmill.kv.specs import CacheSpec
+from tokenmill.executor.base import ExecutorDeadError, RankExecutor
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +48,7 @@ class RankActor:
         return getattr(self.worker, method)(*args)
 
 
-class RayExecutor(Executor):
+class RayExecutor(RankExecutor):
     def __init__(self, config: EngineConfig, cpus_per_rank: int = 1) -> None:
         import ray
         from ray.util.placement_group import placement_group, remove_placement_group
@@ -119,24 +117,6 @@ class RayExecutor(Executor):
 
         for a in self._actors:
             ray.kill(a, no_restart=True)
-
-    def describe(self) -> WorkerInfo:
-        return self._call("describe")
-
-    def cache_specs(self) -> list[CacheSpec]:
-        return self._call("cache_specs")
-
-    def default_kv_cache_memory(self, max_tokens: int) -> int:
-        return self._call("default_kv_cache_memory", max_tokens)
-
-    def initialize_cache(self, num_blocks: int) -> None:
-        self._call("initialize_cache", num_blocks)
-
-    def execute(self, out: SchedulerOutput) -> RunnerOutput:
-        return self._call("execute", out)
-
-    def retry(self, request_ids: tuple[str, ...]) -> RunnerOutput:
-        return self._call("retry", request_ids)
 
     def shutdown(self) -> None:
         if getattr(self, "_actors", None):

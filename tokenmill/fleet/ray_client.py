@@ -210,13 +210,8 @@ class RayCoreClient(CoreClient):
                     self._died(f"the engine core's Ray actor died ({type(e).__name__})")
                 return
             for msg in messages:
-                if isinstance(msg, CoreFailed):
-                    self._died(msg.message)
+                if not self._handle(msg):
                     return
-                try:
-                    self.on_outputs(msg)
-                except Exception:
-                    log.exception("handling the core's outputs failed")
 
     def shutdown(self, timeout: float = 5.0) -> None:
         import ray

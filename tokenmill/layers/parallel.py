@@ -183,21 +183,30 @@ class RowParallelLinear(Linear):
         return self.group.all_reduce(self.quant_method.apply(self, x))
 
 
-class VocabParallelEmbedding(nn.Module):
-    """Rank's rows of the vocabulary, `per_rank` = ceil(vocab / size), zero rows as padding."""
+class _VocabRows(nn.Module):
+    """A rank's rows of a vocabulary table: `per_rank` = ceil(vocab / size) from `start`, the
+    ones past the vocabulary zero padding; loaded from the whole checkpoint table."""
 
-    def __init__(self, vocab: int, hidden: int, group: TPGroup, dtype: torch.dtype = torch.float32) -> None:  # fmt: skip
+    def __init__(self, vocab: int, hidden: int, group: TPGroup, dtype: torch.dtype, own: bool) -> None:  # fmt: skip
         super().__init__()
         self.vocab, self.group = vocab, group
         self.per_rank = -(-vocab // group.size)
         self.start = group.rank * self.per_rank
         self.rows = max(0, min(self.per_rank, vocab - self.start))  # real rows (the rest pad)
-        self.weight = nn.Parameter(torch.zeros(self.per_rank, hidden, dtype=dtype), requires_grad=False)  # fmt: skip
+        if own:
+            self.weight = nn.Parameter(torch.zeros(self.per_rank, hidden, dtype=dtype), requires_grad=False)  # fmt: skip
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: int | None = None) -> None:  # fmt: skip
         if loaded.shape[0] != self.vocab:
             raise ValueError(f"shape mismatch: expected {self.vocab} rows, got {tuple(loaded.shape)}")  # fmt: skip
         param.data[: self.rows].copy_(loaded.narrow(0, self.start, self.rows))
+
+
+class VocabParallelEmbedding(_VocabRows):
+    """Rank's rows of the vocabulary; ids outside them look up zeros; rows all-reduced."""
+
+    def __init__(self, vocab: int, hidden: int, group: TPGroup, dtype: torch.dtype = torch.float32) -> None:  # fmt: skip
+        super().__init__(vocab, hidden, group, dtype, own=True)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         if self.group.size == 1:
@@ -207,9 +216,9 @@ class VocabParallelEmbedding(nn.Module):
         return self.group.all_reduce(rows * mine.unsqueeze(-1).to(rows.dtype))
 
 
-class ParallelLMHead(nn.Module):
+class ParallelLMHead(_VocabRows):
     """Logits over the whole vocabulary from each rank's rows: a tied embedding's, or its own
-    (laid out as VocabParallelEmbedding's: `per_rank` rows from `start`, zero padding)."""
+    (laid out as the embedding's), all-gathered."""
 
     def __init__(
         self,
@@ -219,20 +228,10 @@ class ParallelLMHead(nn.Module):
         dtype: torch.dtype = torch.float32,
         embedding: VocabParallelEmbedding | None = None,
     ) -> None:
-        super().__init__()
-        self.vocab, self.group, self.tied = vocab, group, embedding is not None
-        self.per_rank = -(-vocab // group.size)
-        self.start = group.rank * self.per_rank
-        self.rows = max(0, min(self.per_rank, vocab - self.start))
+        super().__init__(vocab, hidden, group, dtype, own=embedding is None)
+        self.tied = embedding is not None
         if embedding is not None:
             object.__setattr__(self, "embedding", embedding)  # not a submodule: the model owns it
-        else:
-            self.weight = nn.Parameter(torch.zeros(self.per_rank, hidden, dtype=dtype), requires_grad=False)  # fmt: skip
-
-    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: int | None = None) -> None:  # fmt: skip
-        if loaded.shape[0] != self.vocab:
-            raise ValueError(f"shape mismatch: expected {self.vocab} rows, got {tuple(loaded.shape)}")  # fmt: skip
-        param.data[: self.rows].copy_(loaded.narrow(0, self.start, self.rows))
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         weight = self.embedding.weight if self.tied else self.weight
