@@ -124,7 +124,7 @@ def test_ranks_as_ray_actors_give_the_same_tokens(tiny_model_dir, local_ray):
         executor.shutdown()
 
 
-@pytest.mark.parametrize("quantization", ["int8", "int4", "nvfp4", "w8a8"])
+@pytest.mark.parametrize("quantization", ["int8", "int4", "nvfp4", "mxfp4", "w8a8", "fp8"])
 def test_a_quantized_model_shards_its_codes(tiny_model_dir, quantization):
     """Quantized whole on each rank (one device's codes), then each rank's rows or whole
     groups of columns kept: weight-only formats give one device's tokens exactly; w8a8's
@@ -134,7 +134,7 @@ def test_a_quantized_model_shards_its_codes(tiny_model_dir, quantization):
     opts = {**OPTIONS, "quantization": quantization}
     if quantization == "int4":
         opts["group_size"] = 32  # o_proj's 64 input columns: 32 a rank, one whole group
-    if quantization == "w8a8":
+    if quantization in ("w8a8", "fp8"):
         opts["smoothquant_alpha"] = 0.0  # calibrated smoothing does not shard yet
     expected = run(LLMEngine(EngineConfig.from_kwargs(model=model, **opts)))
     two = EngineConfig.from_kwargs(model=model, **{**opts, "kv_cache_memory": OPTIONS["kv_cache_memory"] // 2},
@@ -144,10 +144,17 @@ def test_a_quantized_model_shards_its_codes(tiny_model_dir, quantization):
         got = run(LLMEngine(two, executor=executor, tokenizer=load_tokenizer(model)))
     finally:
         executor.shutdown()
-    if quantization == "w8a8":
+    if quantization in ("w8a8", "fp8"):  # activations quantized over a rank's columns
+        # sampled sequences may part at a near tie; teacher-forced prompt logprobs may not
         assert got.keys() == expected.keys()
-        same = sum(expected[r][0][0] == got[r][0][0] for r in expected)
-        assert same >= len(expected) // 2, (same, len(expected))  # most sequences identical
+        forced = [r for r in expected if expected[r][-1] is not None]
+        assert forced
+        for r in forced:
+            for a, b in zip(expected[r][-1], got[r][-1]):
+                if a is not None:
+                    assert a.keys() == b.keys() or max(a.values()) - max(b.values()) < 0.2
+                    shared = a.keys() & b.keys()
+                    assert all(abs(a[t] - b[t]) < 0.2 for t in shared), (r, a, b)
     else:
         close(expected, got)
 
