@@ -22,15 +22,25 @@ pytest.importorskip("ray")
 
 @pytest.fixture(scope="module")
 def ray_cluster(tmp_path_factory):
-    ray_bin = shutil.which("ray") or os.path.join(os.path.dirname(sys.executable), "ray")
+    ray_bin = os.path.join(os.path.dirname(sys.executable), "ray")
+    ray_bin = ray_bin if os.path.exists(ray_bin) else shutil.which("ray")
     port = free_port()
     temp = tmp_path_factory.mktemp("ray")
+    # Ray 2.5x turns token authentication on for a head started where ~/.ray/auth_token exists
+    # (an earlier local ray.init writes one), and a client connecting by address then fails
+    # unauthenticated: a loopback test cluster runs without it, the server inheriting the mode
+    saved = os.environ.get("RAY_AUTH_MODE")
+    os.environ["RAY_AUTH_MODE"] = "disabled"
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
     subprocess.run([ray_bin, "start", "--head", f"--port={port}", "--num-cpus=2",
                     "--include-dashboard=false", f"--temp-dir={temp}", "--disable-usage-stats"],
                    check=True, capture_output=True, env=env, timeout=180)  # fmt: skip
     yield f"127.0.0.1:{port}"
     subprocess.run([ray_bin, "stop", "--force"], capture_output=True, env=env, timeout=120)
+    if saved is None:
+        del os.environ["RAY_AUTH_MODE"]
+    else:
+        os.environ["RAY_AUTH_MODE"] = saved
 
 
 def test_replicas_on_ray_answer_as_local_ones_and_come_back(tiny_model_dir, tmp_path, ray_cluster):

@@ -94,9 +94,16 @@ def test_options_and_shapes_that_cannot_shard_are_refused(tiny_model_dir):
 @pytest.fixture(scope="module")
 def local_ray():
     ray = pytest.importorskip("ray")
+    # no token authentication on a loopback test cluster (Ray would write ~/.ray/auth_token)
+    saved = os.environ.get("RAY_AUTH_MODE")
+    os.environ["RAY_AUTH_MODE"] = "disabled"
     ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
     yield ray
     ray.shutdown()
+    if saved is None:
+        del os.environ["RAY_AUTH_MODE"]
+    else:
+        os.environ["RAY_AUTH_MODE"] = saved
 
 
 def test_ranks_as_ray_actors_give_the_same_tokens(tiny_model_dir, local_ray):
