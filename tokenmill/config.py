@@ -81,8 +81,38 @@ class CacheConfig:
         "head; about half the bytes of bf16, so twice the tokens fit). On CPU int8 is the fast one.",
         default="auto",
     )
+    kv_host_memory: int = doc_field(
+        "Bytes of host memory for KV blocks evicted from the pool (0 = off): a returning "
+        "prefix is loaded back instead of recomputed. Pinned on CUDA.",
+        default=0,
+    )
+    kv_disk_dir: str | None = doc_field(
+        "Directory for a disk KV tier below host memory; it survives restarts (one server "
+        "per directory: it is locked).",
+        default=None,
+    )
+    kv_disk_memory: int | None = doc_field(
+        "Bytes the disk KV tier may take; default with kv_disk_dir: 8 GiB, at most half "
+        "the directory's free space.",
+        default=None,
+    )
+
+    @property
+    def has_tiers(self) -> bool:
+        return bool(self.kv_host_memory or self.kv_disk_dir)
 
     def __post_init__(self) -> None:
+        if self.kv_host_memory < 0:
+            raise ValueError(f"kv_host_memory must be >= 0 bytes, got {self.kv_host_memory}")
+        if self.kv_disk_memory is not None and self.kv_disk_memory <= 0:
+            raise ValueError(f"kv_disk_memory must be > 0 bytes, got {self.kv_disk_memory}")
+        if self.kv_disk_memory is not None and not self.kv_disk_dir:
+            raise ValueError("kv_disk_memory sizes the disk KV tier: set kv_disk_dir too")
+        if self.has_tiers and not self.enable_prefix_caching:
+            raise ValueError(
+                "the KV tiers (kv_host_memory, kv_disk_dir) hold cached prefixes: they need "
+                "enable_prefix_caching"
+            )
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
             raise ValueError(f"block_size must be a power of two >= 1, got {self.block_size}")
         if self.kv_cache_memory is not None and self.kv_cache_memory <= 0:

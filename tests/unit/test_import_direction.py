@@ -19,6 +19,8 @@ PURE = [
     "tokenmill.kv.block_pool",
     "tokenmill.kv.manager",
     "tokenmill.kv.specs",
+    "tokenmill.kv.moves",
+    "tokenmill.kv.tiers",
     "tokenmill.engine.request",
     "tokenmill.engine.scheduler",
     "tokenmill.engine.messages",

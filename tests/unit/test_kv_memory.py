@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from tokenmill.worker.kv_memory import Prefaulter, host_zeros
+from tokenmill.kv.storage.memory import Prefaulter, host_zeros
 
 
 def test_host_zeros_is_a_zeroed_writable_tensor():

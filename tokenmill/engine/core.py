@@ -32,6 +32,7 @@ from tokenmill.engine.scheduler import Scheduler
 from tokenmill.executor.base import Executor, ExecutorDeadError
 from tokenmill.kv.manager import KVCacheManager
 from tokenmill.kv.specs import plan_kv_cache
+from tokenmill.kv.tiers import TierPolicy
 from tokenmill.sampling_params import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -75,7 +76,10 @@ class EngineCore:
         )
         plan = plan_kv_cache(specs, memory, cache.block_size, self.max_model_len)
         executor.initialize_cache(plan.num_blocks)
-        self.kv = KVCacheManager(plan.num_blocks, cache.block_size, cache.enable_prefix_caching)
+        self.kv = KVCacheManager(
+            plan.num_blocks, cache.block_size, cache.enable_prefix_caching,
+            self._tiers(executor, plan.bytes_per_block),
+        )  # fmt: skip
         self.scheduler = Scheduler(sched, self.kv, self.max_model_len)
         self.eos_token_ids = worker.eos_token_ids
         self.info = ModelInfo(
@@ -103,6 +107,23 @@ class EngineCore:
         )
         if config.device.compile:
             self._warm_up()
+
+    def _tiers(self, executor: Executor, bytes_per_block: int) -> TierPolicy | None:
+        """The host and disk tiers below the pool, when asked for; a disk tier left by an
+        earlier run comes back warm (the worker validated its files)."""
+        cache = self.config.cache
+        if not (cache.kv_host_memory or cache.kv_disk_dir):
+            return None
+        host_blocks = cache.kv_host_memory // bytes_per_block
+        info = executor.initialize_tiers(host_blocks)
+        tiers = TierPolicy(host_blocks, info.disk_blocks, bytes_per_block)
+        tiers.restore(info.disk_hashes)
+        log.info(
+            "KV tiers: host %d blocks (%.1f MiB), disk %d blocks, %d restored from disk",
+            host_blocks, host_blocks * bytes_per_block / 2**20, info.disk_blocks,
+            len(tiers.disk.entries),
+        )  # fmt: skip
+        return tiers
 
     def _warm_up(self) -> None:
         """Step through each shape class once (a prefill, a decode of several rows, a decode of
@@ -206,7 +227,7 @@ class EngineCore:
         started = time.perf_counter()
         compile_failed = self._admit_compiled() if self._compiling else ()
         out = self.scheduler.schedule()
-        if out.is_empty and not out.finished_request_ids:
+        if out.is_idle:
             if self._compiling and not compile_failed:  # only grammars to wait for
                 wait_futures([f for _, f in self._compiling.values()], timeout=0.05)
             return EngineCoreOutputs(compile_failed, self.stats())
@@ -347,6 +368,8 @@ class EngineCore:
             num_preemptions=self.scheduler.num_preemptions,
             prefix_cache_queries=pool.num_cache_queries * self.kv.block_size,
             prefix_cache_hits=pool.num_cache_hits * self.kv.block_size,
+            kv_tiers=self.kv.tiers.stats() if self.kv.tiers is not None else (),
+            num_loading=self.scheduler.num_loading,
         )
 
     def shutdown(self) -> None:

@@ -10,7 +10,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from tokenmill.kv.moves import BlockLoad, TierInfo, TierOps, TierStats
 from tokenmill.sampling_params import SamplingParams
+
+__all__ = ["BlockLoad", "TierInfo", "TierOps", "TierStats"]  # the KV tiers' values, re-exported
 
 # A token's logprob entry: the chosen token's logprob first, then the top-k alternatives.
 TokenLogprobs = dict[int, float]
@@ -59,6 +62,7 @@ class SchedulerOutput:
     finished_request_ids: tuple[str, ...] = ()  # workers drop their state of these
     preempted_request_ids: tuple[str, ...] = ()  # their blocks are gone; they return as new
     grammar_bitmask: GrammarBitmask | None = None  # set by the core for constrained rows
+    tier_ops: TierOps | None = None  # KV tier moves; set (maybe empty) while loads are in flight
 
     @property
     def num_tokens(self) -> int:
@@ -68,6 +72,11 @@ class SchedulerOutput:
     def is_empty(self) -> bool:
         """Nothing to run (there may still be finished ids for the workers to forget)."""
         return not self.num_scheduled_tokens
+
+    @property
+    def is_idle(self) -> bool:
+        """Nothing for the workers at all: no tokens, no ids to forget, no tier work."""
+        return self.is_empty and not self.finished_request_ids and self.tier_ops is None
 
     @property
     def num_preempted(self) -> int:
@@ -87,6 +96,9 @@ class RunnerOutput:
     prompt_logprobs: dict[str, list[TokenLogprobs | None]] = field(default_factory=dict)
     pooled: dict[str, tuple[float, ...]] = field(default_factory=dict)  # embedding requests
     prompt_ranks: dict[str, list[int | None]] = field(default_factory=dict)  # per prompt entry
+    loads_done: tuple[int, ...] = ()  # tier load jobs whose blocks are all in (or failed)
+    loads_failed: tuple[bytes, ...] = ()  # block hashes a load could not read (corrupt, gone)
+    stores_failed: tuple[bytes, ...] = ()  # block hashes a disk write lost (disk full, I/O)
 
 
 # ---- front -> core ------------------------------------------------------------------------------
@@ -170,6 +182,8 @@ class EngineStats:
     num_preemptions: int  # since start
     prefix_cache_queries: int = 0  # prompt tokens looked up in the prefix cache, since start
     prefix_cache_hits: int = 0  # of those, found cached
+    kv_tiers: tuple[TierStats, ...] = ()  # the host and disk tiers that are on
+    num_loading: int = 0  # requests waiting for their blocks to come back from a tier
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,9 @@
 
 Each step hands out `num_new_tokens` per request: running requests first (decodes and the rest of
 chunked prompts), oldest first; then waiting requests in arrival order (FCFS), each starting
-after its longest cached prefix. When the KV blocks run out, the newest running request is
+after its longest cached prefix. A prefix found in a lower KV tier is loaded first: the request
+waits in `loading` (others go on being scheduled) and rejoins the queue's head once its blocks
+are in (`update` hears of it). When the KV blocks run out, the newest running request is
 preempted (its blocks freed, its tokens recomputed later) instead of failing.
 Its output is a value (`SchedulerOutput`): a request new to the workers is sent whole once, then
 only per-step deltas (tokens to feed, changed blocks, finished and preempted ids).
@@ -51,6 +53,8 @@ class Scheduler:
         self._finished_ids: list[str] = []  # ended since the last output: workers forget them
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
+        self.loading: dict[str, Request] = {}  # waiting for tier loads; they hold their blocks
+        self._loaded: set[str] = set()  # back in `waiting` with their prefix in the pool
         self.requests: dict[str, Request] = {}
         self.num_preemptions = 0
 
@@ -74,6 +78,8 @@ class Scheduler:
                 self.running.remove(req)
             elif req in self.waiting:
                 self.waiting.remove(req)
+            self.loading.pop(request_id, None)
+            self._loaded.discard(request_id)
             self._finish(req, status)
             done.append(req)
         return done
@@ -91,14 +97,18 @@ class Scheduler:
 
     @property
     def num_waiting(self) -> int:
-        return len(self.waiting)
+        return len(self.waiting) + len(self.loading)
+
+    @property
+    def num_loading(self) -> int:
+        return len(self.loading)
 
     @property
     def num_running(self) -> int:
         return len(self.running)
 
     def has_unfinished(self) -> bool:
-        return bool(self.waiting or self.running)
+        return bool(self.waiting or self.running or self.loading)
 
     # ---- one step ------------------------------------------------------------------------
     def schedule(self) -> SchedulerOutput:
@@ -112,6 +122,8 @@ class Scheduler:
             while not self.kv.allocate_slots(
                 req.request_id, req.all_token_ids, req.num_computed_tokens, num_new
             ):
+                if self._release_loaded():
+                    continue
                 victim = self.running.pop()
                 self._preempt(victim)
                 preempted.append(victim.request_id)
@@ -148,6 +160,7 @@ class Scheduler:
             block_copies=tuple(self.kv.take_copies()),
             finished_request_ids=finished,
             preempted_request_ids=tuple(preempted),
+            tier_ops=self.kv.take_tier_ops(),
         )
 
     @staticmethod
@@ -180,15 +193,13 @@ class Scheduler:
         )
 
     def _admit_waiting(self, budget: int, scheduled: list[tuple[Request, int]]) -> int:
-        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+        limit = self.config.max_num_seqs
+        while self.waiting and budget > 0 and len(self.running) + len(self.loading) < limit:
             req = self.waiting[0]
-            hits: list[int] = []
-            num_cached = 0
-            # prompt logprobs and mean pooling need every prompt position computed
-            if (
-                req.params.prompt_logprobs is None or req.prompt_logprobs
-            ) and req.params.pooling != "mean":
-                hits, num_cached = self.kv.get_computed_blocks(req.request_id, req.all_token_ids)
+            hits, num_cached = self._prefix(req)
+            if req.request_id in self.loading:
+                self.waiting.popleft()
+                continue
             num_new = req.num_tokens - num_cached
             if num_new > budget and not self.config.enable_chunked_prefill:
                 break
@@ -196,8 +207,11 @@ class Scheduler:
             if not self.kv.allocate_slots(
                 req.request_id, req.all_token_ids, num_cached, num_new, hits
             ):
+                if self._release_loaded(keep=req):
+                    continue
                 break
             self.waiting.popleft()
+            self._loaded.discard(req.request_id)
             if req.status is RequestStatus.WAITING:
                 req.num_cached_tokens = num_cached
                 req.times.first_scheduled = time.monotonic()
@@ -207,6 +221,50 @@ class Scheduler:
             scheduled.append((req, num_new))
             budget -= num_new
         return budget
+
+    def _prefix(self, req: Request) -> tuple[list[int], int]:
+        """The cached prefix a request starts after: (blocks to adopt, tokens). A request whose
+        prefix has to come back from a tier joins `loading` instead."""
+        if req.request_id in self._loaded:  # its table holds the prefix already
+            return [], req.num_computed_tokens
+        # prompt logprobs and mean pooling need every prompt position computed
+        if (req.params.prompt_logprobs is not None and not req.prompt_logprobs) or (
+            req.params.pooling == "mean"
+        ):
+            return [], 0
+        hits, num_cached, is_loading = self.kv.find_prefix(req.request_id, req.all_token_ids)
+        if is_loading:
+            self.loading[req.request_id] = req
+        return hits, num_cached
+
+    def _release_loaded(self, keep: Request | None = None) -> bool:
+        """Blocks run short: loaded requests still waiting give theirs back. The blocks stay
+        in the prefix cache, so each finds its prefix again when its turn comes; holding them
+        could leave the queue's head (or running requests) waiting on requests behind it."""
+        released = False
+        for req in self.waiting:
+            if req is not keep and req.request_id in self._loaded:
+                self._loaded.discard(req.request_id)
+                self.kv.free(req.request_id)
+                req.num_computed_tokens = 0
+                released = True
+        return released
+
+    def _loads_done(self, result: RunnerOutput) -> None:
+        """Requests whose tier loads are in rejoin the head of the queue, oldest first."""
+        if not (result.loads_done or result.stores_failed):
+            return
+        ready = self.kv.finish_loads(result.loads_done, result.loads_failed, result.stores_failed)
+        back = []
+        for request_id, num_tokens in ready:
+            req = self.loading.pop(request_id, None)
+            if req is None:
+                continue  # aborted while loading: the jobs freed what they held
+            req.num_computed_tokens = num_tokens
+            self._loaded.add(request_id)
+            back.append(req)
+        for req in sorted(back, key=lambda r: r.times.arrival, reverse=True):
+            self.waiting.appendleft(req)
 
     def _preempt(self, req: Request) -> None:
         self.kv.free(req.request_id)
@@ -224,6 +282,7 @@ class Scheduler:
         Returns the requests that got a token (finished ones included), in batch order.
         """
         now = time.monotonic()
+        self._loads_done(result)
         changed: list[Request] = []
         computed = {d.request_id: d.num_computed_tokens for d in out.new_requests}
         computed.update((d.request_id, d.num_computed_tokens) for d in out.cached_requests)

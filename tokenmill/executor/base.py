@@ -9,7 +9,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from typing import Any
 
-from tokenmill.engine.messages import RunnerOutput, SchedulerOutput, WorkerInfo
+from tokenmill.engine.messages import RunnerOutput, SchedulerOutput, TierInfo, WorkerInfo
 from tokenmill.kv.specs import CacheSpec
 
 
@@ -33,6 +33,11 @@ class Executor(ABC):
     @abstractmethod
     def initialize_cache(self, num_blocks: int) -> None:
         """Allocate the KV pool of `num_blocks` blocks on every worker."""
+
+    @abstractmethod
+    def initialize_tiers(self, host_blocks: int) -> TierInfo:
+        """Set up the KV tiers' storage below the pool (after initialize_cache): `host_blocks`
+        of host memory and the disk directory of the cache config, scanned for blocks."""
 
     @abstractmethod
     def execute(self, out: SchedulerOutput) -> RunnerOutput:
@@ -65,6 +70,9 @@ class RankExecutor(Executor):
 
     def initialize_cache(self, num_blocks: int) -> None:
         self._call("initialize_cache", num_blocks)
+
+    def initialize_tiers(self, host_blocks: int) -> TierInfo:
+        return self._call("initialize_tiers", host_blocks)
 
     def execute(self, out: SchedulerOutput) -> RunnerOutput:
         return self._call("execute", out)

@@ -45,6 +45,7 @@ def _worker_main(config: EngineConfig, conn, rank: int = 0, init_method: str | N
         except (EOFError, OSError):
             return  # the executor is gone
         if method == "shutdown":
+            worker.close()
             conn.send(("ok", None))
             return
         try:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from tokenmill.config import EngineConfig
-from tokenmill.engine.messages import RunnerOutput, SchedulerOutput, WorkerInfo
+from tokenmill.engine.messages import RunnerOutput, SchedulerOutput, TierInfo, WorkerInfo
 from tokenmill.executor.base import Executor
 from tokenmill.kv.specs import CacheSpec
 from tokenmill.models.build import LoadedModel
@@ -26,6 +26,9 @@ class UniprocExecutor(Executor):
     def initialize_cache(self, num_blocks: int) -> None:
         self.worker.initialize_cache(num_blocks)
 
+    def initialize_tiers(self, host_blocks: int) -> TierInfo:
+        return self.worker.initialize_tiers(host_blocks)
+
     def execute(self, out: SchedulerOutput) -> RunnerOutput:
         return self.worker.execute(out)
 
@@ -33,4 +36,4 @@ class UniprocExecutor(Executor):
         return self.worker.retry(request_ids)
 
     def shutdown(self) -> None:
-        pass  # the worker lives and ends with this process
+        self.worker.close()  # the KV tiers' files and lock; the model ends with this process

@@ -11,6 +11,7 @@ Pure Python; the tensors that hold the K/V live in the runner and are indexed by
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 
 
@@ -22,7 +23,14 @@ class Block:
 
 
 class BlockPool:
-    def __init__(self, num_blocks: int, enable_caching: bool = True) -> None:
+    def __init__(
+        self,
+        num_blocks: int,
+        enable_caching: bool = True,
+        on_evict: Callable[[int, bytes], None] | None = None,
+    ) -> None:
+        """`on_evict(block_id, block_hash)` hears of each cached block about to be reused (its
+        content still intact until the step that takes it runs): the KV tiers offload it."""
         if num_blocks < 1:
             raise ValueError(f"the KV cache needs at least 1 block, got {num_blocks}")
         self.num_blocks = num_blocks
@@ -30,6 +38,7 @@ class BlockPool:
         self.blocks = [Block(i) for i in range(num_blocks)]
         self._free: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))
         self.cached: dict[bytes, int] = {}  # block hash -> block id
+        self.on_evict = on_evict
         self.num_cache_queries = 0  # blocks looked up in the prefix cache
         self.num_cache_hits = 0  # of those, found
 
@@ -57,6 +66,8 @@ class BlockPool:
             if block.block_hash is not None:
                 if self.cached.get(block.block_hash) == block_id:
                     del self.cached[block.block_hash]
+                    if self.on_evict is not None:
+                        self.on_evict(block_id, block.block_hash)
                 block.block_hash = None
             block.ref_cnt = 1
             out.append(block_id)

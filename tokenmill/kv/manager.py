@@ -4,6 +4,10 @@ It hands out the blocks a request needs for the tokens it is about to compute, f
 longest cached prefix of a new prompt, forks a sequence for n > 1 sampling (sharing every block),
 and makes a private copy of a shared block before anyone writes into it (copy-on-write). The
 copies it decides on are collected for the runner, which moves the K/V data.
+With KV tiers (kv/tiers.py), a prefix that continues below the device is brought back: the
+request gets fresh blocks that a load job fills (`find_prefix` says it is loading), and becomes
+schedulable when `finish_loads` reports every block in. A load job holds its own reference on
+the blocks it writes, so an abort meanwhile never hands them to another request mid-write.
 Pure Python; no torch.
 """
 
@@ -11,9 +15,12 @@ from __future__ import annotations
 
 import hashlib
 from array import array
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
 
 from tokenmill.kv.block_pool import BlockPool
+from tokenmill.kv.moves import TierOps
+from tokenmill.kv.tiers import TierPolicy
 
 
 def hash_block(parent: bytes, tokens: Sequence[int]) -> bytes:
@@ -21,11 +28,31 @@ def hash_block(parent: bytes, tokens: Sequence[int]) -> bytes:
     return hashlib.blake2b(parent + array("q", tokens).tobytes(), digest_size=16).digest()
 
 
+@dataclass
+class _Wait:
+    """A request whose prefix is loading: the table positions that come from tiers."""
+
+    loads: list[tuple[int, bytes]]  # (table index, hash) of the blocks being loaded
+    pending: set[bytes] = field(default_factory=set)  # of those, still in flight
+    failed: set[bytes] = field(default_factory=set)  # of those, not readable
+
+
 class KVCacheManager:
-    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
+    def __init__(
+        self,
+        num_blocks: int,
+        block_size: int,
+        enable_prefix_caching: bool = True,
+        tiers: TierPolicy | None = None,
+    ):
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
-        self.pool = BlockPool(num_blocks, enable_prefix_caching)
+        on = tiers is not None and tiers.is_enabled and enable_prefix_caching
+        self.tiers = tiers if on else None
+        self.pool = BlockPool(num_blocks, enable_prefix_caching, tiers.offload if on else None)
+        self._loading: dict[bytes, int] = {}  # hash -> device block, while a job fills it
+        self._jobs: dict[int, list[tuple[bytes, int]]] = {}  # job -> its (hash, device block)
+        self._waits: dict[str, _Wait] = {}  # requests waiting for loads
         self.block_tables: dict[str, list[int]] = {}
         self._hashes: dict[str, list[bytes]] = {}  # chained hashes of the request's full blocks
         self._num_cached: dict[str, int] = {}  # leading blocks already registered in the cache
@@ -51,6 +78,97 @@ class KVCacheManager:
                 break
             hits.append(block_id)
         return hits, len(hits) * self.block_size
+
+    def find_prefix(self, req_id: str, token_ids: Sequence[int]) -> tuple[list[int], int, bool]:
+        """As get_computed_blocks, then on down the tiers: (device blocks, tokens, is_loading).
+
+        When the prefix continues in a lower tier (or in blocks another request is loading),
+        and the free blocks can take it, the request gets its whole prefix as its block table
+        now and waits (is_loading True, tokens 0) until `finish_loads` names it ready.
+        """
+        hits, num_cached = self.get_computed_blocks(req_id, token_ids)
+        if self.tiers is None:
+            return hits, num_cached, False
+        max_blocks = (len(token_ids) - 1) // self.block_size
+        hashes = self._hashes[req_id][:max_blocks]
+        chain: list[tuple[bytes, int | None]] = []  # (hash, device block or None: a new one)
+        for block_hash in hashes[len(hits) :]:
+            block_id = self.pool.cached.get(block_hash, self._loading.get(block_hash))
+            if block_id is None and not self.tiers.find(block_hash):
+                break
+            chain.append((block_hash, block_id))
+        if not any(b is None or h in self._loading for h, b in chain):
+            return hits, num_cached, False
+        reused = [b for _, b in chain if b is not None]
+        wanted = sum(1 for _, b in chain if b is None)
+        in_free_queue = sum(1 for b in [*hits, *reused] if self.pool.is_free(b))
+        if wanted > self.pool.num_free_blocks - in_free_queue:
+            return hits, num_cached, False  # no room to bring it back: computed as usual
+        job_id = self.tiers.reserve(h for h, b in chain if b is None)  # pinned before evicting
+        for block_id in [*hits, *reused]:
+            self.pool.share(block_id)
+        fresh = iter(self.pool.allocate(wanted))
+        table, wait, job = list(hits), _Wait([]), []
+        for block_hash, block_id in chain:
+            if block_id is None:
+                block_id = next(fresh)
+                self.pool.share(block_id)  # the job's own reference
+                self._loading[block_hash] = block_id
+                job.append((block_hash, block_id))
+            if block_hash in self._loading:
+                wait.loads.append((len(table), block_hash))
+                wait.pending.add(block_hash)
+            table.append(block_id)
+        self.tiers.start(job_id, [b for _, b in job])
+        self._jobs[job_id] = job
+        self.block_tables[req_id] = table
+        self._waits[req_id] = wait
+        self._num_cached[req_id] = len(hits)
+        return table, 0, True
+
+    def finish_loads(
+        self, job_ids: Iterable[int], failed: Iterable[bytes] = (), lost: Iterable[bytes] = ()
+    ) -> list[tuple[str, int]]:
+        """Load jobs done (`failed` blocks unreadable; `lost` ones a disk write dropped):
+        returns the requests now ready, with the tokens their prefix covers."""
+        failed = set(failed)
+        if self.tiers is not None:
+            self.tiers.forget(lost)
+        done: set[bytes] = set()
+        for job_id in job_ids:
+            for block_hash, block_id in self._jobs.pop(job_id):
+                del self._loading[block_hash]
+                if block_hash not in failed:
+                    self.pool.cache(block_id, block_hash)
+                self.pool.free([block_id])
+                done.add(block_hash)
+            assert self.tiers is not None
+            self.tiers.loaded(job_id, failed)
+        ready = []
+        for req_id, wait in list(self._waits.items()):
+            wait.failed |= wait.pending & failed
+            wait.pending -= done
+            if not wait.pending:
+                del self._waits[req_id]
+                ready.append((req_id, self._adopt(req_id, wait)))
+        return ready
+
+    def _adopt(self, req_id: str, wait: _Wait) -> int:
+        """A request's loads are in: its table up to the first unreadable block is its prefix."""
+        table = self.block_tables[req_id]
+        bad = [i for i, h in wait.loads if h in wait.failed]
+        valid = bad[0] if bad else len(table)
+        self.pool.free(table[valid:][::-1])
+        del table[valid:]
+        self._num_cached[req_id] = valid
+        return valid * self.block_size
+
+    @property
+    def num_loads_in_flight(self) -> int:
+        return len(self._jobs)
+
+    def take_tier_ops(self) -> TierOps | None:
+        return self.tiers.take_ops() if self.tiers is not None else None
 
     # ---- allocation ----------------------------------------------------------------------
     def allocate_slots(
@@ -107,6 +225,7 @@ class KVCacheManager:
         self.pool.free(table[::-1])
         self._num_cached.pop(req_id, None)
         self._hashes.pop(req_id, None)
+        self._waits.pop(req_id, None)  # its loads go on; the jobs free what they hold
 
     def take_copies(self) -> list[tuple[int, int]]:
         copies, self._copies = self._copies, []

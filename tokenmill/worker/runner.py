@@ -18,6 +18,7 @@ import torch
 from tokenmill.config import CacheConfig
 from tokenmill.engine.messages import RunnerOutput, SampledToken, SchedulerOutput
 from tokenmill.kv.specs import AttentionSpec
+from tokenmill.kv.storage.memory import Prefaulter, host_zeros
 from tokenmill.layers import native
 from tokenmill.layers.attention import TorchAttention
 from tokenmill.layers.kv_quant import (
@@ -33,7 +34,6 @@ from tokenmill.models.build import LoadedModel
 from tokenmill.quant.calibrate import single_sequence_metadata
 from tokenmill.worker.batch import build_model_input, build_sampling_batch
 from tokenmill.worker.input_batch import InputBatch
-from tokenmill.worker.kv_memory import Prefaulter, host_zeros
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +65,7 @@ def default_kv_cache_memory(
 
 
 def zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """A zeroed tensor. On CPU a lazily mapped one (kv_memory.host_zeros): gigabytes of KV cache
+    """A zeroed tensor. On CPU a lazily mapped one (kv.storage.memory.host_zeros): gigabytes of KV cache
     cost nothing at start-up (torch.zeros writes every page: 2.6 s/4 GiB)."""
     if device.type != "cpu":
         return torch.zeros(shape, dtype=dtype, device=device)

@@ -8,11 +8,12 @@ Life: load the model -> report `describe()` and `cache_specs()` -> `initialize_c
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 
 import torch
 
 from tokenmill.config import EngineConfig
-from tokenmill.engine.messages import RunnerOutput, SchedulerOutput, WorkerInfo
+from tokenmill.engine.messages import RunnerOutput, SchedulerOutput, TierInfo, WorkerInfo
 from tokenmill.kv.specs import CacheSpec, bytes_per_token
 from tokenmill.models.loader import LoadedModel, load_model
 from tokenmill.worker.runner import ModelRunner, cache_specs, default_kv_cache_memory
@@ -41,6 +42,7 @@ class Worker:
             m.model, m.dtype, config.device.device, m.max_model_len, config.quant
         )
         self._runner: ModelRunner | None = None
+        self._tiers = None  # kv.storage.mover.TierStorage, when the KV tiers are on
 
     def _join(self, rank: int, size: int, init_method: str | None) -> None:
         import os
@@ -114,8 +116,46 @@ class Worker:
         if device.compile:
             self._runner.compile_model()
 
+    def initialize_tiers(self, host_blocks: int) -> TierInfo:
+        from tokenmill.kv.storage.host import BlockViews
+        from tokenmill.kv.storage.mover import TierStorage
+
+        cache, size = self.config.cache, self.config.parallel.world_size
+        views = BlockViews(self.runner.kv_caches, cache.block_size)
+        disk = None
+        if cache.kv_disk_dir:
+            if size > 1:
+                raise ValueError("kv_disk_dir with tensor or pipeline parallelism is not built yet; use kv_host_memory")  # fmt: skip
+            from tokenmill.kv.storage.disk import DiskBlocks, model_identity
+
+            identity = {
+                "model": model_identity(self.config.model.model),
+                "dtype": str(self.loaded.dtype),
+                "quantization": self.loaded.quantization,
+                "kv_cache_dtype": cache.kv_cache_dtype,
+                "block_size": cache.block_size,
+                "tensors": [[list(s), str(d)] for s, d in views.block_shapes()],
+            }
+            disk = DiskBlocks(cache.kv_disk_dir, cache.kv_disk_memory, identity, views.block_shapes())  # fmt: skip
+        self._tiers = TierStorage(views, host_blocks, disk, inline_loads=size > 1)
+        if disk is None:
+            return TierInfo(0)
+        return TierInfo(disk.num_blocks, tuple(disk.scan()))
+
     def execute(self, out: SchedulerOutput) -> RunnerOutput:
-        return self.runner.execute(out)
+        if self._tiers is None:
+            return self.runner.execute(out)
+        self._tiers.apply(out.tier_ops)  # offloads before anything overwrites their blocks
+        result = self.runner.execute(out)
+        done, failed, lost = self._tiers.harvest(block=out.is_empty)
+        if done or lost:
+            result = replace(result, loads_done=done, loads_failed=failed, stores_failed=lost)
+        return result
+
+    def close(self) -> None:
+        if self._tiers is not None:
+            self._tiers.close()
+            self._tiers = None
 
     def retry(self, request_ids: tuple[str, ...]) -> RunnerOutput:
         return self.runner.retry(request_ids)

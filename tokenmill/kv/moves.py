@@ -1,0 +1,59 @@
+"""The KV tiers' values: the moves the policy (kv/tiers.py) sends the worker's storage
+(kv/storage/) each step, what the storage holds at start, and the tiers' counts. Frozen plain
+data like every contract in engine/messages.py, which re-exports them. Pure Python; no torch."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class BlockLoad:
+    """One step's blocks brought back from the lower tiers into device blocks (a job)."""
+
+    job_id: int  # reported back in RunnerOutput.loads_done once every block is in
+    host: tuple[tuple[int, int, bytes], ...]  # (host slot, device block, block hash)
+    disk: tuple[tuple[bytes, int], ...]  # (block hash, device block): read from its file
+
+
+@dataclass(frozen=True)
+class TierOps:
+    """KV block moves for one step, decided by kv/tiers.py. The worker does them in field
+    order, all before the step's block copies and forward (which may overwrite the device
+    blocks offloaded here); loads then run in the background."""
+
+    host_to_disk: tuple[tuple[int, bytes], ...] = ()  # (host slot, hash): written to its file
+    disk_drops: tuple[bytes, ...] = ()  # files removed (the disk tier evicted them)
+    device_to_host: tuple[tuple[int, int], ...] = ()  # (device block, host slot)
+    device_to_disk: tuple[tuple[int, bytes], ...] = ()  # (device block, hash): no host tier
+    loads: tuple[BlockLoad, ...] = ()
+
+    @property
+    def is_empty(self) -> bool:
+        return not (self.host_to_disk or self.disk_drops or self.device_to_host
+                    or self.device_to_disk or self.loads)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class TierInfo:
+    """What a worker's KV tier storage holds at start (executor -> core, once)."""
+
+    disk_blocks: int  # blocks the disk tier's byte budget holds (0: no disk tier)
+    disk_hashes: tuple[bytes, ...] = ()  # valid blocks an earlier run left, oldest first
+
+
+@dataclass(frozen=True)
+class TierStats:
+    """One KV tier below the device pool, since start (kv/tiers.py)."""
+
+    name: str  # "host" or "disk"
+    num_blocks: int  # capacity
+    num_used_blocks: int
+    hits: int  # blocks found here on a device miss
+    misses: int  # blocks asked of this tier and not found
+    blocks_in: int  # blocks written into this tier
+    blocks_out: int  # blocks loaded from it into the device pool
+    blocks_evicted: int  # blocks it dropped or moved down
+    bytes_per_block: int
+    load_seconds_sum: float  # load jobs, from start to reported done (all tiers)
+    load_count: int

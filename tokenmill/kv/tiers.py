@@ -1,0 +1,271 @@
+"""The KV tier policy: which cached blocks live in host memory and on disk, and the moves.
+
+Below the device pool sit up to two tiers, each a fixed number of block-sized slots in LRU order
+(host memory, then a disk directory). The device pool hands every cached full block it evicts
+to `offload`: it goes to the host tier (whose own LRU block goes down to disk), or straight to
+disk when there is no host tier. A prefix miss on the device asks `find`; hits are brought back
+by `load` as one job per step, asynchronously, and the job's entries stay pinned (never evicted)
+until `loaded` reports it done. Tiers are inclusive: a block brought back keeps its copy below,
+so evicting it again moves nothing.
+
+The policy decides; the worker's storage (kv/storage/) only does what `take_ops` says, in the
+order `TierOps` states. Host slots and disk entries are the policy's to hand out, so the two sides
+agree on every slot without asking each other. Pure Python; no torch.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from tokenmill.kv.moves import BlockLoad, TierOps, TierStats
+
+
+@dataclass
+class _Counts:
+    hits: int = 0  # blocks found here on a device miss
+    misses: int = 0  # blocks asked of this tier and not found
+    blocks_in: int = 0  # blocks written into this tier
+    blocks_out: int = 0  # blocks loaded from this tier into the device pool
+    evicted: int = 0  # blocks this tier dropped (moved down or lost)
+
+
+@dataclass
+class _Tier:
+    """A tier's index: block hash -> slot, in LRU order (first = least recently used)."""
+
+    name: str
+    capacity: int
+    entries: OrderedDict[bytes, int] = field(default_factory=OrderedDict)
+    free_slots: list[int] = field(default_factory=list)
+    pins: dict[bytes, int] = field(default_factory=dict)  # loads in flight per entry
+    counts: _Counts = field(default_factory=_Counts)
+
+    def __post_init__(self) -> None:
+        self.free_slots = list(range(self.capacity - 1, -1, -1))  # pop() hands out 0 first
+
+    def touch(self, block_hash: bytes) -> None:
+        self.entries.move_to_end(block_hash)
+
+    def victim(self) -> bytes | None:
+        """The least recently used entry no load is reading."""
+        return next((h for h in self.entries if h not in self.pins), None)
+
+    def remove(self, block_hash: bytes) -> int:
+        slot = self.entries.pop(block_hash)
+        self.free_slots.append(slot)
+        return slot
+
+    def pin(self, block_hash: bytes) -> None:
+        self.pins[block_hash] = self.pins.get(block_hash, 0) + 1
+
+    def unpin(self, block_hash: bytes) -> None:
+        left = self.pins.pop(block_hash) - 1
+        if left:
+            self.pins[block_hash] = left
+
+
+class TierPolicy:
+    def __init__(self, host_blocks: int, disk_blocks: int, bytes_per_block: int) -> None:
+        self.host = _Tier("host", host_blocks)
+        self.disk = _Tier("disk", disk_blocks)
+        self.bytes_per_block = bytes_per_block
+        self._next_job = 0
+        self._jobs: dict[int, tuple[float, list[tuple[bytes, _Tier]]]] = {}  # in flight
+        self._host_to_disk: list[tuple[int, bytes]] = []
+        self._disk_drops: list[bytes] = []
+        self._device_to_host: list[tuple[int, int]] = []
+        self._device_to_disk: list[tuple[int, bytes]] = []
+        self._loads: list[BlockLoad] = []
+        self.num_lost = 0  # evicted blocks no tier could take (every slot pinned)
+        self.load_seconds: list[float] = []  # per finished job, job start to reported done
+
+    @property
+    def is_enabled(self) -> bool:
+        return self.host.capacity > 0 or self.disk.capacity > 0
+
+    @property
+    def num_loads_in_flight(self) -> int:
+        return len(self._jobs)
+
+    # ---- down: the device pool evicts ------------------------------------------------------
+    def offload(self, device_block: int, block_hash: bytes) -> None:
+        """The pool is about to reuse `device_block`, which holds the block `block_hash`."""
+        if block_hash in self.host.entries:
+            self.host.touch(block_hash)
+        elif self.host.capacity:
+            slot = self._host_slot()
+            if slot is None:
+                self.num_lost += 1
+                return
+            self.host.entries[block_hash] = slot
+            self.host.counts.blocks_in += 1
+            self._device_to_host.append((device_block, slot))
+        elif block_hash in self.disk.entries:
+            self.disk.touch(block_hash)
+        elif self.disk.capacity and self._make_disk_room():
+            self.disk.entries[block_hash] = self.disk.free_slots.pop()
+            self.disk.counts.blocks_in += 1
+            self._device_to_disk.append((device_block, block_hash))
+        else:
+            self.num_lost += 1
+
+    def _host_slot(self) -> int | None:
+        if not self.host.free_slots:
+            victim = self.host.victim()
+            if victim is None:
+                return None
+            slot = self.host.remove(victim)
+            self.host.counts.evicted += 1
+            self._demote(victim, slot)
+        return self.host.free_slots.pop()
+
+    def _demote(self, block_hash: bytes, host_slot: int) -> None:
+        """A block leaving the host tier goes to disk, unless it is there already. One that
+        entered the host tier this same step is still only on its device block: it goes to
+        disk from there (its slot is refilled before the worker would copy it)."""
+        pending = next((i for i, (_, s) in enumerate(self._device_to_host) if s == host_slot), None)
+        device_block = self._device_to_host.pop(pending)[0] if pending is not None else None
+        if block_hash in self.disk.entries:
+            self.disk.touch(block_hash)
+        elif self.disk.capacity and self._make_disk_room():
+            self.disk.entries[block_hash] = self.disk.free_slots.pop()
+            self.disk.counts.blocks_in += 1
+            if device_block is None:
+                self._host_to_disk.append((host_slot, block_hash))
+            else:
+                self._device_to_disk.append((device_block, block_hash))
+        else:
+            self.num_lost += 1
+
+    def _cancel_write(self, block_hash: bytes) -> bool:
+        """Drop a disk write decided this same step (the block leaves before it was written)."""
+        for ops in (self._host_to_disk, self._device_to_disk):
+            for i, (_, h) in enumerate(ops):
+                if h == block_hash:
+                    del ops[i]
+                    return True
+        return False
+
+    def _make_disk_room(self) -> bool:
+        if self.disk.free_slots:
+            return True
+        victim = self.disk.victim()
+        if victim is None:
+            return False
+        self.disk.remove(victim)
+        self.disk.counts.evicted += 1
+        if not self._cancel_write(victim):
+            self._disk_drops.append(victim)
+        return True
+
+    # ---- up: a prefix misses the device ----------------------------------------------------
+    def find(self, block_hash: bytes) -> bool:
+        """Whether a lower tier holds the block (counted as a hit or miss per tier asked)."""
+        for tier in (self.host, self.disk):
+            if not tier.capacity:
+                continue
+            if block_hash in tier.entries:
+                tier.counts.hits += 1
+                return True
+            tier.counts.misses += 1
+        return False
+
+    def reserve(self, hashes: Iterable[bytes]) -> int:
+        """Pin blocks that `find` found, each in the highest tier holding it, so that nothing
+        evicts them while device blocks are found for them; returns the job id for `start`
+        (or `cancel`), which `loaded` will report."""
+        job_id = self._next_job
+        self._next_job += 1
+        pinned: list[tuple[bytes, _Tier]] = []
+        for block_hash in hashes:
+            tier = self.host if block_hash in self.host.entries else self.disk
+            tier.touch(block_hash)
+            tier.pin(block_hash)
+            pinned.append((block_hash, tier))
+        self._jobs[job_id] = (time.monotonic(), pinned)
+        return job_id
+
+    def start(self, job_id: int, device_blocks: Iterable[int]) -> None:
+        """Bring a reserved job's blocks into these device blocks (one per hash, in order)."""
+        host: list[tuple[int, int, bytes]] = []
+        disk: list[tuple[bytes, int]] = []
+        _, pinned = self._jobs[job_id]
+        for (block_hash, tier), device_block in zip(pinned, device_blocks, strict=True):
+            tier.counts.blocks_out += 1
+            if tier is self.host:
+                host.append((self.host.entries[block_hash], device_block, block_hash))
+            else:
+                disk.append((block_hash, device_block))
+        self._loads.append(BlockLoad(job_id, tuple(host), tuple(disk)))
+
+    def cancel(self, job_id: int) -> None:
+        """A reserved job that will not start (no device blocks for it)."""
+        _, pinned = self._jobs.pop(job_id)
+        for block_hash, tier in pinned:
+            tier.unpin(block_hash)
+
+    def loaded(self, job_id: int, failed: Iterable[bytes] = ()) -> None:
+        """A load job finished; `failed` entries (a missing or corrupt file) are forgotten."""
+        started, pinned = self._jobs.pop(job_id)
+        self.load_seconds.append(time.monotonic() - started)
+        for block_hash, tier in pinned:
+            tier.unpin(block_hash)
+        self.forget(failed)
+
+    def forget(self, hashes: Iterable[bytes]) -> None:
+        """Entries the storage could not keep (a failed read or write): gone from every tier."""
+        for block_hash in hashes:
+            for tier in (self.host, self.disk):
+                if block_hash in tier.entries and block_hash not in tier.pins:
+                    tier.remove(block_hash)
+
+    def restore(self, disk_hashes: Iterable[bytes]) -> None:
+        """Blocks a previous run left on disk (oldest first); beyond the budget, oldest dropped."""
+        for block_hash in disk_hashes:
+            if block_hash in self.disk.entries or not self.disk.capacity:
+                continue
+            self._make_disk_room()
+            self.disk.entries[block_hash] = self.disk.free_slots.pop()
+
+    # ---- to the worker -----------------------------------------------------------------------
+    def take_ops(self) -> TierOps | None:
+        """This step's moves; an empty TierOps while loads are in flight (the worker reports
+        them done), None when there is nothing to do."""
+        ops = TierOps(
+            host_to_disk=tuple(self._host_to_disk),
+            disk_drops=tuple(self._disk_drops),
+            device_to_host=tuple(self._device_to_host),
+            device_to_disk=tuple(self._device_to_disk),
+            loads=tuple(self._loads),
+        )
+        self._host_to_disk, self._disk_drops, self._loads = [], [], []
+        self._device_to_host, self._device_to_disk = [], []
+        if ops.is_empty and not self._jobs:
+            return None
+        return ops
+
+    def stats(self) -> tuple[TierStats, ...]:
+        out = []
+        for tier in (self.host, self.disk):
+            if not tier.capacity:
+                continue
+            c = tier.counts
+            out.append(
+                TierStats(
+                    tier.name,
+                    tier.capacity,
+                    len(tier.entries),
+                    c.hits,
+                    c.misses,
+                    c.blocks_in,
+                    c.blocks_out,
+                    c.evicted,
+                    self.bytes_per_block,
+                    sum(self.load_seconds),
+                    len(self.load_seconds),
+                )  # fmt: skip
+            )
+        return tuple(out)
