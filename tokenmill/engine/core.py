@@ -26,6 +26,7 @@ from tokenmill.engine.messages import (
     ModelInfo,
     RequestMetrics,
     RunnerOutput,
+    SchedulerOutput,
 )
 from tokenmill.engine.request import Request, RequestStatus
 from tokenmill.engine.scheduler import Scheduler
@@ -375,4 +376,10 @@ class EngineCore:
     def shutdown(self) -> None:
         if self._structured is not None:
             self._structured.shutdown()
+        flush = self.kv.flush_tiers()
+        if flush is not None:  # the disk tier keeps every cached block for the next start
+            try:
+                self.executor.execute(SchedulerOutput({}, tier_ops=flush))
+            except Exception as exc:  # noqa: BLE001 - a dead worker: nothing to save
+                log.warning("could not write the KV cache to the disk tier at shutdown: %s", exc)
         self.executor.shutdown()

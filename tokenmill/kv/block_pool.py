@@ -111,6 +111,10 @@ class BlockPool:
         block.block_hash = block_hash
         self.cached.setdefault(block_hash, block_id)
 
+    def free_block_ids(self) -> list[int]:
+        """The free queue, in eviction order (the next block `allocate` takes first)."""
+        return list(self._free)
+
     def is_shared(self, block_id: int) -> bool:
         return self.blocks[block_id].ref_cnt > 1
 

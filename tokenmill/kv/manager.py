@@ -104,7 +104,8 @@ class KVCacheManager:
         in_free_queue = sum(1 for b in [*hits, *reused] if self.pool.is_free(b))
         if wanted > self.pool.num_free_blocks - in_free_queue:
             return hits, num_cached, False  # no room to bring it back: computed as usual
-        job_id = self.tiers.reserve(h for h, b in chain if b is None)  # pinned before evicting
+        new_hashes = [h for h, b in chain if b is None]
+        job_id = self.tiers.reserve(new_hashes) if new_hashes else None  # pinned before evicting
         for block_id in [*hits, *reused]:
             self.pool.share(block_id)
         fresh = iter(self.pool.allocate(wanted))
@@ -119,8 +120,9 @@ class KVCacheManager:
                 wait.loads.append((len(table), block_hash))
                 wait.pending.add(block_hash)
             table.append(block_id)
-        self.tiers.start(job_id, [b for _, b in job])
-        self._jobs[job_id] = job
+        if job_id is not None:
+            self.tiers.start(job_id, [b for _, b in job])
+            self._jobs[job_id] = job
         self.block_tables[req_id] = table
         self._waits[req_id] = wait
         self._num_cached[req_id] = len(hits)
@@ -166,6 +168,17 @@ class KVCacheManager:
     @property
     def num_loads_in_flight(self) -> int:
         return len(self._jobs)
+
+    def flush_tiers(self) -> TierOps | None:
+        """The moves that leave every cached block on disk (a clean shutdown), if any."""
+        if self.tiers is None or self._jobs:
+            return None
+        pool = self.pool
+        cached = {b: h for h, b in pool.cached.items()}
+        order = [b for b in pool.free_block_ids() if b in cached]  # LRU first, then in use
+        order += [b for b in cached if not pool.is_free(b)]
+        self.tiers.flush((b, cached[b]) for b in order)
+        return self.tiers.take_ops()
 
     def take_tier_ops(self) -> TierOps | None:
         return self.tiers.take_ops() if self.tiers is not None else None

@@ -230,6 +230,23 @@ class TierPolicy:
             self._make_disk_room()
             self.disk.entries[block_hash] = self.disk.free_slots.pop()
 
+    def flush(self, device_blocks: Iterable[tuple[int, bytes]]) -> None:
+        """Before a shutdown: put what only the host tier or the device pool holds on disk, so a
+        restart finds it. `device_blocks` are the pool's cached (block, hash), oldest first;
+        where the budget runs out, the oldest give way."""
+        if not self.disk.capacity:
+            return
+        for block_hash, slot in list(self.host.entries.items()):
+            if block_hash not in self.disk.entries and self._make_disk_room():
+                self.disk.entries[block_hash] = self.disk.free_slots.pop()
+                self._host_to_disk.append((slot, block_hash))
+        for device_block, block_hash in device_blocks:
+            if block_hash in self.host.entries or block_hash in self.disk.entries:
+                continue
+            if self._make_disk_room():
+                self.disk.entries[block_hash] = self.disk.free_slots.pop()
+                self._device_to_disk.append((device_block, block_hash))
+
     # ---- to the worker -----------------------------------------------------------------------
     def take_ops(self) -> TierOps | None:
         """This step's moves; an empty TierOps while loads are in flight (the worker reports

@@ -22,6 +22,7 @@ from prometheus_client.metrics_core import (
     CounterMetricFamily,
     GaugeMetricFamily,
     Metric,
+    SummaryMetricFamily,
 )
 from prometheus_client.registry import Collector
 
@@ -211,6 +212,34 @@ def _minus(a: float | None, b: float | None) -> float | None:
     return None if a is None or b is None else max(a - b, 0.0)
 
 
+def _tier_families(model_name: str, tiers) -> Iterator[Metric]:
+    """Per KV tier (label `tier`: host, disk): occupancy, hits and misses, blocks and bytes
+    moved, and the load jobs' latency (a summary: count and sum of seconds)."""
+    labels = ["model_name", "tier"]
+    per_tier = (
+        (GaugeMetricFamily, "kv_tier_blocks", "KV blocks held in the tier.", lambda t: t.num_used_blocks),
+        (GaugeMetricFamily, "kv_tier_capacity_blocks", "KV blocks the tier can hold.", lambda t: t.num_blocks),
+        (CounterMetricFamily, "kv_tier_hits", "Blocks found in the tier on a device miss.", lambda t: t.hits),
+        (CounterMetricFamily, "kv_tier_misses", "Blocks asked of the tier and not found.", lambda t: t.misses),
+        (CounterMetricFamily, "kv_tier_blocks_in", "Blocks written into the tier.", lambda t: t.blocks_in),
+        (CounterMetricFamily, "kv_tier_blocks_out", "Blocks loaded from the tier into the device pool.", lambda t: t.blocks_out),
+        (CounterMetricFamily, "kv_tier_bytes_in", "Bytes written into the tier.", lambda t: t.blocks_in * t.bytes_per_block),
+        (CounterMetricFamily, "kv_tier_bytes_out", "Bytes loaded from the tier.", lambda t: t.blocks_out * t.bytes_per_block),
+        (CounterMetricFamily, "kv_tier_evicted_blocks", "Blocks the tier moved down or dropped.", lambda t: t.blocks_evicted),
+    )  # fmt: skip
+    for kind, name, doc, value in per_tier:
+        family = kind(name, doc, labels=labels)
+        for t in tiers:
+            family.add_metric([model_name, t.name], value(t))
+        yield family
+    latency = SummaryMetricFamily(
+        "kv_tier_load_seconds", "KV tier load jobs, from issue to reported done.",
+        labels=["model_name"],
+    )  # fmt: skip
+    latency.add_metric([model_name], tiers[0].load_count, tiers[0].load_seconds_sum)
+    yield latency
+
+
 class _EngineState(Collector):
     """Gauges of the engine's latest stats, and the core's cumulative counts as counters."""
 
@@ -239,8 +268,13 @@ class _EngineState(Collector):
                     "(a preempted request is recomputed).", 0.0)  # fmt: skip
         yield gauge("kv_cache_usage_perc", "Fraction of KV blocks in use (1 = all).",
                     read("kv_usage"))  # fmt: skip
-        yield gauge("cpu_cache_usage_perc", "Fraction of the host swap space in use: always 0 "
-                    "(no host KV tier yet).", 0.0)  # fmt: skip
+        host = next((t for t in s.kv_tiers if t.name == "host"), None) if s else None
+        yield gauge("cpu_cache_usage_perc", "Fraction of the host-memory KV tier in use "
+                    "(0 when it is off).", host.num_used_blocks / host.num_blocks if host else 0.0)  # fmt: skip
+        yield gauge("num_requests_loading", "Requests waiting for their prefix to come back "
+                    "from a KV tier.", read("num_loading"))  # fmt: skip
+        if s is not None and s.kv_tiers:
+            yield from _tier_families(m[0], s.kv_tiers)
         yield gauge("kv_cache_used_blocks", "KV blocks in use.", read("num_used_blocks"))
         yield gauge("prefix_cache_hit_rate", "Prefix cache hits / lookups (blocks).",
                     read("prefix_cache_hit_rate"))  # fmt: skip
@@ -261,7 +295,8 @@ class _EngineState(Collector):
         )  # fmt: skip
         config.add_metric(
             [self.metrics.model_name, str(info.block_size), info.kv_cache_dtype,
-             str(info.num_blocks), "0", str(info.enable_prefix_caching)],
+             str(info.num_blocks), str(host.num_blocks if host else 0),
+             str(info.enable_prefix_caching)],
             1.0,
         )  # fmt: skip
         yield config

@@ -75,7 +75,7 @@ class TierStorage:
         """(load jobs done, hashes they could not read, hashes disk writes lost) since the
         last harvest; `block`: wait for one job first if any is in flight (an idle step)."""
         if block and self._in_flight:
-            wait([f for _, f in self._in_flight], timeout=1.0, return_when=FIRST_COMPLETED)
+            wait([f for _, f in self._in_flight], timeout=0.1, return_when=FIRST_COMPLETED)
         still = []
         for ids, future in self._in_flight:
             if future.done():

@@ -1,0 +1,182 @@
+"""KV tiers in the engine: with a device pool far too small for the conversations, a host or
+disk tier gives exactly the outputs of an unlimited pool (the blocks come back bit-identical),
+with n > 1, seeded sampling, preemption and a quantized KV cache; a restart finds the disk tier
+warm; corrupt files are recomputed; an abort while loading leaks nothing."""
+
+from __future__ import annotations
+
+import functools
+import threading
+
+import pytest
+
+from tokenmill.config import EngineConfig
+from tokenmill.engine.engine import LLMEngine
+from tokenmill.sampling_params import SamplingParams
+
+BLOCK = 2 * 2 * 2 * 16 * 4 * 4  # layers x K/V x kv heads x head dim x fp32 x 4 tokens
+INT8_BLOCK = 2 * 2 * 2 * (16 + 4) * 4  # int8 codes and an fp32 scale per head and token
+SMALL = 28 * BLOCK  # a quarter of the blocks the conversations reuse
+OPTIONS = dict(dtype="float32", block_size=4, max_num_batched_tokens=64, max_num_seqs=4,
+               max_model_len=100)  # fmt: skip
+PARAMS = [
+    SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True, logprobs=1),
+    SamplingParams(max_tokens=6, temperature=1.0, seed=5, ignore_eos=True, n=2, logprobs=0),
+]
+SYSTEM = [(7 * i + 3) % 200 for i in range(40)]
+
+
+def conversations(turns: int = 3, chats: int = 6) -> list[list[tuple[str, list[int]]]]:
+    """Per turn, each chat's prompt: the shared system prompt, then its growing history."""
+    return [
+        [
+            (f"t{t}c{c}", SYSTEM + [(11 * c + j) % 200 for j in range(8 * (t + 1))])
+            for c in range(chats)
+        ]  # fmt: skip
+        for t in range(turns)
+    ]
+
+
+def run(model: str, turns=None, **options) -> tuple[dict, LLMEngine]:
+    engine = LLMEngine(EngineConfig.from_kwargs(model=model, **{**OPTIONS, **options}))
+    out = {}
+    engine.cached_tokens = 0  # prompt tokens served from the pool or a tier, over all requests
+    try:
+        for turn in turns or conversations():
+            for i, (rid, ids) in enumerate(turn):
+                engine.add_request(rid, ids, PARAMS[i % len(PARAMS)])
+            while engine.has_unfinished():
+                for o in engine.step():
+                    if o.finished:
+                        out[o.request_id] = [(c.token_ids, c.logprobs) for c in o.outputs]
+                        engine.cached_tokens += o.num_cached_tokens
+        assert engine.kv.pool.num_used_blocks == 0  # nothing leaked
+        tiers = engine.kv.tiers
+        assert tiers is None or not (tiers.host.pins or tiers.disk.pins or engine.kv._loading)
+    finally:
+        engine.core.shutdown()
+    return out, engine
+
+
+@functools.cache
+def reference(model: str, kv_cache_dtype: str, max_num_seqs: int) -> dict:
+    return run(model, kv_cache_memory=800 * BLOCK, kv_cache_dtype=kv_cache_dtype,
+               max_num_seqs=max_num_seqs)[0]  # fmt: skip
+
+
+TIERS = {
+    "host": dict(kv_host_memory=600 * BLOCK),
+    "small host + disk": dict(kv_host_memory=20 * BLOCK, kv_disk_memory=1 << 24),
+    "disk only": dict(kv_disk_memory=1 << 24),
+}
+
+
+def tiered(model: str, tmp_path, tiers: str, **options) -> tuple[dict, LLMEngine]:
+    """28 device blocks: a quarter of what the conversations reuse."""
+    options.update(TIERS[tiers])
+    if "kv_disk_memory" in options:
+        options["kv_disk_dir"] = str(tmp_path)
+    per_block = INT8_BLOCK if options.get("kv_cache_dtype") == "int8" else BLOCK
+    return run(model, kv_cache_memory=28 * per_block, **options)
+
+
+@pytest.mark.parametrize("tiers", list(TIERS))
+@pytest.mark.parametrize("kv_cache_dtype", ["auto", "int8"])
+def test_tiers_give_the_outputs_of_an_unlimited_pool_bit_for_bit(
+    tiny_model_dir, tmp_path, tiers, kv_cache_dtype
+):
+    """One sequence at a time, so both runs compute the same tokens in the same steps: any
+    difference would be a block that came back changed."""
+    if kv_cache_dtype == "int8" and tiers != "small host + disk":
+        pytest.skip("one quantized configuration covers the (codes, scales) blocks")
+    model = str(tiny_model_dir("llama"))
+    out, engine = tiered(model, tmp_path, tiers, kv_cache_dtype=kv_cache_dtype, max_num_seqs=1)
+    assert out == reference(model, kv_cache_dtype, 1)  # tokens and logprobs, bit for bit
+    assert sum(t.blocks_out for t in engine.core.stats().kv_tiers) > 10  # prefixes came back
+
+
+@pytest.mark.parametrize("tiers", ["host", "small host + disk"])
+def test_tiers_under_preemption_and_n_gt_1(tiny_model_dir, tmp_path, tiers):
+    """Four at a time: the small pool preempts (a resumed request recomputes its outputs in
+    a prefill, which rounds differently), so tokens are equal and logprobs close."""
+    model = str(tiny_model_dir("llama"))
+    out, engine = tiered(model, tmp_path, tiers)
+    expected = reference(model, "auto", 4)
+    assert engine.core.stats().num_preemptions > 0
+    assert_close(out, expected)
+
+
+def assert_close(out: dict, expected: dict) -> None:
+    """Tokens equal, logprobs within float32 rounding of a differently chunked prefill."""
+    assert out.keys() == expected.keys()
+    for rid, seqs in out.items():
+        for (tokens, lps), (ref_tokens, ref_lps) in zip(seqs, expected[rid], strict=True):
+            assert tokens == ref_tokens, rid
+            for a, b in zip(lps, ref_lps, strict=True):
+                assert a.keys() == b.keys()
+                assert all(abs(a[k] - b[k]) < 1e-4 for k in a)
+
+
+def test_a_restart_finds_the_disk_tier_warm(tiny_model_dir, tmp_path):
+    model = str(tiny_model_dir("llama"))
+    options = dict(kv_cache_memory=SMALL, kv_disk_dir=str(tmp_path), kv_disk_memory=1 << 24)  # fmt: skip
+    first = conversations()
+    run(model, first, **options)
+    # the server restarts; the last turn's conversations come back
+    again = [[(f"again-{rid}", ids) for rid, ids in first[-1]]]
+    cold, cold_engine = run(model, again, kv_cache_memory=SMALL)
+    warm, warm_engine = run(model, again, **options)
+    assert_close(warm, cold)  # the prefix was computed in other chunks by the first run
+    (disk,) = warm_engine.core.stats().kv_tiers
+    assert disk.hits >= 6 and disk.blocks_out >= 6
+    assert cold_engine.cached_tokens == 5 * 40  # the system prompt, after the first
+    assert warm_engine.cached_tokens == 6 * 60  # every prompt but its last block (and token)
+
+
+def test_corrupt_files_are_recomputed(tiny_model_dir, tmp_path, caplog):
+    model = str(tiny_model_dir("llama"))
+    options = dict(kv_cache_memory=SMALL, kv_disk_dir=str(tmp_path), kv_disk_memory=1 << 24)  # fmt: skip
+    first = conversations()
+    run(model, first, **options)
+    files = sorted(tmp_path.glob("*/*.kvb"))
+    for f in files:  # flip one byte in the data of every file
+        data = bytearray(f.read_bytes())
+        data[-1] ^= 0x01
+        f.write_bytes(bytes(data))
+    again = [[(f"again-{rid}", ids) for rid, ids in first[-1]]]
+    cold, _ = run(model, again, kv_cache_memory=SMALL)
+    out, _ = run(model, again, **options)
+    assert_close(out, cold)
+    assert "checksum mismatch" in caplog.text
+
+
+def test_an_abort_while_loading_frees_everything(tiny_model_dir, monkeypatch):
+    from tokenmill.kv.storage.mover import TierStorage
+
+    gate = threading.Event()  # loads wait here: the requests stay "loading" until it opens
+    load = TierStorage._load
+    monkeypatch.setattr(TierStorage, "_load", lambda self, loads: gate.wait(10) and load(self, loads))  # fmt: skip
+    model = str(tiny_model_dir("llama"))
+    options = dict(kv_cache_memory=SMALL, kv_host_memory=600 * BLOCK)
+    engine = LLMEngine(EngineConfig.from_kwargs(model=model, **{**OPTIONS, **options}))
+    turns = conversations()
+    params = PARAMS[0]
+    gate.set()
+    for rid, ids in turns[0] + turns[1]:
+        engine.add_request(rid, ids, params)
+    while engine.has_unfinished():
+        engine.step()
+    gate.clear()
+    for rid, ids in turns[2]:
+        engine.add_request(rid, ids, params)
+    for _ in range(3):
+        engine.step()
+    loading = sorted(engine.core.scheduler.loading)
+    assert loading  # their prefixes are on the host tier, the loads held at the gate
+    engine.abort(loading)
+    gate.set()
+    while engine.has_unfinished():
+        engine.step()
+    assert engine.kv.pool.num_used_blocks == 0 and engine.kv.num_loads_in_flight == 0
+    assert not engine.kv.tiers.host.pins
+    engine.core.shutdown()
