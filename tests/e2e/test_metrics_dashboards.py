@@ -71,7 +71,8 @@ COUNTERS = ["prompt_tokens", "generation_tokens", "request_success", "num_preemp
 
 @pytest.fixture(scope="module")
 def served(tiny_model_dir):
-    s = Server(str(tiny_model_dir("llama")), "--api-key", API_KEY)
+    # a host KV tier on, so its series are there (2 KiB blocks: 512 of them)
+    s = Server(str(tiny_model_dir("llama")), "--api-key", API_KEY, "--kv-host-memory", str(1 << 20))
     auth = {"Authorization": f"Bearer {API_KEY}"}
     shared = " ".join(f"word{i}" for i in range(40))  # several KV blocks, asked for twice
     requests = [
@@ -163,3 +164,19 @@ def test_the_numbers_agree_with_the_requests(served):
     block = int(info.labels["block_size"])
     assert info.value == 1 and hits % block == 0  # whole blocks are cached
     assert int(info.labels["num_gpu_blocks"]) > 0 and info.labels["enable_prefix_caching"] == "True"
+
+
+def test_the_kv_tier_series_are_there_per_tier(served):
+    s, _ = served
+    text = httpx.get(f"{s.url}/metrics").text
+    found = samples(text)
+    types = {f.name: f.type for f in text_string_to_metric_families(text)}
+    assert value(found, "tokenmill:kv_tier_capacity_blocks", tier="host") == 512
+    for name in ("kv_tier_hits", "kv_tier_misses", "kv_tier_blocks_in", "kv_tier_blocks_out",
+                 "kv_tier_bytes_in", "kv_tier_bytes_out", "kv_tier_evicted_blocks"):  # fmt: skip
+        assert types[f"tokenmill:{name}"] == "counter", name
+        assert [x.labels["tier"] for x in found[f"tokenmill:{name}_total"]] == ["host"]
+    assert types["tokenmill:kv_tier_load_seconds"] == "summary"
+    assert 0 <= value(found, "vllm:cpu_cache_usage_perc") <= 1
+    (info,) = found["vllm:cache_config_info"]
+    assert info.labels["num_cpu_blocks"] == "512"

@@ -18,6 +18,16 @@ log = logging.getLogger(__name__)
 RUNTIME_BYTES = 1 << 30  # a replica's memory cap past its weights and KV: torch, Python, buffers
 
 
+def memory_cap(spec: InstanceSpec) -> int:
+    """A replica's host-memory cap: its own `memory`, or its weights, KV budget and host KV
+    tier (which lives in the process's memory wherever the model runs) + the runtime."""
+    from tokenmill.fleet.needs import memory_need
+
+    if spec.memory is not None:
+        return spec.memory
+    return memory_need(spec)[0] + int(spec.engine.get("kv_host_memory") or 0) + RUNTIME_BYTES
+
+
 @dataclass
 class Instance:
     """One replica: its served model name, its binding, its engine (None until started)."""
@@ -67,7 +77,6 @@ def bind_fleet(
 ) -> list[Instance]:
     """Every replica planned and bound (not started); a ValueError listing why a layout does
     not fit or cannot be bound on this machine."""
-    from tokenmill.fleet.needs import memory_need
 
     result, owners = plan_fleet(fleet, cpu, gpu, max(1, len(devices or [])))
     if not result.ok:
@@ -80,8 +89,7 @@ def bind_fleet(
         # the slice's options (threads, a memory share) unless the instance sets them itself
         options = {**binding.engine, **profiled(spec)}
         config = EngineConfig.from_kwargs(model=spec.model, **options)
-        cap = spec.memory if spec.memory is not None else memory_need(spec)[0] + RUNTIME_BYTES
-        binding = replace(binding, memory_limit=cap)
+        binding = replace(binding, memory_limit=memory_cap(spec))
         out.append(Instance(name, spec.name, spec, binding, config, placement=p, share=share))
     return out
 
@@ -138,7 +146,6 @@ def bind_fleet_ray(fleet: FleetConfig) -> list[Instance]:
     its slice asks for (cores=0-3: 4 CPUs, with as many threads; gpu-share=F: F of a GPU and
     that share of its memory; none: 1 CPU). A node's cores are Ray's to assign, so nothing is
     pinned; MIG slices need the node's MIG devices and are refused here."""
-    from tokenmill.fleet.needs import memory_need
     from tokenmill.partition.slices import Cores, GpuShare
 
     out = []
@@ -156,7 +163,7 @@ def bind_fleet_ray(fleet: FleetConfig) -> list[Instance]:
                 raise ValueError(f"{fleet.source}: instance {spec.name!r}: slice {s} cannot be "
                                  "placed through Ray (MIG devices are per node); use cores=N or "
                                  "gpu-share=F with --ray-address")  # fmt: skip
-            cap = spec.memory if spec.memory is not None else memory_need(spec)[0] + RUNTIME_BYTES
+            cap = memory_cap(spec)
             threads = str(int(resources["num_cpus"]))
             binding = Binding(name, {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads},
                               engine=options, memory_limit=cap)  # fmt: skip

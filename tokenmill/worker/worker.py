@@ -128,8 +128,11 @@ class Worker:
                 raise ValueError("kv_disk_dir with tensor or pipeline parallelism is not built yet; use kv_host_memory")  # fmt: skip
             from tokenmill.kv.storage.disk import DiskBlocks, model_identity
 
+            from tokenmill.models.loader import resolve_default_model
+
+            model = self.config.model.model
             identity = {
-                "model": model_identity(self.config.model.model),
+                "model": model_identity(resolve_default_model() if model == "default" else model),
                 "dtype": str(self.loaded.dtype),
                 "quantization": self.loaded.quantization,
                 "kv_cache_dtype": cache.kv_cache_dtype,
