@@ -37,8 +37,15 @@ def conversations(turns: int = 3, chats: int = 6) -> list[list[tuple[str, list[i
     ]
 
 
-def run(model: str, turns=None, **options) -> tuple[dict, LLMEngine]:
-    engine = LLMEngine(EngineConfig.from_kwargs(model=model, **{**OPTIONS, **options}))
+def run(model: str, turns=None, parallel: bool = False, **options) -> tuple[dict, LLMEngine]:
+    config = EngineConfig.from_kwargs(model=model, **{**OPTIONS, **options})
+    if parallel:
+        from tokenmill.executor.multiproc import MultiprocExecutor
+        from tokenmill.models.loader import load_tokenizer
+
+        engine = LLMEngine(config, executor=MultiprocExecutor(config), tokenizer=load_tokenizer(model))  # fmt: skip
+    else:
+        engine = LLMEngine(config)
     out = {}
     engine.cached_tokens = 0  # prompt tokens served from the pool or a tier, over all requests
     try:
@@ -180,3 +187,16 @@ def test_an_abort_while_loading_frees_everything(tiny_model_dir, monkeypatch):
     assert engine.kv.pool.num_used_blocks == 0 and engine.kv.num_loads_in_flight == 0
     assert not engine.kv.tiers.host.pins
     engine.core.shutdown()
+
+
+def test_a_host_tier_under_tensor_parallelism(tiny_model_dir):
+    """Two ranks, each with its half of every block in its own host tier (loads finish inside
+    the step, so no rank reads a block another has not loaded yet)."""
+    model = str(tiny_model_dir("llama"))
+    out, engine = run(model, parallel=True, tensor_parallel_size=2, max_num_seqs=1,
+                      kv_cache_memory=SMALL // 2, kv_host_memory=600 * BLOCK // 2)  # fmt: skip
+    assert engine.kv.pool.num_blocks == 28
+    assert_close(out, reference(model, "auto", 1))
+    assert engine.core.stats().kv_tiers[0].blocks_out > 10
+    with pytest.raises(RuntimeError, match="kv_disk_dir with tensor or pipeline parallelism"):
+        run(model, parallel=True, tensor_parallel_size=2, kv_disk_dir="/tmp/unused")

@@ -148,3 +148,16 @@ def test_an_instance_may_take_a_hardware_profile(tiny_model_dir):
     assert profiled(plain) == {"max_model_len": 128}
     with pytest.raises(ValueError, match="profile must be"):
         parse_fleet({"instances": [{"name": "c", "model": model, "profile": 3}]})
+
+
+def test_replicas_get_their_own_disk_tier_and_a_cap_with_the_host_tier(tiny_model_dir, tmp_path):
+    from tokenmill.fleet.instances import RUNTIME_BYTES, memory_cap, replica_options
+
+    path = str(tiny_model_dir("llama"))
+    fleet = parse_fleet({"instances": [{"name": "chat", "model": path, "dtype": "float32",
+                                        "replicas": 2, "kv_cache_memory": 1000,
+                                        "kv_host_memory": 5000, "kv_disk_dir": str(tmp_path)}]})  # fmt: skip
+    (spec,) = fleet.instances
+    dirs = {replica_options(spec, n)["kv_disk_dir"] for n in spec.replica_names()}
+    assert dirs == {str(tmp_path / n) for n in spec.replica_names()} and len(dirs) == 2
+    assert memory_cap(spec) == memory_need(spec)[0] + 5000 + RUNTIME_BYTES

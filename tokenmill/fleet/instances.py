@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 from tokenmill.config import EngineConfig
 from tokenmill.fleet.config import FleetConfig, InstanceSpec
@@ -87,11 +88,20 @@ def bind_fleet(
     out = []
     for (spec, name), binding, p, share in zip(owners, bind(placements, devices or []), placements, shares):  # fmt: skip
         # the slice's options (threads, a memory share) unless the instance sets them itself
-        options = {**binding.engine, **profiled(spec)}
+        options = {**binding.engine, **replica_options(spec, name)}
         config = EngineConfig.from_kwargs(model=spec.model, **options)
         binding = replace(binding, memory_limit=memory_cap(spec))
         out.append(Instance(name, spec.name, spec, binding, config, placement=p, share=share))
     return out
+
+
+def replica_options(spec: InstanceSpec, replica: str) -> dict:
+    """A replica's engine options: its instance's (profiled), with a disk KV tier of its own
+    (`kv_disk_dir/<replica>`: a directory serves one server, and twins would share one)."""
+    options = profiled(spec)
+    if options.get("kv_disk_dir"):
+        options["kv_disk_dir"] = str(Path(options["kv_disk_dir"]) / replica)
+    return options
 
 
 def profiled(spec: InstanceSpec) -> dict:
@@ -167,7 +177,7 @@ def bind_fleet_ray(fleet: FleetConfig) -> list[Instance]:
             threads = str(int(resources["num_cpus"]))
             binding = Binding(name, {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads},
                               engine=options, memory_limit=cap)  # fmt: skip
-            config = EngineConfig.from_kwargs(model=spec.model, **{**options, **profiled(spec)})
+            config = EngineConfig.from_kwargs(model=spec.model, **{**options, **replica_options(spec, name)})  # fmt: skip
             # cost: a GPU share its fraction; a CPU replica its node (the node's size is Ray's)
             share = s.fraction if isinstance(s, GpuShare) else 1.0
             out.append(Instance(name, spec.name, spec, binding, config, share=share,
