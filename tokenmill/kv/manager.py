@@ -49,7 +49,8 @@ class KVCacheManager:
         self.enable_prefix_caching = enable_prefix_caching
         on = tiers is not None and tiers.is_enabled and enable_prefix_caching
         self.tiers = tiers if on else None
-        self.pool = BlockPool(num_blocks, enable_prefix_caching, tiers.offload if on else None)
+        offload = self.tiers.offload if self.tiers is not None else None
+        self.pool = BlockPool(num_blocks, enable_prefix_caching, offload)
         self._loading: dict[bytes, int] = {}  # hash -> device block, while a job fills it
         self._jobs: dict[int, list[tuple[bytes, int]]] = {}  # job -> its (hash, device block)
         self._waits: dict[str, _Wait] = {}  # requests waiting for loads

@@ -127,7 +127,6 @@ class Worker:
             if size > 1:
                 raise ValueError("kv_disk_dir with tensor or pipeline parallelism is not built yet; use kv_host_memory")  # fmt: skip
             from tokenmill.kv.storage.disk import DiskBlocks, model_identity
-
             from tokenmill.models.loader import resolve_default_model
 
             model = self.config.model.model

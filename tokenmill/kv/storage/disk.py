@@ -68,7 +68,7 @@ def checksum(tensors: Sequence[torch.Tensor]) -> str:
     (the directory is the server's own)."""
     crc = 0
     for t in tensors:
-        crc = zlib.crc32(memoryview(t.contiguous().view(torch.uint8).numpy()), crc)
+        crc = zlib.crc32(t.contiguous().view(torch.uint8).numpy().data, crc)
     return f"{crc:08x}"
 
 
@@ -236,9 +236,9 @@ class DiskBlocks:
                     self._path(block_hash).unlink(missing_ok=True)
                     continue
                 with self._mutex:
-                    if self._pending.get(block_hash) is not tensors:
-                        continue  # dropped (or written again) since it was queued
-                self._write_file(block_hash, tensors)
+                    current = self._pending.get(block_hash)
+                if current is tensors and tensors is not None:  # not dropped or rewritten since
+                    self._write_file(block_hash, tensors)
             finally:
                 self._queue.task_done()
 

@@ -123,9 +123,8 @@ class TierStorage:
                 else:
                     read.append((block, data))
         if read:
-            blocks = [b for b, _ in read]
             per_tensor = [torch.stack([d[k] for _, d in read]) for k in range(len(read[0][1]))]
-            self.device_blocks.scatter(blocks, per_tensor)
+            self.device_blocks.scatter([b for b, _ in read], per_tensor)
         if self.device_blocks.device.type == "cuda":
             torch.cuda.current_stream(self.device_blocks.device).synchronize()
         return failed
