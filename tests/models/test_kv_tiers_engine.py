@@ -200,3 +200,8 @@ def test_a_host_tier_under_tensor_parallelism(tiny_model_dir):
     assert engine.core.stats().kv_tiers[0].blocks_out > 10
     with pytest.raises(RuntimeError, match="kv_disk_dir with tensor or pipeline parallelism"):
         run(model, parallel=True, tensor_parallel_size=2, kv_disk_dir="/tmp/unused")
+
+
+def test_a_host_tier_larger_than_the_machine_is_refused(tiny_model_dir):
+    with pytest.raises(ValueError, match="kv_host_memory asks for .* GiB available"):
+        run(str(tiny_model_dir("llama")), kv_host_memory=1 << 50)

@@ -39,12 +39,19 @@ class _Tier:
     name: str
     capacity: int
     entries: OrderedDict[bytes, int] = field(default_factory=OrderedDict)
-    free_slots: list[int] = field(default_factory=list)
+    freed: list[int] = field(default_factory=list)  # slots given back; never-used ones follow
+    next_slot: int = 0  # slots [next_slot, capacity) were never used (no list of millions)
     pins: dict[bytes, int] = field(default_factory=dict)  # loads in flight per entry
     counts: _Counts = field(default_factory=_Counts)
 
-    def __post_init__(self) -> None:
-        self.free_slots = list(range(self.capacity - 1, -1, -1))  # pop() hands out 0 first
+    def has_room(self) -> bool:
+        return bool(self.freed) or self.next_slot < self.capacity
+
+    def take_slot(self) -> int:
+        if self.freed:
+            return self.freed.pop()
+        self.next_slot += 1
+        return self.next_slot - 1
 
     def touch(self, block_hash: bytes) -> None:
         self.entries.move_to_end(block_hash)
@@ -55,7 +62,7 @@ class _Tier:
 
     def remove(self, block_hash: bytes) -> int:
         slot = self.entries.pop(block_hash)
-        self.free_slots.append(slot)
+        self.freed.append(slot)
         return slot
 
     def pin(self, block_hash: bytes) -> None:
@@ -80,7 +87,8 @@ class TierPolicy:
         self._device_to_disk: list[tuple[int, bytes]] = []
         self._loads: list[BlockLoad] = []
         self.num_lost = 0  # evicted blocks no tier could take (every slot pinned)
-        self.load_seconds: list[float] = []  # per finished job, job start to reported done
+        self.load_seconds_sum = 0.0  # finished jobs, from reserve to reported done
+        self.load_count = 0
 
     @property
     def is_enabled(self) -> bool:
@@ -106,21 +114,21 @@ class TierPolicy:
         elif block_hash in self.disk.entries:
             self.disk.touch(block_hash)
         elif self.disk.capacity and self._make_disk_room():
-            self.disk.entries[block_hash] = self.disk.free_slots.pop()
+            self.disk.entries[block_hash] = self.disk.take_slot()
             self.disk.counts.blocks_in += 1
             self._device_to_disk.append((device_block, block_hash))
         else:
             self.num_lost += 1
 
     def _host_slot(self) -> int | None:
-        if not self.host.free_slots:
+        if not self.host.has_room():
             victim = self.host.victim()
             if victim is None:
                 return None
             slot = self.host.remove(victim)
             self.host.counts.evicted += 1
             self._demote(victim, slot)
-        return self.host.free_slots.pop()
+        return self.host.take_slot()
 
     def _demote(self, block_hash: bytes, host_slot: int) -> None:
         """A block leaving the host tier goes to disk, unless it is there already. One that
@@ -131,7 +139,7 @@ class TierPolicy:
         if block_hash in self.disk.entries:
             self.disk.touch(block_hash)
         elif self.disk.capacity and self._make_disk_room():
-            self.disk.entries[block_hash] = self.disk.free_slots.pop()
+            self.disk.entries[block_hash] = self.disk.take_slot()
             self.disk.counts.blocks_in += 1
             if device_block is None:
                 self._host_to_disk.append((host_slot, block_hash))
@@ -150,7 +158,7 @@ class TierPolicy:
         return False
 
     def _make_disk_room(self) -> bool:
-        if self.disk.free_slots:
+        if self.disk.has_room():
             return True
         victim = self.disk.victim()
         if victim is None:
@@ -210,7 +218,8 @@ class TierPolicy:
     def loaded(self, job_id: int, failed: Iterable[bytes] = ()) -> None:
         """A load job finished; `failed` entries (a missing or corrupt file) are forgotten."""
         started, pinned = self._jobs.pop(job_id)
-        self.load_seconds.append(time.monotonic() - started)
+        self.load_seconds_sum += time.monotonic() - started
+        self.load_count += 1
         for block_hash, tier in pinned:
             tier.unpin(block_hash)
         self.forget(failed)
@@ -228,7 +237,7 @@ class TierPolicy:
             if block_hash in self.disk.entries or not self.disk.capacity:
                 continue
             self._make_disk_room()
-            self.disk.entries[block_hash] = self.disk.free_slots.pop()
+            self.disk.entries[block_hash] = self.disk.take_slot()
 
     def flush(self, device_blocks: Iterable[tuple[int, bytes]]) -> None:
         """Before a shutdown: put what only the host tier or the device pool holds on disk, so a
@@ -238,13 +247,13 @@ class TierPolicy:
             return
         for block_hash, slot in list(self.host.entries.items()):
             if block_hash not in self.disk.entries and self._make_disk_room():
-                self.disk.entries[block_hash] = self.disk.free_slots.pop()
+                self.disk.entries[block_hash] = self.disk.take_slot()
                 self._host_to_disk.append((slot, block_hash))
         for device_block, block_hash in device_blocks:
             if block_hash in self.host.entries or block_hash in self.disk.entries:
                 continue
             if self._make_disk_room():
-                self.disk.entries[block_hash] = self.disk.free_slots.pop()
+                self.disk.entries[block_hash] = self.disk.take_slot()
                 self._device_to_disk.append((device_block, block_hash))
 
     # ---- to the worker -----------------------------------------------------------------------
@@ -270,19 +279,10 @@ class TierPolicy:
             if not tier.capacity:
                 continue
             c = tier.counts
-            out.append(
-                TierStats(
-                    tier.name,
-                    tier.capacity,
-                    len(tier.entries),
-                    c.hits,
-                    c.misses,
-                    c.blocks_in,
-                    c.blocks_out,
-                    c.evicted,
-                    self.bytes_per_block,
-                    sum(self.load_seconds),
-                    len(self.load_seconds),
-                )  # fmt: skip
-            )
+            out.append(TierStats(
+                name=tier.name, num_blocks=tier.capacity, num_used_blocks=len(tier.entries),
+                hits=c.hits, misses=c.misses, blocks_in=c.blocks_in, blocks_out=c.blocks_out,
+                blocks_evicted=c.evicted, bytes_per_block=self.bytes_per_block,
+                load_seconds_sum=self.load_seconds_sum, load_count=self.load_count,
+            ))  # fmt: skip
         return tuple(out)

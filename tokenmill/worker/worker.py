@@ -122,6 +122,7 @@ class Worker:
 
         cache, size = self.config.cache, self.config.parallel.world_size
         views = BlockViews(self.runner.kv_caches, cache.block_size)
+        self._check_host_memory(host_blocks * views.bytes_per_block)
         disk = None
         if cache.kv_disk_dir:
             if size > 1:
@@ -143,6 +144,24 @@ class Worker:
         if disk is None:
             return TierInfo(0)
         return TierInfo(disk.num_blocks, tuple(disk.scan()))
+
+    @staticmethod
+    def _check_host_memory(num_bytes: int) -> None:
+        """A host tier larger than the memory the machine has free would be killed later."""
+        import os
+
+        available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        try:  # MemAvailable counts the page cache the kernel would give back
+            with open("/proc/meminfo") as f:
+                line = next(x for x in f if x.startswith("MemAvailable:"))
+            available = int(line.split()[1]) * 1024
+        except (OSError, StopIteration, ValueError):
+            pass
+        if num_bytes > available:
+            raise ValueError(
+                f"kv_host_memory asks for {num_bytes / 2**30:.2f} GiB of host memory per rank, "
+                f"the machine has {available / 2**30:.2f} GiB available; lower kv_host_memory"
+            )
 
     def execute(self, out: SchedulerOutput) -> RunnerOutput:
         if self._tiers is None:

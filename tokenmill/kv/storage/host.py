@@ -28,6 +28,10 @@ class BlockViews:
         self.views = [t.unflatten(2, (-1, block_size)) for t in flat_tensors(kv_caches)]
         self.device = self.views[0].device
 
+    @property
+    def bytes_per_block(self) -> int:
+        return sum(v[:, :, 0].numel() * v.element_size() for v in self.views)
+
     def block_shapes(self) -> list[tuple[torch.Size, torch.dtype]]:
         """One block's shape and dtype per KV tensor: [2, kv_heads, block_size, ...]."""
         return [(v[:, :, 0].shape, v.dtype) for v in self.views]
