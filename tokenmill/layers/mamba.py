@@ -1,0 +1,196 @@
+"""The Mamba-2 mixer: a causal depthwise conv1d and a selective state-space scan (SSD), with
+each sequence's state in a slot of the layer's state cache, so a prompt can arrive in chunks
+and decode one token at a time (issue #22; the engine's state slots are not wired yet).
+
+Per sequence of L new tokens, x_t, B_t, C_t and dt_t come from the input projection and the
+conv, and the state h [heads, head_dim, state] follows
+    h_t = exp(dt_t A) h_{t-1} + dt_t x_t (x) B_t,      y_t = C_t . h_t + D x_t,
+then y is normed with the gate z (gated RMSNorm) and projected out. `chunked_scan` computes this
+in chunks of `chunk_size` (quadratic inside a chunk, the recurrence only between chunks, as
+the SSD paper does); `sequential_scan` is the plain recurrence it is checked against. Decode
+rows (one new token each) take one batched recurrence step.
+
+State per sequence slot: conv [conv_dim, conv_kernel - 1] (the last inputs of the conv, in
+the model dtype) and ssm [heads, head_dim, state] (float32: it accumulates over the whole
+sequence). Parameter names are Hugging Face's (`in_proj`, `conv1d`, `dt_bias`, `A_log`, `D`,
+`norm`, `out_proj`), so checkpoints load as they are. No tensor parallelism (heads are not
+split) and no native kernel yet.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tokenmill.layers.factory import LayerFactory
+
+
+@dataclass(frozen=True)
+class SSMSequence:
+    """One sequence's rows in a step and where its state lives."""
+
+    start: int  # first packed row
+    length: int  # rows (new tokens) this step
+    slot: int  # its state slot in the layer's cache
+    fresh: bool  # no tokens before this step: the state starts at zero
+
+
+def sequential_scan(x, dt, A, B, C, h0):
+    """The recurrence token by token. x [L, h, p], dt [L, h], A [h], B/C [L, h, n],
+    h0 [h, p, n] -> (y [L, h, p] without the D term, final state)."""
+    h, ys = h0, []
+    for t in range(x.shape[0]):
+        decay = torch.exp(dt[t] * A)[:, None, None]  # [h, 1, 1]
+        h = h * decay + (dt[t][:, None] * x[t])[:, :, None] * B[t][:, None, :]
+        ys.append((h * C[t][:, None, :]).sum(-1))
+    return torch.stack(ys), h
+
+
+def chunked_scan(x, dt, A, B, C, h0, chunk_size: int):
+    """The same scan in chunks (shapes as `sequential_scan`)."""
+    L, heads, p = x.shape
+    pad = -L % chunk_size
+    if pad:  # dt = 0 rows neither decay nor add: the final state is unchanged
+        x, dt, B, C = (F.pad(t, (0, 0) * (t.dim() - 1) + (0, pad)) for t in (x, dt, B, C))
+    q = chunk_size
+    xd = (x * dt[..., None]).unflatten(0, (-1, q))  # [c, q, h, p]: discretized inputs
+    log_decay = (dt * A).unflatten(0, (-1, q))  # [c, q, h]
+    B, C = B.unflatten(0, (-1, q)), C.unflatten(0, (-1, q))  # [c, q, h, n]
+    cum = log_decay.cumsum(1)  # [c, q, h]: decay from the chunk's start through row l
+    # inside a chunk: y_l += sum_{s<=l} (C_l . B_s) exp(cum_l - cum_s) xd_s
+    diff = cum[:, :, None, :] - cum[:, None, :, :]  # [c, l, s, h]
+    causal = torch.ones(q, q, dtype=torch.bool, device=x.device).tril()
+    mix = torch.einsum("clhn,cshn->clsh", C, B) * torch.exp(diff.masked_fill(~causal[None, :, :, None], -torch.inf))  # fmt: skip
+    y = torch.einsum("clsh,cshp->clhp", mix, xd)
+    # each chunk's own contribution to the state at its end, then the recurrence over chunks
+    to_end = torch.exp(cum[:, -1:] - cum)  # [c, q, h]
+    added = torch.einsum("clhn,clh,clhp->chpn", B, to_end, xd)  # [c, h, p, n]
+    starts, h = [], h0
+    for k in range(xd.shape[0]):
+        starts.append(h)
+        h = h * torch.exp(cum[k, -1])[:, None, None] + added[k]
+    start_states = torch.stack(starts)  # [c, h, p, n]
+    y = y + torch.einsum("clhn,chpn->clhp", C, start_states) * torch.exp(cum)[..., None]
+    return y.flatten(0, 1)[:L], h
+
+
+class GatedRMSNorm(nn.Module):
+    """RMSNorm of y * silu(z) over groups of channels (Mamba-2's `norm`), in float32."""
+
+    def __init__(self, size: int, group_size: int, eps: float, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size, dtype=dtype))
+        self.group_size, self.eps = group_size, eps
+
+    def forward(self, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        h = (y.float() * F.silu(z.float())).unflatten(-1, (-1, self.group_size))
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.flatten(-2).to(self.weight.dtype)
+
+
+class Mamba2Mixer(nn.Module):
+    def __init__(
+        self,
+        factory: LayerFactory,
+        prefix: str,
+        hidden: int,
+        heads: int,
+        head_dim: int,
+        state_size: int,
+        groups: int,
+        conv_kernel: int,
+        chunk_size: int,
+        eps: float,
+        bias: bool = False,
+        conv_bias: bool = True,
+        dt_limit: tuple[float, float] = (0.0, float("inf")),
+    ) -> None:
+        super().__init__()
+        inner = heads * head_dim
+        self.heads, self.head_dim, self.state_size, self.groups = (
+            heads,
+            head_dim,
+            state_size,
+            groups,
+        )
+        self.inner, self.conv_kernel, self.chunk_size, self.dt_limit = inner, conv_kernel, chunk_size, dt_limit  # fmt: skip
+        self.conv_dim = inner + 2 * groups * state_size
+        dtype = factory.dtype
+        self.in_proj = factory.linear(f"{prefix}.in_proj", hidden, [inner + self.conv_dim + heads], bias)  # fmt: skip
+        self.conv1d = nn.Conv1d(self.conv_dim, self.conv_dim, conv_kernel, groups=self.conv_dim,
+                                bias=conv_bias, dtype=dtype)  # fmt: skip
+        self.dt_bias = nn.Parameter(torch.ones(heads, dtype=dtype))
+        self.A_log = nn.Parameter(torch.zeros(heads, dtype=dtype))
+        self.D = nn.Parameter(torch.ones(heads, dtype=dtype))
+        self.norm = GatedRMSNorm(inner, inner // groups, eps, dtype)
+        self.out_proj = factory.linear(f"{prefix}.out_proj", inner, [hidden], bias)
+
+    def state_shapes(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """One sequence's (conv state, ssm state) shapes."""
+        return (self.conv_dim, self.conv_kernel - 1), (self.heads, self.head_dim, self.state_size)
+
+    def forward(
+        self,
+        hidden: torch.Tensor,  # [T, hidden]
+        seqs: Sequence[SSMSequence],
+        conv_state: torch.Tensor,  # [slots, conv_dim, conv_kernel - 1], updated in place
+        ssm_state: torch.Tensor,  # [slots, heads, head_dim, state] float32, updated in place
+    ) -> torch.Tensor:
+        z, xbc, dt = self.in_proj(hidden).split([self.inner, self.conv_dim, self.heads], dim=-1)
+        dt = F.softplus(dt.float() + self.dt_bias.float()).clamp(*self.dt_limit)  # [T, h]
+        A = -torch.exp(self.A_log.float())
+        y = torch.empty(hidden.shape[0], self.heads, self.head_dim, dtype=torch.float32, device=hidden.device)  # fmt: skip
+        decodes = [s for s in seqs if s.length == 1 and not s.fresh]
+        if decodes:
+            self._decode_step(decodes, xbc, dt, A, y, conv_state, ssm_state)
+        for s in seqs:
+            if s.length > 1 or s.fresh:
+                self._chunk(s, xbc, dt, A, y, conv_state, ssm_state)
+        return self.out_proj(self.norm(y.flatten(1), z))
+
+    def _ssm_inputs(self, xbc: torch.Tensor):
+        """Conv outputs [L, conv_dim] -> x [L, h, p], B and C [L, h, n] (groups repeated)."""
+        n, g = self.state_size, self.groups
+        x, B, C = xbc.float().split([self.inner, g * n, g * n], dim=-1)
+        reps = self.heads // g
+        B = B.unflatten(-1, (g, n)).repeat_interleave(reps, dim=-2)
+        C = C.unflatten(-1, (g, n)).repeat_interleave(reps, dim=-2)
+        return x.unflatten(-1, (self.heads, self.head_dim)), B, C
+
+    def _chunk(self, s: SSMSequence, xbc, dt, A, y, conv_state, ssm_state) -> None:
+        """A prompt chunk (or a first token): the conv over the kept inputs and these rows,
+        then the chunked scan from the slot's state."""
+        rows = slice(s.start, s.start + s.length)
+        kept = conv_state[s.slot]
+        if s.fresh:
+            kept = torch.zeros_like(kept)
+        window = torch.cat([kept, xbc[rows].t().to(kept.dtype)], dim=1)  # [conv_dim, k-1+L]
+        w = self.conv1d.weight
+        conv = F.conv1d(window[None].to(w.dtype), w, self.conv1d.bias, groups=self.conv_dim)
+        conv_state[s.slot] = window[:, window.shape[1] - (self.conv_kernel - 1) :]
+        x, B, C = self._ssm_inputs(F.silu(conv[0].t()))
+        h0 = ssm_state[s.slot] if not s.fresh else torch.zeros_like(ssm_state[s.slot])
+        out, h = chunked_scan(x, dt[rows], A, B, C, h0.float(), self.chunk_size)
+        ssm_state[s.slot] = h
+        y[rows] = out + self.D.float()[:, None] * x
+
+    def _decode_step(self, seqs, xbc, dt, A, y, conv_state, ssm_state) -> None:
+        """One token for each of these sequences, as one batched recurrence step."""
+        rows = torch.tensor([s.start for s in seqs], device=xbc.device)
+        slots = torch.tensor([s.slot for s in seqs], device=xbc.device)
+        window = torch.cat([conv_state[slots], xbc[rows][:, :, None].to(conv_state.dtype)], dim=2)  # fmt: skip
+        conv_state[slots] = window[:, :, 1:]
+        w = self.conv1d.weight[:, 0, :]  # [conv_dim, k]
+        conv = (window.to(w.dtype) * w).sum(-1)
+        if self.conv1d.bias is not None:
+            conv = conv + self.conv1d.bias
+        x, B, C = self._ssm_inputs(F.silu(conv))  # x [b, h, p], B/C [b, h, n]
+        d = dt[rows]  # [b, h]
+        h = ssm_state[slots] * torch.exp(d * A)[:, :, None, None]
+        h = h + (d[:, :, None] * x)[..., None] * B[:, :, None, :]
+        ssm_state[slots] = h
+        y[rows] = (h * C[:, :, None, :]).sum(-1) + self.D.float()[:, None] * x
