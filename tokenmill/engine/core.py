@@ -32,7 +32,7 @@ from tokenmill.engine.request import Request, RequestStatus
 from tokenmill.engine.scheduler import Scheduler
 from tokenmill.executor.base import Executor, ExecutorDeadError
 from tokenmill.kv.manager import KVCacheManager
-from tokenmill.kv.specs import plan_kv_cache
+from tokenmill.kv.specs import bytes_per_state, plan_kv_cache
 from tokenmill.kv.tiers import TierPolicy
 from tokenmill.sampling_params import SamplingParams
 
@@ -72,15 +72,26 @@ class EngineCore:
         self.max_model_len = worker.max_model_len
         cache, sched = config.cache, config.scheduler
         specs = executor.cache_specs()
-        memory = cache.kv_cache_memory or executor.default_kv_cache_memory(
-            sched.max_num_seqs * self.max_model_len
+        state = bytes_per_state(specs)  # state-space layers: a fixed state per request
+        memory = (
+            cache.kv_cache_memory
+            or executor.default_kv_cache_memory(sched.max_num_seqs * self.max_model_len)
+            + sched.max_num_seqs * state
         )
-        plan = plan_kv_cache(specs, memory, cache.block_size, self.max_model_len)
-        executor.initialize_cache(plan.num_blocks)
+        plan = plan_kv_cache(specs, memory, cache.block_size, self.max_model_len, sched.max_num_seqs)  # fmt: skip
+        executor.initialize_cache(plan.num_blocks, plan.num_state_slots)
+        prefix_caching = cache.enable_prefix_caching
+        if state and prefix_caching:
+            log.info("prefix caching is off: this model's state-space layers keep a state per "
+                     "request, not per block")  # fmt: skip
+            prefix_caching = False
+        if state and cache.has_tiers:
+            raise ValueError("the KV tiers hold cached prefixes, which a state-space model does not keep; drop kv_host_memory and kv_disk_dir")  # fmt: skip
         self.kv = KVCacheManager(
-            plan.num_blocks, cache.block_size, cache.enable_prefix_caching,
-            self._tiers(executor, plan.bytes_per_block),
+            plan.num_blocks, cache.block_size, prefix_caching,
+            self._tiers(executor, plan.bytes_per_block), plan.num_state_slots,
         )  # fmt: skip
+        self.forks_share_prompt = not state  # n > 1 forks share prompt blocks; states cannot
         self.scheduler = Scheduler(sched, self.kv, self.max_model_len)
         self.eos_token_ids = worker.eos_token_ids
         self.info = ModelInfo(
@@ -92,7 +103,7 @@ class EngineCore:
             num_blocks=plan.num_blocks,
             block_size=cache.block_size,
             kv_cache_dtype=cache.kv_cache_dtype,
-            enable_prefix_caching=cache.enable_prefix_caching,
+            enable_prefix_caching=prefix_caching,
             max_num_seqs=config.scheduler.max_num_seqs,
         )
         self._sequences: dict[str, _Sequence] = {}  # sequence id -> its state
@@ -206,6 +217,10 @@ class EngineCore:
             children.append(req)
         self._requests[r.request_id] = [c.request_id for c in children]
         first, rest = children[0], children[1:]
+        if not self.forks_share_prompt:  # each sequence computes the prompt into its own state
+            for child in children:
+                self.scheduler.add(child)
+            return
         first.fork_children = rest
         for child in rest:
             self.scheduler.add_forked(child)

@@ -31,6 +31,7 @@ class NewRequestData:
     block_ids: tuple[int, ...]  # the whole block table
     num_computed_tokens: int  # tokens whose K/V is cached before this step
     num_prompt_logprobs: int  # prompt logprob entries already computed (n > 1 children share)
+    state_slot: int = -1  # its slot in the state-space layers' caches (-1: the model has none)
 
 
 @dataclass(frozen=True)

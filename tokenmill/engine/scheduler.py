@@ -163,8 +163,7 @@ class Scheduler:
             tier_ops=self.kv.take_tier_ops(),
         )
 
-    @staticmethod
-    def _new_data(req: Request, table: list[int]) -> NewRequestData:
+    def _new_data(self, req: Request, table: list[int]) -> NewRequestData:
         return NewRequestData(
             request_id=req.request_id,
             token_ids=tuple(req.all_token_ids),
@@ -173,6 +172,7 @@ class Scheduler:
             block_ids=tuple(table),
             num_computed_tokens=req.num_computed_tokens,
             num_prompt_logprobs=len(req.prompt_logprobs),
+            state_slot=self.kv.state_slot(req.request_id),
         )
 
     def _delta(self, req: Request, table: list[int], view: _WorkerView) -> CachedRequestData:

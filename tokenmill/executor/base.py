@@ -31,8 +31,9 @@ class Executor(ABC):
         """Bytes for the KV pool when the user set none (device memory decides)."""
 
     @abstractmethod
-    def initialize_cache(self, num_blocks: int) -> None:
-        """Allocate the KV pool of `num_blocks` blocks on every worker."""
+    def initialize_cache(self, num_blocks: int, num_state_slots: int = 0) -> None:
+        """Allocate the KV pool of `num_blocks` blocks (and the state-space layers' states for
+        `num_state_slots` requests) on every worker."""
 
     @abstractmethod
     def initialize_tiers(self, host_blocks: int) -> TierInfo:
@@ -68,8 +69,8 @@ class RankExecutor(Executor):
     def default_kv_cache_memory(self, max_tokens: int) -> int:
         return self._call("default_kv_cache_memory", max_tokens)
 
-    def initialize_cache(self, num_blocks: int) -> None:
-        self._call("initialize_cache", num_blocks)
+    def initialize_cache(self, num_blocks: int, num_state_slots: int = 0) -> None:
+        self._call("initialize_cache", num_blocks, num_state_slots)
 
     def initialize_tiers(self, host_blocks: int) -> TierInfo:
         return self._call("initialize_tiers", host_blocks)

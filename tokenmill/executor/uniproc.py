@@ -23,8 +23,8 @@ class UniprocExecutor(Executor):
     def default_kv_cache_memory(self, max_tokens: int) -> int:
         return self.worker.default_kv_cache_memory(max_tokens)
 
-    def initialize_cache(self, num_blocks: int) -> None:
-        self.worker.initialize_cache(num_blocks)
+    def initialize_cache(self, num_blocks: int, num_state_slots: int = 0) -> None:
+        self.worker.initialize_cache(num_blocks, num_state_slots)
 
     def initialize_tiers(self, host_blocks: int) -> TierInfo:
         return self.worker.initialize_tiers(host_blocks)

@@ -44,8 +44,14 @@ class KVCacheManager:
         block_size: int,
         enable_prefix_caching: bool = True,
         tiers: TierPolicy | None = None,
+        num_state_slots: int = 0,
     ):
+        """`num_state_slots`: slots of the state-space layers' state, one per request holding
+        blocks (0: the model has no such layer)."""
         self.block_size = block_size
+        self.num_state_slots = num_state_slots
+        self._free_slots = list(range(num_state_slots - 1, -1, -1))  # pop() hands out 0 first
+        self.state_slots: dict[str, int] = {}
         self.enable_prefix_caching = enable_prefix_caching
         on = tiers is not None and tiers.is_enabled and enable_prefix_caching
         self.tiers = tiers if on else None
@@ -198,6 +204,8 @@ class KVCacheManager:
         `computed_blocks` (from get_computed_blocks) are prefix hits adopted by a new request.
         On False nothing changed.
         """
+        if self.num_state_slots and req_id not in self.state_slots and not self._free_slots:
+            return False  # every state slot is held by a request
         table = self.block_tables.setdefault(req_id, [])
         total_tokens = num_computed_tokens + num_new_tokens
         num_new_blocks = self.num_blocks_for(total_tokens) - len(table) - len(computed_blocks)
@@ -220,8 +228,14 @@ class KVCacheManager:
             self._num_cached[req_id] = min(self._num_cached.get(req_id, 0), write_block)
         if num_new_blocks > 0:
             table.extend(self.pool.allocate(num_new_blocks))
+        if self.num_state_slots and req_id not in self.state_slots:
+            self.state_slots[req_id] = self._free_slots.pop()
         self._cache_full_blocks(req_id, token_ids, total_tokens)
         return True
+
+    def state_slot(self, req_id: str) -> int:
+        """The request's state slot, -1 when the model keeps no state."""
+        return self.state_slots.get(req_id, -1)
 
     def fork(self, parent_id: str, child_id: str, num_tokens: int) -> None:
         """Give `child_id` the parent's blocks for its first `num_tokens` tokens, shared."""
@@ -240,6 +254,9 @@ class KVCacheManager:
         self._num_cached.pop(req_id, None)
         self._hashes.pop(req_id, None)
         self._waits.pop(req_id, None)  # its loads go on; the jobs free what they hold
+        slot = self.state_slots.pop(req_id, None)
+        if slot is not None:
+            self._free_slots.append(slot)
 
     def take_copies(self) -> list[tuple[int, int]]:
         copies, self._copies = self._copies, []

@@ -12,6 +12,22 @@ from typing import Any
 
 
 @dataclass(frozen=True)
+class SSMArch:
+    """A Mamba-2 mixer's hyper-parameters (HF Mamba2Config's names in comments)."""
+
+    num_heads: int  # num_heads
+    head_dim: int  # head_dim
+    state_size: int  # state_size
+    num_groups: int  # n_groups
+    conv_kernel: int  # conv_kernel
+    chunk_size: int  # chunk_size
+    use_bias: bool = False  # use_bias: in_proj and out_proj
+    use_conv_bias: bool = True  # use_conv_bias
+    residual_in_fp32: bool = True
+    time_step_limit: tuple[float, float] = (0.0, float("inf"))
+
+
+@dataclass(frozen=True)
 class ModelArch:
     architecture: str  # HF class name, e.g. "LlamaForCausalLM"
     vocab_size: int
@@ -34,6 +50,7 @@ class ModelArch:
     torch_dtype: str = "float32"  # the checkpoint's dtype
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = field(default_factory=tuple)
+    ssm: SSMArch | None = None  # state-space layers (Mamba-2), None for a transformer
 
     def __post_init__(self) -> None:
         if self.num_heads % self.num_kv_heads:
@@ -46,6 +63,12 @@ class ModelArch:
     def num_params(self) -> int:
         """Parameter count (embeddings counted once when tied)."""
         h, i, d = self.hidden_size, self.intermediate_size, self.head_dim
+        head = 0 if self.tie_word_embeddings else self.vocab_size * h
+        if self.ssm is not None:
+            s = self.ssm
+            conv = i + 2 * s.num_groups * s.state_size
+            layer = h * (i + conv + s.num_heads) + conv * s.conv_kernel + 3 * s.num_heads + i + i * h + h  # fmt: skip
+            return self.num_layers * layer + self.vocab_size * h + h + head
         attn = h * d * (self.num_heads + 2 * self.num_kv_heads) + self.num_heads * d * h
         layer = attn + 3 * h * i + 2 * h
         head = 0 if self.tie_word_embeddings else self.vocab_size * h
@@ -73,12 +96,53 @@ def _rope(cfg: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
     return theta, scaling
 
 
+def _number(value: Any) -> float:
+    """A float from config.json, where transformers writes infinity as {"__float__": "Infinity"}."""
+    return float(value["__float__"] if isinstance(value, dict) else value)
+
+
+def mamba2_arch(cfg: dict[str, Any]) -> ModelArch:
+    """A Mamba2Config: the SSM record; the attention fields are unused (no attention layers)."""
+    heads, head_dim = cfg["num_heads"], cfg["head_dim"]
+    limit = [_number(x) for x in cfg.get("time_step_limit") or (0.0, float("inf"))]
+    ssm = SSMArch(
+        num_heads=heads, head_dim=head_dim, state_size=cfg["state_size"],
+        num_groups=cfg.get("n_groups", 1), conv_kernel=cfg.get("conv_kernel", 4),
+        chunk_size=cfg.get("chunk_size", 256), use_bias=bool(cfg.get("use_bias", False)),
+        use_conv_bias=bool(cfg.get("use_conv_bias", True)),
+        residual_in_fp32=bool(cfg.get("residual_in_fp32", True)),
+        time_step_limit=(float(limit[0]), float(limit[1])),
+    )  # fmt: skip
+    return ModelArch(
+        architecture="Mamba2ForCausalLM",
+        vocab_size=cfg["vocab_size"],
+        hidden_size=cfg["hidden_size"],
+        intermediate_size=heads * head_dim,
+        num_layers=cfg["num_hidden_layers"],
+        num_heads=heads,
+        num_kv_heads=heads,
+        head_dim=head_dim,
+        rms_norm_eps=cfg.get("layer_norm_epsilon", 1e-5),
+        max_position_embeddings=cfg.get("max_position_embeddings") or SSM_MAX_LEN,
+        tie_word_embeddings=cfg.get("tie_word_embeddings", False),
+        torch_dtype=str(cfg.get("torch_dtype") or cfg.get("dtype") or "float32"),
+        bos_token_id=cfg.get("bos_token_id"),
+        eos_token_ids=_eos_ids(cfg.get("eos_token_id")),
+        ssm=ssm,
+    )
+
+
+SSM_MAX_LEN = 16384  # a state-space model has no position limit; the default max_model_len
+
+
 def arch_from_hf_config(cfg: dict[str, Any]) -> ModelArch:
     """Read a config.json dict. `architectures[0]` decides the family-specific flags."""
     archs = cfg.get("architectures") or []
     if not archs:
         raise ValueError("config.json has no 'architectures' entry; cannot tell the model class")
     architecture = archs[0]
+    if architecture == "Mamba2ForCausalLM":
+        return mamba2_arch(cfg)
     heads = cfg["num_attention_heads"]
     theta, scaling = _rope(cfg)
     is_qwen2 = architecture == "Qwen2ForCausalLM"

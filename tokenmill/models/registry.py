@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from tokenmill.models.llama import LlamaForCausalLM
+from tokenmill.models.mamba2 import Mamba2ForCausalLM
 
 MODEL_CLASSES: dict[str, type] = {
     "LlamaForCausalLM": LlamaForCausalLM,
     "MistralForCausalLM": LlamaForCausalLM,
     "Qwen2ForCausalLM": LlamaForCausalLM,
     "Qwen3ForCausalLM": LlamaForCausalLM,
+    "Mamba2ForCausalLM": Mamba2ForCausalLM,
 }
 
 

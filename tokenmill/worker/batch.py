@@ -8,7 +8,7 @@ request states (worker/input_batch.py), never the scheduler's.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -85,17 +85,28 @@ def build_model_input(
     def tensor(a: np.ndarray | list[int]) -> torch.Tensor:
         return torch.as_tensor(np.asarray(a, dtype=np.int64)).to(device)
 
+    attn = AttentionBackend.prepare_metadata(seqs, block_size, pad_slot, device, per_token_attention)  # fmt: skip
+    if any(s.state.state_slot >= 0 for s in ordered):  # state-space layers: where each state is
+        attn = replace(attn, ssm=tuple(_ssm_sequences(ordered)))
     return ModelInput(
         input_ids=tensor(ids),
         positions=tensor(np.concatenate(positions)),
-        attn=AttentionBackend.prepare_metadata(
-            seqs, block_size, pad_slot, device, per_token_attention
-        ),
+        attn=attn,
         logits_indices=tensor(sample_idx),
         sample_states=sample_states,
         prompt_logprob_spans=lp_spans,
         pool_spans=pool_spans,
     )
+
+
+def _ssm_sequences(ordered: list[ScheduledState]):
+    from tokenmill.layers.mamba import SSMSequence
+
+    start = 0
+    for s in ordered:
+        fresh = s.state.num_computed_tokens == 0
+        yield SSMSequence(start, s.num_new_tokens, s.state.state_slot, fresh)
+        start += s.num_new_tokens
 
 
 def _prompt_logprob_span(s: ScheduledState, start: int) -> PromptLogprobSpan | None:

@@ -24,6 +24,7 @@ class CachedRequestState:
     num_computed_tokens: int  # tokens with cached K/V before the current step
     num_prompt_logprobs: int  # prompt logprob entries computed so far
     pool_sum: object = None  # mean pooling: the sum of the prompt's hidden rows so far
+    state_slot: int = -1  # its slot in the state-space layers' caches (-1: none)
 
     @classmethod
     def of(cls, data: NewRequestData) -> CachedRequestState:
@@ -35,6 +36,7 @@ class CachedRequestState:
             list(data.block_ids),
             data.num_computed_tokens,
             data.num_prompt_logprobs,
+            state_slot=data.state_slot,
         )
 
     @property

@@ -17,7 +17,7 @@ import torch
 
 from tokenmill.config import CacheConfig
 from tokenmill.engine.messages import RunnerOutput, SampledToken, SchedulerOutput
-from tokenmill.kv.specs import AttentionSpec
+from tokenmill.kv.specs import AttentionSpec, CacheSpec, StateSpec
 from tokenmill.kv.storage.memory import Prefaulter, host_zeros
 from tokenmill.layers import native
 from tokenmill.layers.attention import TorchAttention
@@ -40,12 +40,15 @@ log = logging.getLogger(__name__)
 CPU_DEFAULT_KV_BYTES = 4 << 30
 
 
-def cache_specs(loaded: LoadedModel, kv_cache_dtype: str) -> list[AttentionSpec]:
-    """What each attention layer of the model caches, in this dtype."""
-    specs = []
+def cache_specs(loaded: LoadedModel, kv_cache_dtype: str) -> list[CacheSpec]:
+    """What each layer of the model caches: K/V per token in this dtype (attention), or a
+    conv state in the model dtype and an SSM state in float32 per request (state-space)."""
+    specs: list[CacheSpec] = []
     for num_kv_heads, head_dim in loaded.model.cache_layers():
         per_head = kv_bytes_per_element_and_token(kv_cache_dtype, loaded.dtype, head_dim)
         specs.append(AttentionSpec(num_kv_heads, head_dim, per_head))
+    for shapes in getattr(loaded.model, "state_layers", list)():
+        specs.append(StateSpec(tuple(shapes), (loaded.dtype.itemsize, 4)))
     return specs
 
 
@@ -81,6 +84,7 @@ class ModelRunner:
         seed: int,
         num_threads: int | None = None,
         cpu_kernels: str = "auto",
+        num_state_slots: int = 0,
     ) -> None:
         if num_threads:
             torch.set_num_threads(num_threads)
@@ -101,6 +105,12 @@ class ModelRunner:
         ]
         flat = [t for c in self.kv_caches for t in (c if isinstance(c, tuple) else (c,))]
         self.prefaulter = Prefaulter(flat).start()  # pages in ahead of use, in the background
+        if num_state_slots:  # a state-space model: each layer's (conv, ssm) states per slot
+            self.kv_caches = [
+                (zeros((num_state_slots, *conv), loaded.dtype, self.device),
+                 zeros((num_state_slots, *ssm), torch.float32, self.device))
+                for conv, ssm in self.model.state_layers()
+            ]  # fmt: skip
         self.cpu_kernels = select_kernels(
             self.model,
             cpu_kernels,

@@ -98,7 +98,7 @@ class Worker:
         per_token = bytes_per_token(self.cache_specs())
         return default_kv_cache_memory(self.loaded, self.config.cache, per_token, max_tokens)
 
-    def initialize_cache(self, num_blocks: int) -> None:
+    def initialize_cache(self, num_blocks: int, num_state_slots: int = 0) -> None:
         device = self.config.device
         # the native fused decode runs a layer's halves as one call, past the all-reduces: a
         # sharded model runs torch's ops
@@ -110,6 +110,7 @@ class Worker:
             self.config.model.seed,
             device.num_threads,
             "torch" if sharded else device.cpu_kernels,
+            num_state_slots,
         )
         if device.batch_invariant:
             self._runner.make_batch_invariant()
