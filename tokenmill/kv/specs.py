@@ -1,9 +1,9 @@
 """Cache specs: what each layer keeps per request, and the one place KV memory is sized.
 
-An attention layer caches K and V per token (`AttentionSpec`); a state-space layer will keep a
+An attention layer caches K and V per token (`AttentionSpec`); a state-space layer keeps a
 fixed-size state per request (`StateSpec`). `plan_kv_cache` turns the specs, a byte budget and the
-block size into a number of blocks, or an error that says how much memory one full-length
-sequence needs. Pure Python; no torch. It does not allocate: the worker does, from the plan.
+block size into state slots (one per request that can run) and a number of blocks, or an error
+that says how much memory one full-length sequence needs. Pure Python; no torch. It does not allocate: the worker does, from the plan.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """The Mamba-2 mixer: a causal depthwise conv1d and a selective state-space scan (SSD), with
-each sequence's state in a slot of the layer's state cache, so a prompt can arrive in chunks
-and decode one token at a time (issue #22; the engine's state slots are not wired yet).
+each sequence's state in a slot of the layer's state cache (the KV manager hands each running
+request a slot), so a prompt can arrive in chunks and decode one token at a time.
 
 Per sequence of L new tokens, x_t, B_t, C_t and dt_t come from the input projection and the
 conv, and the state h [heads, head_dim, state] follows

@@ -123,7 +123,7 @@ def mamba2_arch(cfg: dict[str, Any]) -> ModelArch:
         num_kv_heads=heads,
         head_dim=head_dim,
         rms_norm_eps=cfg.get("layer_norm_epsilon", 1e-5),
-        max_position_embeddings=cfg.get("max_position_embeddings") or SSM_MAX_LEN,
+        max_position_embeddings=cfg.get("max_position_embeddings") or SSM_NO_LIMIT,
         tie_word_embeddings=cfg.get("tie_word_embeddings", False),
         torch_dtype=str(cfg.get("torch_dtype") or cfg.get("dtype") or "float32"),
         bos_token_id=cfg.get("bos_token_id"),
@@ -132,7 +132,8 @@ def mamba2_arch(cfg: dict[str, Any]) -> ModelArch:
     )
 
 
-SSM_MAX_LEN = 16384  # a state-space model has no position limit; the default max_model_len
+SSM_NO_LIMIT = 1 << 24  # a state-space model has no position limit
+SSM_MAX_LEN = 16384  # its default max_model_len (the scheduler's bookkeeping grows with it)
 
 
 def arch_from_hf_config(cfg: dict[str, Any]) -> ModelArch:

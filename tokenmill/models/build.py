@@ -72,6 +72,10 @@ def resolve_max_model_len(arch: ModelArch, wanted: int | None) -> int:
         raise ValueError(
             f"max_model_len {wanted} exceeds what this model supports ({limit}); lower it"
         )
+    if wanted is None and arch.ssm is not None:
+        from tokenmill.models.arch import SSM_MAX_LEN
+
+        return min(limit, SSM_MAX_LEN)
     return wanted or limit
 
 
