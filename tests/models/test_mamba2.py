@@ -140,3 +140,64 @@ def test_state_slots_bound_the_requests_in_flight(mamba):
     e.step()
     assert e.scheduler.num_running == 2 and e.scheduler.num_waiting == 1
     assert len(drain(e)) == 3
+
+
+# ---- a hybrid: Bamba (attention layers among Mamba-2 mixers) ---------------------------------
+def make_bamba(folder, tokenizer_from):
+    import transformers
+
+    config = transformers.BambaConfig(
+        vocab_size=384, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+        num_attention_heads=4, num_key_value_heads=2, attn_layer_indices=[1, 3],
+        mamba_n_heads=8, mamba_d_head=16, mamba_n_groups=2, mamba_d_state=16, mamba_d_conv=4,
+        mamba_chunk_size=8, max_position_embeddings=512, bos_token_id=1, eos_token_id=2,
+        pad_token_id=0,
+    )  # fmt: skip
+    torch.manual_seed(1)
+    model = transformers.BambaForCausalLM(config).float()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" not in name and "A_log" not in name:
+                p.normal_(0, 0.1)
+    model.save_pretrained(folder)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        if (tokenizer_from / name).exists():
+            shutil.copy(tokenizer_from / name, folder / name)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def bamba(tiny_model_dir, tmp_path_factory):
+    import transformers
+
+    folder = make_bamba(tmp_path_factory.mktemp("bamba"), tiny_model_dir("llama"))
+    return str(folder), transformers.BambaForCausalLM.from_pretrained(folder).float().eval()
+
+
+@pytest.mark.parametrize("max_num_batched_tokens", [2048, 7])
+def test_a_hybrid_gives_the_greedy_tokens_of_transformers(bamba, max_num_batched_tokens):
+    model, hf = bamba
+    expected = [hf_greedy(hf, p, 10) for p in PROMPTS]
+    e = engine(model, max_num_batched_tokens=max_num_batched_tokens, block_size=4)
+    assert e.kv.num_state_slots == 4 and e.kv.pool.num_blocks > 0  # states and K/V blocks
+    params = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
+    for i, p in enumerate(PROMPTS):
+        e.add_request(f"r{i}", p, params)
+    out = drain(e, preempt_at=5 if max_num_batched_tokens == 7 else None)
+    assert [out[f"r{i}"][0] for i in range(len(PROMPTS))] == expected
+
+
+def test_a_hybrid_s_prompt_logprobs_match_transformers(bamba):
+    model, hf = bamba
+    prompt = PROMPTS[3]
+    with torch.no_grad():
+        logits = hf(torch.tensor([prompt])).logits[0].float().log_softmax(-1)
+    e = engine(model, max_num_batched_tokens=9, block_size=4)
+    e.add_request("p", prompt, SamplingParams(max_tokens=1, prompt_logprobs=0))
+    while e.has_unfinished():
+        for o in e.step():
+            if o.finished:
+                entries = o.prompt_logprobs
+    for pos in range(1, len(prompt)):
+        (lp,) = entries[pos].values()
+        assert abs(lp - logits[pos - 1, prompt[pos]].item()) < 1e-4, pos

@@ -41,10 +41,18 @@ class RotaryEmbedding(nn.Module):
     native = None  # a native_ops.RowKernels, given by the runner on CPU
 
     def __init__(
-        self, head_dim: int, max_positions: int, theta: float, scaling: dict[str, Any] | None
+        self,
+        head_dim: int,
+        max_positions: int,
+        theta: float,
+        scaling: dict[str, Any] | None,
+        rotary_dim: int | None = None,
     ) -> None:
+        """`rotary_dim` < head_dim: partial rotary (Bamba: the first half of each head turns,
+        the rest passes through)."""
         super().__init__()
-        inv_freq = inv_frequencies(head_dim, theta, scaling)
+        self.rotary_dim = rotary_dim or head_dim
+        inv_freq = inv_frequencies(self.rotary_dim, theta, scaling)
         freqs = torch.outer(torch.arange(max_positions, dtype=torch.float32), inv_freq)
         emb = torch.cat([freqs, freqs], dim=-1)  # [max_positions, head_dim]
         self.register_buffer("cos", emb.cos(), persistent=False)
@@ -61,10 +69,17 @@ class RotaryEmbedding(nn.Module):
 
     def apply(self, x: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         """Rotate x [num_tokens, heads, head_dim] (q, k, or both side by side)."""
+        if self.rotary_dim < x.shape[-1]:
+            turned = self._rotate(x[..., : self.rotary_dim], cos_sin)
+            return torch.cat([turned, x[..., self.rotary_dim :]], dim=-1)
         if not torch.compiler.is_compiling() and self.native is not None:
             out = self.native.rotary(x, *cos_sin)  # one pass, the same result (native_ops.py)
             if out is not None:
                 return out
+        return self._rotate(x, cos_sin)
+
+    @staticmethod
+    def _rotate(x: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         cos, sin = cos_sin
         x1, x2 = x.chunk(2, dim=-1)
         return x * cos + torch.cat([-x2, x1], dim=-1) * sin

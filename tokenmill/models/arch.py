@@ -51,6 +51,8 @@ class ModelArch:
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = field(default_factory=tuple)
     ssm: SSMArch | None = None  # state-space layers (Mamba-2), None for a transformer
+    layer_types: tuple[str, ...] = ()  # a hybrid's "attention" / "mamba" per layer
+    partial_rotary_factor: float = 1.0  # share of each head's dims that RoPE turns
 
     def __post_init__(self) -> None:
         if self.num_heads % self.num_kv_heads:
@@ -132,6 +134,51 @@ def mamba2_arch(cfg: dict[str, Any]) -> ModelArch:
     )
 
 
+def bamba_arch(cfg: dict[str, Any]) -> ModelArch:
+    """A BambaConfig: attention layers at `attn_layer_indices`, Mamba-2 mixers elsewhere, each
+    followed by an MLP; RoPE on half of each head."""
+    heads, hidden = cfg["num_attention_heads"], cfg["hidden_size"]
+    ssm_heads = cfg["mamba_n_heads"]
+    d_head = cfg.get("mamba_d_head")
+    if d_head in (None, "auto"):
+        d_head = cfg.get("mamba_expand", 2) * hidden // ssm_heads
+    limit = [_number(x) for x in cfg.get("time_step_limit") or (0.0, float("inf"))]
+    ssm = SSMArch(
+        num_heads=ssm_heads, head_dim=d_head, state_size=cfg["mamba_d_state"],
+        num_groups=cfg.get("mamba_n_groups", 1), conv_kernel=cfg.get("mamba_d_conv", 4),
+        chunk_size=cfg.get("mamba_chunk_size", 256), use_bias=bool(cfg.get("mamba_proj_bias", False)),
+        use_conv_bias=bool(cfg.get("mamba_conv_bias", True)), residual_in_fp32=False,
+        time_step_limit=(float(limit[0]), float(limit[1])),
+    )  # fmt: skip
+    attn = set(cfg.get("attn_layer_indices") or ())
+    theta, scaling = _rope(cfg)
+    rope = cfg.get("rope_parameters") or {}
+    return ModelArch(
+        architecture="BambaForCausalLM",
+        vocab_size=cfg["vocab_size"],
+        hidden_size=hidden,
+        intermediate_size=cfg["intermediate_size"],
+        num_layers=cfg["num_hidden_layers"],
+        num_heads=heads,
+        num_kv_heads=cfg.get("num_key_value_heads") or heads,
+        head_dim=cfg.get("head_dim") or hidden // heads,
+        rms_norm_eps=cfg.get("rms_norm_eps", 1e-5),
+        rope_theta=theta,
+        rope_scaling=None if scaling is None else {k: v for k, v in scaling.items() if k != "partial_rotary_factor"} or None,
+        max_position_embeddings=cfg.get("max_position_embeddings", 262144),
+        tie_word_embeddings=cfg.get("tie_word_embeddings", False),
+        attention_bias=bool(cfg.get("attention_bias", False)),
+        o_proj_bias=bool(cfg.get("attention_bias", False)),
+        mlp_bias=bool(cfg.get("mlp_bias", False)),
+        torch_dtype=str(cfg.get("torch_dtype") or cfg.get("dtype") or "float32"),
+        bos_token_id=cfg.get("bos_token_id"),
+        eos_token_ids=_eos_ids(cfg.get("eos_token_id")),
+        ssm=ssm,
+        layer_types=tuple("attention" if i in attn else "mamba" for i in range(cfg["num_hidden_layers"])),
+        partial_rotary_factor=float(rope.get("partial_rotary_factor", cfg.get("partial_rotary_factor", 0.5))),
+    )  # fmt: skip
+
+
 SSM_NO_LIMIT = 1 << 24  # a state-space model has no position limit
 SSM_MAX_LEN = 16384  # its default max_model_len (the scheduler's bookkeeping grows with it)
 
@@ -144,6 +191,8 @@ def arch_from_hf_config(cfg: dict[str, Any]) -> ModelArch:
     architecture = archs[0]
     if architecture == "Mamba2ForCausalLM":
         return mamba2_arch(cfg)
+    if architecture == "BambaForCausalLM":
+        return bamba_arch(cfg)
     heads = cfg["num_attention_heads"]
     theta, scaling = _rope(cfg)
     is_qwen2 = architecture == "Qwen2ForCausalLM"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from tokenmill.models.bamba import BambaForCausalLM
 from tokenmill.models.llama import LlamaForCausalLM
 from tokenmill.models.mamba2 import Mamba2ForCausalLM
 
@@ -11,6 +12,7 @@ MODEL_CLASSES: dict[str, type] = {
     "Qwen2ForCausalLM": LlamaForCausalLM,
     "Qwen3ForCausalLM": LlamaForCausalLM,
     "Mamba2ForCausalLM": Mamba2ForCausalLM,
+    "BambaForCausalLM": BambaForCausalLM,
 }
 
 

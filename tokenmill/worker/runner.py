@@ -105,12 +105,14 @@ class ModelRunner:
         ]
         flat = [t for c in self.kv_caches for t in (c if isinstance(c, tuple) else (c,))]
         self.prefaulter = Prefaulter(flat).start()  # pages in ahead of use, in the background
-        if num_state_slots:  # a state-space model: each layer's (conv, ssm) states per slot
-            self.kv_caches = [
-                (zeros((num_state_slots, *conv), loaded.dtype, self.device),
-                 zeros((num_state_slots, *ssm), torch.float32, self.device))
-                for conv, ssm in self.model.state_layers()
-            ]  # fmt: skip
+        # state-space layers: each one's (conv, ssm) states per request slot; the model gets
+        # the attention layers' caches, then these
+        self.state_caches = [
+            (zeros((num_state_slots, *conv), loaded.dtype, self.device),
+             zeros((num_state_slots, *ssm), torch.float32, self.device))
+            for conv, ssm in (self.model.state_layers() if num_state_slots else ())
+        ]  # fmt: skip
+        self.model_caches = self.kv_caches + self.state_caches
         self.cpu_kernels = select_kernels(
             self.model,
             cpu_kernels,
@@ -234,7 +236,7 @@ class ModelRunner:
         inp = build_model_input(
             scheduled, self.block_size, self.pad_slot, self.device, self.batch_invariant
         )
-        hidden = self.model(inp.input_ids, inp.positions, self.kv_caches, inp.attn)
+        hidden = self.model(inp.input_ids, inp.positions, self.model_caches, inp.attn)
         return self._outputs(inp, hidden)
 
     def _run_stage(self, stage, scheduled) -> RunnerOutput:
