@@ -45,7 +45,7 @@ class AttentionMetadata:
         None  # [num_decodes] int32 keys of each decode, new one included
     )
     prefills: list[PrefillSpan] = field(default_factory=list)
-    ssm: tuple = ()  # layers/mamba.SSMSequence per request, packed order: state-space layers
+    ssm: object = None  # layers/mamba.SSMBatch: the state-space layers' sequences and slots
 
 
 @dataclass(frozen=True)

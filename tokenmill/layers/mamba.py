@@ -39,6 +39,26 @@ class SSMSequence:
     fresh: bool  # no tokens before this step: the state starts at zero
 
 
+@dataclass(frozen=True)
+class SSMBatch:
+    """A step's sequences for the state-space layers, indexed once for all of them."""
+
+    chunks: tuple[SSMSequence, ...]  # prompt chunks and first tokens: the chunked scan
+    decode_rows: torch.Tensor | None  # [b] packed rows of the one-token continuations
+    decode_slots: torch.Tensor | None  # [b] their state slots
+    single_slot: int | None  # the slot when b == 1 (its state is updated through a view)
+
+    @classmethod
+    def of(cls, seqs: Sequence[SSMSequence], device: torch.device | str = "cpu") -> SSMBatch:
+        decodes = [s for s in seqs if s.length == 1 and not s.fresh]
+        chunks = tuple(s for s in seqs if s.length > 1 or s.fresh)
+        if not decodes:
+            return cls(chunks, None, None, None)
+        rows = torch.tensor([s.start for s in decodes], device=device)
+        slots = torch.tensor([s.slot for s in decodes], device=device)
+        return cls(chunks, rows, slots, decodes[0].slot if len(decodes) == 1 else None)
+
+
 def sequential_scan(x, dt, A, B, C, h0):
     """The recurrence token by token. x [L, h, p], dt [L, h], A [h], B/C [L, h, n],
     h0 [h, p, n] -> (y [L, h, p] without the D term, final state)."""
@@ -136,20 +156,19 @@ class Mamba2Mixer(nn.Module):
     def forward(
         self,
         hidden: torch.Tensor,  # [T, hidden]
-        seqs: Sequence[SSMSequence],
+        seqs: SSMBatch | Sequence[SSMSequence],
         conv_state: torch.Tensor,  # [slots, conv_dim, conv_kernel - 1], updated in place
         ssm_state: torch.Tensor,  # [slots, heads, head_dim, state] float32, updated in place
     ) -> torch.Tensor:
+        batch = seqs if isinstance(seqs, SSMBatch) else SSMBatch.of(seqs, hidden.device)
         z, xbc, dt = self.in_proj(hidden).split([self.inner, self.conv_dim, self.heads], dim=-1)
         dt = F.softplus(dt.float() + self.dt_bias.float()).clamp(*self.dt_limit)  # [T, h]
         A = -torch.exp(self.A_log.float())
         y = torch.empty(hidden.shape[0], self.heads, self.head_dim, dtype=torch.float32, device=hidden.device)  # fmt: skip
-        decodes = [s for s in seqs if s.length == 1 and not s.fresh]
-        if decodes:
-            self._decode_step(decodes, xbc, dt, A, y, conv_state, ssm_state)
-        for s in seqs:
-            if s.length > 1 or s.fresh:
-                self._chunk(s, xbc, dt, A, y, conv_state, ssm_state)
+        if batch.decode_rows is not None:
+            self._decode_step(batch, xbc, dt, A, y, conv_state, ssm_state)
+        for s in batch.chunks:
+            self._chunk(s, xbc, dt, A, y, conv_state, ssm_state)
         return self.out_proj(self.norm(y.flatten(1), z))
 
     def _ssm_inputs(self, xbc: torch.Tensor):
@@ -178,10 +197,13 @@ class Mamba2Mixer(nn.Module):
         ssm_state[s.slot] = h
         y[rows] = out + self.D.float()[:, None] * x
 
-    def _decode_step(self, seqs, xbc, dt, A, y, conv_state, ssm_state) -> None:
-        """One token for each of these sequences, as one batched recurrence step."""
-        rows = torch.tensor([s.start for s in seqs], device=xbc.device)
-        slots = torch.tensor([s.slot for s in seqs], device=xbc.device)
+    def _decode_step(self, batch: SSMBatch, xbc, dt, A, y, conv_state, ssm_state) -> None:
+        """One token for each continuing sequence, as one batched recurrence step. The SSM
+        state is updated in place (a slot's view for one sequence, else a gathered copy
+        written back): it is the largest thing a decode step touches after the weights."""
+        rows, slots = batch.decode_rows, batch.decode_slots
+        assert rows is not None and slots is not None
+        b = rows.shape[0]
         window = torch.cat([conv_state[slots], xbc[rows][:, :, None].to(conv_state.dtype)], dim=2)  # fmt: skip
         conv_state[slots] = window[:, :, 1:]
         w = self.conv1d.weight[:, 0, :]  # [conv_dim, k]
@@ -190,7 +212,17 @@ class Mamba2Mixer(nn.Module):
             conv = conv + self.conv1d.bias
         x, B, C = self._ssm_inputs(F.silu(conv))  # x [b, h, p], B/C [b, h, n]
         d = dt[rows]  # [b, h]
-        h = ssm_state[slots] * torch.exp(d * A)[:, :, None, None]
-        h = h + (d[:, :, None] * x)[..., None] * B[:, :, None, :]
-        ssm_state[slots] = h
-        y[rows] = (h * C[:, :, None, :]).sum(-1) + self.D.float()[:, None] * x
+        single = batch.single_slot
+        h = (
+            ssm_state[single].unsqueeze(0)
+            if single is not None
+            else ssm_state.index_select(0, slots)
+        )
+        h.mul_(torch.exp(d * A)[:, :, None, None])  # [b, h, p, n]
+        hp, n = b * self.heads, self.state_size
+        flat = h.view(hp, self.head_dim, n)
+        flat.baddbmm_((d[:, :, None] * x).reshape(hp, self.head_dim, 1), B.reshape(hp, 1, n))
+        if single is None:
+            ssm_state.index_copy_(0, slots, h)
+        out = torch.bmm(flat, C.reshape(hp, n, 1)).view(b, self.heads, self.head_dim)
+        y[rows] = out + self.D.float()[:, None] * x

@@ -87,7 +87,9 @@ def build_model_input(
 
     attn = AttentionBackend.prepare_metadata(seqs, block_size, pad_slot, device, per_token_attention)  # fmt: skip
     if any(s.state.state_slot >= 0 for s in ordered):  # state-space layers: where each state is
-        attn = replace(attn, ssm=tuple(_ssm_sequences(ordered)))
+        from tokenmill.layers.mamba import SSMBatch
+
+        attn = replace(attn, ssm=SSMBatch.of(list(_ssm_sequences(ordered)), device))
     return ModelInput(
         input_ids=tensor(ids),
         positions=tensor(np.concatenate(positions)),
