@@ -97,15 +97,25 @@ def test_a_preempted_request_recomputes_its_state(mamba):
     assert [out[f"r{i}"][0] for i in range(len(PROMPTS))] == expected
 
 
-def test_n_sequences_each_keep_their_own_state(mamba):
+@pytest.mark.parametrize("max_num_batched_tokens", [2048, 6])
+def test_n_sequences_fork_with_a_copy_of_the_state(mamba, max_num_batched_tokens):
+    """n > 1: the parent computes the prompt but its last token, the children fork there with
+    a copy of its state, and each computes that token itself: the prompt is computed once."""
     model, hf = mamba
-    e = engine(model)
+    e = engine(model, max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=5)
+    computed = []
+    execute = e.executor.execute
+    e.executor.execute = lambda out: computed.append(out.num_tokens) or execute(out)
     e.add_request("greedy", PROMPTS[2], SamplingParams(n=2, max_tokens=8, temperature=0.0, ignore_eos=True))  # fmt: skip
     sampled = SamplingParams(n=3, max_tokens=8, temperature=1.0, seed=11, ignore_eos=True)
     e.add_request("sampled", PROMPTS[1], sampled)
     out = drain(e)
     assert out["greedy"] == [hf_greedy(hf, PROMPTS[2], 8)] * 2
-    again = engine(model)
+    # each prompt once, one more token per extra child, then 8 tokens each (the first sampled
+    # at the prompt's end)
+    assert sum(computed) == len(PROMPTS[2]) + 1 + len(PROMPTS[1]) + 2 + 5 * 7
+    # two state slots: one child finds none free and computes its prompt alone, the same way
+    again = engine(model, max_num_seqs=2)
     again.add_request("sampled", PROMPTS[1], sampled)
     assert drain(again)["sampled"] == out["sampled"]  # seeded: the same three again
     assert len({tuple(t) for t in out["sampled"]}) > 1

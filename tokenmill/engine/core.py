@@ -91,7 +91,7 @@ class EngineCore:
             plan.num_blocks, cache.block_size, prefix_caching,
             self._tiers(executor, plan.bytes_per_block), plan.num_state_slots,
         )  # fmt: skip
-        self.forks_share_prompt = not state  # n > 1 forks share prompt blocks; states cannot
+        self.forks_share_prompt = not state  # False: n > 1 forks copy the parent's state
         self.scheduler = Scheduler(sched, self.kv, self.max_model_len)
         self.eos_token_ids = worker.eos_token_ids
         self.info = ModelInfo(
@@ -217,7 +217,7 @@ class EngineCore:
             children.append(req)
         self._requests[r.request_id] = [c.request_id for c in children]
         first, rest = children[0], children[1:]
-        if not self.forks_share_prompt:  # each sequence computes the prompt into its own state
+        if not self.forks_share_prompt and len(r.prompt_token_ids) < 2:  # nothing to share
             for child in children:
                 self.scheduler.add(child)
             return

@@ -60,6 +60,7 @@ class SchedulerOutput:
     new_requests: tuple[NewRequestData, ...] = ()
     cached_requests: tuple[CachedRequestData, ...] = ()
     block_copies: tuple[tuple[int, int], ...] = ()  # (src, dst) copy-on-write, before the forward
+    state_copies: tuple[tuple[int, int], ...] = ()  # (src, dst) state slots an n > 1 fork copies
     finished_request_ids: tuple[str, ...] = ()  # workers drop their state of these
     preempted_request_ids: tuple[str, ...] = ()  # their blocks are gone; they return as new
     grammar_bitmask: GrammarBitmask | None = None  # set by the core for constrained rows

@@ -118,7 +118,7 @@ class Scheduler:
         index = 0
         while index < len(self.running) and budget > 0:
             req = self.running[index]
-            num_new = min(req.num_tokens - req.num_computed_tokens, budget)
+            num_new = self._until_fork(req, min(req.num_tokens - req.num_computed_tokens, budget))
             while not self.kv.allocate_slots(
                 req.request_id, req.all_token_ids, req.num_computed_tokens, num_new
             ):
@@ -158,6 +158,7 @@ class Scheduler:
             new_requests=tuple(new),
             cached_requests=tuple(cached),
             block_copies=tuple(self.kv.take_copies()),
+            state_copies=tuple(self.kv.take_state_copies()),
             finished_request_ids=finished,
             preempted_request_ids=tuple(preempted),
             tier_ops=self.kv.take_tier_ops(),
@@ -203,7 +204,7 @@ class Scheduler:
             num_new = req.num_tokens - num_cached
             if num_new > budget and not self.config.enable_chunked_prefill:
                 break
-            num_new = min(num_new, budget)
+            num_new = self._until_fork(req, min(num_new, budget))
             if not self.kv.allocate_slots(
                 req.request_id, req.all_token_ids, num_cached, num_new, hits
             ):
@@ -236,6 +237,13 @@ class Scheduler:
         if is_loading:
             self.loading[req.request_id] = req
         return hits, num_cached
+
+    def _until_fork(self, req: Request, num_new: int) -> int:
+        """A state-space model's n > 1 parent stops one token short of its prompt's end: its
+        children fork there with a copy of its state, and each computes the last token."""
+        if not (req.fork_children and self.kv.num_state_slots):
+            return num_new
+        return min(num_new, max(req.num_prompt_tokens - 1 - req.num_computed_tokens, 1))
 
     def _release_loaded(self, keep: Request | None = None) -> bool:
         """Blocks run short: loaded requests still waiting give theirs back. The blocks stay
@@ -291,6 +299,8 @@ class Scheduler:
             if req is None or req.status is not RequestStatus.RUNNING:
                 continue  # aborted while the step ran
             req.num_computed_tokens = computed[request_id] + num_new
+            if req.fork_children and self.kv.num_state_slots and req.num_computed_tokens == req.num_prompt_tokens - 1:  # fmt: skip
+                self._fork_children(req, req.num_prompt_tokens - 1)
             if request_id in result.prompt_logprobs:
                 req.prompt_logprobs.extend(result.prompt_logprobs[request_id])
                 req.prompt_ranks.extend(result.prompt_ranks.get(request_id, ()))
@@ -311,14 +321,19 @@ class Scheduler:
             changed.append(req)
         return changed
 
-    def _fork_children(self, parent: Request) -> None:
+    def _fork_children(self, parent: Request, num_shared: int | None = None) -> None:
         """Children share the parent's prompt blocks and recompute only its last prompt token,
-        which gives each its own first-token logits (and copy-on-write of the shared block)."""
+        which gives each its own first-token logits (and copy-on-write of the shared block).
+        A state-space model's children fork before that token (`num_shared`), each with a
+        copy of the parent's state; one that finds no free state slot computes its prompt
+        alone, as a request of its own."""
         num_prompt = parent.num_prompt_tokens
         for child in parent.fork_children:
             if child.is_finished:
                 continue
-            self.kv.fork(parent.request_id, child.request_id, num_prompt)
+            if not self.kv.fork(parent.request_id, child.request_id, num_shared or num_prompt):
+                self.waiting.append(child)
+                continue
             child.num_computed_tokens = num_prompt - 1
             child.num_cached_tokens = parent.num_cached_tokens
             child.status = RequestStatus.RUNNING

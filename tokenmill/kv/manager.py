@@ -52,6 +52,7 @@ class KVCacheManager:
         self.num_state_slots = num_state_slots
         self._free_slots = list(range(num_state_slots - 1, -1, -1))  # pop() hands out 0 first
         self.state_slots: dict[str, int] = {}
+        self._state_copies: list[tuple[int, int]] = []  # (src, dst) slots a fork copies
         self.enable_prefix_caching = enable_prefix_caching
         on = tiers is not None and tiers.is_enabled and enable_prefix_caching
         self.tiers = tiers if on else None
@@ -237,8 +238,14 @@ class KVCacheManager:
         """The request's state slot, -1 when the model keeps no state."""
         return self.state_slots.get(req_id, -1)
 
-    def fork(self, parent_id: str, child_id: str, num_tokens: int) -> None:
-        """Give `child_id` the parent's blocks for its first `num_tokens` tokens, shared."""
+    def fork(self, parent_id: str, child_id: str, num_tokens: int) -> bool:
+        """Give `child_id` the parent's blocks for its first `num_tokens` tokens, shared, and
+        a copy of its state (a state slot of its own); False, nothing done, if no slot is free."""
+        if self.num_state_slots:
+            if not self._free_slots:
+                return False
+            slot = self.state_slots[child_id] = self._free_slots.pop()
+            self._state_copies.append((self.state_slots[parent_id], slot))
         blocks = self.block_tables[parent_id][: self.num_blocks_for(num_tokens)]
         for block_id in blocks:
             self.pool.share(block_id)
@@ -246,6 +253,7 @@ class KVCacheManager:
         full = num_tokens // self.block_size
         self._hashes[child_id] = self._hashes.get(parent_id, [])[:full]
         self._num_cached[child_id] = min(self._num_cached.get(parent_id, 0), full)
+        return True
 
     def free(self, req_id: str) -> None:
         """Return a finished, aborted or preempted request's blocks, tail first."""
@@ -260,6 +268,10 @@ class KVCacheManager:
 
     def take_copies(self) -> list[tuple[int, int]]:
         copies, self._copies = self._copies, []
+        return copies
+
+    def take_state_copies(self) -> list[tuple[int, int]]:
+        copies, self._state_copies = self._state_copies, []
         return copies
 
     # ---- prefix hashing ------------------------------------------------------------------

@@ -204,6 +204,9 @@ class ModelRunner:
         if not scheduled:
             return RunnerOutput()
         self._copy_blocks(out.block_copies)
+        for src, dst in out.state_copies:  # an n > 1 fork: each child from the parent's state
+            for t in (t for pair in self.state_caches for t in pair):
+                t[dst] = t[src]
         ids = [s.state.request_id for s in scheduled]
         saved = {r: self.generators[r].get_state() for r in ids if r in self.generators}
         self._last = (scheduled, saved)
