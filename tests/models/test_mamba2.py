@@ -211,3 +211,15 @@ def test_a_hybrid_s_prompt_logprobs_match_transformers(bamba):
     for pos in range(1, len(prompt)):
         (lp,) = entries[pos].values()
         assert abs(lp - logits[pos - 1, prompt[pos]].item()) < 1e-4, pos
+
+
+@pytest.mark.parametrize("which", ["mamba", "bamba"])
+def test_scoring_for_perplexity_matches_transformers(request, which):
+    """`tokenmill eval perplexity` scores through runner.score: its own scratch state."""
+    model, hf = request.getfixturevalue(which)
+    prompt = PROMPTS[3]
+    with torch.no_grad():
+        expected = hf(torch.tensor([prompt])).logits[0].float()
+    e = engine(model, block_size=4)
+    got = e.executor.worker.runner.score(prompt)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)

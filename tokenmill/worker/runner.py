@@ -331,8 +331,19 @@ class ModelRunner:
             for kv_heads, head_dim in self.model.cache_layers()
         ]
         meta = single_sequence_metadata(n, self.block_size, self.device)
+        states = [  # state-space layers: a scratch state of its own too
+            (zeros((1, *conv), self.loaded.dtype, self.device),
+             zeros((1, *ssm), torch.float32, self.device))
+            for conv, ssm in getattr(self.model, "state_layers", list)()
+        ]  # fmt: skip
+        if states:
+            from dataclasses import replace
+
+            from tokenmill.layers.mamba import SSMBatch, SSMSequence
+
+            meta = replace(meta, ssm=SSMBatch.of([SSMSequence(0, n, 0, True)], self.device))
         ids = torch.tensor(token_ids, device=self.device)
-        hidden = self.model(ids, torch.arange(n, device=self.device), caches, meta)
+        hidden = self.model(ids, torch.arange(n, device=self.device), caches + states, meta)
         return self.model.compute_logits(hidden).float()
 
     def _prompt_logprobs(self, hidden, spans):
