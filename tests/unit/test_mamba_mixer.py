@@ -88,3 +88,30 @@ def test_sequences_of_different_lengths_share_a_batch():
     torch.testing.assert_close(torch.cat([step1[:12], step2[:1]]), ref[0], rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(step1[12:18], ref[1], rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(torch.cat([step1[18:], step2[1:]]), ref[2], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("groups", [1, 2])
+def test_the_native_decode_step_equals_the_torch_step(groups):
+    from tokenmill.layers.native import compiler
+
+    if compiler() is None:
+        pytest.skip("no C++ compiler")
+    _, torch_mixer = reference_and_ours(groups)
+    _, native_mixer = reference_and_ours(groups)
+    native_mixer.attach_native()
+    assert native_mixer.native is not None
+    g = torch.Generator().manual_seed(3)
+    conv_shape, ssm_shape = torch_mixer.state_shapes()
+    conv = torch.randn(5, *conv_shape, generator=g)
+    ssm = torch.randn(5, *ssm_shape, generator=g)
+    states = {m: (conv.clone(), ssm.clone()) for m in ("torch", "native")}
+    x = torch.randn(3, 32, generator=g)
+    for slots in ([4], [3, 0, 2]):  # one sequence (its state through a view), then three
+        seqs = [SSMSequence(i, 1, s, False) for i, s in enumerate(slots)]
+        n = len(slots)
+        with torch.no_grad():
+            a = torch_mixer(x[:n], seqs, *states["torch"])
+            b = native_mixer(x[:n], seqs, *states["native"])
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+        for ta, tb in zip(states["torch"], states["native"], strict=True):
+            torch.testing.assert_close(tb, ta, rtol=1e-5, atol=1e-5)

@@ -10,15 +10,18 @@ in chunks of `chunk_size` (quadratic inside a chunk, the recurrence only between
 the SSD paper does); `sequential_scan` is the plain recurrence it is checked against. Decode
 rows (one new token each) take one batched recurrence step.
 
-State per sequence slot: conv [conv_dim, conv_kernel - 1] (the last inputs of the conv, in
-the model dtype) and ssm [heads, head_dim, state] (float32: it accumulates over the whole
-sequence). Parameter names are Hugging Face's (`in_proj`, `conv1d`, `dt_bias`, `A_log`, `D`,
+State per sequence slot: conv [conv_dim, conv_kernel - 1] (the last inputs of the conv) and
+ssm [heads, head_dim, state], both float32 (the SSM state accumulates over the whole
+sequence). On CPU a decode step runs as one native call per layer (csrc/ssm.cpp, checked
+against the torch step here) where the native kernels build. Parameter names are Hugging Face's (`in_proj`, `conv1d`, `dt_bias`, `A_log`, `D`,
 `norm`, `out_proj`), so checkpoints load as they are. No tensor parallelism (heads are not
 split) and no native kernel yet.
 """
 
 from __future__ import annotations
 
+import ctypes
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -98,6 +101,18 @@ def chunked_scan(x, dt, A, B, C, h0, chunk_size: int):
     return y.flatten(0, 1)[:L], h
 
 
+@functools.cache
+def _native_decode():
+    """csrc/ssm.cpp's decode step (native.load raises NativeUnavailable where it cannot build)."""
+    from tokenmill.layers import native
+
+    fn = native.load("ssm").ssm_decode_step
+    ptr, i64 = ctypes.c_void_p, ctypes.c_int64
+    fn.argtypes = [ptr, i64, *[ptr] * 9, *[i64] * 7, ctypes.c_int]
+    fn.restype = None
+    return fn
+
+
 class GatedRMSNorm(nn.Module):
     """RMSNorm of y * silu(z) over groups of channels (Mamba-2's `norm`), in float32."""
 
@@ -149,6 +164,24 @@ class Mamba2Mixer(nn.Module):
         self.norm = GatedRMSNorm(inner, inner // groups, eps, dtype)
         self.out_proj = factory.linear(f"{prefix}.out_proj", inner, [hidden], bias)
 
+    native = None  # csrc/ssm.cpp's decode step, attached by the runner on CPU (attach_native)
+
+    def attach_native(self) -> None:
+        from tokenmill.layers.native import NativeUnavailable
+
+        try:
+            self.native = _native_decode()
+        except NativeUnavailable as e:  # the torch step stays
+            import logging
+
+            logging.getLogger(__name__).info("torch Mamba-2 decode step (%s)", e)
+            return
+        self._w32 = self.conv1d.weight.detach()[:, 0, :].float().contiguous()  # [conv_dim, k]
+        bias = self.conv1d.bias
+        self._b32 = bias.detach().float().contiguous() if bias is not None else None
+        self._A32 = -torch.exp(self.A_log.detach().float())
+        self._D32 = self.D.detach().float().contiguous()
+
     def state_shapes(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
         """One sequence's (conv state, ssm state) shapes."""
         return (self.conv_dim, self.conv_kernel - 1), (self.heads, self.head_dim, self.state_size)
@@ -166,7 +199,8 @@ class Mamba2Mixer(nn.Module):
         A = -torch.exp(self.A_log.float())
         y = torch.empty(hidden.shape[0], self.heads, self.head_dim, dtype=torch.float32, device=hidden.device)  # fmt: skip
         if batch.decode_rows is not None:
-            self._decode_step(batch, xbc, dt, A, y, conv_state, ssm_state)
+            step = self._native_step if self.native is not None else self._decode_step
+            step(batch, xbc, dt, A, y, conv_state, ssm_state)
         for s in batch.chunks:
             self._chunk(s, xbc, dt, A, y, conv_state, ssm_state)
         return self.out_proj(self.norm(y.flatten(1), z))
@@ -196,6 +230,23 @@ class Mamba2Mixer(nn.Module):
         out, h = chunked_scan(x, dt[rows], A, B, C, h0.float(), self.chunk_size)
         ssm_state[s.slot] = h
         y[rows] = out + self.D.float()[:, None] * x
+
+    def _native_step(self, batch: SSMBatch, xbc, dt, A, y, conv_state, ssm_state) -> None:
+        """`_decode_step` as one native call (float32 states, as the runner allocates them)."""
+        rows, slots = batch.decode_rows, batch.decode_slots
+        assert rows is not None and slots is not None and self.native is not None
+        b = rows.shape[0]
+        x = xbc[rows].float().contiguous()
+        d = dt[rows].contiguous()
+        out = torch.empty(b, self.inner, dtype=torch.float32)
+        bias = self._b32.data_ptr() if self._b32 is not None else None
+        self.native(
+            x.data_ptr(), x.stride(0), conv_state.data_ptr(), self._w32.data_ptr(), bias,
+            d.data_ptr(), self._A32.data_ptr(), self._D32.data_ptr(), ssm_state.data_ptr(),
+            slots.data_ptr(), out.data_ptr(), b, self.conv_dim, self.conv_kernel, self.heads,
+            self.head_dim, self.state_size, self.groups, torch.get_num_threads(),
+        )  # fmt: skip
+        y[rows] = out.view(b, self.heads, self.head_dim)
 
     def _decode_step(self, batch: SSMBatch, xbc, dt, A, y, conv_state, ssm_state) -> None:
         """One token for each continuing sequence, as one batched recurrence step. The SSM

@@ -42,13 +42,13 @@ CPU_DEFAULT_KV_BYTES = 4 << 30
 
 def cache_specs(loaded: LoadedModel, kv_cache_dtype: str) -> list[CacheSpec]:
     """What each layer of the model caches: K/V per token in this dtype (attention), or a
-    conv state in the model dtype and an SSM state in float32 per request (state-space)."""
+    conv state and an SSM state in float32 per request (state-space)."""
     specs: list[CacheSpec] = []
     for num_kv_heads, head_dim in loaded.model.cache_layers():
         per_head = kv_bytes_per_element_and_token(kv_cache_dtype, loaded.dtype, head_dim)
         specs.append(AttentionSpec(num_kv_heads, head_dim, per_head))
     for shapes in getattr(loaded.model, "state_layers", list)():
-        specs.append(StateSpec(tuple(shapes), (loaded.dtype.itemsize, 4)))
+        specs.append(StateSpec(tuple(shapes), (4, 4)))
     return specs
 
 
@@ -108,7 +108,7 @@ class ModelRunner:
         # state-space layers: each one's (conv, ssm) states per request slot; the model gets
         # the attention layers' caches, then these
         self.state_caches = [
-            (zeros((num_state_slots, *conv), loaded.dtype, self.device),
+            (zeros((num_state_slots, *conv), torch.float32, self.device),
              zeros((num_state_slots, *ssm), torch.float32, self.device))
             for conv, ssm in (self.model.state_layers() if num_state_slots else ())
         ]  # fmt: skip
@@ -332,7 +332,7 @@ class ModelRunner:
         ]
         meta = single_sequence_metadata(n, self.block_size, self.device)
         states = [  # state-space layers: a scratch state of its own too
-            (zeros((1, *conv), self.loaded.dtype, self.device),
+            (zeros((1, *conv), torch.float32, self.device),
              zeros((1, *ssm), torch.float32, self.device))
             for conv, ssm in getattr(self.model, "state_layers", list)()
         ]  # fmt: skip
