@@ -223,3 +223,29 @@ def test_scoring_for_perplexity_matches_transformers(request, which):
     e = engine(model, block_size=4)
     got = e.executor.worker.runner.score(prompt)
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_structured_outputs_and_penalties_on_a_state_space_model(mamba):
+    """The sampler and the grammar engine are the model's neighbours, not its parts: a choice
+    constraint, seeded sampling with penalties and stop tokens work as on a transformer."""
+    from tokenmill.sampling_params import StructuredOutputsParams
+
+    model, _ = mamba
+    e = engine(model)
+    choice = SamplingParams(temperature=1.0, seed=3, max_tokens=20,
+                            structured_outputs=StructuredOutputsParams(choice=["yes", "no"]))  # fmt: skip
+    e.add_request("c", PROMPTS[1], choice)
+    penalized = SamplingParams(temperature=0.8, seed=5, max_tokens=12, ignore_eos=True,
+                               presence_penalty=1.0, repetition_penalty=1.3, top_k=20)  # fmt: skip
+    e.add_request("p", PROMPTS[2], penalized)
+    texts = {}
+    while e.has_unfinished():
+        for o in e.step():
+            if o.finished:
+                texts[o.request_id] = (
+                    o.outputs[0].text,
+                    o.outputs[0].finish_reason,
+                    o.outputs[0].token_ids,
+                )
+    assert texts["c"][0] in ("yes", "no") and texts["c"][1] == "stop"
+    assert len(texts["p"][2]) == 12
