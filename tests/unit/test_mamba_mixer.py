@@ -19,9 +19,15 @@ def test_the_chunked_scan_is_the_recurrence(length):
     x = torch.randn(length, h, p, generator=g, dtype=torch.float64)
     dt = torch.rand(length, h, generator=g, dtype=torch.float64)
     A = -torch.rand(h, generator=g, dtype=torch.float64) * 2
-    B, C = (torch.randn(length, h, n, generator=g, dtype=torch.float64) for _ in range(2))
+    # one group of B and C for heads 0-1, another for 2-3 (the chunked scan takes groups)
+    h = 4
+    x = torch.randn(length, h, p, generator=g, dtype=torch.float64)
+    dt = torch.rand(length, h, generator=g, dtype=torch.float64)
+    A = -torch.rand(h, generator=g, dtype=torch.float64) * 2
+    B, C = (torch.randn(length, 2, n, generator=g, dtype=torch.float64) for _ in range(2))
     h0 = torch.randn(h, p, n, generator=g, dtype=torch.float64)
-    y_ref, final_ref = sequential_scan(x, dt, A, B, C, h0)
+    per_head = (B.repeat_interleave(2, dim=1), C.repeat_interleave(2, dim=1))
+    y_ref, final_ref = sequential_scan(x, dt, A, *per_head, h0)
     y, final = chunked_scan(x, dt, A, B, C, h0, chunk_size=8)
     torch.testing.assert_close(y, y_ref, rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(final, final_ref, rtol=1e-10, atol=1e-10)

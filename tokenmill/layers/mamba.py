@@ -32,6 +32,12 @@ from torch import nn
 from tokenmill.layers.factory import LayerFactory
 
 
+# The chunk of the prompt scan. The result does not depend on it (up to float32 rounding); the
+# work does: quadratic inside a chunk, linear across. 64 is the fastest here (a 1024-token scan
+# of 24 heads of 64 x 128: 18 ms at 64 against 37 at the checkpoints' usual 256).
+SCAN_CHUNK = 64
+
+
 @dataclass(frozen=True)
 class SSMSequence:
     """One sequence's rows in a step and where its state lives."""
@@ -74,31 +80,40 @@ def sequential_scan(x, dt, A, B, C, h0):
 
 
 def chunked_scan(x, dt, A, B, C, h0, chunk_size: int):
-    """The same scan in chunks (shapes as `sequential_scan`)."""
+    """The same scan in chunks. x [L, h, p], dt [L, h], A [h], B/C [L, g, n] per group (heads
+    h // g share one), h0 [h, p, n] -> (y [L, h, p], final state). Laid out [chunk, head, row,
+    ...] so every product is a batched matmul on contiguous blocks, and C.B is computed once
+    per group rather than per head."""
     L, heads, p = x.shape
+    groups, n = B.shape[1], B.shape[2]
     pad = -L % chunk_size
     if pad:  # dt = 0 rows neither decay nor add: the final state is unchanged
         x, dt, B, C = (F.pad(t, (0, 0) * (t.dim() - 1) + (0, pad)) for t in (x, dt, B, C))
-    q = chunk_size
-    xd = (x * dt[..., None]).unflatten(0, (-1, q))  # [c, q, h, p]: discretized inputs
-    log_decay = (dt * A).unflatten(0, (-1, q))  # [c, q, h]
-    B, C = B.unflatten(0, (-1, q)), C.unflatten(0, (-1, q))  # [c, q, h, n]
-    cum = log_decay.cumsum(1)  # [c, q, h]: decay from the chunk's start through row l
+    q, r = chunk_size, heads // groups
+    xd = (x * dt[..., None]).unflatten(0, (-1, q)).permute(0, 2, 1, 3)  # [c, h, q, p]
+    cum = (dt * A).unflatten(0, (-1, q)).cumsum(1).permute(0, 2, 1).contiguous()  # [c, h, q]
+    Bg = B.unflatten(0, (-1, q)).permute(0, 2, 1, 3)  # [c, g, q, n]
+    Cg = C.unflatten(0, (-1, q)).permute(0, 2, 1, 3)
+    chunks = xd.shape[0]
     # inside a chunk: y_l += sum_{s<=l} (C_l . B_s) exp(cum_l - cum_s) xd_s
-    diff = cum[:, :, None, :] - cum[:, None, :, :]  # [c, l, s, h]
+    decay = cum[..., :, None] - cum[..., None, :]  # [c, h, l, s]
     causal = torch.ones(q, q, dtype=torch.bool, device=x.device).tril()
-    mix = torch.einsum("clhn,cshn->clsh", C, B) * torch.exp(diff.masked_fill(~causal[None, :, :, None], -torch.inf))  # fmt: skip
-    y = torch.einsum("clsh,cshp->clhp", mix, xd)
+    decay = decay.masked_fill_(~causal, -torch.inf).exp_()
+    cb = Cg @ Bg.transpose(-1, -2)  # [c, g, l, s]
+    mix = (decay.reshape(chunks, groups, r, q, q) * cb[:, :, None]).reshape(chunks, heads, q, q)
+    y = mix @ xd  # [c, h, q, p]
     # each chunk's own contribution to the state at its end, then the recurrence over chunks
-    to_end = torch.exp(cum[:, -1:] - cum)  # [c, q, h]
-    added = torch.einsum("clhn,clh,clhp->chpn", B, to_end, xd)  # [c, h, p, n]
+    to_end = torch.exp(cum[..., -1:] - cum)  # [c, h, q]
+    Bw = (Bg[:, :, None] * to_end.reshape(chunks, groups, r, q, 1)).reshape(chunks, heads, q, n)
+    added = xd.transpose(-1, -2) @ Bw  # [c, h, p, n]
     starts, h = [], h0
-    for k in range(xd.shape[0]):
+    for k in range(chunks):
         starts.append(h)
-        h = h * torch.exp(cum[k, -1])[:, None, None] + added[k]
+        h = h * torch.exp(cum[k, :, -1])[:, None, None] + added[k]
     start_states = torch.stack(starts)  # [c, h, p, n]
-    y = y + torch.einsum("clhn,chpn->clhp", C, start_states) * torch.exp(cum)[..., None]
-    return y.flatten(0, 1)[:L], h
+    Ch = Cg[:, :, None].expand(chunks, groups, r, q, n).reshape(chunks, heads, q, n)
+    y = y + (Ch @ start_states.transpose(-1, -2)) * torch.exp(cum)[..., None]
+    return y.permute(0, 2, 1, 3).reshape(-1, heads, p)[:L], h
 
 
 @functools.cache
@@ -205,13 +220,15 @@ class Mamba2Mixer(nn.Module):
             self._chunk(s, xbc, dt, A, y, conv_state, ssm_state)
         return self.out_proj(self.norm(y.flatten(1), z))
 
-    def _ssm_inputs(self, xbc: torch.Tensor):
-        """Conv outputs [L, conv_dim] -> x [L, h, p], B and C [L, h, n] (groups repeated)."""
+    def _ssm_inputs(self, xbc: torch.Tensor, per_head: bool = True):
+        """Conv outputs [L, conv_dim] -> x [L, h, p], B and C [L, h, n] (groups repeated), or
+        [L, g, n] per group."""
         n, g = self.state_size, self.groups
         x, B, C = xbc.float().split([self.inner, g * n, g * n], dim=-1)
-        reps = self.heads // g
-        B = B.unflatten(-1, (g, n)).repeat_interleave(reps, dim=-2)
-        C = C.unflatten(-1, (g, n)).repeat_interleave(reps, dim=-2)
+        B, C = B.unflatten(-1, (g, n)), C.unflatten(-1, (g, n))
+        if per_head:
+            B = B.repeat_interleave(self.heads // g, dim=-2)
+            C = C.repeat_interleave(self.heads // g, dim=-2)
         return x.unflatten(-1, (self.heads, self.head_dim)), B, C
 
     def _chunk(self, s: SSMSequence, xbc, dt, A, y, conv_state, ssm_state) -> None:
@@ -225,9 +242,9 @@ class Mamba2Mixer(nn.Module):
         w = self.conv1d.weight
         conv = F.conv1d(window[None].to(w.dtype), w, self.conv1d.bias, groups=self.conv_dim)
         conv_state[s.slot] = window[:, window.shape[1] - (self.conv_kernel - 1) :]
-        x, B, C = self._ssm_inputs(F.silu(conv[0].t()))
+        x, B, C = self._ssm_inputs(F.silu(conv[0].t()), per_head=False)
         h0 = ssm_state[s.slot] if not s.fresh else torch.zeros_like(ssm_state[s.slot])
-        out, h = chunked_scan(x, dt[rows], A, B, C, h0.float(), self.chunk_size)
+        out, h = chunked_scan(x, dt[rows], A, B, C, h0.float(), min(self.chunk_size, SCAN_CHUNK))
         ssm_state[s.slot] = h
         y[rows] = out + self.D.float()[:, None] * x
 
