@@ -31,7 +31,6 @@ from torch import nn
 
 from tokenmill.layers.factory import LayerFactory
 
-
 # The chunk of the prompt scan. The result does not depend on it (up to float32 rounding); the
 # work does: quadratic inside a chunk, linear across. 64 is the fastest here (a 1024-token scan
 # of 24 heads of 64 x 128: 18 ms at 64 against 37 at the checkpoints' usual 256).
