@@ -24,9 +24,15 @@ def make_mamba2(folder, tokenizer_from):
         head_dim=16, num_heads=8, n_groups=2, conv_kernel=4, chunk_size=8,
         bos_token_id=1, eos_token_id=2, pad_token_id=0,
     )  # fmt: skip
-    torch.manual_seed(0)
-    model = transformers.Mamba2ForCausalLM(config).float()
-    with torch.no_grad():  # random init leaves dt tiny and D at one: make every term count
+    return save_random(transformers.Mamba2ForCausalLM(config), folder, tokenizer_from, seed=0)
+
+
+def save_random(model, folder, tokenizer_from, seed: int):
+    """Random weights large enough that every term counts (the default init leaves dt tiny and
+    D at one), saved with the tiny Llama's tokenizer."""
+    torch.manual_seed(seed)
+    model = model.float()
+    with torch.no_grad():
         for name, p in model.named_parameters():
             if "norm" not in name and "A_log" not in name:
                 p.normal_(0, 0.1)
@@ -163,17 +169,7 @@ def make_bamba(folder, tokenizer_from):
         mamba_chunk_size=8, max_position_embeddings=512, bos_token_id=1, eos_token_id=2,
         pad_token_id=0,
     )  # fmt: skip
-    torch.manual_seed(1)
-    model = transformers.BambaForCausalLM(config).float()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" not in name and "A_log" not in name:
-                p.normal_(0, 0.1)
-    model.save_pretrained(folder)
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        if (tokenizer_from / name).exists():
-            shutil.copy(tokenizer_from / name, folder / name)
-    return folder
+    return save_random(transformers.BambaForCausalLM(config), folder, tokenizer_from, seed=1)
 
 
 @pytest.fixture(scope="module")

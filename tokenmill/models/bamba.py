@@ -18,12 +18,12 @@ from torch import nn
 from tokenmill.layers.attention import AttentionMetadata
 from tokenmill.layers.embedding import EmbeddingHead
 from tokenmill.layers.factory import LayerFactory
-from tokenmill.layers.linear import Linear
 from tokenmill.layers.mamba import Mamba2Mixer
 from tokenmill.layers.norm import RMSNorm
 from tokenmill.layers.rotary import RotaryEmbedding
 from tokenmill.models.arch import ModelArch
 from tokenmill.models.llama import MLP, Attention, LlamaForCausalLM
+from tokenmill.models.weights import expected_names, load_named, process_after_loading
 
 
 class HybridLayer(nn.Module):
@@ -105,39 +105,16 @@ class BambaForCausalLM(EmbeddingHead, nn.Module):
         return []
 
     def process_weights_after_loading(self) -> None:
-        for module in self.modules():
-            if isinstance(module, Linear):
-                module.quant_method.process_weights_after_loading(module)
-        self.process_embedding_after_loading()
+        process_after_loading(self)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-        params = dict(self.named_parameters())
-        loaded: set[str] = set()
-        for name, tensor in weights:
-            if name == "lm_head.weight" and self.arch.tie_word_embeddings:
-                continue
-            name = name.replace("model.final_layernorm.", "model.norm.")
-            target, shard = LlamaForCausalLM.resolve_name(name)
-            param = params.get(target)
-            if param is None:
-                raise ValueError(f"checkpoint tensor {name!r} has no place in BambaForCausalLM")
-            module = self.get_submodule(target.rsplit(".", 1)[0])
-            loader = getattr(module, "weight_loader", None)
-            if loader is not None:
-                loader(param, tensor, shard)
-            elif param.shape != tensor.shape:
-                raise ValueError(f"{name}: expected shape {tuple(param.shape)}, got {tuple(tensor.shape)}")  # fmt: skip
-            else:
-                param.data.copy_(tensor)
-            loaded.add(target if shard is None else f"{target}#{shard}")
-        return loaded
+        """Hugging Face names; q/k/v and gate/up merged as in the Llama family."""
+        tied = self.arch.tie_word_embeddings
+
+        def resolve(name: str) -> tuple[str, int | None]:
+            return LlamaForCausalLM.resolve_name(name.replace("model.final_layernorm.", "model.norm."))  # fmt: skip
+
+        return load_named(self, weights, resolve, skip=lambda n: tied and n == "lm_head.weight")
 
     def expected_weights(self) -> set[str]:
-        out = set()
-        for name, _ in self.named_parameters():
-            module = self.get_submodule(name.rsplit(".", 1)[0])
-            if isinstance(module, Linear) and len(module.output_sizes) > 1:
-                out.update(f"{name}#{i}" for i in range(len(module.output_sizes)))
-            else:
-                out.add(name)
-        return out
+        return expected_names(self)

@@ -19,10 +19,10 @@ from torch import nn
 from tokenmill.layers.attention import AttentionMetadata
 from tokenmill.layers.embedding import EmbeddingHead
 from tokenmill.layers.factory import LayerFactory
-from tokenmill.layers.linear import Linear
 from tokenmill.layers.mamba import Mamba2Mixer
 from tokenmill.layers.norm import RMSNorm
 from tokenmill.models.arch import ModelArch
+from tokenmill.models.weights import expected_names, load_named, process_after_loading
 
 NAMES = (("backbone.embeddings.", "model.embed_tokens."), ("backbone.layers.", "model.layers."),
          ("backbone.norm_f.", "model.norm."))  # fmt: skip
@@ -95,33 +95,20 @@ class Mamba2ForCausalLM(EmbeddingHead, nn.Module):
         return []
 
     def process_weights_after_loading(self) -> None:
-        for module in self.modules():
-            if isinstance(module, Linear):
-                module.quant_method.process_weights_after_loading(module)
-        self.process_embedding_after_loading()
+        process_after_loading(self)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         """Copy checkpoint tensors in (Hugging Face names); returns the names filled."""
-        params = dict(self.named_parameters())
-        loaded: set[str] = set()
-        for name, tensor in weights:
-            if name == "lm_head.weight" and self.arch.tie_word_embeddings:
-                continue
-            for theirs, ours in NAMES:
-                name = name.replace(theirs, ours, 1) if name.startswith(theirs) else name
-            param = params.get(name)
-            if param is None:
-                raise ValueError(f"checkpoint tensor {name!r} has no place in Mamba2ForCausalLM")
-            module = self.get_submodule(name.rsplit(".", 1)[0])
-            loader = getattr(module, "weight_loader", None)
-            if loader is not None:
-                loader(param, tensor, None)
-            elif param.shape != tensor.shape:
-                raise ValueError(f"{name}: expected shape {tuple(param.shape)}, got {tuple(tensor.shape)}")  # fmt: skip
-            else:
-                param.data.copy_(tensor)
-            loaded.add(name)
-        return loaded
+        tied = self.arch.tie_word_embeddings
+        return load_named(self, weights, _ours, skip=lambda n: tied and n == "lm_head.weight")
 
     def expected_weights(self) -> set[str]:
-        return {name for name, _ in self.named_parameters()}
+        return expected_names(self)
+
+
+def _ours(name: str) -> tuple[str, None]:
+    """A Hugging Face Mamba-2 name -> this module tree's."""
+    for theirs, ours in NAMES:
+        if name.startswith(theirs):
+            return ours + name[len(theirs) :], None
+    return name, None
