@@ -23,7 +23,7 @@ from tokenmill.layers.norm import RMSNorm
 from tokenmill.layers.rotary import RotaryEmbedding
 from tokenmill.models.arch import ModelArch
 from tokenmill.models.llama import MLP, Attention, LlamaForCausalLM
-from tokenmill.models.weights import expected_names, load_named, process_after_loading
+from tokenmill.models.weights import SingleStageModel, load_named
 
 
 class HybridLayer(nn.Module):
@@ -70,7 +70,7 @@ class BambaModel(nn.Module):
         self.norm = RMSNorm(arch.hidden_size, arch.rms_norm_eps, factory.dtype)
 
 
-class BambaForCausalLM(EmbeddingHead, nn.Module):
+class BambaForCausalLM(SingleStageModel, EmbeddingHead, nn.Module):
     def __init__(self, arch: ModelArch, factory: LayerFactory, max_positions: int) -> None:
         super().__init__()
         if factory.group.size > 1 or factory.stage.size > 1:
@@ -98,15 +98,6 @@ class BambaForCausalLM(EmbeddingHead, nn.Module):
         """(conv, SSM) state shapes of each Mamba-2 layer, in layer order."""
         return [lyr.mamba.state_shapes() for lyr in self.model.layers if lyr.kind == "mamba"]
 
-    def own_layers(self) -> list[nn.Module]:
-        return list(self.model.layers)
-
-    def compile_units(self) -> list[nn.Module]:
-        return []
-
-    def process_weights_after_loading(self) -> None:
-        process_after_loading(self)
-
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         """Hugging Face names; q/k/v and gate/up merged as in the Llama family."""
         tied = self.arch.tie_word_embeddings
@@ -115,6 +106,3 @@ class BambaForCausalLM(EmbeddingHead, nn.Module):
             return LlamaForCausalLM.resolve_name(name.replace("model.final_layernorm.", "model.norm."))  # fmt: skip
 
         return load_named(self, weights, resolve, skip=lambda n: tied and n == "lm_head.weight")
-
-    def expected_weights(self) -> set[str]:
-        return expected_names(self)

@@ -22,6 +22,7 @@ from tokenmill.layers.linear import Linear
 from tokenmill.layers.norm import RMSNorm
 from tokenmill.layers.rotary import RotaryEmbedding
 from tokenmill.models.arch import ModelArch
+from tokenmill.models.weights import expected_names
 
 # checkpoint name part -> (merged module name part, shard index)
 STACKED_PARAMS = {
@@ -291,11 +292,4 @@ class LlamaForCausalLM(EmbeddingHead, nn.Module):
 
     def expected_weights(self) -> set[str]:
         """Names that `load_weights` must have filled (merged shards as `name#i`)."""
-        out = set()
-        for name, _ in self.named_parameters():
-            module = self.get_submodule(name.rsplit(".", 1)[0])
-            if isinstance(module, Linear) and len(module.output_sizes) > 1:
-                out.update(f"{name}#{i}" for i in range(len(module.output_sizes)))
-            else:
-                out.add(name)
-        return out
+        return expected_names(self)

@@ -22,7 +22,7 @@ from tokenmill.layers.factory import LayerFactory
 from tokenmill.layers.mamba import Mamba2Mixer
 from tokenmill.layers.norm import RMSNorm
 from tokenmill.models.arch import ModelArch
-from tokenmill.models.weights import expected_names, load_named, process_after_loading
+from tokenmill.models.weights import SingleStageModel, load_named
 
 NAMES = (("backbone.embeddings.", "model.embed_tokens."), ("backbone.layers.", "model.layers."),
          ("backbone.norm_f.", "model.norm."))  # fmt: skip
@@ -57,7 +57,7 @@ class MambaModel(nn.Module):
         self.norm = RMSNorm(arch.hidden_size, arch.rms_norm_eps, factory.dtype)
 
 
-class Mamba2ForCausalLM(EmbeddingHead, nn.Module):
+class Mamba2ForCausalLM(SingleStageModel, EmbeddingHead, nn.Module):
     def __init__(self, arch: ModelArch, factory: LayerFactory, max_positions: int) -> None:
         super().__init__()
         if factory.group.size > 1 or factory.stage.size > 1:
@@ -88,22 +88,10 @@ class Mamba2ForCausalLM(EmbeddingHead, nn.Module):
         """Each layer's per-sequence (conv state, SSM state) shapes: its cache spec."""
         return [layer.mixer.state_shapes() for layer in self.model.layers]
 
-    def own_layers(self) -> list[nn.Module]:
-        return list(self.model.layers)
-
-    def compile_units(self) -> list[nn.Module]:
-        return []
-
-    def process_weights_after_loading(self) -> None:
-        process_after_loading(self)
-
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         """Copy checkpoint tensors in (Hugging Face names); returns the names filled."""
         tied = self.arch.tie_word_embeddings
         return load_named(self, weights, _ours, skip=lambda n: tied and n == "lm_head.weight")
-
-    def expected_weights(self) -> set[str]:
-        return expected_names(self)
 
 
 def _ours(name: str) -> tuple[str, None]:

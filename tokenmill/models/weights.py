@@ -62,3 +62,22 @@ def process_after_loading(model) -> None:
         if isinstance(module, Linear):
             module.quant_method.process_weights_after_loading(module)
     model.process_embedding_after_loading()
+
+
+class SingleStageModel:
+    """What a model file without pipeline stages (or compiled halves) answers the same way:
+    its layers are all its own, nothing to compile, weights loaded by name."""
+
+    model: nn.Module  # has .layers
+
+    def own_layers(self) -> list[nn.Module]:
+        return list(self.model.layers)  # type: ignore[arg-type]
+
+    def compile_units(self) -> list[nn.Module]:
+        return []
+
+    def process_weights_after_loading(self) -> None:
+        process_after_loading(self)
+
+    def expected_weights(self) -> set[str]:
+        return expected_names(self)  # type: ignore[arg-type]
