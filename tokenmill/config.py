@@ -96,6 +96,12 @@ class CacheConfig:
         "the directory's free space.",
         default=None,
     )
+    kv_tier_dtype: str = doc_field(
+        "Blocks in the host and disk tiers: auto (as the pool holds them: bit-exact) or int8 / "
+        "fp8_e4m3 (compressed, one scale per token and head: about 1.9x the tokens in the same "
+        "bytes of a bf16 cache, at a perplexity cost; see BENCHMARKS.md).",
+        default="auto",
+    )
 
     @property
     def has_tiers(self) -> bool:
@@ -108,6 +114,18 @@ class CacheConfig:
             raise ValueError(f"kv_disk_memory must be > 0 bytes, got {self.kv_disk_memory}")
         if self.kv_disk_memory is not None and not self.kv_disk_dir:
             raise ValueError("kv_disk_memory sizes the disk KV tier: set kv_disk_dir too")
+        if self.kv_tier_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(
+                f"kv_tier_dtype must be one of {KV_CACHE_DTYPES}, got {self.kv_tier_dtype!r}"
+            )
+        if self.kv_tier_dtype != "auto" and not self.has_tiers:
+            raise ValueError("kv_tier_dtype sets the KV tiers' format: set kv_host_memory or kv_disk_dir too")  # fmt: skip
+        if self.kv_tier_dtype != "auto" and self.kv_cache_dtype != "auto":
+            raise ValueError(
+                f"kv_tier_dtype={self.kv_tier_dtype} compresses a 16- or 32-bit KV cache; this "
+                f"one is kv_cache_dtype={self.kv_cache_dtype} already, so its tiers hold its "
+                "blocks as they are: drop kv_tier_dtype"
+            )
         if self.has_tiers and not self.enable_prefix_caching:
             raise ValueError(
                 "the KV tiers (kv_host_memory, kv_disk_dir) hold cached prefixes: they need "

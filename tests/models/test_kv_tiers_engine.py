@@ -14,7 +14,7 @@ from tokenmill.config import EngineConfig
 from tokenmill.engine.engine import LLMEngine
 from tokenmill.sampling_params import SamplingParams
 
-BLOCK = 2 * 2 * 2 * 16 * 4 * 4  # layers x K/V x kv heads x head dim x fp32 x 4 tokens
+BLOCK = 2 * 2 * 2 * 16 * 4 * 4  # layers x K/V x kv heads x head dim x fp32 x 4 tokens: 2 KiB
 INT8_BLOCK = 2 * 2 * 2 * (16 + 4) * 4  # int8 codes and an fp32 scale per head and token
 SMALL = 28 * BLOCK  # a quarter of the blocks the conversations reuse
 OPTIONS = dict(dtype="float32", block_size=4, max_num_batched_tokens=64, max_num_seqs=4,
@@ -80,7 +80,7 @@ TIERS = {
 
 def tiered(model: str, tmp_path, tiers: str, **options) -> tuple[dict, LLMEngine]:
     """28 device blocks: a quarter of what the conversations reuse."""
-    options.update(TIERS[tiers])
+    options = {**TIERS[tiers], **options}
     if "kv_disk_memory" in options:
         options["kv_disk_dir"] = str(tmp_path)
     per_block = INT8_BLOCK if options.get("kv_cache_dtype") == "int8" else BLOCK
@@ -205,3 +205,71 @@ def test_a_host_tier_under_tensor_parallelism(tiny_model_dir):
 def test_a_host_tier_larger_than_the_machine_is_refused(tiny_model_dir):
     with pytest.raises(ValueError, match="kv_host_memory asks for .* GiB available"):
         run(str(tiny_model_dir("llama")), kv_host_memory=1 << 50)
+
+
+@pytest.mark.parametrize("tier_dtype", ["int8", "fp8_e4m3"])
+def test_a_compressed_tier_holds_more_blocks_and_stays_close(tiny_model_dir, tmp_path, tier_dtype):
+    """kv_tier_dtype int8 / fp8: the same host bytes hold 3.2x the blocks of this fp32 model
+    (head_dim 16), through host and disk; blocks come back rounded, so outputs are close to the
+    unlimited pool's rather than equal."""
+    model = str(tiny_model_dir("llama"))
+    out, engine = tiered(
+        model, tmp_path, "small host + disk", kv_tier_dtype=tier_dtype, max_num_seqs=1,
+        kv_host_memory=6 * BLOCK,
+    )  # fmt: skip
+    host, disk = engine.core.stats().kv_tiers
+    assert host.num_blocks == 6 * BLOCK // INT8_BLOCK and host.bytes_per_block == INT8_BLOCK
+    assert host.blocks_out + disk.blocks_out > 10 and disk.blocks_out > 0
+    expected = reference(model, "auto", 1)
+    worst, flips = 0.0, 0
+    for rid, seqs in out.items():
+        for (tokens, lps), (ref_tokens, ref_lps) in zip(seqs, expected[rid], strict=True):
+            for t, r, a, b in zip(tokens, ref_tokens, lps, ref_lps):
+                if t != r:  # a near-tie that rounding flipped: the rest of the sequence differs
+                    flips += 1
+                    break
+                worst = max(worst, abs(a[t] - b[r]))
+    # measured: int8 0 flips, 0.005 nats; fp8 (3 mantissa bits) 1 flip, 0.021; every K and V
+    # value 5% too large gives 3-4 flips and 0.06-0.07
+    limit = {"int8": (1, 0.015), "fp8_e4m3": (2, 0.04)}[tier_dtype]
+    assert flips <= limit[0] and worst < limit[1], (flips, worst)
+
+
+def test_scoring_after_a_tier_round_trip_and_the_eval_command(tiny_model_dir, tmp_path, capsys):
+    """`runner.score` with a tier: the history's blocks go down and back through the tier's own
+    code; an exact tier changes nothing, int8 only what is computed over the history; and
+    `tokenmill eval perplexity --kv-tier-dtype` scores the tokens after it against exact."""
+    import json
+
+    import torch
+
+    from tokenmill import LLM
+    from tokenmill.cli import main
+
+    model = str(tiny_model_dir("llama"))
+    llm = LLM(model=model, dtype="float32", block_size=4, kv_cache_memory=1 << 20)
+    ids = [(13 * i + 5) % 300 for i in range(40)]
+    runner = llm.engine.runner
+    plain, exact, int8 = (
+        runner.score(ids),
+        runner.score(ids, "auto", 24),
+        runner.score(ids, "int8", 24),
+    )
+    assert torch.allclose(plain, exact, atol=1e-5)
+    assert torch.equal(int8[:24], exact[:24])
+    gap = (int8[24:].log_softmax(-1) - exact[24:].log_softmax(-1)).abs().max().item()
+    assert 0 < gap < 0.05
+    with pytest.raises(ValueError, match="whole blocks"):
+        runner.score(ids, "int8", 22)
+
+    text = tmp_path / "text.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 40)
+    argv = ["eval", "perplexity", "--model", model, "--dataset", str(text), "--window", "64"]
+    argv += ["--max-windows", "3", "--json", "--dtype", "float32", "--block-size", "4"]
+    assert main([*argv, "--kv-tier-dtype", "int8", "--history", "32"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["kv_tier_dtype"] == "int8" and out["history"] == 32
+    assert out["num_tokens"] == 3 * (64 - 1 - 32)  # only the tokens after the history
+    assert out["perplexity"] != out["reference_perplexity"]
+    assert abs(out["ppl_change_pct"]) < 5
+    assert main([*argv, "--kv-tier-dtype", "int8", "--history", "30"]) == 2  # not whole blocks

@@ -11,7 +11,7 @@ import torch
 
 from tokenmill.kv.moves import BlockLoad, TierOps
 from tokenmill.kv.storage.disk import DiskBlocks
-from tokenmill.kv.storage.host import BlockViews
+from tokenmill.kv.storage.host import BlockCodec, BlockViews
 from tokenmill.kv.storage.mover import TierStorage
 
 BS = 4
@@ -69,6 +69,68 @@ def test_blocks_round_trip_through_host_and_disk_bit_identical(tmp_path, quantiz
     assert same(block(caches, 1), originals[1])  # via host, then its file
     assert same(block(caches, 2), originals[3])  # its file, written from the device
     store.close()
+
+
+@pytest.mark.parametrize("tier_dtype, qmax, rel", [("int8", 127, 0.5), ("fp8_e4m3", 448, 0.0625)])
+def test_a_compressed_tier_keeps_blocks_within_rounding_in_half_the_bytes(
+    tmp_path, tier_dtype, qmax, rel
+):
+    """int8 / fp8 tiers: each block comes back within its format's rounding of the original
+    (checked in float64 per token and head), the same whichever way it travelled (host slot,
+    file written from host, file written from the device), and takes ~half a bf16 block."""
+    caches = kv_caches(False)
+    views = BlockViews(caches, BS)
+    codec = BlockCodec(views.block_shapes(), tier_dtype)
+    exact = BlockCodec(views.block_shapes())
+    assert codec.bytes_per_block / exact.bytes_per_block == (8 + 4) / (2 * 8)  # head_dim 8
+    originals = {b: block(caches, b) for b in range(NUM_BLOCKS)}
+    d = DiskBlocks(str(tmp_path), 1 << 20, {"model": "m"}, codec.shapes())
+    store = TierStorage(views, host_blocks=2, disk=d, codec=codec)
+    h = [bytes([i]) * 16 for i in range(4)]
+    store.apply(TierOps(device_to_host=((1, 0), (2, 1)), device_to_disk=((3, h[3]),)))
+    store.apply(TierOps(host_to_disk=((0, h[1]),)))
+    d.flush()
+    from safetensors.torch import load_file
+
+    files = sorted(d.dir.glob("*.kvb"))
+    assert len(files) == 2
+    stored = load_file(files[0])  # the files hold the codes and scales, not bf16
+    assert sorted(str(t.dtype) for t in stored.values()) == sorted(
+        str(dt) for _, dt in codec.shapes()
+    ) and torch.bfloat16 not in {t.dtype for t in stored.values()}
+    for c in caches:
+        c.zero_()
+    load = BlockLoad(1, host=((1, 5, h[2]),), disk=((h[1], 0), (h[3], 4)))
+    store.apply(TierOps(loads=(load,)))
+    assert store.harvest(block=True)[:2] == ((1,), ())
+    back = {5: 2, 0: 1, 4: 3}  # device block -> the block it came from
+    for dst, src in back.items():
+        for got, want in zip(block(caches, dst), originals[src]):
+            want64, got64 = want.double(), got.double()
+            step = want64.abs().amax(-1, keepdim=True) / qmax  # the scale of each token and head
+            # int8: half a step; fp8 E4M3: 2^-4 of the value (3 mantissa bits), and the bf16 output
+            fmt = step * rel if tier_dtype == "int8" else want64.abs() * rel + step * 2**-10
+            bound = fmt + want64.abs() / 128
+            assert torch.all((got64 - want64).abs() <= bound + 1e-30), (dst, tier_dtype)
+            assert not torch.equal(got, torch.zeros_like(got))
+    # one format, however it travelled: the file written from host equals the host slot's decode
+    slot_copy = codec.decode([t[None] for t in store.host.block(1)])
+    assert same([x[0] for x in slot_copy], block(caches, 5))
+    store.close()
+
+
+def test_the_tier_format_is_checked_at_config():
+    from tokenmill.config import CacheConfig
+
+    with pytest.raises(ValueError, match="kv_tier_dtype must be one of"):
+        CacheConfig(kv_host_memory=1 << 20, kv_tier_dtype="int4")
+    with pytest.raises(ValueError, match="set kv_host_memory or kv_disk_dir"):
+        CacheConfig(kv_tier_dtype="int8")
+    with pytest.raises(ValueError, match="kv_cache_dtype=int8 already"):
+        CacheConfig(kv_host_memory=1 << 20, kv_tier_dtype="int8", kv_cache_dtype="int8")
+    views = BlockViews(kv_caches(True), BS)
+    with pytest.raises(ValueError, match="16- or 32-bit"):
+        BlockCodec(views.block_shapes(), "int8")
 
 
 def test_files_survive_a_restart_and_bad_ones_are_skipped(tmp_path, caplog):

@@ -89,7 +89,7 @@ class EngineCore:
             raise ValueError("the KV tiers hold cached prefixes, which a state-space model does not keep; drop kv_host_memory and kv_disk_dir")  # fmt: skip
         self.kv = KVCacheManager(
             plan.num_blocks, cache.block_size, prefix_caching,
-            self._tiers(executor, plan.bytes_per_block), plan.num_state_slots,
+            self._tiers(executor), plan.num_state_slots,
         )  # fmt: skip
         self.forks_share_prompt = not state  # False: n > 1 forks copy the parent's state
         self.scheduler = Scheduler(sched, self.kv, self.max_model_len)
@@ -120,20 +120,21 @@ class EngineCore:
         if config.device.compile:
             self._warm_up()
 
-    def _tiers(self, executor: Executor, bytes_per_block: int) -> TierPolicy | None:
+    def _tiers(self, executor: Executor) -> TierPolicy | None:
         """The host and disk tiers below the pool, when asked for; a disk tier left by an
         earlier run comes back warm (the worker validated its files)."""
         cache = self.config.cache
         if not (cache.kv_host_memory or cache.kv_disk_dir):
             return None
-        host_blocks = cache.kv_host_memory // bytes_per_block
-        info = executor.initialize_tiers(host_blocks)
-        tiers = TierPolicy(host_blocks, info.disk_blocks, bytes_per_block)
+        info = executor.initialize_tiers(cache.kv_host_memory)
+        tiers = TierPolicy(info.host_blocks, info.disk_blocks, info.bytes_per_block)
         tiers.restore(info.disk_hashes)
         log.info(
-            "KV tiers: host %d blocks (%.1f MiB), disk %d blocks, %d restored from disk",
-            host_blocks, host_blocks * bytes_per_block / 2**20, info.disk_blocks,
+            "KV tiers: host %d blocks (%.1f MiB), disk %d blocks, %d restored from disk; blocks %s",
+            info.host_blocks, info.host_blocks * info.bytes_per_block / 2**20, info.disk_blocks,
             len(tiers.disk.entries),
+            "as the pool holds them" if cache.kv_tier_dtype == "auto"
+            else f"compressed to {cache.kv_tier_dtype} ({info.bytes_per_block} bytes each)",
         )  # fmt: skip
         return tiers
 

@@ -36,9 +36,10 @@ class Executor(ABC):
         `num_state_slots` requests) on every worker."""
 
     @abstractmethod
-    def initialize_tiers(self, host_blocks: int) -> TierInfo:
-        """Set up the KV tiers' storage below the pool (after initialize_cache): `host_blocks`
-        of host memory and the disk directory of the cache config, scanned for blocks."""
+    def initialize_tiers(self, host_bytes: int) -> TierInfo:
+        """Set up the KV tiers' storage below the pool (after initialize_cache): `host_bytes`
+        of host memory per rank and the disk directory of the cache config, scanned for
+        blocks; the slots that makes in the tiers' block format (kv_tier_dtype)."""
 
     @abstractmethod
     def execute(self, out: SchedulerOutput) -> RunnerOutput:
@@ -72,8 +73,8 @@ class RankExecutor(Executor):
     def initialize_cache(self, num_blocks: int, num_state_slots: int = 0) -> None:
         self._call("initialize_cache", num_blocks, num_state_slots)
 
-    def initialize_tiers(self, host_blocks: int) -> TierInfo:
-        return self._call("initialize_tiers", host_blocks)
+    def initialize_tiers(self, host_bytes: int) -> TierInfo:
+        return self._call("initialize_tiers", host_bytes)
 
     def execute(self, out: SchedulerOutput) -> RunnerOutput:
         return self._call("execute", out)

@@ -26,8 +26,8 @@ class UniprocExecutor(Executor):
     def initialize_cache(self, num_blocks: int, num_state_slots: int = 0) -> None:
         self.worker.initialize_cache(num_blocks, num_state_slots)
 
-    def initialize_tiers(self, host_blocks: int) -> TierInfo:
-        return self.worker.initialize_tiers(host_blocks)
+    def initialize_tiers(self, host_bytes: int) -> TierInfo:
+        return self.worker.initialize_tiers(host_bytes)
 
     def execute(self, out: SchedulerOutput) -> RunnerOutput:
         return self.worker.execute(out)

@@ -38,6 +38,8 @@ class TierOps:
 class TierInfo:
     """What a worker's KV tier storage holds at start (executor -> core, once)."""
 
+    host_blocks: int  # slots the host tier's bytes hold (0: no host tier)
+    bytes_per_block: int  # one block in the tiers' format (kv_tier_dtype)
     disk_blocks: int  # blocks the disk tier's byte budget holds (0: no disk tier)
     disk_hashes: tuple[bytes, ...] = ()  # valid blocks an earlier run left, oldest first
 

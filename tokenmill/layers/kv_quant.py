@@ -14,13 +14,10 @@ from __future__ import annotations
 
 import torch
 
+from tokenmill.kv.storage.codes import KV_DTYPES, QMAX, SCALE_BYTES, STORAGE, dequantize, quantize
 from tokenmill.layers.attention import TorchAttention
 
-KV_DTYPES = {"int8": torch.int8, "fp8_e4m3": torch.float8_e4m3fn}
-QMAX = {torch.int8: 127.0, torch.float8_e4m3fn: 448.0}
-# Tensor dtype of the codes: torch has no CPU index_copy_ for float8, so FP8 codes live as bytes.
-STORAGE = {torch.int8: torch.int8, torch.float8_e4m3fn: torch.uint8}
-SCALE_BYTES = 4
+__all__ = ["KV_DTYPES", "QMAX", "STORAGE", "QuantizedKVAttention", "kv_bytes_per_element_and_token"]
 
 
 def kv_bytes_per_element_and_token(kv_cache_dtype: str, model_dtype: torch.dtype, head_dim: int):
@@ -37,17 +34,10 @@ class QuantizedKVAttention(TorchAttention):
         self.compute_dtype = compute_dtype
 
     def quantize(self, x: torch.Tensor):  # [kv_heads, n, dim] -> codes, scales [kv_heads, n, 1]
-        x = x.float()
-        scale = x.abs().amax(dim=-1, keepdim=True).clamp_(min=1e-12) / QMAX[self.kv_dtype]
-        y = x / scale
-        if self.kv_dtype == torch.int8:
-            return torch.round(y).to(torch.int8), scale
-        return y.to(self.kv_dtype).view(torch.uint8), scale  # stored as bytes: see STORAGE
+        return quantize(x, self.kv_dtype)
 
     def dequantize(self, codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-        if self.kv_dtype != torch.int8:
-            codes = codes.view(self.kv_dtype)
-        return (codes.to(torch.float32) * scales).to(self.compute_dtype)
+        return dequantize(codes, scales, self.kv_dtype, self.compute_dtype)
 
     def write(self, kv_cache, slots, k, v):
         codes, scales = kv_cache

@@ -33,7 +33,9 @@ def add_parsers(sub, add_engine_options) -> None:
         help="perplexity, and a paired comparison against the unquantized model",
         description="Perplexity over non-overlapping windows of a text. With --quantization or "
         "--kv-cache-dtype, the same model unquantized is the reference: delta log-perplexity "
-        "with a 95%% paired-bootstrap interval over windows, KL divergence and top-1 agreement.",
+        "with a 95%% paired-bootstrap interval over windows, KL divergence and top-1 agreement. "
+        "With --kv-tier-dtype, each window's history comes back from a compressed KV tier (the "
+        "reference's from an exact one) and the tokens after it are scored.",
     )
     p.add_argument("--model", default="default", help="HF folder, .gguf file, or 'default'")
     p.add_argument(
@@ -42,13 +44,25 @@ def add_parsers(sub, add_engine_options) -> None:
     p.add_argument("--window", type=int, default=512, help="tokens per scored window")
     p.add_argument("--max-windows", type=int, default=None, help="score at most this many")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument(
+        "--history",
+        type=int,
+        default=None,
+        help="with --kv-tier-dtype: tokens at the start of each window (whole KV blocks) that "
+        "come back from a KV tier of that format before the rest is scored over them (default: "
+        "half the window); only the tokens after them are scored",
+    )
     add_engine_options(p)
 
 
 def run(args: argparse.Namespace, engine_config) -> int:
     if args.command == "quantize":
         return quantize(args)
-    return eval_perplexity(args, engine_config(args))
+    # the tier format is what is evaluated here, on scratch caches: no tier is set up
+    tier_dtype, args.kv_tier_dtype = args.kv_tier_dtype, None
+    if tier_dtype == "auto":
+        tier_dtype = None
+    return eval_perplexity(args, engine_config(args), tier_dtype)
 
 
 def quantize(args) -> int:
@@ -71,7 +85,7 @@ def quantize(args) -> int:
     return 0
 
 
-def eval_perplexity(args, config) -> int:
+def eval_perplexity(args, config, tier_dtype: str | None = None) -> int:
     from dataclasses import replace
 
     from tqdm.auto import tqdm
@@ -94,12 +108,26 @@ def eval_perplexity(args, config) -> int:
         bar.total = total
         bar.update(done - bar.n)
 
-    result = compare(reference, candidate, ids, args.window, args.max_windows, progress=progress)
+    history = 0
+    if tier_dtype is not None:
+        block = config.cache.block_size
+        history = args.history if args.history is not None else args.window // 2 // block * block
+        if history <= 0 or history % block or history >= args.window - 1:
+            raise ValueError(
+                f"--history must be a positive multiple of the block size ({block}) below "
+                f"--window - 1 ({args.window - 1}), got {history}"
+            )
+    result = compare(
+        reference, candidate, ids, args.window, args.max_windows, progress=progress,
+        tier_dtype=tier_dtype, history=history,
+    )  # fmt: skip
     bar.close()
     out = {
         "model": args.model,
         "quantization": config.quant.quantization,
         "kv_cache_dtype": config.cache.kv_cache_dtype,
+        "kv_tier_dtype": tier_dtype or "auto",
+        "history": history,
         **result.as_dict(),
     }
     if args.json:
@@ -110,10 +138,13 @@ def eval_perplexity(args, config) -> int:
         f"perplexity {result.perplexity:.4f} over {result.num_tokens} tokens "
         f"({result.num_windows} windows of {args.window})"
     )
-    if reference is not candidate:
+    if tier_dtype is not None:
+        print(f"scored after {history} tokens per window from a {tier_dtype} KV tier")
+    if reference is not candidate or tier_dtype is not None:
         verdict = "significant" if result.significant else "not significant"
         print(
-            f"reference (unquantized) {result.reference_perplexity:.4f}; change "
+            f"reference ({'exact' if reference is candidate else 'unquantized'}) "
+            f"{result.reference_perplexity:.4f}; change "
             f"{result.ppl_change_pct:+.2f}%; delta log-ppl {result.delta_log_ppl:+.5f} "
             f"[95% CI {result.ci_low:+.5f}, {result.ci_high:+.5f}]: {verdict}"
         )

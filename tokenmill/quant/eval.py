@@ -85,14 +85,32 @@ def compare(
     num_resamples: int = 2000,
     seed: int = 0,
     progress=None,
+    tier_dtype: str | None = None,
+    history: int = 0,
 ) -> Comparison:
-    """Score `candidate` (an LLM) against `reference` (an LLM) window by window."""
+    """Score `candidate` (an LLM) against `reference` (an LLM) window by window.
+
+    With `tier_dtype`, the candidate's first `history` tokens of each window come back from a
+    KV tier of that format (`ModelRunner.score`), the reference's from an exact one, and only
+    the tokens predicted after them count: the cost a compressed tier puts on a returning
+    conversation's next turn."""
     chunks = windows(token_ids, window, max_windows)
+    if tier_dtype is not None:
+        chunks = [c for c in chunks if len(c) > history + 1]
+        if not chunks:
+            raise ValueError(f"no window is longer than history={history} + 1 tokens")
     stats = np.zeros((len(chunks), 5))  # nll_ref, nll_cand, tokens, kl sum, top-1 agreements
+    skip = history if tier_dtype is not None else 0  # positions scored only after the history
     for i, chunk in enumerate(chunks):
-        targets = torch.tensor(chunk[1:])
-        ref = reference.engine.runner.score(chunk)[:-1].log_softmax(-1)  # [n - 1, vocab]
-        cand = candidate.engine.runner.score(chunk)[:-1].log_softmax(-1)
+        targets = torch.tensor(chunk[skip + 1 :])
+        if tier_dtype is None:
+            ref = reference.engine.runner.score(chunk)
+            cand = candidate.engine.runner.score(chunk)
+        else:
+            ref = reference.engine.runner.score(chunk, "auto", history)
+            cand = candidate.engine.runner.score(chunk, tier_dtype, history)
+        ref = ref[skip:-1].log_softmax(-1)  # [n - 1 - skip, vocab]
+        cand = cand[skip:-1].log_softmax(-1)
         rows = torch.arange(len(targets))
         stats[i] = (
             -ref[rows, targets].sum().item(),

@@ -20,7 +20,7 @@ from tokenmill.engine.messages import RunnerOutput, SampledToken, SchedulerOutpu
 from tokenmill.kv.specs import AttentionSpec, CacheSpec, StateSpec
 from tokenmill.kv.storage.memory import Prefaulter, host_zeros
 from tokenmill.layers import native
-from tokenmill.layers.attention import TorchAttention
+from tokenmill.layers.attention import AttentionMetadata, PrefillSpan, TorchAttention
 from tokenmill.layers.kv_quant import (
     KV_DTYPES,
     STORAGE,
@@ -320,31 +320,68 @@ class ModelRunner:
         return pooled, sums
 
     @torch.inference_mode()
-    def score(self, token_ids: list[int]) -> torch.Tensor:  # [n, vocab] fp32
+    def score(
+        self, token_ids: list[int], tier_dtype: str | None = None, history: int = 0
+    ) -> torch.Tensor:  # [n, vocab] fp32
         """Logits after each token of one sequence, on a scratch KV cache of its own (the
         engine's blocks are untouched), through the same layers and KV storage as serving.
-        For evaluation with the engine idle."""
+        For evaluation with the engine idle.
+
+        With `tier_dtype`, the first `history` tokens (whole blocks) are computed first, their
+        blocks go down to a host tier of that format and back (kv/storage's code, as a
+        returning conversation's do), and the rest is computed over what came back."""
         n = len(token_ids)
         padded = -(-n // self.block_size) * self.block_size
         caches = [
             self._allocate((2, kv_heads, padded, head_dim), self.kv_cache_dtype)
             for kv_heads, head_dim in self.model.cache_layers()
         ]
-        meta = single_sequence_metadata(n, self.block_size, self.device)
         states = [  # state-space layers: a scratch state of its own too
             (zeros((1, *conv), torch.float32, self.device),
              zeros((1, *ssm), torch.float32, self.device))
             for conv, ssm in getattr(self.model, "state_layers", list)()
         ]  # fmt: skip
+        ids = torch.tensor(token_ids, device=self.device)
+        if tier_dtype is not None:
+            if states or history % self.block_size or not 0 < history < n:
+                raise ValueError(
+                    f"a tier round trip needs an attention model and 0 < history < {n} tokens "
+                    f"in whole blocks of {self.block_size}, got {history}"
+                )
+            return self._score_after_tier(ids, caches, tier_dtype, history)
+        meta = single_sequence_metadata(n, self.block_size, self.device)
         if states:
             from dataclasses import replace
 
             from tokenmill.layers.mamba import SSMBatch, SSMSequence
 
             meta = replace(meta, ssm=SSMBatch.of([SSMSequence(0, n, 0, True)], self.device))
-        ids = torch.tensor(token_ids, device=self.device)
         hidden = self.model(ids, torch.arange(n, device=self.device), caches + states, meta)
         return self.model.compute_logits(hidden).float()
+
+    def _score_after_tier(self, ids, caches, tier_dtype: str, history: int) -> torch.Tensor:
+        from tokenmill.kv.storage.host import BlockCodec, BlockViews, HostBlocks
+
+        n, h, dev = len(ids), history, self.device
+        first = self.model(
+            ids[:h], torch.arange(h, device=dev), caches, single_sequence_metadata(h, self.block_size, dev)
+        )  # fmt: skip
+        views = BlockViews(caches, self.block_size)
+        blocks = list(range(h // self.block_size))
+        tier = HostBlocks(views, len(blocks), BlockCodec(views.block_shapes(), tier_dtype))
+        tier.save(blocks, blocks)
+        tier.restore(blocks, blocks)
+        mask = torch.arange(n)[None, :] <= torch.arange(h, n)[:, None]  # [n - h, n]
+        meta = AttentionMetadata(
+            slot_mapping=torch.arange(h, n, device=dev),
+            num_decode_tokens=0,
+            block_size=self.block_size,
+            decode_block_tables=None,
+            decode_mask=None,
+            prefills=[PrefillSpan(0, n - h, h, torch.arange(n, device=dev), mask.to(dev))],
+        )
+        rest = self.model(ids[h:], torch.arange(h, n, device=dev), caches, meta)
+        return self.model.compute_logits(torch.cat([first, rest])).float()
 
     def _prompt_logprobs(self, hidden, spans):
         """Per prompt position p >= 1: {token p: logprob, top-k}, from the logits at p - 1,

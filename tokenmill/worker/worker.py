@@ -117,13 +117,15 @@ class Worker:
         if device.compile:
             self._runner.compile_model()
 
-    def initialize_tiers(self, host_blocks: int) -> TierInfo:
-        from tokenmill.kv.storage.host import BlockViews
+    def initialize_tiers(self, host_bytes: int) -> TierInfo:
+        from tokenmill.kv.storage.host import BlockCodec, BlockViews
         from tokenmill.kv.storage.mover import TierStorage
 
         cache, size = self.config.cache, self.config.parallel.world_size
         views = BlockViews(self.runner.kv_caches, cache.block_size)
-        self._check_host_memory(host_blocks * views.bytes_per_block)
+        codec = BlockCodec(views.block_shapes(), cache.kv_tier_dtype)
+        host_blocks = host_bytes // codec.bytes_per_block
+        self._check_host_memory(host_blocks * codec.bytes_per_block)
         disk = None
         if cache.kv_disk_dir:
             if size > 1:
@@ -138,13 +140,15 @@ class Worker:
                 "quantization": self.loaded.quantization,
                 "kv_cache_dtype": cache.kv_cache_dtype,
                 "block_size": cache.block_size,
-                "tensors": [[list(s), str(d)] for s, d in views.block_shapes()],
+                "tensors": [[list(s), str(d)] for s, d in codec.shapes()],
             }
-            disk = DiskBlocks(cache.kv_disk_dir, cache.kv_disk_memory, identity, views.block_shapes())  # fmt: skip
-        self._tiers = TierStorage(views, host_blocks, disk, inline_loads=size > 1)
+            if not codec.is_exact:  # (absent for exact blocks: older directories stay valid)
+                identity["kv_tier_dtype"] = cache.kv_tier_dtype
+            disk = DiskBlocks(cache.kv_disk_dir, cache.kv_disk_memory, identity, codec.shapes())
+        self._tiers = TierStorage(views, host_blocks, disk, size > 1, codec)
         if disk is None:
-            return TierInfo(0)
-        return TierInfo(disk.num_blocks, tuple(disk.scan()))
+            return TierInfo(host_blocks, codec.bytes_per_block, 0)
+        return TierInfo(host_blocks, codec.bytes_per_block, disk.num_blocks, tuple(disk.scan()))
 
     @staticmethod
     def _check_host_memory(num_bytes: int) -> None:

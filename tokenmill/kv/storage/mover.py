@@ -20,7 +20,7 @@ import torch
 
 from tokenmill.kv.moves import BlockLoad, TierOps
 from tokenmill.kv.storage.disk import DiskBlocks
-from tokenmill.kv.storage.host import BlockViews, HostBlocks
+from tokenmill.kv.storage.host import BlockCodec, BlockViews, HostBlocks
 
 log = logging.getLogger(__name__)
 
@@ -38,9 +38,11 @@ class TierStorage:
         host_blocks: int,
         disk: DiskBlocks | None,
         inline_loads: bool = False,
+        codec: BlockCodec | None = None,
     ) -> None:
         self.device_blocks = device_blocks
-        self.host = HostBlocks(device_blocks, host_blocks) if host_blocks else None
+        self.codec = codec or BlockCodec(device_blocks.block_shapes())
+        self.host = HostBlocks(device_blocks, host_blocks, self.codec) if host_blocks else None
         self.disk = disk
         self.inline_loads = inline_loads
         self._loader = ThreadPoolExecutor(1, thread_name_prefix="kv-load")
@@ -60,7 +62,7 @@ class TierStorage:
             self._host().save(blocks, slots)
         if ops.device_to_disk:
             blocks, hashes = zip(*ops.device_to_disk, strict=True)
-            data = self.device_blocks.gather(blocks)
+            data = self.codec.encode(self.device_blocks.gather(blocks))
             for i, block_hash in enumerate(hashes):
                 self._disk().write(block_hash, [d[i].clone() for d in data])
         if not ops.loads:
@@ -124,7 +126,7 @@ class TierStorage:
                     read.append((block, data))
         if read:
             per_tensor = [torch.stack([d[k] for _, d in read]) for k in range(len(read[0][1]))]
-            self.device_blocks.scatter([b for b, _ in read], per_tensor)
+            self.device_blocks.scatter([b for b, _ in read], self.codec.decode(per_tensor))
         if self.device_blocks.device.type == "cuda":
             torch.cuda.current_stream(self.device_blocks.device).synchronize()
         return failed
