@@ -1,5 +1,6 @@
-"""Which blocks should the host tier keep? LRU against FIFO, LFU, S3-FIFO and Belady's optimum
-on the multi-turn chat of kv_tiers.py, and what the compressed tier (kv_tier_dtype) buys.
+"""Which blocks should the host tier keep? The tier's own policy (S3-FIFO, kv/tiers.py) against
+LRU (its former policy), FIFO, LFU and Belady's optimum on the multi-turn chat of kv_tiers.py,
+and what the compressed tier (kv_tier_dtype) buys.
 
     python benchmarks/kv_tier_policies.py --out benchmarks/results-kv-tier-policies.json \\
         --plot benchmarks/plots/kv-tier-policies.png
@@ -9,13 +10,16 @@ on the multi-turn chat of kv_tiers.py, and what the compressed tier (kv_tier_dty
    pool evicts (`offload`) and each lookup below the pool (the blocks a prompt asks the tiers for
    after its device prefix). With one request in flight the pool's evictions do not depend on
    the tier (a block loaded or recomputed takes the same device block), so this trace is every
-   policy's input.
+   policy's input. The tier's reservations and finished loads are recorded too (its pins).
 2. Replay: each policy over the trace at host capacities from 5% to 125% of the working set. A
    lookup stops at its first miss (as KVCacheManager.find_prefix does); hits are blocks loaded
    instead of recomputed. Belady's optimum (evict, or do not admit, the block used farthest in
-   the future) bounds what any policy could do.
-3. Check, on the engine: a run with an LRU host tier of `--check-share` of the working set must
-   find exactly the hits the LRU replay counts (the replay is the policy, not a model of it).
+   the future) bounds what any policy could do. "tokenmill" is kv/tiers.py's TierPolicy itself,
+   driven through offload / find / reserve / loaded; the others are written out here.
+   A shifted workload (the trace, then the same trace on new block hashes: the users moved on)
+   shows which policies let go of blocks that stopped being used.
+3. Check, on the engine: a run with a host tier of `--check-share` of the working set must find
+   exactly the hits the TierPolicy replay counts (the replay is the policy, not a model of it).
    Then the same host bytes with kv_tier_dtype int8: its hits and TTFT next to the exact tier's.
 """
 
@@ -35,15 +39,33 @@ from tqdm.auto import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from kv_tiers import BYTES_PER_TOKEN, Chat, engine_for, run_turns  # noqa: E402
 
+from tokenmill.kv.tiers import TierPolicy  # noqa: E402
+
 BLOCK_TOKENS = 16
 
 
 # ---- the trace --------------------------------------------------------------------------------
 def record(args, options: dict) -> tuple[list, dict]:
-    """Run the chat; the tier events in order: ("offload", hash) and ("lookup", [hashes])."""
+    """Run the chat; the tier events in order: ("offload", hash), ("lookup", [hashes]),
+    ("reserve", (job, [hashes])) and ("loaded", job)."""
     engine = engine_for(options)
     kv, events = engine.kv, []
     evict, find, find_prefix = kv.pool.on_evict, kv.tiers.find, kv.find_prefix
+    reserve, loaded, cancel = kv.tiers.reserve, kv.tiers.loaded, kv.tiers.cancel
+
+    def on_reserve(hashes):
+        hashes = list(hashes)
+        job = reserve(hashes)
+        events.append(("reserve", (job, hashes)))
+        return job
+
+    def on_loaded(job, failed=()):
+        events.append(("loaded", job))
+        return loaded(job, failed)
+
+    def on_cancel(job):
+        events.append(("loaded", job))
+        return cancel(job)
 
     def on_evict(block_id, block_hash):
         events.append(("offload", block_hash))
@@ -58,17 +80,49 @@ def record(args, options: dict) -> tuple[list, dict]:
         return find_prefix(req_id, token_ids)
 
     kv.pool.on_evict, kv.tiers.find, kv.find_prefix = on_evict, on_find, on_find_prefix
+    kv.tiers.reserve, kv.tiers.loaded, kv.tiers.cancel = on_reserve, on_loaded, on_cancel
     chat = Chat(args, engine.core.info.vocab_size)
     turns = run_turns(engine, chat, range(args.turns), args, "record")
     host = engine.core.stats().kv_tiers[0]
     engine.core.shutdown()
-    events = [e for e in events if e[0] == "offload" or e[1]]
+    events = [e for e in events if e[0] != "lookup" or e[1]]
     return events, {"turns": turns, "host_hits": host.hits, "host_blocks": host.num_blocks}
 
 
 # ---- the policies (block hash -> kept or not; inclusive, as kv/tiers.py) --------------------
+class Tokenmill:
+    """kv/tiers.py's TierPolicy (a host tier, no disk), as the engine drives it: a hit is `find`;
+    the use is counted, and the entries pinned, by `reserve` (of what this replay found: the
+    recording's tier held more) until `loaded`."""
+
+    def __init__(self, capacity: int) -> None:
+        self.policy = TierPolicy(host_blocks=capacity, disk_blocks=0, bytes_per_block=1)
+        self.found: set = set()  # the last lookup's hits
+        self.jobs: dict = {}  # recorded job -> this policy's job (None: nothing found)
+
+    def hit(self, h, t) -> bool:
+        if self.policy.find(h):
+            self.found.add(h)
+            return True
+        return False
+
+    def offload(self, h, t) -> None:
+        self.policy.offload(0, h)
+        self.policy.take_ops()
+
+    def reserve(self, job, hashes) -> None:
+        mine = [h for h in hashes if h in self.found]
+        self.found = set()
+        self.jobs[job] = self.policy.reserve(mine) if mine else None
+
+    def loaded(self, job) -> None:
+        if (mine := self.jobs.pop(job)) is not None:
+            self.policy.loaded(mine)
+
+
 class LRU:
-    """kv/tiers.py: an offload inserts (or touches) at the recent end; a hit touches."""
+    """kv/tiers.py before S3-FIFO: an offload inserts (or touches) at the recent end; a hit
+    touches."""
 
     def __init__(self, capacity: int) -> None:
         self.capacity, self.entries = capacity, OrderedDict()
@@ -129,8 +183,8 @@ class S3FIFO:
     """S3-FIFO (Yang et al., SOSP 2023): a small FIFO (10%) filters one-time blocks, a main FIFO
     with reinsertion keeps those used again, a ghost queue of hashes readmits recent evictees."""
 
-    def __init__(self, capacity: int) -> None:
-        self.capacity = capacity
+    def __init__(self, capacity: int, threshold: int = 1) -> None:
+        self.capacity, self.threshold = capacity, threshold
         self.small_cap = max(1, capacity // 10)
         self.small, self.main, self.ghost = deque(), deque(), OrderedDict()
         self.freq, self.where = {}, {}
@@ -160,7 +214,7 @@ class S3FIFO:
         if len(self.small) >= self.small_cap or not self.main:
             while self.small:
                 t = self.small.pop()
-                if self.freq[t] > 1:
+                if self.freq[t] >= self.threshold:
                     self.main.appendleft(t)
                     self.where[t] = "main"
                     if len(self.main) > self.capacity - self.small_cap:
@@ -218,7 +272,9 @@ class Belady:
         self._set(h, t)
 
 
-POLICIES = {"LRU (kv/tiers.py)": LRU, "FIFO": FIFO, "LFU": LFU, "S3-FIFO": S3FIFO}
+TOKENMILL = "tokenmill (S3-FIFO, kv/tiers.py)"
+POLICIES = {TOKENMILL: Tokenmill, "LRU (former)": LRU, "FIFO": FIFO, "LFU": LFU,
+            "S3-FIFO (paper, freq > 1)": lambda c: S3FIFO(c, threshold=2)}  # fmt: skip
 
 
 def next_uses(events: list) -> dict:
@@ -226,6 +282,8 @@ def next_uses(events: list) -> dict:
     out, upcoming = {}, {}
     for t in range(len(events) - 1, -1, -1):
         kind, what = events[t]
+        if kind not in ("lookup", "offload"):
+            continue
         for h in what if kind == "lookup" else (what,):
             out[(h, t)] = upcoming.get(h, float("inf"))
         if kind == "lookup":
@@ -234,19 +292,46 @@ def next_uses(events: list) -> dict:
     return out
 
 
-def replay(events: list, policy) -> tuple[int, int]:
-    """(blocks loaded, blocks asked): a lookup stops at its first miss."""
+def replay(events: list, policy, count_from: int = 0) -> tuple[int, int]:
+    """(blocks loaded, blocks asked) from event `count_from` on: a lookup stops at its first
+    miss. Reservations and finished loads reach only the policies that pin (tokenmill's)."""
     hits = asked = 0
     for t, (kind, what) in enumerate(events):
         if kind == "offload":
             policy.offload(what, t)
-            continue
-        asked += len(what)
-        for h in what:
-            if not policy.hit(h, t):
-                break
-            hits += 1
+        elif kind == "reserve":
+            if hasattr(policy, "reserve"):
+                policy.reserve(*what)
+        elif kind == "loaded":
+            if hasattr(policy, "loaded"):
+                policy.loaded(what)
+        else:
+            found = 0
+            if hasattr(policy, "found"):
+                policy.found = set()
+            for h in what:
+                if not policy.hit(h, t):
+                    break
+                found += 1
+            if t >= count_from:
+                hits, asked = hits + found, asked + len(what)
     return hits, asked
+
+
+def renamed(events: list, tag: bytes) -> list:
+    """The same events on other block hashes (other users, other documents)."""
+    out = []
+    for kind, what in events:
+        if kind == "offload":
+            what = tag + what
+        elif kind == "lookup":
+            what = [tag + h for h in what]
+        elif kind == "reserve":
+            what = (("shifted", what[0]), [tag + h for h in what[1]])
+        else:
+            what = ("shifted", what)
+        out.append((kind, what))
+    return out
 
 
 # ---- the check on the engine ------------------------------------------------------------------
@@ -296,6 +381,16 @@ def main() -> None:
         curves["Belady (optimum)"].append(replay(events, Belady(capacity, future))[0])
     asked = replay(events, LRU(1))[1]
     hits_if_all = replay(events, LRU(10**9))[0]
+    # the shifted workload: the trace, then the same on new hashes; hits in the second half
+    both = events + renamed(events, b"shifted:")
+    future_both = next_uses(both)
+    shifted_shares = [0.2, 0.4, 0.6]
+    shifted: dict = {name: [] for name in curves}
+    for share in tqdm(shifted_shares, desc="shifted replays"):
+        capacity = max(1, int(working_blocks * share))
+        for name, cls in POLICIES.items():
+            shifted[name].append(replay(both, cls(capacity), len(events))[0])
+        shifted["Belady (optimum)"].append(replay(both, Belady(capacity, future_both), len(events))[0])  # fmt: skip
     # the check: the engine's LRU host tier at --check-share, then the same bytes in int8
     host_bytes = int(working * args.check_share)
     exact = engine_run(args, {**base, "kv_host_memory": host_bytes}, "exact")
@@ -303,8 +398,9 @@ def main() -> None:
     int8 = engine_run(args, {**base, "kv_host_memory": host_bytes, "kv_tier_dtype": "int8"}, "int8")  # fmt: skip
     bar.update(1)
     bar.close()
-    replayed = replay(events, LRU(exact["host_blocks"]))[0]
-    replayed_int8 = replay(events, LRU(int8["host_blocks"]))[0]
+    replayed = replay(events, Tokenmill(exact["host_blocks"]))[0]
+    replayed_int8 = replay(events, Tokenmill(int8["host_blocks"]))[0]
+    lru, lru_int8 = (replay(events, LRU(r["host_blocks"]))[0] for r in (exact, int8))
     results = {
         "machine": machine(), "commit": commit(), "date": time.strftime("%Y-%m-%d"),
         "args": {k: str(v) for k, v in vars(args).items()},
@@ -313,8 +409,10 @@ def main() -> None:
                   "blocks_asked": asked, "hits_with_every_block_kept": hits_if_all,
                   "recorded_host_hits": recorded["host_hits"]},
         "shares": shares, "hits": curves,
+        "shifted": {"shares": shifted_shares, "second_half_hits": shifted},
         "check": {"host_share": args.check_share, "exact": exact, "int8": int8,
-                  "lru_replay_hits": replayed, "lru_replay_hits_int8_capacity": replayed_int8},
+                  "replay_hits": replayed, "replay_hits_int8_capacity": replayed_int8,
+                  "lru_hits": lru, "lru_hits_int8_capacity": lru_int8},
     }  # fmt: skip
     report(results)
     if args.out:
@@ -330,15 +428,22 @@ def report(r: dict) -> None:
           f"{tr['hits_with_every_block_kept']} hits with every block kept "
           f"(the recording engine found {tr['recorded_host_hits']})")  # fmt: skip
     names = list(r["hits"])
-    print("host / working set " + "".join(f"{n:>20}" for n in names))
     best = tr["hits_with_every_block_kept"]
-    for i, share in enumerate(r["shares"]):
-        print(f"{share:18.2f} " + "".join(f"{r['hits'][n][i] / best:20.1%}" for n in names))
+    print("% of the reusable blocks loaded, by host tier / working set")
+    print(f"{'policy':<34}" + "".join(f"{s:>7.2f}" for s in r["shares"]))
+    for n in names:
+        print(f"{n:<34}" + "".join(f"{h / best:7.1%}" for h in r["hits"][n]))
+    sh = r["shifted"]
+    print("shifted workload (the trace, then on new hashes): % loaded in the second half")
+    print(f"{'policy':<34}" + "".join(f"{s:>7.2f}" for s in sh["shares"]))
+    for n in names:
+        print(f"{n:<34}" + "".join(f"{h / best:7.1%}" for h in sh["second_half_hits"][n]))
     c = r["check"]
     print(f"engine check at {c['host_share']:.0%}: exact tier {c['exact']['host_blocks']} blocks, "
-          f"{c['exact']['host_hits']} hits (LRU replay {c['lru_replay_hits']}); int8 tier "
-          f"{c['int8']['host_blocks']} blocks, {c['int8']['host_hits']} hits (replay "
-          f"{c['lru_replay_hits_int8_capacity']}); TTFT p50 turns 2+: exact "
+          f"{c['exact']['host_hits']} hits (TierPolicy replay {c['replay_hits']}, LRU "
+          f"{c['lru_hits']}); int8 tier {c['int8']['host_blocks']} blocks, "
+          f"{c['int8']['host_hits']} hits (replay {c['replay_hits_int8_capacity']}, LRU "
+          f"{c['lru_hits_int8_capacity']}); TTFT p50 turns 2+: exact "
           f"{c['exact']['ttft_p50_turns_2plus_s'] * 1e3:.0f} ms, int8 "
           f"{c['int8']['ttft_p50_turns_2plus_s'] * 1e3:.0f} ms")  # fmt: skip
 
@@ -353,7 +458,8 @@ def plot(r: dict, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.2))
     for name, hits in r["hits"].items():
         style = "--" if "Belady" in name else "-"
-        ax.plot([100 * s for s in r["shares"]], [100 * h / best for h in hits], style, marker="o", ms=3, label=name)  # fmt: skip
+        width = 2.6 if name == TOKENMILL else 1.2
+        ax.plot([100 * s for s in r["shares"]], [100 * h / best for h in hits], style, lw=width, marker="o", ms=3, label=name)  # fmt: skip
     ax.set_xlabel("host tier, % of the working set")
     ax.set_ylabel("% of the reusable blocks loaded, not recomputed")
     ax.set_title(f"KV host tier policies, multi-turn chat trace ({r['commit']})")
