@@ -71,6 +71,43 @@ def test_blocks_round_trip_through_host_and_disk_bit_identical(tmp_path, quantiz
     store.close()
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("tier_dtype", ["auto", "int8"])
+def test_cuda_loads_run_on_their_own_stream_while_the_forward_is_busy(tier_dtype):
+    """On CUDA the host tier is pinned and a load is DMAs on the loader's stream: it finishes
+    (harvested, bit-identical, or within rounding for int8) while the compute stream is still
+    running a long kernel, instead of queueing behind it."""
+    cpu = kv_caches(False)
+    caches = [c.cuda() for c in cpu]
+    views = BlockViews(caches, BS)
+    store = TierStorage(views, 4, None, codec=BlockCodec(views.block_shapes(), tier_dtype))
+    assert store.host is not None and all(t.is_pinned() for t in store.host.tensors)
+    h = [bytes([i]) * 16 for i in range(4)]
+    store.apply(TierOps(device_to_host=((1, 0), (2, 1))))
+    for job in range(2):  # the first job warms the pinned staging allocator
+        for c in caches:
+            c.zero_()
+        torch.cuda.synchronize()
+        torch.cuda._sleep(3_000_000_000)  # ~1.5-2 s of GPU clock on the compute stream
+        store.apply(TierOps(loads=(BlockLoad(job, host=((0, 3, h[1]), (1, 5, h[2])), disk=()),)))
+        done: tuple = ()
+        for _ in range(100):
+            done += store.harvest(block=True)[0]
+            if done:
+                break
+        busy = not torch.cuda.current_stream().query()
+        torch.cuda.synchronize()
+        assert done == (job,) and busy, (done, busy)
+    for dst, src in ((3, 1), (5, 2)):
+        got = [t.cpu() for t in block(caches, dst)]
+        want = block(cpu, src)
+        if tier_dtype == "auto":
+            assert same(got, want)
+        else:
+            assert all((g.float() - w.float()).abs().max() <= w.float().abs().max() / 100 for g, w in zip(got, want))  # fmt: skip
+    store.close()
+
+
 @pytest.mark.parametrize("tier_dtype, qmax, rel", [("int8", 127, 0.5), ("fp8_e4m3", 448, 0.0625)])
 def test_a_compressed_tier_keeps_blocks_within_rounding_in_half_the_bytes(
     tmp_path, tier_dtype, qmax, rel

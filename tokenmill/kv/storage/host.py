@@ -4,12 +4,15 @@ The runner's KV tensors are [2, kv_heads, slots, head_dim] per layer (a quantize
 [2, kv_heads, slots, 1] scales); slots are (num_blocks + 1) x block_size, so a view
 [2, kv_heads, num_blocks + 1, block_size, ...] addresses whole blocks. The host tier keeps, per
 such tensor, [host_blocks, 2, kv_heads, block_size, ...]: one slot's bytes are exactly one
-device block's, so blocks come back bit-identical. On CUDA the host tensors are pinned.
+device block's, so blocks come back bit-identical. On CUDA the host tensors are pinned, and
+blocks coming back go through pinned staging, so their copies are DMAs on the caller's current
+stream (the loader's own: mover.py) that do not wait for the forward.
 
 A compressed tier (`BlockCodec` with kv_tier_dtype int8 or fp8_e4m3) keeps each 16- or 32-bit
 KV tensor of a block as codes of the same shape plus one float32 scale per token and head (the
 scheme of the int8 KV cache, layers/kv_quant.py): a bf16 block of head_dim 64 in 0.53 of its
-bytes. Its blocks come back dequantized, not bit-identical; the disk tier stores the same codes.
+bytes. Its blocks come back dequantized, not bit-identical; the disk tier stores the same codes. The
+codes cross to the device before they are decoded: a compressed tier moves its own bytes.
 """
 
 from __future__ import annotations
@@ -48,6 +51,13 @@ class BlockViews:
         """Copies of these blocks, per KV tensor [n, 2, kv_heads, block_size, ...]."""
         idx = torch.tensor(blocks, dtype=torch.long, device=self.device)
         return [v.index_select(2, idx).movedim(2, 0) for v in self.views]
+
+    def upload(self, data: Sequence[torch.Tensor], pinned: bool = False) -> list[torch.Tensor]:
+        """Host tensors onto the device, asynchronously on CUDA (through pinned memory, unless
+        they are `pinned` already) on the current stream; as they are on CPU."""
+        if self.device.type != "cuda":
+            return list(data)
+        return [(d if pinned else d.pin_memory()).to(self.device, non_blocking=True) for d in data]
 
     def scatter(self, blocks: Sequence[int], data: Sequence[torch.Tensor]) -> None:
         """Write data (per KV tensor [n, 2, kv_heads, block_size, ...]) into these blocks."""
@@ -128,9 +138,15 @@ class HostBlocks:
             host.index_copy_(0, idx, d.to("cpu"))
 
     def restore(self, slots: Sequence[int], blocks: Sequence[int]) -> None:
-        """Host slots -> device blocks."""
+        """Host slots -> device blocks: the slots gathered (into pinned staging on CUDA), moved,
+        then decoded and placed on the device."""
         idx = torch.tensor(slots, dtype=torch.long)
-        data = self.codec.decode([t.index_select(0, idx) for t in self.tensors])
+        pin = self.device_blocks.device.type == "cuda"
+        staged = []
+        for t in self.tensors:
+            out = torch.empty((len(slots), *t.shape[1:]), dtype=t.dtype, pin_memory=pin)
+            staged.append(torch.index_select(t, 0, idx, out=out))
+        data = self.codec.decode(self.device_blocks.upload(staged, pinned=True))
         self.device_blocks.scatter(blocks, data)
 
     def block(self, slot: int) -> list[torch.Tensor]:

@@ -5,12 +5,16 @@ slots may be refilled in this same step), evicted files dropped, evicted device 
 host slots (or written to files when there is no host tier); then the step's loads start on a
 background thread, so the forward of other requests runs meanwhile. Loads write only device
 blocks that no scheduled request reads (the requests waiting for them are not scheduled until
-`harvest` has reported them), so the two never race. With several ranks, loads finish inside
-the step instead: every rank must hold a block before any rank's request reads it.
+`harvest` has reported them), so the two never race. On CUDA the loads run on their own stream
+(from pinned memory: DMAs beside the forward's kernels, not queued behind them) and a job is
+done when that stream has finished it. With several ranks, loads finish inside the step
+instead: every rank must hold a block before any rank's request reads it. Saves (device ->
+host) stay on the compute stream, synchronous: the pool reuses those blocks in this same step.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
@@ -49,6 +53,8 @@ class TierStorage:
         self._in_flight: list[tuple[tuple[int, ...], Future]] = []
         self._reports = _Reports()
         self._mutex = threading.Lock()
+        device = device_blocks.device
+        self._copy_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
 
     def apply(self, ops: TierOps | None) -> None:
         if ops is None:
@@ -111,6 +117,14 @@ class TierStorage:
 
     @torch.inference_mode()
     def _load(self, loads: tuple[BlockLoad, ...]) -> list[bytes]:
+        stream = self._copy_stream
+        with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+            failed = self._copy_in(loads)
+        if stream is not None:
+            stream.synchronize()  # this job's copies only: the forward's stream runs on
+        return failed
+
+    def _copy_in(self, loads: tuple[BlockLoad, ...]) -> list[bytes]:
         failed: list[bytes] = []
         host = [entry for load in loads for entry in load.host]
         if host:
@@ -126,9 +140,8 @@ class TierStorage:
                     read.append((block, data))
         if read:
             per_tensor = [torch.stack([d[k] for _, d in read]) for k in range(len(read[0][1]))]
-            self.device_blocks.scatter([b for b, _ in read], self.codec.decode(per_tensor))
-        if self.device_blocks.device.type == "cuda":
-            torch.cuda.current_stream(self.device_blocks.device).synchronize()
+            on_device = self.device_blocks.upload(per_tensor)
+            self.device_blocks.scatter([b for b, _ in read], self.codec.decode(on_device))
         return failed
 
     def _host(self) -> HostBlocks:
