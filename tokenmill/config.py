@@ -83,17 +83,19 @@ class CacheConfig:
     )
     kv_host_memory: int = doc_field(
         "Bytes of host memory for KV blocks evicted from the pool (0 = off): a returning "
-        "prefix is loaded back instead of recomputed. Pinned on CUDA.",
+        "prefix is loaded back instead of recomputed. Pinned on CUDA. Per rank with tensor or "
+        "pipeline parallelism (each holds its shard of every block).",
         default=0,
     )
     kv_disk_dir: str | None = doc_field(
         "Directory for a disk KV tier below host memory; it survives restarts (one server "
-        "per directory: it is locked).",
+        "per directory: it is locked). With several ranks, each keeps its shards in its own "
+        "subdirectory (rank<r>-tp<T>-pp<P>).",
         default=None,
     )
     kv_disk_memory: int | None = doc_field(
-        "Bytes the disk KV tier may take; default with kv_disk_dir: 8 GiB, at most half "
-        "the directory's free space.",
+        "Bytes the disk KV tier may take (per rank with several ranks); default with "
+        "kv_disk_dir: 8 GiB, at most half the directory's free space (shared by the ranks).",
         default=None,
     )
     kv_tier_dtype: str = doc_field(

@@ -198,8 +198,57 @@ def test_a_host_tier_under_tensor_parallelism(tiny_model_dir):
     assert engine.kv.pool.num_blocks == 28
     assert_close(out, reference(model, "auto", 1))
     assert engine.core.stats().kv_tiers[0].blocks_out > 10
-    with pytest.raises(RuntimeError, match="kv_disk_dir with tensor or pipeline parallelism"):
-        run(model, parallel=True, tensor_parallel_size=2, kv_disk_dir="/tmp/unused")
+
+
+@pytest.mark.parametrize("layout", [dict(tensor_parallel_size=2), dict(pipeline_parallel_size=2)])
+def test_a_disk_tier_under_tensor_and_pipeline_parallelism(tiny_model_dir, tmp_path, layout):
+    """Each rank keeps its shard of every block in its own directory: outputs as without
+    tiers, a restart finds every rank's files warm, a block one rank lost (a file gone, one
+    corrupt) is recomputed and dropped on every rank, never half-loaded."""
+    model = str(tiny_model_dir("llama"))
+    options = dict(parallel=True, max_num_seqs=1, kv_cache_memory=SMALL // 2,
+                   kv_disk_dir=str(tmp_path), kv_disk_memory=1 << 22, **layout)  # fmt: skip
+    if "pipeline_parallel_size" in layout:  # a stage holds half the layers, all the heads
+        options["kv_cache_memory"] = SMALL // 2
+    first = conversations()
+    out, engine = run(model, first, **options)
+    assert_close(out, reference(model, "auto", 1))
+    (disk,) = engine.core.stats().kv_tiers
+    assert disk.blocks_out > 10
+    size = layout.get("tensor_parallel_size", 1) * layout.get("pipeline_parallel_size", 1)
+    dirs = sorted(p for p in tmp_path.iterdir() if p.is_dir())
+    assert [d.name for d in dirs] == [
+        f"rank{r}-tp{layout.get('tensor_parallel_size', 1)}-pp{layout.get('pipeline_parallel_size', 1)}"
+        for r in range(size)
+    ]  # fmt: skip
+    files = [sorted(p.name for p in d.glob("*/*.kvb")) for d in dirs]
+    assert files[0] == files[1] and len(files[0]) > 20  # every rank wrote every block
+    # rank 1 has the file of the system prompt's third block corrupt, and loses five others
+    from tokenmill.kv.manager import hash_block
+
+    chain = [b""]
+    for i in range(3):
+        chain.append(hash_block(chain[-1], SYSTEM[4 * i : 4 * i + 4]))
+    (corrupt,) = dirs[1].glob(f"*/{chain[3].hex()}.kvb")
+    rank1 = [f for f in sorted(dirs[1].glob("*/*.kvb")) if f != corrupt]
+    lost = {f.name for f in rank1[:5]}
+    for f in rank1[:5]:
+        f.unlink()
+    data = bytearray(corrupt.read_bytes())
+    data[-1] ^= 0x01
+    corrupt.write_bytes(bytes(data))
+    run(model, [[]], **options)  # a start: blocks some ranks lack are dropped from all ranks
+    assert not lost & {p.name for p in dirs[0].glob("*/*.kvb")}
+    again = [[(f"again-{rid}", ids) for rid, ids in first[-1]]]
+    cold, cold_engine = run(model, again, parallel=True, max_num_seqs=1, kv_cache_memory=options["kv_cache_memory"], **layout)  # fmt: skip
+    warm, warm_engine = run(model, again, **options)
+    assert_close(warm, cold)  # the corrupt shard was not loaded: its block was recomputed
+    (disk,) = warm_engine.core.stats().kv_tiers
+    assert disk.hits >= 6 and warm_engine.cached_tokens > cold_engine.cached_tokens
+    # the corrupt file is gone, or written whole again at shutdown
+    assert not corrupt.exists() or corrupt.read_bytes() != bytes(data)
+    after = [{p.name for p in d.glob("*/*.kvb")} for d in dirs]
+    assert after[0] == after[1]
 
 
 def test_a_host_tier_larger_than_the_machine_is_refused(tiny_model_dir):

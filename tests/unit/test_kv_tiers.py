@@ -8,7 +8,7 @@ from collections import OrderedDict
 import pytest
 
 from tokenmill.kv.manager import KVCacheManager, hash_block
-from tokenmill.kv.moves import BlockLoad, TierOps
+from tokenmill.kv.moves import BlockLoad, TierInfo, TierOps
 from tokenmill.kv.tiers import TierPolicy
 
 H = [bytes([i]) * 16 for i in range(32)]  # block hashes
@@ -136,10 +136,45 @@ def test_a_cancelled_reservation_unpins_and_a_failed_load_forgets_the_block():
     assert not t.disk.pins
     job = t.reserve([H[1], H[2]])
     t.start(job, [4, 5])
-    assert t.take_ops().loads == (BlockLoad(job, (), ((H[1], 4), (H[2], 5))),)
+    ops = t.take_ops()
+    assert ops.loads == (BlockLoad(job, (), ((H[1], 4), (H[2], 5))),)
+    assert ops.disk_drops == (H[0],)  # the restore's oldest, beyond the budget
     t.loaded(job, failed=[H[2]])
     assert list(t.disk.entries) == [H[1]]
     assert t.stats()[0].load_count == 1
+    # the failed block's file goes on every rank (with several ranks, the others have theirs)
+    assert t.take_ops() == TierOps(disk_drops=(H[2],))
+
+
+def test_several_ranks_tiers_merge_and_partial_blocks_are_dropped_everywhere():
+    """Each rank holds its shard of every block: the smallest rank sets the slots, a block's
+    bytes are all ranks' together, and only blocks every rank's disk holds come back."""
+    ranks = [
+        TierInfo(10, 100, 5, (H[0], H[1], H[2], H[3])),
+        TierInfo(12, 100, 4, (H[3], H[1], H[0], H[4])),  # H[2] lost here, H[4] only here
+    ]
+    info = TierInfo.merge(ranks)
+    assert info == TierInfo(10, 200, 4, (H[0], H[1], H[3]), tuple(sorted([H[2], H[4]])))
+    assert TierInfo.merge(ranks[:1]) == ranks[0]
+    t = TierPolicy(info.host_blocks, info.disk_blocks, info.bytes_per_block)
+    t.restore(info.disk_hashes, info.disk_partial)
+    assert list(t.disk.entries) == [H[0], H[1], H[3]]
+    assert set(t.take_ops().disk_drops) == {H[2], H[4]}
+
+
+def test_a_file_dropped_and_rewritten_in_one_step_is_not_dropped_after_the_write():
+    """host_to_disk runs before disk_drops: the drop of a block written again in the same step
+    would delete the new file."""
+    t = TierPolicy(host_blocks=2, disk_blocks=2, bytes_per_block=100)
+    t.restore([H[0], H[5]])  # an earlier run's files
+    t.offload(1, H[6])
+    t.offload(2, H[0])  # back in the pool from its file, evicted again: on host and disk
+    t.take_ops()
+    t.offload(3, H[1])  # host evicts H[6]: down to disk, whose oldest (H[0]) is dropped...
+    t.offload(4, H[2])  # ...then host evicts H[0]: down to disk again (H[5] dropped for it)
+    ops = t.take_ops()
+    assert ops.host_to_disk == ((0, H[6]), (1, H[0])) and ops.disk_drops == (H[5],)
+    assert list(t.disk.entries) == [H[6], H[0]]
 
 
 def test_find_counts_hits_and_misses_per_tier():

@@ -128,7 +128,7 @@ class EngineCore:
             return None
         info = executor.initialize_tiers(cache.kv_host_memory)
         tiers = TierPolicy(info.host_blocks, info.disk_blocks, info.bytes_per_block)
-        tiers.restore(info.disk_hashes)
+        tiers.restore(info.disk_hashes, info.disk_partial)
         log.info(
             "KV tiers: host %d blocks (%.1f MiB), disk %d blocks, %d restored from disk; blocks %s",
             info.host_blocks, info.host_blocks * info.bytes_per_block / 2**20, info.disk_blocks,

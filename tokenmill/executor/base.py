@@ -7,6 +7,7 @@ in child processes (tensor/pipeline-parallel ranks) or on Ray actors is the exec
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from dataclasses import replace
 from typing import Any
 
 from tokenmill.engine.messages import RunnerOutput, SchedulerOutput, TierInfo, WorkerInfo
@@ -55,11 +56,18 @@ class Executor(ABC):
 
 
 class RankExecutor(Executor):
-    """An executor whose workers are reached by one call each (`_call(method, *args)`: every
-    rank runs it, one rank's answer returned): the seam's methods are those calls."""
+    """An executor whose workers are reached by one call each (`_call_all(method, *args)`:
+    every rank runs it and answers): the seam's methods are those calls, answered by the rank
+    that samples (`_output_rank`) except where every rank's answer counts (the KV tiers)."""
+
+    _output_rank: int = 0
 
     @abstractmethod
-    def _call(self, method: str, *args: Any) -> Any: ...
+    def _call_all(self, method: str, *args: Any) -> list[Any]:
+        """Every rank's answer, in rank order."""
+
+    def _call(self, method: str, *args: Any) -> Any:
+        return self._call_all(method, *args)[self._output_rank]
 
     def describe(self) -> WorkerInfo:
         return self._call("describe")
@@ -74,10 +82,18 @@ class RankExecutor(Executor):
         self._call("initialize_cache", num_blocks, num_state_slots)
 
     def initialize_tiers(self, host_bytes: int) -> TierInfo:
-        return self._call("initialize_tiers", host_bytes)
+        return TierInfo.merge(self._call_all("initialize_tiers", host_bytes))
 
     def execute(self, out: SchedulerOutput) -> RunnerOutput:
-        return self._call("execute", out)
+        answers = self._call_all("execute", out)
+        result = answers[self._output_rank]
+        if len(answers) == 1 or not any(a.loads_failed or a.stores_failed for a in answers):
+            return result
+        # a block one rank could not read or write is unusable on all of them (each holds a
+        # shard): recomputed, and dropped everywhere
+        failed = {h for a in answers for h in a.loads_failed}
+        lost = {h for a in answers for h in a.stores_failed}
+        return replace(result, loads_failed=tuple(sorted(failed)), stores_failed=tuple(sorted(lost)))  # fmt: skip
 
     def retry(self, request_ids: tuple[str, ...]) -> RunnerOutput:
         return self._call("retry", request_ids)

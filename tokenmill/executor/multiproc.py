@@ -87,9 +87,9 @@ class MultiprocExecutor(RankExecutor):
             self._kill_all()
             raise
 
-    def _receive(self, method: str) -> Any:
-        """Every rank's answer to `method` (rank 0's returned); a death of any rank while
-        waiting ends all of them."""
+    def _receive(self, method: str) -> list[Any]:
+        """Every rank's answer to `method`, in rank order; a death of any rank while waiting
+        ends all of them."""
         answers: dict[int, Any] = {}
         pending = dict(enumerate(self._conns))
         sentinels = {p.sentinel: r for r, p in enumerate(self._procs)}
@@ -112,7 +112,7 @@ class MultiprocExecutor(RankExecutor):
         if errors:
             rank, value = errors[0]
             raise RuntimeError(f"worker {method} failed{f' on rank {rank}' if len(self._procs) > 1 else ''}: {value}")  # fmt: skip
-        return answers[self._output_rank][1]
+        return [answers[r][1] for r in range(len(self._procs))]
 
     def _died(self, rank: int, method: str) -> None:
         proc = self._procs[rank]
@@ -128,7 +128,7 @@ class MultiprocExecutor(RankExecutor):
         for p in self._procs:
             p.join(timeout=2)
 
-    def _call(self, method: str, *args: Any) -> Any:
+    def _call_all(self, method: str, *args: Any) -> list[Any]:
         if self._dead is not None:
             raise WorkerDiedError(self._dead)
         for rank, conn in enumerate(self._conns):

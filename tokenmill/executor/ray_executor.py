@@ -105,12 +105,10 @@ class RayExecutor(RankExecutor):
             self._kill_all()
             raise ExecutorDeadError(self._dead) from None
 
-    def _call(self, method: str, *args: Any) -> Any:
+    def _call_all(self, method: str, *args: Any) -> list[Any]:
         if self._dead is not None:
             raise ExecutorDeadError(self._dead)
-        return self._gather([a.call.remote(method, *args) for a in self._actors], method)[
-            self._output_rank
-        ]
+        return self._gather([a.call.remote(method, *args) for a in self._actors], method)
 
     def _kill_all(self) -> None:
         import ray

@@ -42,6 +42,24 @@ class TierInfo:
     bytes_per_block: int  # one block in the tiers' format (kv_tier_dtype)
     disk_blocks: int  # blocks the disk tier's byte budget holds (0: no disk tier)
     disk_hashes: tuple[bytes, ...] = ()  # valid blocks an earlier run left, oldest first
+    disk_partial: tuple[bytes, ...] = ()  # blocks some ranks' files hold and others' do not
+
+    @staticmethod
+    def merge(ranks: list[TierInfo]) -> TierInfo:
+        """The tiers of several ranks (each holding its shard of every block) as one: as many
+        slots as the smallest rank has, a block's bytes over all ranks, and the blocks an
+        earlier run left on every rank's disk (in the first rank's order); a block left on only
+        some ranks (a run cut short mid-write) is partial, to be dropped."""
+        first = ranks[0]
+        on_all = set(first.disk_hashes).intersection(*(r.disk_hashes for r in ranks[1:]))
+        seen = {h for r in ranks for h in r.disk_hashes}
+        return TierInfo(
+            host_blocks=min(r.host_blocks for r in ranks),
+            bytes_per_block=sum(r.bytes_per_block for r in ranks),
+            disk_blocks=min(r.disk_blocks for r in ranks),
+            disk_hashes=tuple(h for h in first.disk_hashes if h in on_all),
+            disk_partial=tuple(sorted(seen - on_all)),
+        )
 
 
 @dataclass(frozen=True)

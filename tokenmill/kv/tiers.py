@@ -282,14 +282,20 @@ class TierPolicy:
         self.forget(failed)
 
     def forget(self, hashes: Iterable[bytes]) -> None:
-        """Entries the storage could not keep (a failed read or write): gone from every tier."""
+        """Entries the storage could not keep (a failed read or write): gone from every tier,
+        and the file dropped (with several ranks, the others' shards of it are still there)."""
         for block_hash in hashes:
             for tier in (self.host, self.disk):
                 if block_hash in tier.entries and block_hash not in tier.pins:
                     tier.remove(block_hash)
+                    if tier is self.disk:
+                        self._disk_drops.append(block_hash)
 
-    def restore(self, disk_hashes: Iterable[bytes]) -> None:
-        """Blocks a previous run left on disk (oldest first); beyond the budget, oldest dropped."""
+    def restore(self, disk_hashes: Iterable[bytes], partial: Iterable[bytes] = ()) -> None:
+        """Blocks a previous run left on disk (oldest first); beyond the budget, oldest dropped.
+        `partial` blocks (files on some ranks only) are dropped from every rank."""
+        if self.disk.capacity:
+            self._disk_drops.extend(h for h in partial if h not in self.disk.entries)
         for block_hash in disk_hashes:
             if block_hash in self.disk.entries or not self.disk.capacity:
                 continue
@@ -317,9 +323,12 @@ class TierPolicy:
     def take_ops(self) -> TierOps | None:
         """This step's moves; an empty TierOps while loads are in flight (the worker reports
         them done), None when there is nothing to do."""
+        written = {h for _, h in self._host_to_disk} | {h for _, h in self._device_to_disk}
         ops = TierOps(
             host_to_disk=tuple(self._host_to_disk),
-            disk_drops=tuple(self._disk_drops),
+            # a file dropped and written again in one step: the write replaces it (and the drop,
+            # done after host_to_disk, would remove the new one)
+            disk_drops=tuple(h for h in self._disk_drops if h not in written),
             device_to_host=tuple(self._device_to_host),
             device_to_disk=tuple(self._device_to_disk),
             loads=tuple(self._loads),

@@ -8,6 +8,7 @@ Life: load the model -> report `describe()` and `cache_specs()` -> `initialize_c
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import replace
 
 import torch
@@ -45,8 +46,6 @@ class Worker:
         self._tiers = None  # kv.storage.mover.TierStorage, when the KV tiers are on
 
     def _join(self, rank: int, size: int, init_method: str | None) -> None:
-        import os
-
         from tokenmill.parallel.group import init_group, set_current
 
         d = self.config.device
@@ -128,8 +127,6 @@ class Worker:
         self._check_host_memory(host_blocks * codec.bytes_per_block)
         disk = None
         if cache.kv_disk_dir:
-            if size > 1:
-                raise ValueError("kv_disk_dir with tensor or pipeline parallelism is not built yet; use kv_host_memory")  # fmt: skip
             from tokenmill.kv.storage.disk import DiskBlocks, model_identity
             from tokenmill.models.loader import resolve_default_model
 
@@ -144,7 +141,13 @@ class Worker:
             }
             if not codec.is_exact:  # (absent for exact blocks: older directories stay valid)
                 identity["kv_tier_dtype"] = cache.kv_tier_dtype
-            disk = DiskBlocks(cache.kv_disk_dir, cache.kv_disk_memory, identity, codec.shapes())
+            directory = cache.kv_disk_dir
+            if size > 1:  # each rank its own shard of every block, in its own directory
+                p = self.config.parallel
+                layout = f"rank{self.rank}-tp{p.tensor_parallel_size}-pp{p.pipeline_parallel_size}"
+                identity["layout"] = layout
+                directory = os.path.join(directory, layout)
+            disk = DiskBlocks(directory, cache.kv_disk_memory, identity, codec.shapes(), size)
         self._tiers = TierStorage(views, host_blocks, disk, size > 1, codec)
         if disk is None:
             return TierInfo(host_blocks, codec.bytes_per_block, 0)
@@ -153,8 +156,6 @@ class Worker:
     @staticmethod
     def _check_host_memory(num_bytes: int) -> None:
         """A host tier larger than the memory the machine has free would be killed later."""
-        import os
-
         available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
         try:  # MemAvailable counts the page cache the kernel would give back
             with open("/proc/meminfo") as f:

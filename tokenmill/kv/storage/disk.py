@@ -3,7 +3,9 @@
 Layout: `<kv_disk_dir>/.lock` (held while a server uses the directory; a second server is
 refused) and `<kv_disk_dir>/<fingerprint>/<hash>.kvb`, where the fingerprint names the model
 (its weight files' sizes and edges), dtype, KV dtype, block size and tensor shapes that wrote
-them. Each file's metadata repeats the fingerprint and hash and carries a CRC-32 of
+them. With tensor or pipeline parallelism each rank keeps its shard of every block below
+`<kv_disk_dir>/rank<r>-tp<T>-pp<P>/` (its own lock, budget and files), the layout in the
+fingerprint too. Each file's metadata repeats the fingerprint and hash and carries a CRC-32 of
 its tensors: a file that does not match, or whose checksum fails, is skipped, logged and
 removed, never loaded. Files of other fingerprints (another model) are left alone.
 
@@ -88,8 +90,12 @@ class DiskBlocks:
         max_bytes: int | None,
         identity: dict,
         block_shapes: Sequence[tuple[torch.Size, torch.dtype]],
+        num_ranks: int = 1,
     ) -> None:
+        """`max_bytes` for this directory (None: a share of the free space); `num_ranks` such
+        directories may share the filesystem (the ranks of one server), each with that budget."""
         self.root = Path(directory)
+        self.num_ranks = num_ranks
         self._lock = self._take_lock()
         try:
             self._setup(directory, max_bytes, identity, block_shapes)
@@ -110,13 +116,15 @@ class DiskBlocks:
         self.file_bytes = len(self._encode(b"\0" * 16, [torch.zeros(s, dtype=d) for s, d in self.shapes]))  # fmt: skip
         found = sorted(self.dir.glob("*" + SUFFIX))
         ours = len(found) * self.file_bytes
-        free = shutil.disk_usage(self.root).free + ours
-        budget = max_bytes if max_bytes is not None else min(DEFAULT_DISK_BYTES, free // 2)
-        if budget > free:
+        free = shutil.disk_usage(self.root).free + ours * self.num_ranks
+        ranks = self.num_ranks
+        budget = max_bytes if max_bytes is not None else min(DEFAULT_DISK_BYTES, free // 2 // ranks)
+        if budget * ranks > free:
+            per_rank = f" for each of {ranks} ranks" if ranks > 1 else ""
             raise ValueError(
                 f"kv_disk_dir {directory} has {free / 2**30:.2f} GiB free (with this model's "
-                f"cached blocks), kv_disk_memory asks for {budget / 2**30:.2f} GiB; free space "
-                "or lower kv_disk_memory"
+                f"cached blocks), kv_disk_memory asks for {budget / 2**30:.2f} GiB{per_rank}; "
+                "free space or lower kv_disk_memory"
             )
         self.num_blocks = budget // self.file_bytes
         if self.num_blocks < 1:
