@@ -46,7 +46,8 @@ $PY -c "import xdist" 2>/dev/null && XDIST="-n 8"
 step tests 170 $PY -m pytest -q -p no:cacheprovider $XDIST -rfE \
   tests/unit/test_triton_dequant.py tests/unit/test_quant_methods.py \
   tests/models/test_engine_vs_hf.py tests/models/test_engine_features.py \
-  tests/models/test_kv_quant.py tests/models/test_quant_models.py
+  tests/models/test_kv_quant.py tests/models/test_quant_models.py \
+  tests/unit/test_kv_storage.py
 grep -E "passed|failed|error" "$LOG" | tail -n 3
 
 step gemm 150 $PY benchmarks/gemm_formats.py --shapes 4096x4096,14336x4096 --m 1,16,256,4096 \
