@@ -79,6 +79,17 @@ def test_a_70b_model_on_one_h100_takes_int4_and_says_what_tp_the_rest_need():
     assert any("MIG mode" in r for r in c.chosen.reasons)
 
 
+def test_a_70b_model_on_eight_h100s_takes_bf16_over_four_of_them():
+    h100 = GpuInfo("NVIDIA H100 80GB HBM3", (9, 0), 80 * GB)
+    c = choose(BIG, Hardware(SPR, 16, 512 * GB, (h100,) * 8))
+    assert c.chosen.name == "cuda-bf16"
+    assert c.chosen.options == {"dtype": "bfloat16", "tensor_parallel_size": 4}
+    assert any("split over 4 of the 8 GPUs" in r for r in c.chosen.reasons)
+    two = choose(BIG, Hardware(SPR, 16, 512 * GB, (h100,) * 2))  # fp8 fits two, bf16 does not
+    assert two.chosen.name == "cuda-fp8" and two.chosen.options["tensor_parallel_size"] == 2
+    assert not two.profile("cuda-bf16").fits
+
+
 def test_described_hardware_files(tmp_path: Path):
     path = tmp_path / "hw.json"
     path.write_text(json.dumps({"cpu_flags": ["avx2"], "cores": 4, "memory_gb": 16,

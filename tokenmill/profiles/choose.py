@@ -139,12 +139,15 @@ def _gpu(size: ModelSize, hw: Hardware) -> Choice:
         while weights / tp > 0.8 * usable and tp < 64:
             tp *= 2
         why = [reason, "KV budget: what gpu_memory_utilization 0.9 leaves after the weights"]
-        fits = tp == 1
+        same = sum(1 for x in hw.gpus if x.memory_bytes >= g.memory_bytes)  # as large as GPU 0
+        fits = tp <= same
         if g.mig:
             why.append("MIG mode: the instance gets a MIG device's memory (tokenmill partition plan)")  # fmt: skip
-        if tp > 1:
-            why.append(f"needs tensor_parallel_size={tp} ({len(hw.gpus)} GPU(s) here); tensor "
-                       "parallelism is not built yet")  # fmt: skip
+        if tp > 1 and fits:
+            options = {**options, "tensor_parallel_size": tp}
+            why.append(f"tensor_parallel_size={tp}: the weights split over {tp} of the {len(hw.gpus)} GPUs")  # fmt: skip
+        elif tp > 1:
+            why.append(f"needs tensor_parallel_size={tp}: {same} GPU(s) of this size here")
         profiles.append(Profile(name, options, weights, fits, tuple(why), tp))
     order = (plain, "cuda-fp8", "cuda-w8a8", "cuda-int4")
     return _pick(hw, profiles, order)
