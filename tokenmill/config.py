@@ -395,6 +395,15 @@ class EngineConfig:
     quant: QuantConfig = field(default_factory=QuantConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
+    def __post_init__(self) -> None:
+        if self.parallel.world_size > 1 and (self.quant.rotate or self.quant.quantize_embedding):
+            what = "rotate" if self.quant.rotate else "quantize_embedding"
+            raise ValueError(
+                f"{what} with tensor or pipeline parallelism is not built yet (the rotation "
+                "and the quantized head act on the whole model); use it with one rank, or "
+                "without it (calibrated methods such as SmoothQuant and GPTQ do shard)"
+            )
+
     @classmethod
     def from_kwargs(cls, **kwargs: Any) -> EngineConfig:
         """Route flat keyword arguments (as `LLM(...)` and the CLI take them) to sub-configs.

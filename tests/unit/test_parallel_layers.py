@@ -107,11 +107,14 @@ def test_shards_that_do_not_divide_are_refused_by_name():
         split(9 * 64, 2, 0, "num_attention_heads", 64)
     with pytest.raises(ValueError, match="num_key_value_heads: 3 KV heads cannot be replicated"):
         kv_split(3, 64, 4, 0)
+    from tokenmill.quant.methods.gguf import GGUFMethod
     from tokenmill.quant.methods.weight_only import WeightOnlyMethod
 
-    gptq = WeightOnlyMethod("int4", gptq=True)  # calibrated: its statistics would be one rank's
     with pytest.raises(ValueError, match="does not shard for tensor parallelism yet"):
-        ColumnParallelLinear.even(8, [8], SINGLE, "x", quant_method=gptq)
+        ColumnParallelLinear.even(8, [8], SINGLE, "x", quant_method=GGUFMethod())  # a file's codes
+    # a calibrated method shards (quant/calibrate.py measures the whole layer's input)
+    gptq = ColumnParallelLinear.even(8, [8], SINGLE, "x", quant_method=WeightOnlyMethod("int4", gptq=True))  # fmt: skip
+    assert gptq.whole
 
 
 def test_quantized_codes_cut_to_one_ranks_columns_dequantize_to_its_slice():

