@@ -211,6 +211,26 @@ def test_calibrated_methods_under_pipeline_parallelism(tiny_model_dir, method):
     close(expected, got)
 
 
+@pytest.mark.parametrize("method, options", [("int4", {"group_size": 32}), ("w8a8", {"smoothquant_alpha": 0.5})])  # fmt: skip
+def test_a_quantized_checkpoint_shards_as_it_installs(tiny_model_dir, tmp_path, method, options):
+    """`tokenmill quantize`'s safetensors: each rank installs its rows or columns of the whole
+    codes (and of the smoothing, w8a8's input_smooth), as one device would have them."""
+    from safetensors.torch import load_file
+
+    from tokenmill.quant.checkpoint_writer import quantize_checkpoint
+
+    quantize_checkpoint(tiny_model_dir("llama"), tmp_path / "q", method, options)
+    if method == "w8a8":
+        assert any(k.endswith("input_smooth") for k in load_file(str(tmp_path / "q" / "model.safetensors")))  # fmt: skip
+    expected, got = one_and_many(str(tmp_path / "q"), dict(OPTIONS), tensor_parallel_size=2)
+    if method == "w8a8":
+        forced_close(expected, got, 0.2)
+    else:
+        close(expected, got)
+    expected, got = one_and_many(str(tmp_path / "q"), dict(OPTIONS), pipeline_parallel_size=2)
+    close(expected, got)
+
+
 def test_a_shard_that_cuts_a_scale_group_is_refused(tiny_model_dir):
     model = str(tiny_model_dir("llama"))  # o_proj: 64 input columns, 32 a rank
     config = EngineConfig.from_kwargs(model=model, **OPTIONS, quantization="int4", group_size=64,

@@ -18,8 +18,8 @@ whole scale groups of columns for a row layer: a shard that would cut a group is
 naming the group size), so the weights equal one device's bit for bit. Calibrated methods
 (SmoothQuant, GPTQ, AWQ, scale search) measure the whole layer's input on every rank
 (quant/calibrate.py) and quantize it whole alike; a row layer then keeps its columns of the
-smoothing too. Pre-quantized checkpoints (GGUF files served from their codes, quantized
-safetensors) are refused by name for now.
+smoothing too. A quantized safetensors checkpoint's whole codes are cut the same way as they
+install. GGUF files served from their own codes are refused by name for now.
 """
 
 from __future__ import annotations
@@ -65,12 +65,16 @@ class _Sharded:
     def __setattr__(self, name: str, value) -> None:
         setattr(self.inner, name, value)
 
+    def install(self, layer, qweight) -> None:
+        """A quantized checkpoint's whole weight (quant/checkpoint.py): the rank's share."""
+        self.inner.install(layer, self.cut(layer, qweight))
+
     def process_weights_after_loading(self, layer) -> None:
         from tokenmill.quant.formats import cat_rows
 
         inner = self.inner
         if inner.qweight is not None:
-            raise ValueError("a pre-quantized checkpoint does not shard for tensor parallelism yet")  # fmt: skip
+            return  # installed from a quantized checkpoint
         parts = inner.quantize_shards(layer)
         q = cat_rows(parts) if len(parts) > 1 else parts[0]
         del layer.weight

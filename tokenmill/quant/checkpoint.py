@@ -91,7 +91,10 @@ class QuantizedWeights:
         """Give each linear layer its weight (shards of merged layers stacked); loaded names."""
         by_module: dict[str, dict[int, QuantizedTensor]] = defaultdict(dict)
         loaded = set()
+        holds = getattr(model, "stage_holds", None)
         for prefix, parts in self.parts.items():
+            if holds is not None and not holds(f"{prefix}.weight"):
+                continue  # another pipeline stage's layer
             if prefix == "model.embed_tokens":  # its own quantized table (--quantize-embedding)
                 from tokenmill.layers.embedding import QuantizedEmbedding
 
