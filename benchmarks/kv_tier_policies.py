@@ -37,7 +37,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from kv_tiers import BYTES_PER_TOKEN, Chat, engine_for, run_turns  # noqa: E402
+from kv_tiers import BYTES_PER_TOKEN, Chat, add_chat_arguments, engine_for, run_turns  # noqa: E402
 
 from tokenmill.kv.tiers import TierPolicy  # noqa: E402
 
@@ -348,12 +348,7 @@ def engine_run(args, options: dict, tag: str) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
-    p.add_argument("--chats", type=int, default=16)
-    p.add_argument("--turns", type=int, default=6)
-    p.add_argument("--system", type=int, default=256)
-    p.add_argument("--user", type=int, default=64)
-    p.add_argument("--answer", type=int, default=48)
-    p.add_argument("--device-share", type=float, default=0.25, help="device pool / working set")
+    add_chat_arguments(p)
     p.add_argument("--check-share", type=float, default=0.4, help="host tier / working set, checked on the engine")  # fmt: skip
     p.add_argument("--out", type=Path)
     p.add_argument("--plot", type=Path)

@@ -117,15 +117,20 @@ def conversation(args, options: dict, name: str) -> tuple[list[dict], dict, Chat
     return turns, {"preemptions": stats.num_preemptions, "tiers": tiers}, chat
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+def add_chat_arguments(p: argparse.ArgumentParser) -> None:
+    """The multi-turn chat's shape (what `Chat` and the KV budgets read)."""
     p.add_argument("--chats", type=int, default=16)
     p.add_argument("--turns", type=int, default=6)
     p.add_argument("--system", type=int, default=256)
     p.add_argument("--user", type=int, default=64)
     p.add_argument("--answer", type=int, default=48)
-    p.add_argument("--concurrency", type=int, default=2, help="requests in flight at once")
     p.add_argument("--device-share", type=float, default=0.25, help="device pool / working set")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    add_chat_arguments(p)
+    p.add_argument("--concurrency", type=int, default=2, help="requests in flight at once")
     p.add_argument("--disk-dir", type=Path, help="default: a temporary directory")
     p.add_argument("--out", type=Path)
     args = p.parse_args()
