@@ -166,6 +166,36 @@ def test_default_model_served_from_its_codes():
     np.testing.assert_allclose(prefill, ref_prefill, atol=5e-4)
 
 
+@pytest.mark.parametrize("layout", [{"tensor_parallel_size": 2}, {"pipeline_parallel_size": 2}])
+def test_served_from_its_codes_on_several_ranks(tiny_gguf, layout):
+    """Each rank keeps its rows (q/k/v of three K-quant types, gate/up) or whole blocks of
+    columns (o_proj, down) of the file's codes; under TP the embedding and the Q6_K head are
+    vocabulary-parallel float tables (dequantized exactly). The tokens of one device served
+    from its codes, logprobs to float32 rounding."""
+    tokens, decode, prefill = run(engine(tiny_gguf, "float32", gguf=True), 8)
+    got_tokens, got_decode, got_prefill = run(engine(tiny_gguf, "float32", gguf=True, **layout), 8)
+    assert got_tokens == tokens
+    np.testing.assert_allclose(got_decode, decode, atol=1e-3)
+    np.testing.assert_allclose(got_prefill, prefill, atol=1e-3)
+
+
+def test_gguf_codes_cut_to_rows_and_whole_blocks_of_columns():
+    """take_rows / take_cols against the dense weight: a rank's share of the codes dequantizes
+    to the same rows or columns; a cut inside a block is refused naming its size."""
+    from tokenmill.quant.methods.gguf import GGUFWeight
+
+    rng = np.random.default_rng(3)
+    parts = [GGUFWeight([(int(k), torch.from_numpy(raw_blocks(k, 8, 512, rng)))], 512)
+             for k in (Q.Q4_K, Q.Q4_0, Q.Q8_0)]  # fmt: skip
+    w = GGUFWeight.stack(parts)  # 24 rows in three segments
+    dense = w.dequantize(torch.float32)
+    rows = torch.tensor([1, 2, 9, 15, 16, 23])
+    assert torch.equal(w.take_rows(rows).dequantize(torch.float32), dense[rows])
+    assert torch.equal(w.take_cols(256, 256).dequantize(torch.float32), dense[:, 256:])
+    with pytest.raises(ValueError, match="Q4_K blocks of 256 do not divide a shard of 128"):
+        w.take_cols(128, 128)
+
+
 def test_gguf_needs_a_gguf_file(tmp_path):
     with pytest.raises(ValueError, match="serves a .gguf file's own codes"):
         load_model(str(tmp_path), quant=QuantConfig(quantization="gguf"))

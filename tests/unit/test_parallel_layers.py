@@ -110,11 +110,16 @@ def test_shards_that_do_not_divide_are_refused_by_name():
     from tokenmill.quant.methods.gguf import GGUFMethod
     from tokenmill.quant.methods.weight_only import WeightOnlyMethod
 
-    with pytest.raises(ValueError, match="does not shard for tensor parallelism yet"):
-        ColumnParallelLinear.even(8, [8], SINGLE, "x", quant_method=GGUFMethod())  # a file's codes
-    # a calibrated method shards (quant/calibrate.py measures the whole layer's input)
-    gptq = ColumnParallelLinear.even(8, [8], SINGLE, "x", quant_method=WeightOnlyMethod("int4", gptq=True))  # fmt: skip
-    assert gptq.whole
+    class Custom:  # not a QuantMethod: nothing to quantize whole and cut
+        def create_weights(self, layer) -> None: ...
+
+    with pytest.raises(
+        ValueError, match="quant method Custom does not shard for tensor parallelism"
+    ):
+        ColumnParallelLinear.even(8, [8], SINGLE, "x", quant_method=Custom())
+    # a calibrated method and a GGUF file's codes shard (loaded whole, then cut)
+    for method in (WeightOnlyMethod("int4", gptq=True), GGUFMethod()):
+        assert ColumnParallelLinear.even(8, [8], SINGLE, "x", quant_method=method).whole
 
 
 def test_quantized_codes_cut_to_one_ranks_columns_dequantize_to_its_slice():

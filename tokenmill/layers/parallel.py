@@ -18,8 +18,9 @@ whole scale groups of columns for a row layer: a shard that would cut a group is
 naming the group size), so the weights equal one device's bit for bit. Calibrated methods
 (SmoothQuant, GPTQ, AWQ, scale search) measure the whole layer's input on every rank
 (quant/calibrate.py) and quantize it whole alike; a row layer then keeps its columns of the
-smoothing too. A quantized safetensors checkpoint's whole codes are cut the same way as they
-install. GGUF files served from their own codes are refused by name for now.
+smoothing too. A quantized safetensors checkpoint's whole codes, and a GGUF file's blocks
+(quantization='gguf'), are cut the same way as they install: rows, or whole blocks of columns
+(a shard that would cut a block is an error naming its size).
 """
 
 from __future__ import annotations
@@ -40,12 +41,11 @@ def _quantized(method, what: str) -> bool:
     if method is None or type(method) is UnquantizedMethod:
         return False
     from tokenmill.quant.methods.base import QuantMethod
-    from tokenmill.quant.methods.gguf import GGUFMethod
 
-    if not isinstance(method, QuantMethod) or isinstance(method, GGUFMethod):
+    if not isinstance(method, QuantMethod):
         raise ValueError(
             f"{what}: quant method {type(method).__name__} does not shard for tensor "
-            "parallelism yet (a checkpoint's own codes); serve it with tensor_parallel_size 1"
+            "parallelism; serve it with tensor_parallel_size 1"
         )
     return True
 
@@ -66,15 +66,16 @@ class _Sharded:
         setattr(self.inner, name, value)
 
     def install(self, layer, qweight) -> None:
-        """A quantized checkpoint's whole weight (quant/checkpoint.py): the rank's share."""
+        """A checkpoint's whole weight (quant/checkpoint.py's codes, a GGUF file's): the rank's
+        share."""
         self.inner.install(layer, self.cut(layer, qweight))
 
     def process_weights_after_loading(self, layer) -> None:
         from tokenmill.quant.formats import cat_rows
 
         inner = self.inner
-        if inner.qweight is not None:
-            return  # installed from a quantized checkpoint
+        if inner.qweight is not None or getattr(inner, "weight", None) is not None:
+            return  # installed from a checkpoint's codes
         parts = inner.quantize_shards(layer)
         q = cat_rows(parts) if len(parts) > 1 else parts[0]
         del layer.weight
@@ -114,12 +115,14 @@ class ColumnParallelLinear(Linear):
         """The rank's rows of each piece (codes, scales; the bias too)."""
         from tokenmill.quant.formats import take_rows
 
-        rows = self.rank_rows().to(q.data.device)
+        rows = self.rank_rows()
         if self.bias is not None:
-            self.bias = nn.Parameter(self.bias.data.index_select(0, rows), requires_grad=False)
+            self.bias = nn.Parameter(self.bias.data.index_select(0, rows.to(self.bias.device)), requires_grad=False)  # fmt: skip
         self.output_sizes = [n for _, n in self.slices]
         self.out_features = sum(self.output_sizes)
-        return take_rows(q, rows)
+        if hasattr(q, "take_rows"):  # a GGUF file's codes (quant/methods/gguf.GGUFWeight)
+            return q.take_rows(rows)
+        return take_rows(q, rows.to(q.data.device))
 
     @classmethod
     def even(cls, in_features: int, full_sizes: Sequence[int], group: TPGroup, what: str,
@@ -179,6 +182,8 @@ class RowParallelLinear(Linear):
         method = self.quant_method
         if getattr(method, "input_smooth", None) is not None:
             method.input_smooth = method.input_smooth.narrow(0, self.start, self.local).contiguous()
+        if hasattr(q, "take_cols"):  # a GGUF file's codes
+            return q.take_cols(self.start, self.local)
         return take_cols(q, self.start, self.local)
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: int | None = None) -> None:  # fmt: skip

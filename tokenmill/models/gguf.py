@@ -215,12 +215,15 @@ def unpermute_qk(w: torch.Tensor, num_heads: int) -> torch.Tensor:
     return pairs.transpose(1, 2).reshape(w.shape)
 
 
-def gguf_weights(f: GGUFFile, arch: ModelArch, dtype: torch.dtype, codes: bool = False):
+def gguf_weights(f: GGUFFile, arch: ModelArch, dtype: torch.dtype, codes: bool = False,
+                 tables_as_codes: bool = True):  # fmt: skip
     """(HF name, tensor) pairs, dequantized to float32 then cast to `dtype`; with `codes`, every
-    2-D tensor comes as its raw blocks instead (a GGUFWeight, for quantization='gguf')."""
+    2-D tensor comes as its raw blocks instead (a GGUFWeight, for quantization='gguf'), the
+    embedding and head too unless `tables_as_codes` is False (vocabulary-parallel tables)."""
     permute = arch.architecture == "LlamaForCausalLM"
+    tables = {"token_embd.weight", "output.weight"}
     for t in f.tensors.values():
-        keep = codes and len(t.shape) == 2
+        keep = codes and len(t.shape) == 2 and (tables_as_codes or t.name not in tables)
         w = f.raw(t) if keep else f.dequantized(t)  # rows of blocks: a row permutation is exact
         if permute and t.name.endswith(("attn_q.weight", "attn_q.bias")):
             w = unpermute_qk(w, arch.num_heads)
@@ -257,6 +260,9 @@ class GGUFCodes:
         loaded: set[str] = set()
         for name, w in self.codes.items():
             assert isinstance(w, GGUFWeight)
+            holds = getattr(model, "stage_holds", None)
+            if holds is not None and not holds(name):
+                continue  # another pipeline stage's
             if name == "model.embed_tokens.weight":
                 dtype = model.model.embed_tokens.weight.dtype
                 model.model.embed_tokens = GGUFEmbedding(w, dtype)
@@ -293,11 +299,14 @@ def load_gguf(path: Path, dtype: str, device: torch.device, max_model_len: int |
     if codes and device.type != "cpu":
         raise ValueError("quantization gguf runs on CPU for now; on CUDA leave it unset")
     options = quant.method_options()
-    model = build_model(
-        arch, torch_dtype, device, max_len, method, options, quant.quantize_embedding or codes
-    )
+    from tokenmill.parallel.group import current
+
+    # under tensor parallelism the embedding and head are vocabulary-parallel float tables
+    tables_as_codes = current().size == 1
+    model = build_model(arch, torch_dtype, device, max_len, method, options,
+                        quant.quantize_embedding or (codes and tables_as_codes))  # fmt: skip
     tensors = tqdm(
-        gguf_weights(f, arch, torch_dtype, codes),
+        gguf_weights(f, arch, torch_dtype, codes, tables_as_codes),
         desc=f"loading {path.name}",
         total=len(f.tensors),
         unit="tensor",

@@ -161,6 +161,41 @@ class GGUFWeight:
             aux.append(None if a is None else a[lo:hi])
         return GGUFWeight(segments, self.cols, scales, aux, self.smooth)
 
+    def take_rows(self, index: torch.Tensor) -> GGUFWeight:
+        """Rows `index` (ascending) of the stacked segments, still as codes: a column-parallel
+        rank's share (layers/parallel.py)."""
+        segments, scales, aux = [], [], []
+        first = 0
+        for (kind, raw), scale, a in zip(self.segments, self.scales or [], self.aux or []):
+            n = raw.shape[0]
+            mine = index[(index >= first) & (index < first + n)] - first
+            first += n
+            if not mine.numel():
+                continue
+            segments.append((kind, raw.index_select(0, mine)))
+            per_row = scale is not None and scale.dim() > 0
+            scales.append(scale.index_select(0, mine) if per_row else scale)  # type: ignore[union-attr]
+            aux.append(None if a is None else a.index_select(0, mine))
+        return GGUFWeight(segments, self.cols, scales, aux, self.smooth)
+
+    def take_cols(self, start: int, length: int) -> GGUFWeight:
+        """Columns [start, start + length) as codes (a row-parallel rank's input share): whole
+        blocks of every segment's type, else a ValueError naming the block size."""
+        segments, aux = [], []
+        for (kind, raw), a in zip(self.segments, self.aux or []):
+            name, block, block_bytes = KINDS[kind]
+            if kind == INT4_ROWS or start % block or length % block:
+                raise ValueError(
+                    f"{name} blocks of {block} do not divide a shard of {length} of {self.cols} "
+                    "input columns; choose a tensor_parallel_size whose shards hold whole blocks"
+                )
+            lo, n = start // block * block_bytes, length // block * block_bytes
+            segments.append((kind, raw[:, lo : lo + n].contiguous()))
+            per = AUX_BYTES.get(kind, 0)
+            aux.append(None if a is None else a[:, start // 32 * per : (start + length) // 32 * per].contiguous())  # fmt: skip
+        smooth = None if self.smooth is None else self.smooth[start : start + length].contiguous()
+        return GGUFWeight(segments, length, self.scales, aux, smooth)
+
     @property
     def shape(self) -> tuple[int, int]:
         return (self.rows, self.cols)
