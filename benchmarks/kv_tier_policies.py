@@ -19,8 +19,9 @@ and what the compressed tier (kv_tier_dtype) buys.
    A shifted workload (the trace, then the same trace on new block hashes: the users moved on)
    shows which policies let go of blocks that stopped being used.
 3. Check, on the engine: a run with a host tier of `--check-share` of the working set must find
-   exactly the hits the TierPolicy replay counts (the replay is the policy, not a model of it).
-   Then the same host bytes with kv_tier_dtype int8: its hits and TTFT next to the exact tier's.
+   exactly the hits the TierPolicy replay counts (the replay is the policy, not a model of it);
+   the same with kv_tier_policy lru (the former policy), for TTFT side by side; then the same
+   host bytes with kv_tier_dtype int8: its hits and TTFT next to the exact tier's.
 """
 
 from __future__ import annotations
@@ -95,8 +96,8 @@ class Tokenmill:
     the use is counted, and the entries pinned, by `reserve` (of what this replay found: the
     recording's tier held more) until `loaded`."""
 
-    def __init__(self, capacity: int) -> None:
-        self.policy = TierPolicy(host_blocks=capacity, disk_blocks=0, bytes_per_block=1)
+    def __init__(self, capacity: int, policy: str = "s3fifo") -> None:
+        self.policy = TierPolicy(capacity, 0, 1, policy)
         self.found: set = set()  # the last lookup's hits
         self.jobs: dict = {}  # recorded job -> this policy's job (None: nothing found)
 
@@ -363,7 +364,7 @@ def main() -> None:
             "kv_cache_memory": device}  # fmt: skip
     block_bytes = BYTES_PER_TOKEN * BLOCK_TOKENS
     working_blocks = working // block_bytes
-    bar = tqdm(total=3, desc="engine runs")
+    bar = tqdm(total=4, desc="engine runs")
     events, recorded = record(args, {**base, "kv_host_memory": int(working * 1.25)})
     bar.update(1)
     shares = [0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 1.25]
@@ -390,12 +391,15 @@ def main() -> None:
     host_bytes = int(working * args.check_share)
     exact = engine_run(args, {**base, "kv_host_memory": host_bytes}, "exact")
     bar.update(1)
+    lru_run = engine_run(args, {**base, "kv_host_memory": host_bytes, "kv_tier_policy": "lru"}, "lru")  # fmt: skip
+    bar.update(1)
     int8 = engine_run(args, {**base, "kv_host_memory": host_bytes, "kv_tier_dtype": "int8"}, "int8")  # fmt: skip
     bar.update(1)
     bar.close()
     replayed = replay(events, Tokenmill(exact["host_blocks"]))[0]
     replayed_int8 = replay(events, Tokenmill(int8["host_blocks"]))[0]
     lru, lru_int8 = (replay(events, LRU(r["host_blocks"]))[0] for r in (exact, int8))
+    replayed_lru = replay(events, Tokenmill(lru_run["host_blocks"], "lru"))[0]
     results = {
         "machine": machine(), "commit": commit(), "date": time.strftime("%Y-%m-%d"),
         "args": {k: str(v) for k, v in vars(args).items()},
@@ -407,7 +411,8 @@ def main() -> None:
         "shifted": {"shares": shifted_shares, "second_half_hits": shifted},
         "check": {"host_share": args.check_share, "exact": exact, "int8": int8,
                   "replay_hits": replayed, "replay_hits_int8_capacity": replayed_int8,
-                  "lru_hits": lru, "lru_hits_int8_capacity": lru_int8},
+                  "lru_hits": lru, "lru_hits_int8_capacity": lru_int8,
+                  "lru_engine": lru_run, "lru_engine_replay_hits": replayed_lru},
     }  # fmt: skip
     report(results)
     if args.out:
@@ -438,8 +443,10 @@ def report(r: dict) -> None:
           f"{c['exact']['host_hits']} hits (TierPolicy replay {c['replay_hits']}, LRU "
           f"{c['lru_hits']}); int8 tier {c['int8']['host_blocks']} blocks, "
           f"{c['int8']['host_hits']} hits (replay {c['replay_hits_int8_capacity']}, LRU "
-          f"{c['lru_hits_int8_capacity']}); TTFT p50 turns 2+: exact "
-          f"{c['exact']['ttft_p50_turns_2plus_s'] * 1e3:.0f} ms, int8 "
+          f"{c['lru_hits_int8_capacity']}); kv_tier_policy lru: {c['lru_engine']['host_hits']} "
+          f"hits (replay {c['lru_engine_replay_hits']}); TTFT p50 turns 2+: s3fifo "
+          f"{c['exact']['ttft_p50_turns_2plus_s'] * 1e3:.0f} ms, lru "
+          f"{c['lru_engine']['ttft_p50_turns_2plus_s'] * 1e3:.0f} ms, int8 s3fifo "
           f"{c['int8']['ttft_p50_turns_2plus_s'] * 1e3:.0f} ms")  # fmt: skip
 
 

@@ -165,6 +165,11 @@ def test_the_tier_format_is_checked_at_config():
         CacheConfig(kv_tier_dtype="int8")
     with pytest.raises(ValueError, match="kv_cache_dtype=int8 already"):
         CacheConfig(kv_host_memory=1 << 20, kv_tier_dtype="int8", kv_cache_dtype="int8")
+    with pytest.raises(ValueError, match="kv_tier_policy must be s3fifo or lru, got 'arc'"):
+        CacheConfig(kv_host_memory=1 << 20, kv_tier_policy="arc")
+    with pytest.raises(ValueError, match="kv_tier_policy chooses what the KV tiers keep"):
+        CacheConfig(kv_tier_policy="lru")
+    assert CacheConfig(kv_host_memory=1 << 20, kv_tier_policy="lru").kv_tier_policy == "lru"
     views = BlockViews(kv_caches(True), BS)
     with pytest.raises(ValueError, match="16- or 32-bit"):
         BlockCodec(views.block_shapes(), "int8")

@@ -65,33 +65,45 @@ def test_main_is_a_clock_with_capped_uses_and_a_scan_passes_through_small():
     assert list(t.host.ghost) == H[10:19]
 
 
-def _lru_hits(capacity: int, requests: list[bytes]) -> int:
-    """The tier's former policy, LRU, on the same find-then-offload sequence (for comparison)."""
-    kept: OrderedDict[bytes, None] = OrderedDict()
-    hits = 0
-    for block_hash in requests:
-        hits += block_hash in kept
-        kept[block_hash] = None
-        kept.move_to_end(block_hash)
-        if len(kept) > capacity:
-            kept.popitem(last=False)
-    return hits
-
-
 def test_conversations_taking_turns_keep_hits_where_lru_has_none():
     """Twelve chains of one block each take turns through a tier of eight: LRU drops each just
     before it returns (no hit, ever); S3-FIFO keeps a third or more (the optimum, Belady, would
     keep about 7/11)."""
-    t = TierPolicy(host_blocks=8, disk_blocks=0, bytes_per_block=100)
     requests = [H[i] for _ in range(6) for i in range(12)]
-    hits = 0
-    for i, block_hash in enumerate(requests):
-        if t.find(block_hash):
-            hits += 1
-            t.loaded(t.reserve([block_hash]))
-        t.offload(i, block_hash)  # answered and pushed out of the pool again
-    assert _lru_hits(8, requests) == 0
-    assert hits >= 20, hits  # of 60 returns
+    hits = {}
+    for policy in ("s3fifo", "lru"):
+        t = TierPolicy(host_blocks=8, disk_blocks=0, bytes_per_block=100, policy=policy)
+        hits[policy] = 0
+        for i, block_hash in enumerate(requests):
+            if t.find(block_hash):
+                hits[policy] += 1
+                t.loaded(t.reserve([block_hash]))
+            t.offload(i, block_hash)  # answered and pushed out of the pool again
+    assert hits["lru"] == 0
+    assert hits["s3fifo"] >= 20, hits  # of 60 returns
+
+
+def test_the_lru_policy_demotes_the_least_recently_used_block():
+    """kv_tier_policy lru (the tier's policy before S3-FIFO): a use makes an entry the most
+    recent; the least recent leaves."""
+    t = TierPolicy(host_blocks=2, disk_blocks=2, bytes_per_block=100, policy="lru")
+    t.offload(7, H[0])
+    t.offload(8, H[1])
+    assert t.take_ops() == TierOps(device_to_host=((7, 0), (8, 1)))
+    t.offload(9, H[2])  # host full: H[0] (least recent) goes down to disk from its slot
+    assert t.take_ops() == TierOps(host_to_disk=((0, H[0]),), device_to_host=((9, 0),))
+    assert list(t.host.main) == [H[1], H[2]] and list(t.disk.main) == [H[0]]
+    t.offload(3, H[1])  # already on host: no copy, but it becomes the most recent
+    assert t.take_ops() is None
+    t.offload(4, H[3])  # so H[2] is the victim now
+    assert t.take_ops() == TierOps(host_to_disk=((0, H[2]),), device_to_host=((4, 0),))
+    t.offload(5, H[4])  # H[1] down; disk full of H[0], H[2]: H[0] dropped
+    assert t.take_ops() == TierOps(
+        host_to_disk=((1, H[1]),), disk_drops=(H[0],), device_to_host=((5, 1),)
+    )
+    assert list(t.disk.main) == [H[2], H[1]] and not t.host.small and not t.host.ghost
+    with pytest.raises(ValueError, match="kv_tier_policy must be one of"):
+        TierPolicy(1, 0, 100, policy="arc")
 
 
 def test_without_a_host_tier_blocks_go_straight_to_disk():

@@ -127,12 +127,12 @@ class EngineCore:
         if not (cache.kv_host_memory or cache.kv_disk_dir):
             return None
         info = executor.initialize_tiers(cache.kv_host_memory)
-        tiers = TierPolicy(info.host_blocks, info.disk_blocks, info.bytes_per_block)
+        tiers = TierPolicy(info.host_blocks, info.disk_blocks, info.bytes_per_block, cache.kv_tier_policy)  # fmt: skip
         tiers.restore(info.disk_hashes, info.disk_partial)
         log.info(
-            "KV tiers: host %d blocks (%.1f MiB), disk %d blocks, %d restored from disk; blocks %s",
-            info.host_blocks, info.host_blocks * info.bytes_per_block / 2**20, info.disk_blocks,
-            len(tiers.disk.entries),
+            "KV tiers (%s): host %d blocks (%.1f MiB), disk %d blocks, %d restored from disk; blocks %s",
+            cache.kv_tier_policy, info.host_blocks, info.host_blocks * info.bytes_per_block / 2**20,
+            info.disk_blocks, len(tiers.disk.entries),
             "as the pool holds them" if cache.kv_tier_dtype == "auto"
             else f"compressed to {cache.kv_tier_dtype} ({info.bytes_per_block} bytes each)",
         )  # fmt: skip

@@ -50,6 +50,7 @@ class _Tier:
 
     name: str
     capacity: int
+    lru: bool = False  # kv_tier_policy lru: `main` alone, in order of last use (the former policy)
     entries: dict[bytes, int] = field(default_factory=dict)  # in the order they came
     small: OrderedDict[bytes, None] = field(default_factory=OrderedDict)  # oldest first
     main: OrderedDict[bytes, None] = field(default_factory=OrderedDict)  # the CLOCK's order
@@ -71,7 +72,9 @@ class _Tier:
             slot, self.next_slot = self.next_slot, self.next_slot + 1
         self.entries[block_hash] = slot
         self.uses[block_hash] = 0
-        if block_hash in self.ghost:
+        if self.lru:
+            self.main[block_hash] = None
+        elif block_hash in self.ghost:
             del self.ghost[block_hash]
             self.main[block_hash] = None
         else:
@@ -81,10 +84,18 @@ class _Tier:
     def touch(self, block_hash: bytes) -> None:
         """The entry was used: a lookup found it, or the pool evicted its block again."""
         self.uses[block_hash] = min(self.uses[block_hash] + 1, 3)
+        if self.lru:
+            self.main.move_to_end(block_hash)
 
     def evict(self) -> tuple[bytes, int] | None:
         """Choose an entry no load is reading and remove it: (its hash, its freed slot), or
         None when every entry is pinned."""
+        if self.lru:
+            block_hash = self._free(self.main)
+            if block_hash is None:
+                return None
+            del self.main[block_hash]
+            return block_hash, self._drop(block_hash)
         if self._free(self.small) is not None and (
             len(self.small) >= max(1, self.capacity // 10) or self._free(self.main) is None
         ):
@@ -133,10 +144,17 @@ class _Tier:
             self.pins[block_hash] = left
 
 
+POLICIES = ("s3fifo", "lru")
+
+
 class TierPolicy:
-    def __init__(self, host_blocks: int, disk_blocks: int, bytes_per_block: int) -> None:
-        self.host = _Tier("host", host_blocks)
-        self.disk = _Tier("disk", disk_blocks)
+    def __init__(
+        self, host_blocks: int, disk_blocks: int, bytes_per_block: int, policy: str = "s3fifo"
+    ) -> None:
+        if policy not in POLICIES:
+            raise ValueError(f"kv_tier_policy must be one of {POLICIES}, got {policy!r}")
+        self.host = _Tier("host", host_blocks, policy == "lru")
+        self.disk = _Tier("disk", disk_blocks, policy == "lru")
         self.bytes_per_block = bytes_per_block
         self._next_job = 0
         self._jobs: dict[int, tuple[float, list[tuple[bytes, _Tier]]]] = {}  # in flight
