@@ -3,8 +3,6 @@ order, byte budgets, pins against concurrent eviction, same-step hazards, and no
 
 from __future__ import annotations
 
-from collections import OrderedDict
-
 import pytest
 
 from tokenmill.kv.manager import KVCacheManager, hash_block
